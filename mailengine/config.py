@@ -1,0 +1,483 @@
+"""Every setting of MailEngine: its section, key, default, type, limits and documentation.
+
+This table is the one place where settings live (SPEC section 3). The config loader, the generated
+commented `mailengine.toml`, the CLI's `config show/set` and the web admin all read it, so a
+setting added here appears everywhere with the same validation.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+CONFIG_FILE = "mailengine.toml"
+
+
+class ConfigError(ValueError):
+    """A setting has a value it may not have; the message names key, value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    default: Any
+    kind: str  # bool | int | float | str | list[str] | list[float]
+    doc: str
+    minimum: float | None = None  # numbers below it are refused (0 may be allowed separately)
+    zero_ok: bool = False  # with minimum: 0 is allowed and has a special meaning
+    check: Callable[[Any], str | None] | None = None  # returns a complaint, or None when fine
+    restart: bool = False  # True: a change takes effect only after a restart
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+def _check_addresses(values: list[str]) -> str | None:
+    for v in values:
+        if v == "0":
+            continue
+        try:
+            parse_address_range(v)
+        except ValueError:
+            return f"{v!r} is not an IP address, a CIDR network or a range a.b.c.d-a.b.c.e"
+    return None
+
+
+def _check_dns_bypass(values: list[str]) -> str | None:
+    for v in values:
+        parts = [p.strip() for p in v.split(",")]
+        if len(parts) != 4 or parts[2].upper() not in ("MX", "NS"):
+            return f"{v!r} must be 'domain,hostname,MX|NS,ip' (ip may be ip:port)"
+        try:
+            split_host_port(parts[3], 25)
+        except ValueError:
+            return f"{v!r}: {parts[3]!r} is not an IP address or ip:port"
+    return None
+
+
+def _check_nameservers(values: list[str]) -> str | None:
+    for v in values:
+        try:
+            split_host_port(v, 53)
+        except ValueError:
+            return f"{v!r} is not an IP address or ip:port"
+    return None
+
+
+def _check_reports(value: str) -> str | None:
+    if value not in ("", "e", "f", "l", "x"):
+        return "must be one of '', 'e', 'f', 'l', 'x'"
+    return None
+
+
+def _check_rcpt_relay_domains(values: list[str]) -> str | None:
+    for v in values:
+        if not v.startswith("@") or len(v) < 3:
+            return f"{v!r} must look like '@example.com'"
+    return None
+
+
+def _check_web_ip(value: str) -> str | None:
+    if value in ("", "0"):
+        return None
+    return _check_addresses([value])
+
+
+SETTINGS: list[Setting] = [
+    # basic (基本設定)
+    Setting("basic", "nameservers", [], "list[str]",
+            "Recursive DNS resolvers to ask, 'ip' or 'ip:port'. Empty: the system's resolvers.",
+            check=_check_nameservers, restart=True),
+    Setting("basic", "dns_servers", [], "list[str]",
+            "DNS bypass entries 'domain,hostname,MX|NS,ip'. MX pins a domain's mail host to an IP "
+            "(ip:port allowed: a smart host); NS sends that domain's lookups to a given name server.",
+            check=_check_dns_bypass),
+    Setting("basic", "preload_domains", [], "list[str]",
+            "Domains whose mail servers are looked up at start-up.", restart=True),
+    Setting("basic", "local_domains", [], "list[str]",
+            "Domains received as local mail (stored in mailq/incoming when save_incoming, else "
+            "accepted and discarded). '.' or '@' makes every recipient local."),
+    Setting("basic", "admin_email", "", "str",
+            "One address notified of problems such as low disk space."),
+    Setting("basic", "pid_file", "", "str",
+            "Pid file of the background daemon (-bd). Empty: HOME/mailengine.pid.", restart=True),
+    # network (TCP/IP とポート)
+    Setting("network", "helo_text", "", "str",
+            "Name sent in HELO/EHLO and the SMTP greeting. Empty: the host name."),
+    Setting("network", "smtp_listen_ips", [], "list[str]",
+            "Addresses and ranges (a.b.c.d-a.b.c.e) to accept SMTP on, IPv4 or IPv6. Empty: all.",
+            check=_check_addresses, restart=True),
+    Setting("network", "smtp_port", 25, "int",
+            "SMTP port. 1 disables SMTP intake.", minimum=1, restart=True,
+            check=lambda v: None if v <= 65535 else "must be at most 65535"),
+    Setting("network", "smtp_source_ip", "", "str",
+            "One local address for outbound connections. Empty: the operating system chooses.",
+            check=lambda v: None if not v else _check_addresses([v])),
+    Setting("network", "web_ip", "", "str",
+            "The client address allowed to use the web admin. Empty: any. '0' disables it.",
+            check=_check_web_ip),
+    Setting("network", "web_port", 81, "int",
+            "Web admin port. 0 disables it.", minimum=0, restart=True,
+            check=lambda v: None if v <= 65535 else "must be at most 65535"),
+    Setting("network", "tls_cert", "", "str",
+            "PEM certificate for STARTTLS. Empty: a self-signed pair is made in HOME/tls/ on first "
+            "start.", restart=True),
+    Setting("network", "tls_key", "", "str",
+            "PEM private key for tls_cert.", restart=True),
+    Setting("network", "intake_workers", 1, "int",
+            "Processes accepting SMTP on the same port (SO_REUSEPORT); more use more cores.",
+            minimum=1, restart=True, check=lambda v: None if v <= 64 else "must be at most 64"),
+    # policy (許可と制限)
+    Setting("policy", "rcpt_relay_domains", [], "list[str]",
+            "'@example.com' entries: accept and relay mail for these domains from anyone (backup "
+            "MX).", check=_check_rcpt_relay_domains),
+    Setting("policy", "relay_ips", ["127.0.0.1"], "list[str]",
+            "Client addresses and ranges allowed to relay. '0' = everyone (an open relay).",
+            check=_check_addresses),
+    Setting("policy", "refused_mail_from", [], "list[str]",
+            "Substrings: MAIL FROM containing one is refused."),
+    Setting("policy", "refused_mail_servers", [], "list[str]",
+            "IP addresses never delivered to (put the engine's own addresses here: no loops).",
+            check=_check_addresses),
+    # queue (キュー)
+    Setting("queue", "dsn", False, "bool",
+            "After the last retry fails, send a delivery status notification to MAIL FROM."),
+    Setting("queue", "queue_check_interval", 600, "float",
+            "Seconds between scans of mailq/retry for dropped-in mail; at most the shortest retry "
+            "interval.", minimum=0.1),
+    Setting("queue", "pause_sending", False, "bool",
+            "Stop all outbound SMTP; mail waits in mailq/retry until this is turned off."),
+    Setting("queue", "relay_via_disk", True, "bool",
+            "Write relayed mail to disk (fsync) before acknowledging it, so a crash or power loss "
+            "loses nothing. False = memory mode, as the old product's default."),
+    Setting("queue", "save_done", False, "bool", "Keep finished mail in mailq/done."),
+    Setting("queue", "done_retention_minutes", 60, "float",
+            "Minutes finished mail stays in mailq/done. 0 = forever.", minimum=0),
+    Setting("queue", "save_incoming", False, "bool", "Keep local mail in mailq/incoming."),
+    Setting("queue", "incoming_retention_minutes", 60, "float",
+            "Minutes local mail stays in mailq/incoming. 0 = forever.", minimum=0),
+    Setting("queue", "retry_intervals", [30, 120, 240, 480, 960], "list[float]",
+            "Minutes between retries (fractions allowed). [0] or [] = no retries.",
+            check=lambda v: None if all(x >= 0 for x in v) else "intervals may not be negative"),
+    # logging (ログ)
+    Setting("logging", "bounce_host", "", "str",
+            "When set, outbound MAIL FROM becomes mailengine-bounce-USER%DOMAIN@bounce_host (VERP); "
+            "it must be a local domain."),
+    Setting("logging", "log_retention_days", 10, "int",
+            "Days of daily log files kept in log/. 0 = no log files.", minimum=0),
+    Setting("logging", "log_undeliverable", True, "bool",
+            "Append failed addresses to hard-undeliverable.txt / soft-undeliverable.txt."),
+    Setting("logging", "stats_interval", 10, "float",
+            "Seconds between console statistics lines (printed only when mail moved). 0 = off.",
+            minimum=0),
+    # limits (制限)
+    Setting("limits", "smtp_receive_timeout", 600, "float",
+            "Seconds an idle inbound session may wait before it is dropped.", minimum=5),
+    Setting("limits", "smtp_connect_timeout", 240, "float",
+            "Seconds for an outbound connect.", minimum=5),
+    Setting("limits", "smtp_write_timeout", 240, "float",
+            "Seconds for an outbound write.", minimum=5),
+    Setting("limits", "smtp_body_timeout", 600, "float",
+            "Seconds to wait for the reply after the message body.", minimum=5),
+    Setting("limits", "smtp_read_timeout", 240, "float",
+            "Seconds for an outbound read.", minimum=5),
+    Setting("limits", "max_threads", 500, "int",
+            "Worker threads for blocking work.", minimum=1),
+    Setting("limits", "max_connections_per_host", 10, "int",
+            "Parallel outbound connections to one remote server.", minimum=1),
+    Setting("limits", "messages_in_memory", 500000, "int",
+            "Beyond this many pending messages, new mail is offloaded to disk.", minimum=1),
+    Setting("limits", "max_send_rate", 0, "int",
+            "Messages per hour at most. 0 = unlimited.", minimum=0),
+    Setting("limits", "inbound_priority_ips", [], "list[str]",
+            "Addresses and ranges exempt from max_inbound_connections. '0' = everyone.",
+            check=_check_addresses),
+    Setting("limits", "max_message_size", 10485760, "int",
+            "Largest message in bytes, advertised as ESMTP SIZE and enforced. 0 = no limit.",
+            minimum=1024, zero_ok=True),
+    Setting("limits", "max_outbound_connections", 500, "int",
+            "Parallel outbound SMTP connections.", minimum=1),
+    Setting("limits", "max_queue_memory_kb", 2000000, "int",
+            "KiB of memory for queued mail; beyond it, new mail is offloaded to disk.",
+            minimum=1000),
+    Setting("limits", "max_bandwidth", 0, "int",
+            "Outbound bytes per minute at most. 0 = unlimited.", minimum=0),
+    Setting("limits", "max_inbound_connections", 1000, "int",
+            "Parallel inbound SMTP sessions; more get '421 4.7.0'.", minimum=1),
+    Setting("limits", "max_recipients", 1000, "int",
+            "Recipients accepted per message; more get '452 4.5.3'.", minimum=1),
+    Setting("limits", "max_command_line", 2048, "int",
+            "Longest SMTP command line in bytes (RFC 5321 says at least 512).", minimum=512),
+    Setting("limits", "max_errors", 20, "int",
+            "Protocol errors in one session before '421' and disconnect.", minimum=1),
+    # debug (トラブルシューティング)
+    Setting("debug", "dns", False, "bool", "Trace DNS lookups on the console."),
+    Setting("debug", "smtp_out", False, "bool", "Trace outbound SMTP sessions on the console."),
+    Setting("debug", "smtp_in", False, "bool", "Trace inbound SMTP sessions on the console."),
+    Setting("debug", "program", False, "bool", "Trace the program's internal steps."),
+    Setting("debug", "send_loop", False, "bool", "Trace the delivery loop."),
+    Setting("debug", "queue_size", True, "bool", "Log the number of queued messages."),
+    Setting("debug", "queue_memory", True, "bool", "Log the memory used by queued mail."),
+    # reports (配信レポート)
+    Setting("reports", "delivery_reports", "", "str",
+            "Delivery reports: 'e' after every attempt, 'f' after the first, 'l' after the last, "
+            "'x' first and last. Empty: none.", check=_check_reports),
+    Setting("reports", "recipients", [], "list[str]", "Who gets delivery reports."),
+    Setting("reports", "domains", [], "list[str]",
+            "Only failed addresses containing one of these substrings are reported. Empty: all."),
+]
+
+SECTION_TITLES = {
+    "basic": "Basic settings",
+    "network": "TCP/IP and ports",
+    "policy": "Permissions and relaying",
+    "queue": "Queue",
+    "logging": "Logs",
+    "limits": "Limits",
+    "debug": "Troubleshooting",
+    "reports": "Delivery reports",
+}
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+# --- address helpers shared by policy, inbound and delivery --------------------------------------
+
+def parse_address_range(text: str) -> tuple[ipaddress._BaseAddress, ipaddress._BaseAddress]:
+    """'1.2.3.4', '1.2.3.0/24', '1.2.3.4-1.2.3.9' or '::1' -> (first, last) address."""
+    text = text.strip()
+    if "-" in text:
+        a, b = (ipaddress.ip_address(p.strip()) for p in text.split("-", 1))
+        if a.version != b.version or b < a:
+            raise ValueError(text)
+        return a, b
+    if "/" in text:
+        net = ipaddress.ip_network(text, strict=False)
+        return net[0], net[-1]
+    a = ipaddress.ip_address(text)
+    return a, a
+
+
+class AddressSet:
+    """A set of addresses from config entries; '0' matches everyone."""
+
+    def __init__(self, entries: list[str]):
+        self.everyone = "0" in entries
+        self.ranges = [parse_address_range(e) for e in entries if e != "0"]
+
+    def __contains__(self, ip: str) -> bool:
+        if self.everyone:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(a.version == addr.version and a <= addr <= b for a, b in self.ranges)
+
+    def __bool__(self) -> bool:
+        return self.everyone or bool(self.ranges)
+
+
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """'1.2.3.4', '1.2.3.4:2525', '::1', '[::1]:2525' -> (ip, port); raises ValueError."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+    elif text.count(":") == 1:
+        host, p = text.split(":")
+        port = int(p)
+    else:
+        host, port = text, default_port
+    ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(text)
+    return host, port
+
+
+# --- values ---------------------------------------------------------------------------------------
+
+def coerce(setting: Setting, value: Any) -> Any:
+    """Check one value against its setting; return it in canonical form or raise ConfigError."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{setting.name} = {value!r}: {why}")
+
+    kind = setting.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+    elif kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(f"must be a number")
+        if kind == "int":
+            if value != int(value):
+                raise bad("must be a whole number")
+            value = int(value)
+        else:
+            value = float(value)
+        if setting.minimum is not None and value < setting.minimum and not (
+                setting.zero_ok and value == 0):
+            extra = " (or 0)" if setting.zero_ok else ""
+            raise bad(f"must be at least {setting.minimum:g}{extra}")
+    elif kind == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # web_ip = 0 written without quotes
+        if not isinstance(value, str):
+            raise bad("must be a string")
+    elif kind == "list[str]":
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [str(value)]  # relay_ips = "0" or 0
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            raise bad("must be a list of strings")
+        value = [str(v).strip() for v in value if str(v).strip()]
+    elif kind == "list[float]":
+        if not isinstance(value, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad("must be a list of numbers")
+        value = [float(v) for v in value]
+    if setting.check is not None:
+        why = setting.check(value)
+        if why:
+            raise bad(why)
+    return value
+
+
+class Section:
+    """Attribute access to one section's values: cfg.queue.relay_via_disk."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        return f"Section({self.__dict__!r})"
+
+
+@dataclass
+class Config:
+    home: Path
+    values: dict[str, Any] = field(default_factory=dict)  # "section.key" -> value
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for s in SETTINGS:
+            self.values.setdefault(s.name, s.default)
+        self._build_sections()
+
+    def _build_sections(self) -> None:
+        by_section: dict[str, dict[str, Any]] = {}
+        for name, value in self.values.items():
+            sec, key = name.split(".", 1)
+            by_section.setdefault(sec, {})[key] = value
+        for sec, values in by_section.items():
+            setattr(self, sec, Section(values))
+
+    def get(self, name: str) -> Any:
+        if name not in BY_NAME:
+            raise ConfigError(f"{name}: no such setting")
+        return self.values[name]
+
+    def set(self, name: str, value: Any) -> None:
+        if name not in BY_NAME:
+            raise ConfigError(f"{name}: no such setting")
+        self.values[name] = coerce(BY_NAME[name], value)
+        self._cross_check()
+        self._build_sections()
+
+    def _cross_check(self) -> None:
+        intervals = [i for i in self.values["queue.retry_intervals"] if i > 0]
+        check = self.values["queue.queue_check_interval"]
+        if intervals and check > min(intervals) * 60:
+            self.warnings.append(
+                f"queue.queue_check_interval = {check:g}s is longer than the shortest retry "
+                f"interval ({min(intervals):g} min); dropped-in mail may wait longer than expected")
+
+    # Paths derived from the home directory.
+    def mailq(self, test_mode: bool = False) -> Path:
+        return self.home / ("mailq-test" if test_mode else "mailq")
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "log"
+
+    @property
+    def pid_file(self) -> Path:
+        p = self.values["basic.pid_file"]
+        return Path(p) if p else self.home / "mailengine.pid"
+
+    @property
+    def password_file(self) -> Path:
+        return self.home / "password.txt"
+
+
+def from_dict(home: Path, data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document into a Config (unknown keys are warnings, not errors)."""
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+    for sec, body in data.items():
+        if not isinstance(body, dict):
+            warnings.append(f"{sec}: top-level key outside any section ignored")
+            continue
+        for key, value in body.items():
+            name = f"{sec}.{key}"
+            if name not in BY_NAME:
+                warnings.append(f"{name}: unknown setting ignored")
+                continue
+            values[name] = coerce(BY_NAME[name], value)
+    cfg = Config(home=home, values=values, warnings=warnings)
+    cfg._cross_check()
+    return cfg
+
+
+def load(home: Path | str) -> Config:
+    """Read HOME/mailengine.toml, creating HOME and a commented default file when missing."""
+    home = Path(home).absolute()
+    path = home / CONFIG_FILE
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(default_toml())
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(home, data)
+
+
+def resolve_home(cli_home: str | None) -> Path:
+    """--home, else $MAILENGINE_HOME, else the current directory (as in the manual)."""
+    return Path(cli_home or os.environ.get("MAILENGINE_HOME") or os.getcwd()).absolute()
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(int(value)) if value == int(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def default_toml() -> str:
+    """The commented mailengine.toml written into a new home: every setting with its default."""
+    lines = ["# MailEngine configuration. Every setting is listed with its default value.",
+             "# Edit a value (and remove nothing): the engine and the web admin both read this file.",
+             ""]
+    section = None
+    for s in SETTINGS:
+        if s.section != section:
+            section = s.section
+            lines += ["", f"[{section}]  # {SECTION_TITLES[section]}"]
+        lines.append(f"# {s.doc}" + (" (takes effect after restart)" if s.restart else ""))
+        lines.append(f"{s.key} = {toml_value(s.default)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""SMTP protocol cores: pure state machines, no I/O."""
