@@ -1,0 +1,212 @@
+"""The running engine: wires settings, spool, SMTP intake and housekeeping under one event loop.
+
+Start-up: check file descriptors, recover the spool (working/ back to retry/), bind the SMTP port,
+then run until SIGTERM, Ctrl-C or `mailengine shutdown` (mailq/retry/shutdown.txt). A clean stop
+stops accepting, lets messages being stored finish, and leaves every unfinished message in retry/.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import resource
+import signal
+import socket
+
+from . import NAME, __version__, logs, tls
+from .config import Config
+from .envelope import Message
+from .inbound import InboundServer
+from .policy import Policy
+from .smtp.server import MessageReceived, Reply
+from .spool import Spool
+from .stats import Stats
+from .users import PasswordFile
+
+log = logging.getLogger("mailengine")
+
+SHUTDOWN_FILE = "shutdown.txt"
+SHUTDOWN_POLL_SECONDS = 0.5  # `mailengine shutdown` must be noticed within seconds
+FD_WARNING = ("Warning: you are out of file descriptors. Performance may be very poor until you "
+              "increase them. Try lowering the number of mail sends.")
+
+
+def host_name(cfg: Config) -> str:
+    return cfg.network.helo_text or socket.gethostname()
+
+
+def check_file_descriptors(cfg: Config) -> int:
+    """Raise the soft fd limit as far as allowed; warn (in the manual's words) if still short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    need = cfg.limits.max_outbound_connections + cfg.limits.max_inbound_connections + 64
+    if soft < need:
+        log.warning(FD_WARNING)
+    return soft
+
+
+class Engine:
+    def __init__(self, cfg: Config, test_mode: bool = False):
+        self.cfg = cfg
+        self.test_mode = test_mode
+        self.hostname = host_name(cfg)
+        self.spool = Spool(cfg.mailq(test_mode), durable=cfg.queue.relay_via_disk,
+                           hostname=self.hostname)
+        self.incoming = self.spool  # local mail goes to mailq/incoming of the same spool
+        self.users = PasswordFile(cfg.password_file)
+        self.policy = Policy(cfg, self.users)
+        self.stats = Stats()
+        self.known: set[str] = set()  # ids of queued messages this engine knows (not drop-ins)
+        self.stopping = asyncio.Event()
+        self.inbound: InboundServer | None = None
+
+    # --- intake ----------------------------------------------------------------------------------
+
+    async def on_message(self, ev: MessageReceived) -> Reply:
+        """Store one received message; the returned reply is the promise made to the client."""
+        txn, s, data = ev.txn, ev.session, ev.data
+        relay = [r for r in txn.rcpts if r not in txn.local]
+        local = [r for r in txn.rcpts if r in txn.local]
+        msg_id = self.spool.new_id()
+        now = datetime.datetime.now().replace(microsecond=0)
+        received = {"helo": s.helo, "peertcpip": s.peer_ip,
+                    "peerhostname": s.peer_hostname or s.peer_ip,
+                    "localhostname": self.hostname, "localtcpip": s.local_ip,
+                    "datasize": str(len(data))}
+        stores = []
+        if relay:
+            msg = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=relay,
+                          time_created=now, retry_time=now, received=received,
+                          dsn_ret=txn.ret, dsn_envid=txn.envid,
+                          dsn_rcpt={r: p for r, p in txn.rcpt_params.items() if r in relay},
+                          auth_user=s.auth_user, size=len(data))
+            msg.log.append(f"{now:%Y/%m/%d %H:%M:%S}: Received from {s.peer_ip} for "
+                           f"{len(relay)} recipients")
+            stores.append(self.spool.store(msg, data, "retry"))
+            self.known.add(msg_id)
+        if local and self.cfg.queue.save_incoming:
+            msg = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=[],
+                          time_created=now, received=received, size=len(data),
+                          extra={"rcptto": ",".join(local)})
+            stores.append(self.spool.store(msg, data, "incoming"))
+        if stores:
+            await asyncio.gather(*stores)
+        self.stats.received(local=not relay)
+        return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")
+
+    # --- housekeeping loops ----------------------------------------------------------------------
+
+    async def _watch_shutdown_file(self) -> None:
+        path = self.spool.root / "retry" / SHUTDOWN_FILE
+        while not self.stopping.is_set():
+            if path.exists():
+                log.info("found %s: shutting down", path)
+                path.unlink(missing_ok=True)
+                self.stopping.set()
+                return
+            await asyncio.sleep(SHUTDOWN_POLL_SECONDS)
+
+    async def _print_stats(self) -> None:
+        interval = self.cfg.logging.stats_interval
+        if not interval:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            for line in self.stats.lines():
+                print(line, flush=True)
+
+    async def _scan_dropins(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.queue.queue_check_interval)
+            self.scan_dropins()
+
+    def scan_dropins(self) -> int:
+        found, warnings = self.spool.scan_dropins(self.known)
+        for w in warnings:
+            log.warning("%s", w)
+        for msg in found:
+            self.known.add(msg.id)
+            log.info("picked up dropped-in message %s for %d recipients", msg.id,
+                     len(msg.rcpt_to_send))
+        return len(found)
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            if self.cfg.queue.save_incoming:
+                self.spool.expire("incoming", self.cfg.queue.incoming_retention_minutes)
+            if self.cfg.queue.save_done:
+                self.spool.expire("done", self.cfg.queue.done_retention_minutes)
+
+    # --- life cycle ------------------------------------------------------------------------------
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        cfg = self.cfg
+        for w in cfg.warnings:
+            log.warning("config: %s", w)
+        log.info("%s %s starting in %s%s", NAME, __version__, cfg.home,
+                 " (TEST MODE: mailq-test, nothing is really sent)" if self.test_mode else "")
+        check_file_descriptors(cfg)
+        self.spool.ensure_dirs()
+        # A request left over from a stop that happened otherwise must not stop this run.
+        (self.spool.root / "retry" / SHUTDOWN_FILE).unlink(missing_ok=True)
+        report = self.spool.recover()
+        for w in report.warnings:
+            log.warning("%s", w)
+        for msg in report.messages:
+            self.known.add(msg.id)
+        log.info("queue: %d messages waiting in %s", len(report.messages), self.spool.root / "retry")
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        if cfg.network.smtp_port != 1:
+            ctx = tls.server_context(cfg.home, cfg.network.tls_cert, cfg.network.tls_key,
+                                     self.hostname)
+            self.inbound = InboundServer(cfg, self.policy, self.on_message, ctx,
+                                         auth_available=True, hostname=self.hostname)
+            for host, port in await self.inbound.start():
+                log.info("accepting SMTP on %s port %d", host, port)
+        else:
+            log.info("SMTP intake is off (network.smtp_port = 1)")
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c()) for c in (
+                self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire)]
+            if ready is not None:
+                ready.set()
+            await self.stopping.wait()
+            log.info("stopping: no new connections; finishing messages in flight")
+            if self.inbound:
+                await self.inbound.stop()
+            for t in tasks:
+                t.cancel()
+        for line in self.stats.lines():
+            print(line, flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / "retry")
+
+
+def run(cfg: Config, test_mode: bool = False) -> None:
+    """Run the engine in the foreground until it is stopped."""
+    logs.setup(cfg.log_dir, cfg.logging.log_retention_days,
+               debug_any=any(cfg.values[f"debug.{k}"] for k in
+                             ("dns", "smtp_out", "smtp_in", "program", "send_loop")))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(Engine(cfg, test_mode).run())
+
+
+def loop_factory():
+    """uvloop's event loop when installed: its sockets and timers are several times cheaper."""
+    try:
+        import uvloop
+        return uvloop.new_event_loop
+    except ImportError:
+        return None

@@ -1,0 +1,71 @@
+"""Who may send what through MailEngine: relay rules, local domains, refused senders, AUTH.
+
+The sans-IO server asks these questions (`on_mail`, `on_rcpt`, `on_auth`); the answers come from
+the settings of SPEC 3 only. Every refusal is a clear SMTP reply with an enhanced status code.
+"""
+from __future__ import annotations
+
+import logging
+
+from .config import AddressSet, Config
+from .smtp import wire
+from .smtp.server import Reply, Session, Transaction
+from .users import PasswordFile
+
+log = logging.getLogger("mailengine.policy")
+
+BOUNCE_PREFIX = "mailengine-bounce-"
+
+RELAY_DENIED = Reply(554, "5.7.1", "relay not approved")
+
+
+class Policy:
+    def __init__(self, cfg: Config, users: PasswordFile | None = None):
+        self.users = users
+        self.reload(cfg)
+        # Set by the disk-space watcher: new mail is refused for a while, never accepted and lost.
+        self.refuse_new_mail: Reply | None = None
+
+    def reload(self, cfg: Config) -> None:
+        """Take new settings (the web admin and `config set` change them while running)."""
+        local = [d.strip().lower().rstrip(".") for d in cfg.basic.local_domains]
+        self.all_local = any(d in (".", "@", "") for d in local)
+        self.local_domains = frozenset(d for d in local if d not in (".", "@", ""))
+        self.relay_ips = AddressSet(cfg.policy.relay_ips)
+        self.relay_domains = frozenset(d[1:].lower().rstrip(".") for d in cfg.policy.rcpt_relay_domains)
+        self.refused_from = [s.lower() for s in cfg.policy.refused_mail_from if s]
+        if self.relay_ips.everyone:
+            log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
+                        "relay mail for anyone on the internet. Restrict it unless this is a test.")
+
+    def is_local(self, address: str) -> bool:
+        return self.all_local or wire.domain_of(address) in self.local_domains
+
+    def may_relay(self, session: Session) -> bool:
+        return bool(session.auth_user) or session.peer_ip in self.relay_ips
+
+    # --- hooks of smtp.server --------------------------------------------------------------------
+
+    def on_mail(self, session: Session, txn: Transaction, address: str) -> Reply | None:
+        if self.refuse_new_mail is not None:
+            return self.refuse_new_mail
+        lowered = address.lower()
+        for needle in self.refused_from:
+            if needle in lowered:
+                return Reply(550, "5.7.1", "Sender refused by policy")
+        return None
+
+    def on_rcpt(self, session: Session, txn: Transaction, address: str) -> Reply | None:
+        # The domain is the part after the last '@' of the parsed mailbox: source routes are
+        # already stripped, and '%' or quoted '@' in the local part never select another domain.
+        domain = wire.domain_of(address)
+        if self.all_local or domain in self.local_domains \
+                or address.lower().startswith(BOUNCE_PREFIX):
+            txn.local.add(address)
+            return None
+        if self.may_relay(session) or domain in self.relay_domains:
+            return None
+        return RELAY_DENIED
+
+    def on_auth(self, session: Session, user: str, password: str) -> bool:
+        return self.users is not None and self.users.check(user, password)
