@@ -128,8 +128,8 @@ def _config_lines(zones: dict[str, Records], nxdomain: list[str], servfail: list
             number = dns.rdatatype.from_text(rtype).value
             for value in values:
                 lines.append(f"dns-rr={name},{number},{_rdata_wire(rtype, value).hex()}")
-        if addresses:
-            lines.append(f"host-record={name},{','.join(addresses)}")
+        # One address per line: a host-record holds only one IPv4 and one IPv6 address.
+        lines += [f"host-record={name},{ip}" for ip in addresses]
     lines += [f"address=/{_norm(n)}/" for n in nxdomain]
     # "#" = the standard upstream servers; there are none (no-resolv), so dnsmasq refuses at once.
     lines += [f"server=/{_norm(n)}/#" for n in servfail]
