@@ -308,7 +308,7 @@ class MXResolver:
                 if permanent:
                     error = f"domain {domain} has no MX and no address records"
                 return MXResult(domain, error=error, permanent=permanent)
-            targets = tuple(Target(domain, ip) for ip in ips)
+            targets = tuple(Target(domain, ip) for ip in ips[:self.max_targets])
             return self._filter(MXResult(domain, targets, source="implicit"))
         records = [(p, h) for p, h in answer.values if h]
         if not records:  # only "0 ." (RFC 7505)
@@ -419,6 +419,9 @@ class MXResolver:
                                            f"no answer within {self.timeout:g} s")
         except dns.exception.DNSException as e:
             result = _Answer("fail", error=f"DNS lookup of {name} ({tname}) failed: {e}")
+        except Exception as e:  # a bug or odd reply must not kill every waiter: log, retry later
+            log.exception("DNS lookup of %s (%s) raised", name, tname)
+            result = _Answer("fail", error=f"DNS lookup of {name} ({tname}) failed: {e!r}")
         else:
             if reply.rrset is None:
                 result = _Answer("nodata", ttl=self._negative_ttl([reply.response]))
