@@ -111,6 +111,12 @@ CLOSE = Close()
 CMD, DATA, BDAT, AUTH, WAIT, TLS, CLOSED = range(7)
 
 _DATA_END = b"\r\n.\r\n"
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' (int() fails) and '١' (int() gives 1)."""
+    return text.isascii() and text.isdigit()
+
 _OK = Reply(250, "2.0.0", "OK")
 
 
@@ -287,7 +293,7 @@ class ServerConnection:
         txn = Transaction(mail_from=address, mail_params=params)
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not _is_number(value) or len(value) > 20:
                     return self._error(501, "5.5.4", "Bad SIZE value")
                 limit = self.opt.max_message_size
                 if limit and int(value) > limit:
@@ -422,7 +428,7 @@ class ServerConnection:
 
     def _bdat(self, arg: str):
         words = arg.split()
-        if not words or len(words) > 2 or not words[0].isdigit() or len(words[0]) > 18 or (
+        if not words or len(words) > 2 or not _is_number(words[0]) or len(words[0]) > 18 or (
                 len(words) == 2 and words[1].upper() != "LAST"):
             # The chunk length is unknown, so its bytes cannot be skipped: end the session.
             self._reply(501, "5.5.4", "Syntax: BDAT size [LAST]; closing connection")
