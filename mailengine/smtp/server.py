@@ -400,7 +400,9 @@ class ServerConnection:
         limit = self.opt.max_message_size
         if end < 0:
             self._scan = max(0, len(buf) - 4)
-            if limit and len(buf) > limit + 2:
+            # The body is buf[2:p+2] for a terminator at p >= len(buf) - 4, so it is at least
+            # len(buf) - 4 bytes long: only beyond that is it surely over the limit.
+            if limit and len(buf) > limit + 4:
                 # Over the limit: keep only what may be the start of the terminator.
                 self._discarding = True
                 self._dropped += len(buf) - 4
