@@ -154,7 +154,9 @@ class ServerConnection:
         return Reply(220, "", f"{self.opt.hostname} ESMTP MailEngine ready").encode()
 
     def receive(self, data: bytes) -> None:
-        if self.state != CLOSED:
+        """Bytes from the client. Between StartTLS and tls_started() they are clear text sent
+        before the handshake, and are dropped (see _starttls)."""
+        if self.state not in (CLOSED, TLS):
             self._in += data
 
     def step(self) -> tuple[bytes, object | None]:
@@ -188,6 +190,7 @@ class ServerConnection:
 
     def tls_started(self, version: str) -> None:
         """TLS is up: RFC 3207 says forget everything learned before, including EHLO."""
+        self._in.clear()  # nothing read before the handshake may count as sent inside TLS
         self.session.tls = version
         self.session.helo = ""
         self.session.esmtp = False
