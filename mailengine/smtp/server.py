@@ -467,9 +467,7 @@ class ServerConnection:
             return False
         self.state = CMD
         if self._bdat_refuse is not None:
-            self.errors += 1
-            self._out.append(self._bdat_refuse.encode())
-            return None
+            return self._error(*self._bdat_refuse)
         if self._discarding:
             if self._bdat_last:
                 self.txn, self._bdat_used = None, False
