@@ -246,7 +246,8 @@ class ServerConnection:
             self._error(500, "5.5.2", "Command is not valid UTF-8")
             return None
         verb, _, arg = text.partition(" ")
-        handler = self._commands.get(verb.upper())
+        # ASCII only: str.upper() maps 'quıt' to 'QUIT' and 'ſtarttls' to 'STARTTLS'.
+        handler = self._commands.get(verb.upper()) if verb.isascii() else None
         if handler is None:
             if not text.strip():
                 self._error(500, "5.5.2", "Empty command")
