@@ -167,11 +167,12 @@ def dot_unstuff(data: bytes) -> bytes:
 def dot_stuff(data: bytes) -> bytes:
     """Message bytes -> DATA payload: leading dots doubled, CRLF.CRLF appended.
 
-    A message not ending in CRLF gets one, so the terminator always stands on its own line.
+    A message not ending in CRLF gets one, so the terminator always stands on its own line; the
+    empty message stays empty (its payload is the terminator alone).
     """
     if data.startswith(b"."):
         data = b"." + data
     data = data.replace(b"\r\n.", b"\r\n..")
-    if not data.endswith(b"\r\n"):
+    if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"
