@@ -1,0 +1,260 @@
+"""SMTP intake end to end: a real engine process, real clients (smtplib, swaks, smtp-source)."""
+import re
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from mailengine.envelope import parse_inf
+from mailengine.testing.engine import RunningEngine, free_port
+
+MSG = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hello\r\n\r\n"
+       b"line one\r\n.leading dot\r\nlast line\r\n")
+
+
+def queued_id(reply: bytes) -> str:
+    m = re.search(rb"queued as (\S+)", reply)
+    assert m, reply
+    return m.group(1).decode()
+
+
+def send(port, rcpts, data=MSG, sender="a@example.org", **kw):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail(sender, kw.get("mail_options", []))
+        refused = {}
+        for r in rcpts:
+            code, text = s.rcpt(r)
+            if code >= 400:
+                refused[r] = (code, text)
+        if len(refused) == len(rcpts):
+            return None, refused
+        code, text = s.data(data)
+        return (code, text), refused
+
+
+def test_relay_from_allowed_ip_is_queued_in_retry_with_its_inf(tmp_path):
+    with RunningEngine(tmp_path) as eng:
+        (code, text), refused = send(eng.smtp_port, ["x@dest.test", "y@dest.test"])
+        assert code == 250 and not refused
+        msg_id = queued_id(text)
+        retry = eng.mailq / "retry"
+        # DATA's dot-stuffing undone, otherwise byte for byte.
+        assert (retry / f"{msg_id}.dat").read_bytes() == MSG
+        inf = parse_inf((retry / f"{msg_id}.inf").read_bytes())
+    assert inf.id == msg_id and inf.mail_from == "a@example.org"
+    assert inf.rcpt_to_send == ["x@dest.test", "y@dest.test"]
+    assert inf.received["helo"] == "client.test"
+    assert inf.received["peertcpip"] == "127.0.0.1"
+    assert inf.received["datasize"] == str(len(MSG))
+    assert inf.retry_time is not None
+
+
+def test_relay_refused_for_other_ips_and_rcpt_relay_domains_let_listed_through(tmp_path):
+    settings = {"policy.relay_ips": ["10.1.2.3"], "policy.rcpt_relay_domains": ["@backup.test"]}
+    with RunningEngine(tmp_path, settings) as eng:
+        result, refused = send(eng.smtp_port, ["ok@backup.test", "no@elsewhere.test"])
+        assert result[0] == 250
+        assert refused == {"no@elsewhere.test": (554, b"5.7.1 relay not approved")}
+        msg_id = queued_id(result[1])
+        inf = parse_inf((eng.mailq / "retry" / f"{msg_id}.inf").read_bytes())
+        assert inf.rcpt_to_send == ["ok@backup.test"]
+        result, refused = send(eng.smtp_port, ["no@elsewhere.test"])
+        assert result is None and refused["no@elsewhere.test"][0] == 554
+
+
+def test_relay_ips_zero_is_open_relay_with_loud_warning(tmp_path):
+    with RunningEngine(tmp_path, {"policy.relay_ips": ["0"]}) as eng:
+        result, refused = send(eng.smtp_port, ["x@anywhere.test"])
+        assert result[0] == 250
+    assert "OPEN RELAY" in eng.read_output()
+
+
+def test_local_mail_is_saved_when_save_incoming_and_discarded_otherwise(tmp_path):
+    with RunningEngine(tmp_path / "a", {"basic.local_domains": ["here.test"],
+                                        "queue.save_incoming": True}) as eng:
+        (code, text), _ = send(eng.smtp_port, ["u@here.test", "v@HERE.test"])
+        msg_id = queued_id(text)
+        assert (eng.mailq / "incoming" / f"{msg_id}.dat").read_bytes() == MSG
+        assert not list((eng.mailq / "retry").glob("*.dat"))
+    with RunningEngine(tmp_path / "b", {"basic.local_domains": ["."]}) as eng:
+        (code, text), _ = send(eng.smtp_port, ["anyone@anywhere.test"])
+        assert code == 250
+        assert not list(eng.mailq.glob("*/*.dat"))  # every domain local, nothing kept
+
+
+def test_refused_mail_from(tmp_path):
+    with RunningEngine(tmp_path, {"policy.refused_mail_from": ["spammer.test"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port) as s:
+            s.ehlo("c")
+            code, text = s.mail("bad@SPAMMER.test")
+            assert (code, text) == (550, b"5.7.1 Sender refused by policy")
+            assert s.mail("good@ok.test")[0] == 250
+
+
+def test_size_is_advertised_and_enforced(tmp_path):
+    with RunningEngine(tmp_path, {"limits.max_message_size": 2000}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port) as s:
+            s.ehlo("c")
+            assert s.esmtp_features["size"] == "2000"
+            assert s.mail("a@b.test", ["SIZE=5000"])[0] == 552
+            s.rset()
+            s.mail("a@b.test")
+            s.rcpt("x@dest.test")
+            code, text = s.data(b"Subject: small\r\n\r\n" + b"x" * 70 + b"\r\n")
+            assert code == 250
+            s.mail("a@b.test")
+            s.rcpt("x@dest.test")
+            code, text = s.data(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 40)
+            assert (code, text[:5]) == (552, b"5.3.4")
+
+
+def test_starttls_then_auth_lets_a_user_relay(tmp_path):
+    (tmp_path).mkdir(exist_ok=True)
+    (tmp_path / "password.txt").write_text("alice:opensesame\n")
+    with RunningEngine(tmp_path, {"policy.relay_ips": ["10.1.2.3"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port) as s:
+            s.ehlo("c")
+            assert s.has_extn("starttls") and not s.has_extn("auth")
+            assert s.docmd("AUTH PLAIN AGFsaWNlAG9wZW5zZXNhbWU=")[0] == 538
+            s.starttls(context=ssl._create_unverified_context())
+            s.ehlo("c")
+            assert "PLAIN" in s.esmtp_features["auth"]
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                s.login("alice", "wrong")
+            s.login("alice", "opensesame")
+            s.mail("alice@here.test")
+            assert s.rcpt("friend@far.test")[0] == 250
+            code, text = s.data(MSG)
+            assert code == 250
+        msg_id = queued_id(text)
+        inf = parse_inf((eng.mailq / "retry" / f"{msg_id}.inf").read_bytes())
+        assert inf.auth_user == "alice"
+        # Without AUTH the same client may not relay.
+        result, refused = send(eng.smtp_port, ["friend@far.test"])
+        assert refused["friend@far.test"][0] == 554
+
+
+def test_pipelined_group_gets_replies_in_order(tmp_path):
+    with RunningEngine(tmp_path) as eng:
+        with socket.create_connection(("127.0.0.1", eng.smtp_port)) as s:
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220 ")
+            s.sendall(b"EHLO c\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            s.sendall(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<bad>\r\n"
+                      b"RCPT TO:<y@d.test>\r\nDATA\r\n")
+            replies = [f.readline() for _ in range(5)]
+            assert [r[:3] for r in replies] == [b"250", b"250", b"501", b"250", b"354"]
+            s.sendall(b"Subject: p\r\n\r\nbody\r\n.\r\nMAIL FROM:<c@b.test>\r\nQUIT\r\n")
+            rest = [f.readline() for _ in range(3)]
+            assert rest[0].startswith(b"250 2.0.0 Ok: queued as ")
+            assert rest[1].startswith(b"250 2.1.0") and rest[2].startswith(b"221 2.0.0")
+
+
+def test_connection_limit_and_priority_ips(tmp_path):
+    settings = {"limits.max_inbound_connections": 2,
+                "network.smtp_listen_ips": ["127.0.0.1", "127.0.0.2"],
+                "limits.inbound_priority_ips": ["127.0.0.2"]}
+    with RunningEngine(tmp_path, settings) as eng:
+        held = [socket.create_connection(("127.0.0.1", eng.smtp_port)) for _ in range(2)]
+        for h in held:
+            assert h.recv(100).startswith(b"220")
+        extra = socket.create_connection(("127.0.0.1", eng.smtp_port))
+        assert extra.recv(100).startswith(b"421 4.7.0")
+        # A priority address is let in beyond the cap.
+        vip = socket.create_connection(("127.0.0.1", eng.smtp_port), source_address=("127.0.0.2", 0))
+        assert vip.recv(100).startswith(b"220")
+        for s in held + [extra, vip]:
+            s.close()
+
+
+def test_idle_session_is_dropped_after_receive_timeout(tmp_path):
+    with RunningEngine(tmp_path, {"limits.smtp_receive_timeout": 5}) as eng:
+        with socket.create_connection(("127.0.0.1", eng.smtp_port)) as s:
+            s.settimeout(15)
+            assert s.recv(100).startswith(b"220")
+            started = time.monotonic()
+            data = s.recv(100)
+            assert data.startswith(b"421 4.4.2")
+            assert 4.5 < time.monotonic() - started < 8
+
+
+def test_listen_on_range_and_ipv6(tmp_path):
+    port = free_port()
+    settings = {"network.smtp_port": port,
+                "network.smtp_listen_ips": ["127.0.0.2-127.0.0.3", "::1"],
+                "policy.relay_ips": ["127.0.0.0/8", "::1"]}
+    with RunningEngine(tmp_path, settings, ready_host="127.0.0.2"):
+        for host in ("127.0.0.2", "127.0.0.3", "::1"):
+            with smtplib.SMTP(host, port, timeout=5) as s:
+                s.ehlo("c")
+                s.mail("a@b.test")
+                assert s.rcpt("x@d.test")[0] == 250
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_smtp_port_one_disables_intake(tmp_path):
+    eng = RunningEngine(tmp_path, {"network.smtp_port": 1})
+    with eng:
+        time.sleep(1.5)
+        assert eng.proc.poll() is None
+    assert "SMTP intake is off" in eng.read_output()
+
+
+def test_port_in_use_is_one_clear_line(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        out = subprocess.run(
+            ["python3", "-m", "mailengine.cli", "--home", str(tmp_path), "--smtp-port", str(port),
+             "--smtp-listen-ips", "127.0.0.1", "--web-port", "0", "start"],
+            capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert f"Cannot listen for SMTP on 127.0.0.1 port {port}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(not shutil.which("swaks"), reason="swaks is installed by .ci/run")
+def test_swaks_pipelined_session(tmp_path):
+    with RunningEngine(tmp_path) as eng:
+        out = subprocess.run(
+            ["swaks", "--server", f"127.0.0.1:{eng.smtp_port}", "--from", "s@example.org",
+             "--to", "r@dest.test,r2@dest.test", "--pipeline", "--header", "Subject: swaks"],
+            capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr
+        msg_id = re.search(r"queued as (\S+)", out.stdout).group(1)
+        data = (eng.mailq / "retry" / f"{msg_id}.dat").read_bytes()
+        assert b"Subject: swaks" in data
+        inf = parse_inf((eng.mailq / "retry" / f"{msg_id}.inf").read_bytes())
+        assert inf.rcpt_to_send == ["r@dest.test", "r2@dest.test"]
+
+
+@pytest.mark.skipif(not shutil.which("smtp-source"), reason="postfix is installed by .ci/run")
+def test_smtp_source_load_all_queued(tmp_path):
+    with RunningEngine(tmp_path) as eng:
+        out = subprocess.run(
+            ["smtp-source", "-s", "10", "-m", "300", "-l", "4096", "-f", "s@example.org",
+             "-t", "r@dest.test", f"127.0.0.1:{eng.smtp_port}"],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert len(list((eng.mailq / "retry").glob("*.inf"))) == 300
+        assert len(list((eng.mailq / "retry").glob("*.dat"))) == 300
+
+
+def test_stats_line_in_the_manuals_format(tmp_path):
+    with RunningEngine(tmp_path, {"logging.stats_interval": 1,
+                                  "basic.local_domains": ["local.test"]}) as eng:
+        send(eng.smtp_port, ["a@local.test"])
+        send(eng.smtp_port, ["b@relay.test"])
+        time.sleep(2.5)
+    lines = re.findall(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\d+) recv \[(\d+) inbound, (\d+) relay\] "
+                       r"\((\d+)/h avg, (\d+) total\)$", eng.read_output(), re.M)
+    assert lines and lines[0][:3] == ("2", "1", "1") and lines[0][4] == "2"
