@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         ed_s = D.DKIMSigner(["example.com,ed,ed.key"], home=tmp)
         both = D.DKIMSigner(["example.com,rsa,rsa.key", "example.com,ed,ed.key"], home=tmp)
         assert not rsa_s.problems() and rsa_s.sign(msg, "example.com")
-        results.append(("mailengine rsa-sha256 (2048)", rate(lambda: rsa_s.sign(msg), args.seconds)))
+        results.append(("mailengine rsa-sha256 (2048)",
+                        rate(lambda: rsa_s.sign(msg), args.seconds)))
         results.append(("mailengine ed25519-sha256", rate(lambda: ed_s.sign(msg), args.seconds)))
         results.append(("mailengine rsa + ed25519 (2 sigs)", rate(lambda: both.sign(msg),
                                                                    args.seconds)))

@@ -68,7 +68,7 @@ class DKIMHold(Exception):
         self.reason = reason
 
 
-# --- settings (the lead appends DKIM_SETTINGS to config.SETTINGS) ----------------------------------
+# --- settings (the lead appends DKIM_SETTINGS to config.SETTINGS) ---------------------------------
 
 @dataclass(frozen=True)
 class SigningEntry:
@@ -216,7 +216,7 @@ def canon_header(field: bytes, relaxed: bool) -> bytes:
     return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
 
 
-# --- keys ------------------------------------------------------------------------------------------
+# --- keys -----------------------------------------------------------------------------------------
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -302,7 +302,7 @@ def from_domain(value: bytes) -> str | None:
         return None
 
 
-# --- the signer --------------------------------------------------------------------------------------
+# --- the signer -----------------------------------------------------------------------------------
 
 @dataclass
 class _Slot:
@@ -385,7 +385,8 @@ class DKIMSigner:
         else:
             alg = key_algorithm(key)
             if e.algorithm and e.algorithm != alg:
-                slot.problem = f"key file {slot.path} holds an {alg} key, the table says {e.algorithm}"
+                slot.problem = (f"key file {slot.path} holds an {alg} key, "
+                                f"the table says {e.algorithm}")
             elif isinstance(key, rsa.RSAPrivateKey) and key.key_size < 1024:
                 slot.problem = (f"key file {slot.path} is RSA-{key.key_size}: verifiers reject "
                                 "keys under 1024 bits (RFC 8301)")
@@ -540,7 +541,7 @@ class DKIMSigner:
         self._warned[domain] = (now, 0)
 
 
-# --- the signature kept beside ID.dat ------------------------------------------------------------------
+# --- the signature kept beside ID.dat -------------------------------------------------------------
 
 _TAG = re.compile(rb"[;\s]([dsx])=\s*([^;\s]*)")
 
@@ -579,10 +580,10 @@ def _still_good(signer: DKIMSigner, kept: bytes, margin: float) -> bool:
     return True
 
 
-# --- mailengine dkim genkey ------------------------------------------------------------------------------
+# --- mailengine dkim genkey -----------------------------------------------------------------------
 
 def genkey_main(argv: list[str]) -> int:
-    """`mailengine dkim genkey DOMAIN SELECTOR [--algorithm rsa|ed25519] [--bits 2048] [--dir DIR]`"""
+    """`mailengine dkim genkey DOMAIN SELECTOR [--algorithm rsa|ed25519] [--bits N] [--dir DIR]`"""
     p = argparse.ArgumentParser(
         prog="mailengine dkim genkey",
         description="Write a DKIM key pair and print the DNS TXT record to publish.")

@@ -232,7 +232,7 @@ def test_rsa_and_ed25519_at_once(keydir, dns_server):
     assert not opendkim_verify(dns_server, tampered)
 
 
-# --- altered in transit ------------------------------------------------------------------------------
+# --- altered in transit ---------------------------------------------------------------------------
 
 ALTERATIONS = {
     "body word": lambda m: m.replace(b"Hello", b"Hallo"),
@@ -286,7 +286,7 @@ def test_relaxed_survives_refolding_simple_does_not(keydir, dns_server):
     assert not opendkim_verify(dns_server, refold(simple))
 
 
-# --- message shapes ------------------------------------------------------------------------------------
+# --- message shapes -------------------------------------------------------------------------------
 
 HEAD = (b"From: alice@example.test\r\nTo: bob@example.org\r\nSubject: shapes\r\n"
         b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <s@example.test>\r\n")
@@ -341,7 +341,7 @@ def test_bare_lf_message_is_signed_in_crlf_wire_form(keydir, dns_server):
     assert opendkim_verify(dns_server, header + MESSAGE)
 
 
-# --- what is signed ---------------------------------------------------------------------------------------
+# --- what is signed -------------------------------------------------------------------------------
 
 def test_signed_header_list(keydir):
     h = tags(signer(keydir).sign(MESSAGE, DOMAIN))["h"].split(":")
@@ -396,7 +396,7 @@ def test_signature_lines_are_short(keydir):
     assert all(len(line) <= 80 for line in header.split(b"\r\n"))
 
 
-# --- which domain signs ------------------------------------------------------------------------------
+# --- which domain signs ---------------------------------------------------------------------------
 
 def test_domain_choice(keydir, tmp_path):
     s = D.DKIMSigner([f"{DOMAIN},rsa,rsa.key", "news.example.test,ed,ed.key",
@@ -432,7 +432,7 @@ def test_from_domain(value, domain):
     assert D.from_domain(value) == domain
 
 
-# --- missing and unusable keys -----------------------------------------------------------------------
+# --- missing and unusable keys --------------------------------------------------------------------
 
 def test_missing_key_sent_unsigned_with_warning(keydir, tmp_path, caplog):
     s = D.DKIMSigner([f"{DOMAIN},rsa,missing.key,rsa"], home=tmp_path)
@@ -528,7 +528,7 @@ def test_algorithm_mismatch_and_weak_and_exposed_keys(keydir, tmp_path):
     assert header.count(b"DKIM-Signature:") == 1 and tags(header)["s"] == "small"
 
 
-# --- keys: genkey, DNS record, other formats -------------------------------------------------------
+# --- keys: genkey, DNS record, other formats ------------------------------------------------------
 
 @pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
 def test_genkey_main_end_to_end(tmp_path, capsys, dns_server, algorithm):
@@ -565,7 +565,8 @@ def test_genkey_rsa_length_and_bad_input(tmp_path, capsys):
     k = D.load_private_key(tmp_path / "k.example.a.rsa.key")
     assert k.key_size == 3072
     rec = D.dns_txt_strings(k)
-    assert len(rec) == 3 and all(len(s) <= 255 for s in rec) and rec[0].startswith("v=DKIM1; k=rsa; p=")
+    assert len(rec) == 3 and all(len(s) <= 255 for s in rec)
+    assert rec[0].startswith("v=DKIM1; k=rsa; p=")
     assert D.genkey_main(["k.example", "b", "--bits", "512", "--dir", str(tmp_path)]) == 2
     assert D.genkey_main(["not a domain", "b", "--dir", str(tmp_path)]) == 2
     assert D.genkey_main(["k.example", "bad selector!", "--dir", str(tmp_path)]) == 2
@@ -611,7 +612,7 @@ def test_dkimpy_ed25519_seed_key_file(tmp_path, keydir, dns_server):
     assert dkimpy_verify(dns_server, header + MESSAGE)
 
 
-# --- settings --------------------------------------------------------------------------------------------
+# --- settings -------------------------------------------------------------------------------------
 
 def test_settings_validate_with_the_config_machinery():
     by_key = {s.key: s for s in D.DKIM_SETTINGS}
@@ -653,7 +654,7 @@ def test_parse_entry():
             D.parse_entry(bad)
 
 
-# --- the signature kept beside ID.dat ---------------------------------------------------------------
+# --- the signature kept beside ID.dat -------------------------------------------------------------
 
 def test_load_or_sign_signs_once(keydir, tmp_path, dns_server):
     now = [time.time()]
@@ -674,7 +675,7 @@ def test_load_or_sign_signs_once(keydir, tmp_path, dns_server):
     assert tags(rotated)["s"] == "ed"
 
 
-# --- canonicalization against dkimpy's, on random input -----------------------------------------------
+# --- canonicalization against dkimpy's, on random input -------------------------------------------
 
 _pieces = st.sampled_from([b"a", b"Z", b" ", b"  ", b"\t", b"\r\n", b"\r\n\r\n", b"\xc3\xa9",
                            b"\xff", b".", b":"])
@@ -705,7 +706,8 @@ def test_header_canonicalization_matches_dkimpy(name, value):
 @given(st.lists(st.sampled_from([b"word", b" ", b"  ", b"\t", b"\r\n", b"\xe2\x9c\x93"]),
                 max_size=40).map(b"".join),
        st.sampled_from(["relaxed/relaxed", "simple/simple"]))
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_bodies_verify(keydir, dns_server, body, canon):
     message = HEAD + b"\r\n" + body
     if not message.endswith(b"\r\n"):
