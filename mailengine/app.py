@@ -52,6 +52,15 @@ def check_file_descriptors(cfg: Config) -> int:
     return soft
 
 
+def make_delivery(engine: "Engine"):
+    """The delivery engine (mailengine/delivery.py), or None while it is not built yet."""
+    try:
+        from .delivery import DeliveryEngine
+    except ImportError:
+        return None
+    return DeliveryEngine(engine)
+
+
 class Engine:
     def __init__(self, cfg: Config, test_mode: bool = False):
         self.cfg = cfg
@@ -66,6 +75,7 @@ class Engine:
         self.known: set[str] = set()  # ids of queued messages this engine knows (not drop-ins)
         self.stopping = asyncio.Event()
         self.inbound: InboundServer | None = None
+        self.delivery = make_delivery(self)
 
     # --- intake ----------------------------------------------------------------------------------
 
@@ -91,6 +101,7 @@ class Engine:
                            f"{len(relay)} recipients")
             stores.append(self.spool.store(msg, data, "retry"))
             self.known.add(msg_id)
+            relayed = msg
         if local and self.cfg.queue.save_incoming:
             msg = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=[],
                           time_created=now, received=received, size=len(data),
@@ -98,6 +109,8 @@ class Engine:
             stores.append(self.spool.store(msg, data, "incoming"))
         if stores:
             await asyncio.gather(*stores)
+        if relay and self.delivery is not None:
+            self.delivery.submit(relayed, "retry")
         self.stats.received(local=not relay)
         return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")
 
@@ -133,6 +146,8 @@ class Engine:
             log.warning("%s", w)
         for msg in found:
             self.known.add(msg.id)
+            if self.delivery is not None:
+                self.delivery.submit(msg, "retry")
             log.info("picked up dropped-in message %s for %d recipients", msg.id,
                      len(msg.rcpt_to_send))
         return len(found)
@@ -162,6 +177,8 @@ class Engine:
             log.warning("%s", w)
         for msg in report.messages:
             self.known.add(msg.id)
+            if self.delivery is not None:
+                self.delivery.submit(msg, "retry")
         log.info("queue: %d messages waiting in %s", len(report.messages), self.spool.root / "retry")
 
         loop = asyncio.get_running_loop()
@@ -179,12 +196,16 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire)]
+            if self.delivery is not None:
+                tasks.append(tg.create_task(self.delivery.run()))
             if ready is not None:
                 ready.set()
             await self.stopping.wait()
             log.info("stopping: no new connections; finishing messages in flight")
             if self.inbound:
                 await self.inbound.stop()
+            if self.delivery is not None:
+                await self.delivery.stop()  # unfinished mail is left in retry/
             for t in tasks:
                 t.cancel()
         for line in self.stats.lines():

@@ -183,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "dkim":
         from . import dkim
-        return dkim.genkey_main(ns.args[1:] if ns.args[:1] == ["genkey"] else ns.args)
+        if ns.args[:1] != ["genkey"]:
+            print("Usage: mailengine dkim genkey DOMAIN SELECTOR [--algorithm rsa|ed25519]",
+                  file=sys.stderr)
+            return 2
+        return dkim.genkey_main(ns.args[1:] + (["--home", ns.home] if ns.home else []))
     try:
         cfg = load_config(ns)
     except config.ConfigError as e:

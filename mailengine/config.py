@@ -16,25 +16,11 @@ from typing import Any, Callable
 CONFIG_FILE = "mailengine.toml"
 
 
+from .setting import Setting  # noqa: E402  (the record type; its table is below)
+
+
 class ConfigError(ValueError):
     """A setting has a value it may not have; the message names key, value and what is allowed."""
-
-
-@dataclass(frozen=True)
-class Setting:
-    section: str
-    key: str
-    default: Any
-    kind: str  # bool | int | float | str | list[str] | list[float]
-    doc: str
-    minimum: float | None = None  # numbers below it are refused (0 may be allowed separately)
-    zero_ok: bool = False  # with minimum: 0 is allowed and has a special meaning
-    check: Callable[[Any], str | None] | None = None  # returns a complaint, or None when fine
-    restart: bool = False  # True: a change takes effect only after a restart
-
-    @property
-    def name(self) -> str:
-        return f"{self.section}.{self.key}"
 
 
 def _check_addresses(values: list[str]) -> str | None:
@@ -242,6 +228,12 @@ SECTION_TITLES = {
     "debug": "Troubleshooting",
     "reports": "Delivery reports",
 }
+
+# Settings of other parts, defined beside the code that uses them (their checks live there).
+from .dkim import DKIM_SECTION_TITLE, DKIM_SETTINGS  # noqa: E402
+
+SETTINGS += DKIM_SETTINGS
+SECTION_TITLES[DKIM_SECTION_TITLE[0]] = DKIM_SECTION_TITLE[1]
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
