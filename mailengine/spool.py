@@ -1,0 +1,692 @@
+"""The durable spool: `mailq/{retry,working,done,incoming}` holding `ID.dat` + `ID.inf` pairs.
+
+It owns message ids, the write-then-rename protocol with group commit, moves between
+directories, removal, start-up recovery, the scan for mail dropped in by other programs, and the
+expiry of `done/` and `incoming/`. docs/QUEUE.md is the contract: every state a message's files
+can be in, the commit point (a `250` is sent only after `store()` returns), and what `recover()`
+does in each state. The spool knows nothing of SMTP or scheduling, so intake and delivery can run
+in separate processes sharing one spool.
+
+Group commit. `store()` writes `ID.dat` and `ID.inf.tmp` into the page cache in the caller's
+thread (cheap), then hands the pair to one flusher thread and awaits it. The flusher makes a
+whole batch durable at once, in two pipelined phases (QUEUE.md says why two): sync #1 makes
+the batch's data durable, then it renames the batch's `.inf.tmp` files and sync #2 makes the
+renames durable. Sync #2 of batch N is the same system call as sync #1 of batch N+1, so under
+load there is one sync per batch; while it runs, new stores queue for the next one.
+
+Strategy, chosen by `bench/spool_commit.py` (4 KiB messages, this project's 2-core VM on
+ext4/virtio, stores/s with N concurrent writers; see that file for the command):
+
+    N writers      1      10     100    300
+    syncfs         FILL   FILL   FILL   FILL
+    fdatasync      FILL   FILL   FILL   FILL
+    not durable    FILL   FILL   FILL   FILL
+
+FILL_CHOICE
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .envelope import InfError, Message, format_inf, parse_inf
+
+DIRS = ("retry", "working", "done", "incoming")
+SHUTDOWN_FILE = "shutdown.txt"
+LONE_DAT_WARN_AGE = 600  # s: a younger lone .dat in retry/ may be a drop-in being written
+TMPDIR_MAX_AGE = 3600  # s: a client.enqueue() private directory older than this was abandoned
+KICK_BATCH = 64  # jobs waiting in one event-loop pass before the flusher is woken anyway
+DROPIN_SETTLE = 60  # s: an .inf not ending in a newline and younger than this may be mid-write
+
+_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_O_TRUNC = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
+# ---------------------------------------------------------------- ids
+
+def _safe_host(name: str) -> str:
+    # the host ends up in a file name and in comma lists: keep it to harmless characters
+    out = "".join(c if (c.isascii() and (c.isalnum() or c in ".-_")) else "-" for c in name)
+    return out.strip(".") or "localhost"
+
+
+class _IdClock:
+    """Process-wide source of (T, C): the microsecond the id was made, strictly increasing.
+
+    T is the unix second and C the microsecond within it, so an id never repeats one made
+    earlier by any process with the same pid (a restarted container is pid 1 again), as long as
+    the clock does not go back. Ids are never made ahead of the clock: a burst of more than one
+    per microsecond waits for it, which caps the rate at a million a second."""
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.lock = threading.Lock()
+
+    def next(self) -> int:
+        with self.lock:
+            now = time.time_ns() // 1000
+            if now <= self.last:
+                if self.last - now < 1000:  # a burst: wait for the clock (under a microsecond)
+                    while now <= self.last:
+                        now = time.time_ns() // 1000
+                else:  # the clock was set back: keep counting up (O_EXCL still guards)
+                    now = self.last + 1
+            self.last = now
+            return now
+
+
+_clock = _IdClock()
+if hasattr(os, "register_at_fork"):  # a lock held by another thread at fork would stay held
+    os.register_at_fork(after_in_child=lambda: setattr(_clock, "lock", threading.Lock()))
+
+
+def make_id(hostname: str | None = None) -> str:
+    """A new message id `P{pid}T{unixtime}C{microsecond}@{host}`, unique on this host."""
+    host = _safe_host(hostname) if hostname else _default_host()
+    us = _clock.next()
+    return f"P{os.getpid()}T{us // 1_000_000}C{us % 1_000_000}@{host}"
+
+
+_host_cache: list[str] = []
+
+
+def _default_host() -> str:
+    if not _host_cache:
+        _host_cache.append(_safe_host(socket.gethostname()))
+    return _host_cache[0]
+
+
+# ---------------------------------------------------------------- flushing
+
+def _load_syncfs():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+STRATEGIES = ("syncfs", "fdatasync")
+DEFAULT_STRATEGY = "syncfs" if _syncfs is not None else "fdatasync"
+
+
+class _Job:
+    """One thing the flusher must make durable: a `.inf.tmp` to rename (store, update_inf), or
+    nothing but a barrier (`sync()`)."""
+
+    __slots__ = ("loop", "fut", "tmp", "final", "dat", "fds", "dir", "msg_id", "error")
+
+    def __init__(self, tmp: str | None, final: str | None, dat: str | None, fds: list[int],
+                 dir: str | None, msg_id: str | None):
+        self.tmp, self.final, self.dat, self.fds, self.dir = tmp, final, dat, fds, dir
+        self.msg_id = msg_id
+        self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.fut: asyncio.Future | None = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+# ---------------------------------------------------------------- reports
+
+@dataclass
+class RecoveryReport:
+    messages: list[Message] = field(default_factory=list)  # valid messages now in retry/
+    warnings: list[str] = field(default_factory=list)  # broken files, all left in place
+    moved_from_working: int = 0
+    finished_moves: int = 0
+    removed_uncommitted: int = 0  # .dat / .inf.tmp files of stores that never committed
+    removed_stale_tmp: int = 0  # .inf.tmp of updates that never happened
+    removed_tmpdirs: int = 0
+
+
+# ---------------------------------------------------------------- the spool
+
+class Spool:
+    """The queue directories under `root` (HOME/mailq or HOME/mailq-test).
+
+    `durable=False` is memory mode: files are written but never synced. `strategy` picks how a
+    batch is made durable ("syncfs" or "fdatasync"); the default is the measured best.
+    Counters for tests and metrics: `stores`, `flushes` (sync system-call rounds).
+    """
+
+    def __init__(self, root: Path | str, durable: bool = True, hostname: str | None = None,
+                 strategy: str | None = None, fdatasync_threads: int = 32):
+        self.root = Path(root)
+        self.durable = durable
+        self.hostname = _safe_host(hostname) if hostname else _default_host()
+        self.strategy = strategy or DEFAULT_STRATEGY
+        if self.strategy not in STRATEGIES or (self.strategy == "syncfs" and _syncfs is None):
+            raise ValueError(f"flush strategy {self.strategy!r} is not available here")
+        self._fdatasync_threads = fdatasync_threads
+        self._dir = {d: str(self.root / d) for d in DIRS}
+        self.stores = 0
+        self.flushes = 0
+        self._inflight: set[str] = set()  # ids being stored: not drop-ins
+        self._warned: set[tuple] = set()  # (file name, size, mtime) already warned about
+        self._cond = threading.Condition()
+        self._queue: list[_Job] = []
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}  # not yet kicked
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._root_fd = -1
+        self._closing = False
+
+    # ---- paths and basics
+
+    def ensure_dirs(self) -> None:
+        for d in DIRS:
+            os.makedirs(self._dir[d], exist_ok=True)
+
+    def new_id(self) -> str:
+        us = _clock.next()
+        return f"P{os.getpid()}T{us // 1_000_000}C{us % 1_000_000}@{self.hostname}"
+
+    def dir(self, where: str) -> Path:
+        return self.root / where
+
+    def dat_path(self, msg_id: str, where: str) -> str:
+        return f"{self._dir[where]}/{msg_id}.dat"
+
+    def inf_path(self, msg_id: str, where: str) -> str:
+        return f"{self._dir[where]}/{msg_id}.inf"
+
+    # ---- writing
+
+    async def store(self, msg: Message, data: bytes, where: str = "retry") -> None:
+        """Write a new message. When `durable`, returns once `.dat`, `.inf` and their directory
+        entries are on stable storage (the commit point). May give `msg` a new id if its id is
+        taken (and gives it one when `msg.id` is empty). On error nothing is left behind."""
+        d = self._dir[where]
+        if not msg.id:
+            msg.id = self.new_id()
+        msg.size = len(data)
+        inf = format_inf(msg)  # before any file exists: a record that cannot be written fails clean
+        for _ in range(100):
+            dat = f"{d}/{msg.id}.dat"
+            try:
+                fd = os.open(dat, _O_NEW, 0o644)
+                break
+            except FileExistsError:
+                msg.id = self.new_id()
+                inf = format_inf(msg)
+        else:
+            raise OSError(f"could not find a free message id in {d}")
+        final = dat[:-4] + ".inf"
+        tmp = final + ".tmp"
+        fds = [fd]
+        try:
+            _write_all(fd, data)
+            fd2 = os.open(tmp, _O_TRUNC, 0o644)
+            fds.append(fd2)
+            _write_all(fd2, inf)
+            if not self.durable:
+                os.rename(tmp, final)
+        except BaseException:
+            for f in fds:
+                os.close(f)
+            _unlink_quiet(tmp, dat)
+            raise
+        self.stores += 1
+        if not self.durable:
+            for f in fds:
+                os.close(f)
+            return
+        if self.strategy != "fdatasync":  # syncfs finds the dirty pages by itself
+            for f in fds:
+                os.close(f)
+            fds = []
+        self._inflight.add(msg.id)
+        job = _Job(tmp, final, dat, fds, d, msg.id)
+        try:
+            await self._submit(job)
+        except asyncio.CancelledError:
+            raise  # the flusher still finishes the job: a commit without a 250 is a duplicate
+        except BaseException:
+            _unlink_quiet(final, tmp, dat)  # not acknowledged: leave nothing to deliver
+            raise
+
+    async def update_inf(self, msg: Message, where: str, flush: bool = False) -> None:
+        """Replace `ID.inf` atomically (write `.inf.tmp`, rename over). With `flush` (and a
+        durable spool), returns once the new content is on stable storage."""
+        final = self.inf_path(msg.id, where)
+        tmp = final + ".tmp"
+        fd = os.open(tmp, _O_TRUNC, 0o644)
+        try:
+            _write_all(fd, format_inf(msg))
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(tmp)
+            raise
+        if not (self.durable and flush):
+            os.close(fd)
+            os.rename(tmp, final)
+            return
+        fds = [fd]
+        if self.strategy != "fdatasync":
+            os.close(fd)
+            fds = []
+        await self._submit(_Job(tmp, final, None, fds, self._dir[where], None))
+
+    async def sync(self) -> None:
+        """Make every rename, move and removal done so far durable (a barrier)."""
+        if self.durable:
+            await self._submit(_Job(None, None, None, [], None, None))
+
+    def move(self, msg_id: str, src: str, dst: str) -> None:
+        """Move a message between directories: `.dat` first, `.inf` (the marker) last."""
+        s_dat, d_dat = self.dat_path(msg_id, src), self.dat_path(msg_id, dst)
+        try:
+            os.rename(s_dat, d_dat)
+        except FileNotFoundError:
+            if not os.path.exists(d_dat):  # not a half-done earlier move: really missing
+                raise
+        os.rename(self.inf_path(msg_id, src), self.inf_path(msg_id, dst))
+
+    def remove(self, msg_id: str, where: str) -> None:
+        """Delete a message: `.inf` first (the message is gone), then `.dat`."""
+        _unlink_quiet(self.inf_path(msg_id, where))
+        _unlink_quiet(self.dat_path(msg_id, where))
+
+    # ---- reading
+
+    def read_data(self, msg_id: str, where: str) -> bytes:
+        with open(self.dat_path(msg_id, where), "rb") as f:
+            return f.read()
+
+    def load(self, msg_id: str, where: str) -> Message:
+        """Read and parse `ID.inf`; `size` from `ID.dat`. InfError when broken or no `.dat`."""
+        with open(self.inf_path(msg_id, where), "rb") as f:
+            raw = f.read()
+        msg = parse_inf(raw, msg_id)
+        try:
+            msg.size = os.stat(self.dat_path(msg_id, where)).st_size
+        except FileNotFoundError:
+            raise InfError(f"{msg_id}.dat is missing") from None
+        return msg
+
+    # ---- scans
+
+    def scan_dropins(self, known: set[str] | frozenset[str]) -> tuple[list[Message], list[str]]:
+        """New messages dropped into retry/ by other programs: `.inf` files whose id is not in
+        `known`. Broken ones are reported once per process and left in place."""
+        new: list[Message] = []
+        warnings: list[str] = []
+        now = time.time()
+        try:
+            it = os.scandir(self._dir["retry"])
+        except FileNotFoundError:
+            return new, warnings
+        with it:
+            for e in it:
+                name = e.name
+                if name[0] == "." or not name.endswith(".inf"):
+                    continue
+                mid = name[:-4]
+                if mid in known or mid in self._inflight:
+                    continue
+                st = None
+                try:
+                    st = e.stat()
+                    if now - st.st_mtime < DROPIN_SETTLE and not _ends_with_newline(e.path):
+                        continue  # probably still being written in place: look next scan
+                    msg = self.load(mid, "retry")
+                except FileNotFoundError:
+                    continue  # gone meanwhile (taken back by its writer)
+                except (InfError, OSError) as ex:
+                    key = (name, st.st_size, st.st_mtime_ns) if st else (name,)
+                    if key not in self._warned:
+                        self._warned.add(key)
+                        warnings.append(f"retry/{name}: {_reason(ex)}; skipped, left in place")
+                    continue
+                new.append(msg)
+        return new, warnings
+
+    def recover(self) -> RecoveryReport:
+        """Start-up recovery, per the state table of docs/QUEUE.md. Run once, before intake."""
+        self.ensure_dirs()
+        rep = RecoveryReport()
+        now = time.time()
+        self._remove_old_tmpdirs(rep, now)
+        # id -> {dir -> set of "dat" / "inf" / "tmp"}
+        index: dict[str, dict[str, set[str]]] = {}
+        for d in DIRS:
+            for name in os.listdir(self._dir[d]):
+                if name.startswith(".") or name == SHUTDOWN_FILE:
+                    continue
+                if name.endswith(".inf.tmp"):
+                    mid, kind = name[:-8], "tmp"
+                elif name.endswith(".inf"):
+                    mid, kind = name[:-4], "inf"
+                elif name.endswith(".dat"):
+                    mid, kind = name[:-4], "dat"
+                else:
+                    continue
+                index.setdefault(mid, {}).setdefault(d, set()).add(kind)
+        for mid, where in index.items():
+            self._recover_one(mid, where, rep, now)
+        # what is now in retry/: valid messages, or warnings
+        for name in sorted(os.listdir(self._dir["retry"])):
+            if name.startswith(".") or not name.endswith(".inf"):
+                continue
+            mid = name[:-4]
+            try:
+                rep.messages.append(self.load(mid, "retry"))
+            except (InfError, OSError) as ex:
+                rep.warnings.append(f"retry/{name}: {_reason(ex)}; skipped, left in place")
+                try:
+                    st = os.stat(self.inf_path(mid, "retry"))
+                    self._warned.add((name, st.st_size, st.st_mtime_ns))  # scans stay quiet
+                except OSError:
+                    pass
+        return rep
+
+    def _recover_one(self, mid: str, where: dict[str, set[str]], rep: RecoveryReport,
+                     now: float) -> None:
+        # One id may legitimately be whole in two directories (a message with relayed and local
+        # recipients is stored in retry/ and incoming/), so each directory is judged by itself.
+        # states 4, 5, 6: .inf.tmp files
+        for d, kinds in where.items():
+            if "tmp" not in kinds:
+                continue
+            _unlink_quiet(self.inf_path(mid, d) + ".tmp")
+            kinds.discard("tmp")
+            if "inf" in kinds:
+                rep.removed_stale_tmp += 1  # state 5: an update that never happened
+            else:
+                rep.removed_uncommitted += 1  # states 4, 6: a store that never committed
+                if "dat" in kinds:
+                    _unlink_quiet(self.dat_path(mid, d))
+                    kinds.discard("dat")
+        lone_dat = [d for d in DIRS if where.get(d) == {"dat"}]
+        lone_inf = [d for d in DIRS if where.get(d) == {"inf"}]
+        # state 10: a move that stopped between its two renames
+        if len(lone_inf) == 1 and len(lone_dat) == 1:
+            x, y = lone_inf[0], lone_dat[0]
+            os.rename(self.inf_path(mid, x), self.inf_path(mid, y))
+            where[x].discard("inf")
+            where[y].add("inf")
+            rep.finished_moves += 1
+            lone_dat, lone_inf = [], []
+        # states 2, 3: .dat without its .inf
+        for d in lone_dat:
+            path = self.dat_path(mid, d)
+            if d != "retry" and not lone_inf:
+                _unlink_quiet(path)
+                rep.removed_uncommitted += 1
+                where[d].discard("dat")
+            elif d != "retry":
+                rep.warnings.append(f"{d}/{mid}.dat has no .inf, and {mid}.inf is in more than "
+                                    "one other place; left in place")
+            else:
+                try:
+                    age = now - os.stat(path).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > LONE_DAT_WARN_AGE:
+                    rep.warnings.append(f"retry/{mid}.dat has no .inf; left in place")
+        # states 8, 12: everything in working/ goes back to retry/
+        kinds = where.get("working", set())
+        if "inf" in kinds:
+            if where.get("retry"):
+                rep.warnings.append(f"{mid}: in both working/ and retry/; left in working/")
+            elif "dat" in kinds:
+                self.move(mid, "working", "retry")
+                rep.moved_from_working += 1
+            else:  # state 12: the .inf alone; the retry/ listing then reports it (state 11)
+                os.rename(self.inf_path(mid, "working"), self.inf_path(mid, "retry"))
+                rep.moved_from_working += 1
+        # state 13 (state 11 is reported by the retry/ listing in recover())
+        for d in ("done", "incoming"):
+            if where.get(d) == {"inf"}:
+                rep.warnings.append(f"{d}/{mid}.inf has no .dat; left in place")
+
+    def _remove_old_tmpdirs(self, rep: RecoveryReport, now: float) -> None:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        for e in entries:
+            if e.name.startswith(".tmp-") and e.is_dir(follow_symlinks=False):
+                if now - e.stat(follow_symlinks=False).st_mtime > TMPDIR_MAX_AGE:
+                    shutil.rmtree(e.path, ignore_errors=True)
+                    rep.removed_tmpdirs += 1
+
+    def expire(self, where: str, retention_minutes: float, now: float | None = None) -> int:
+        """Remove messages older than the retention from done/ or incoming/ (0 = keep forever).
+        Age is that of the `.inf` (last written when the message finished). Returns the count."""
+        if retention_minutes <= 0:
+            return 0
+        if where not in ("done", "incoming"):
+            raise ValueError(f"expire() is for done/ and incoming/, not {where}/")
+        cutoff = (time.time() if now is None else now) - retention_minutes * 60
+        removed = 0
+        try:
+            it = os.scandir(self._dir[where])
+        except FileNotFoundError:
+            return 0
+        with it:
+            entries = list(it)
+        infs = {e.name[:-4] for e in entries if e.name.endswith(".inf")}
+        for e in entries:
+            name = e.name
+            if name.startswith("."):
+                continue
+            try:
+                old = e.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if not old:
+                continue
+            if name.endswith(".inf"):
+                self.remove(name[:-4], where)
+                removed += 1
+            elif name.endswith(".dat") and name[:-4] not in infs:
+                _unlink_quiet(e.path)  # the .dat of a half-done removal
+            elif name.endswith(".inf.tmp"):
+                _unlink_quiet(e.path)
+        return removed
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Per directory: (messages, bytes of their .dat files). Walks the directories."""
+        out = {}
+        for d in DIRS:
+            count = size = 0
+            try:
+                with os.scandir(self._dir[d]) as it:
+                    for e in it:
+                        if e.name.endswith(".inf") and not e.name.startswith("."):
+                            count += 1
+                        elif e.name.endswith(".dat"):
+                            try:
+                                size += e.stat().st_size
+                            except FileNotFoundError:
+                                pass
+            except FileNotFoundError:
+                pass
+            out[d] = (count, size)
+        return out
+
+    # ---- the flusher
+
+    def _submit(self, job: _Job) -> asyncio.Future:
+        # Jobs are handed to the flusher once per event-loop pass, not one by one: everything
+        # the sessions made ready in this pass store goes into one batch (a sync is faster than
+        # a pass, so a flusher woken per job would sync nearly every message alone).
+        loop = asyncio.get_running_loop()
+        if self._closing:
+            for f in job.fds:
+                os.close(f)
+            raise RuntimeError("spool is closed")
+        job.loop = loop
+        job.fut = loop.create_future()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._kick, loop)  # runs after the tasks already ready in this pass
+        pending.append(job)
+        if len(pending) >= KICK_BATCH:  # a long pass: let the flusher start on these
+            self._kick(loop)
+        return job.fut
+
+    def _kick(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        jobs = self._pending.pop(loop, None) if loop else None
+        with self._cond:
+            if jobs:
+                if self._thread is None:
+                    self._start_flusher()
+                self._queue.extend(jobs)
+            self._cond.notify()
+
+    def _start_flusher(self) -> None:
+        self._root_fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        if self.strategy == "fdatasync":
+            self._pool = ThreadPoolExecutor(self._fdatasync_threads, "spool-fsync")
+        self._thread = threading.Thread(target=self._flusher, name="spool-flusher", daemon=True)
+        self._thread.start()
+
+    def _flusher(self) -> None:
+        renaming: list[_Job] = []  # data durable; rename, then the next sync commits them
+        while True:
+            with self._cond:
+                while not self._queue and not renaming:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            for job in renaming:
+                try:
+                    os.rename(job.tmp, job.final)
+                except OSError as e:
+                    job.error = e
+            try:
+                self._sync(batch, renaming)
+                err = None
+            except OSError as e:
+                err = e
+            finally:
+                for job in batch:
+                    for f in job.fds:
+                        os.close(f)
+                    job.fds = []
+            self.flushes += 1
+            finished = renaming
+            renaming = []
+            for job in batch:
+                if err is not None:
+                    job.error = err
+                    _unlink_quiet(*(p for p in (job.tmp, job.dat) if p))
+                    finished.append(job)
+                elif job.tmp is None:
+                    finished.append(job)  # a barrier: this sync was all it needed
+                else:
+                    renaming.append(job)
+            if err is not None:
+                for job in finished:
+                    job.error = job.error or err
+            self._resolve(finished)
+
+    def _sync(self, batch: list[_Job], renamed: list[_Job]) -> None:
+        if self.strategy == "syncfs":
+            if _syncfs(self._root_fd) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"syncfs: {os.strerror(e)}")
+            return
+        # fdatasync: every new file's data, and each directory that got a rename; in parallel so
+        # the journal can commit many of them together
+        dirs = {job.dir for job in renamed if job.error is None}
+        if any(job.tmp is None for job in batch):  # a barrier: all directories
+            dirs.update(self._dir.values())
+        assert self._pool is not None
+        futs = [self._pool.submit(os.fdatasync, f) for job in batch for f in job.fds]
+        futs += [self._pool.submit(_fsync_dir, d) for d in dirs]
+        for f in futs:
+            f.result()
+
+    def _resolve(self, jobs: list[_Job]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in jobs:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, js in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._finish, js)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                for job in js:
+                    self._inflight.discard(job.msg_id)
+
+    def _finish(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            self._inflight.discard(job.msg_id)
+            if job.fut.done():
+                continue  # the waiter was cancelled
+            if job.error is not None:
+                job.fut.set_exception(job.error)
+            else:
+                job.fut.set_result(None)
+
+    def close(self) -> None:
+        """Finish pending flushes and stop the flusher thread."""
+        for loop in list(self._pending):
+            self._kick(loop)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quiet(*paths: str) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def _ends_with_newline(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError:
+        return False  # empty or vanished
+
+
+def _reason(ex: BaseException) -> str:
+    if isinstance(ex, InfError):
+        return ex.reason
+    if isinstance(ex, OSError) and ex.strerror:
+        return ex.strerror
+    return str(ex)
