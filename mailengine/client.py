@@ -1,0 +1,143 @@
+"""Queue mail for MailEngine by writing it into `mailq/retry/`: the manual's `sendMessage` helper.
+
+For programs on the same machine, with or without a running engine: the engine picks the message
+up when it next scans `retry/` (or at start). The write is the safe one the manual recommends:
+both files are written and synced in a private directory inside `mailq/`, then `ID.dat` is
+linked into `retry/` first and `ID.inf` (the file the engine looks for) second, so the engine
+never sees half a message. docs/QUEUE.md has the states this can leave behind after a crash.
+
+    from mailengine.client import enqueue
+    enqueue("/opt/mailengine/mailq", "joe@example.com", "a@example.net,b@example.org",
+            ["From: joe@example.com", "Subject: hello"], "Message text")
+"""
+from __future__ import annotations
+
+import email.utils
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from .envelope import InfError, Message, format_inf
+from .spool import make_id
+
+
+def _crlf(data: bytes) -> bytes:
+    # bare CR and bare LF both become CRLF; existing CRLF stays as it is
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return data.replace(b"\n", b"\r\n")
+
+
+def _as_bytes(x: str | bytes) -> bytes:
+    return x.encode("utf-8") if isinstance(x, str) else bytes(x)
+
+
+def build_data(headers: str | bytes | list[str], body: str | bytes,
+               add_missing: bool = True, hostname: str | None = None) -> bytes:
+    """The `.dat` bytes: headers, an empty line, the body; CRLF line ends, ending in CRLF.
+    With `add_missing`, `Date:` and `Message-ID:` are added when the headers have none."""
+    if isinstance(headers, list):
+        head = b"\n".join(_as_bytes(h).rstrip(b"\r\n") for h in headers)
+    else:
+        head = _as_bytes(headers)
+    head = _crlf(head).rstrip(b"\r\n")
+    names = {line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")
+             if b":" in line and line[:1] not in (b" ", b"\t")}
+    extra = []
+    if add_missing and b"date" not in names:
+        extra.append(b"Date: " + email.utils.formatdate(localtime=True).encode())
+    if add_missing and b"message-id" not in names:
+        extra.append(b"Message-ID: " + email.utils.make_msgid(domain=hostname).encode())
+    lines = ([head] if head else []) + extra
+    body_b = _crlf(_as_bytes(body))
+    if body_b and not body_b.endswith(b"\r\n"):
+        body_b += b"\r\n"
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body_b
+
+
+def _rcpt_list(rcpts: str | list[str]) -> list[str]:
+    items = rcpts.split(",") if isinstance(rcpts, str) else list(rcpts)
+    out = [a.strip() for a in items if a and a.strip()]
+    if not out:
+        raise ValueError("no recipients")
+    return out
+
+
+def enqueue(mailq_dir: str | os.PathLike, mail_from: str, rcpts: str | list[str],
+            headers: str | bytes | list[str], body: str | bytes, *, priority: int = 0,
+            durable: bool = True, hostname: str | None = None,
+            add_missing_headers: bool = True) -> str:
+    """Drop one message into `mailq_dir/retry/` and return its id.
+
+    `rcpts` is a list or a comma string; `headers` a string or a list of header lines; `body` a
+    str (sent as UTF-8) or bytes. Line ends become CRLF. With `durable` (the default) the
+    message is on stable storage when this returns. Raises ValueError (InfError) for an
+    address the queue format cannot hold, OSError for file trouble; then nothing is queued.
+    """
+    mailq = Path(mailq_dir)
+    retry = mailq / "retry"
+    os.makedirs(retry, exist_ok=True)
+    to_send = _rcpt_list(rcpts)
+    host = hostname or socket.gethostname()
+    data = build_data(headers, body, add_missing_headers, host)
+    private = tempfile.mkdtemp(prefix=".tmp-", dir=mailq)
+    try:
+        for _ in range(100):
+            msg = Message(id=make_id(host), mail_from=mail_from.strip(), rcpt_to_send=to_send,
+                          priority=priority)
+            msg.add_log("Queued by mailengine.client.enqueue")
+            inf = format_inf(msg)  # InfError (a ValueError) for an address it cannot hold
+            p_dat = os.path.join(private, msg.id + ".dat")
+            p_inf = os.path.join(private, msg.id + ".inf")
+            _write(p_dat, data, durable)
+            _write(p_inf, inf, durable)
+            r_dat = os.path.join(retry, msg.id + ".dat")
+            r_inf = os.path.join(retry, msg.id + ".inf")
+            if not _place(p_dat, r_dat):
+                continue  # that id exists in retry/: take another
+            if not _place(p_inf, r_inf):  # the commit point
+                os.unlink(r_dat)
+                continue
+            if durable:
+                _fsync_dir(retry)
+            return msg.id
+        raise OSError(f"could not find a free message id in {retry}")
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _write(path: str, data: bytes, durable: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            getattr(os, "fdatasync", os.fsync)(f.fileno())
+
+
+def _place(src: str, dst: str) -> bool:
+    """Put `src` at `dst` without ever replacing an existing file: False when `dst` exists."""
+    try:
+        os.link(src, dst)  # fails with EEXIST instead of overwriting, unlike rename
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(dst):
+            return False
+        os.rename(src, dst)
+    return True
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not possible on every platform (Windows): the files themselves are synced
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["enqueue", "build_data", "InfError"]
