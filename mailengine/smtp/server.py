@@ -154,9 +154,16 @@ class ServerConnection:
         return Reply(220, "", f"{self.opt.hostname} ESMTP MailEngine ready").encode()
 
     def receive(self, data: bytes) -> None:
-        """Bytes from the client. Between StartTLS and tls_started() they are clear text sent
-        before the handshake, and are dropped (see _starttls)."""
-        if self.state not in (CLOSED, TLS):
+        """Bytes from the client.
+
+        After the StartTLS event the adapter must pass only bytes that came through TLS: asyncio
+        may deliver the first decrypted bytes before start_tls() returns (so before tls_started()),
+        and they are kept. Clear-text bytes read between the 220 and the start of the handshake
+        must be dropped by the adapter, never passed here: the machine cannot tell them apart, and
+        running them would allow the CVE-2011-0411 command injection. (Bytes pipelined with
+        STARTTLS in the same read are dropped here, see _starttls.)
+        """
+        if self.state != CLOSED:
             self._in += data
 
     def step(self) -> tuple[bytes, object | None]:
@@ -190,7 +197,6 @@ class ServerConnection:
 
     def tls_started(self, version: str) -> None:
         """TLS is up: RFC 3207 says forget everything learned before, including EHLO."""
-        self._in.clear()  # nothing read before the handshake may count as sent inside TLS
         self.session.tls = version
         self.session.helo = ""
         self.session.esmtp = False
