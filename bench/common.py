@@ -1,0 +1,307 @@
+"""Helpers shared by the benchmarks: timed smtp-source runs, an smtp-sink process, result files.
+
+Everything here drives Postfix's own test programs (`smtp-source`, `smtp-sink`, from Debian's
+`postfix` package) on loopback addresses only. Nothing here knows about MailEngine; the
+benchmarks (`bench/intake.py`, later `bench/relay.py`) put the pieces together.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+SBIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin:" + os.environ.get("PATH", "")
+
+# The envelope smtp-source uses in every benchmark: a remote-looking recipient domain that
+# nothing resolves (.invalid), so no benchmark can ever reach a real server.
+SENDER = "bench@source.example"
+RECIPIENT = "rcpt@dest.invalid"
+HELO = "smtp-source.bench"
+
+
+def tool(name: str) -> str:
+    """Full path of a Postfix test program, or a clear error saying how to get it."""
+    path = shutil.which(name, path=SBIN_PATH)
+    if not path:
+        raise SystemExit(f"{name} not found: install Debian's postfix package "
+                         "(apt-get install postfix; its own service need not run)")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0, greeting: bool = True) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0) as s:
+                if not greeting or s.recv(100).startswith(b"220"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing answering on {host}:{port} after {timeout}s")
+
+
+# -- smtp-source ---------------------------------------------------------------------------
+
+@dataclass
+class SourceRun:
+    """One timed smtp-source run."""
+    target: str
+    messages: int
+    sessions: int
+    size: int
+    seconds: float
+    returncode: int
+    command: list[str]
+    stderr: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_smtp_source(port: int, messages: int, sessions: int, size: int,
+                    host: str = "127.0.0.1", sender: str = SENDER, recipient: str = RECIPIENT,
+                    extra: list[str] | None = None, timeout: float = 3600.0,
+                    check: bool = True) -> SourceRun:
+    """Run `smtp-source -s SESSIONS -m MESSAGES -l SIZE` against host:port; wall time around it.
+
+    smtp-source opens a new connection for every message (no -d) and stops at the first reply
+    that is not 2xx/3xx, so a zero exit status means every message got its 250.
+    """
+    cmd = [tool("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
+           "-M", HELO, "-f", sender, "-t", recipient, *(extra or []), f"{host}:{port}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout)
+    seconds = time.perf_counter() - t0
+    run = SourceRun(f"{host}:{port}", messages, sessions, size, seconds, proc.returncode, cmd,
+                    proc.stderr[-2000:])
+    if check and not run.ok:
+        raise RuntimeError(f"smtp-source failed ({proc.returncode}) after {seconds:.1f}s: "
+                           f"{' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return run
+
+
+# -- smtp-sink -----------------------------------------------------------------------------
+
+class SmtpSink:
+    """An `smtp-sink` process on a free loopback port that throws mail away and counts it.
+
+        with SmtpSink() as sink:
+            ... deliver to 127.0.0.1:sink.port ...
+            sink.wait_messages(20000, timeout=120)
+
+    It runs in its own process group; leaving the block kills that group.
+    """
+
+    COUNTER = re.compile(rb"mesg=(\d+)")
+
+    def __init__(self, port: int | None = None, backlog: int = 1024, max_connections: int = 1024,
+                 extra: list[str] | None = None, workdir: Path | None = None):
+        self.port = port or free_port()
+        self.backlog = backlog
+        self.max_connections = max_connections
+        self.extra = list(extra or [])
+        self.workdir = Path(workdir) if workdir else None
+        self.proc: subprocess.Popen | None = None
+        self._out = None
+        self._out_path: Path | None = None
+
+    def start(self) -> "SmtpSink":
+        import tempfile
+        cmd = [tool("smtp-sink"), "-c", "-m", str(self.max_connections), *self.extra]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]         # smtp-sink refuses to keep root privileges
+        cmd += [f"127.0.0.1:{self.port}", str(self.backlog)]
+        fd, name = tempfile.mkstemp(prefix="smtp-sink-", suffix=".out", dir=self.workdir)
+        self._out_path = Path(name)
+        self._out = os.fdopen(fd, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for_port("127.0.0.1", self.port, 10.0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def count(self) -> int:
+        """Messages the sink has received (its '-c' counter: each '.' that ended a DATA).
+
+        Before the first message the sink prints nothing; the probe connection of start()
+        shows as a session, not as a message.
+        """
+        if self._out_path is None:
+            return 0
+        with open(self._out_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 200))
+            found = self.COUNTER.findall(f.read())
+        return int(found[-1]) if found else 0
+
+    def wait_messages(self, expected: int, timeout: float = 60.0, poll: float = 0.02) -> int:
+        deadline = time.monotonic() + timeout
+        n = self.count()
+        while n < expected and time.monotonic() < deadline:
+            time.sleep(poll)
+            n = self.count()
+        return n
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            self.proc = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if self._out_path is not None:
+            self._out_path.unlink(missing_ok=True)
+            self._out_path = None
+
+    def __enter__(self) -> "SmtpSink":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -- results -------------------------------------------------------------------------------
+
+def _cmd_out(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_info() -> dict:
+    """What the figures were measured on."""
+    mem_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    postfix_version = _cmd_out([shutil.which("postconf", path=SBIN_PATH) or "postconf",
+                                "-d", "-h", "mail_version"])
+    try:
+        import uvloop  # noqa: F401  (only: is it there?)
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix": postfix_version,
+        "event_loop_available": loop,
+        "git_commit": _cmd_out(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def write_results(name: str, data: dict) -> Path:
+    """bench/results/NAME-<timestamp>.json (bench/results/ is git-ignored)."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{timestamp()}.json"
+    path.write_text(json.dumps(data, indent=2, default=jsonable) + "\n")
+    return path
+
+
+def jsonable(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    raise TypeError(f"not JSON serialisable: {obj!r}")
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]], out=None) -> None:
+    """Print rows (dicts) as an aligned text table; columns are (key, heading) pairs."""
+    out = out or sys.stdout
+    cells = [[h for _, h in columns]]
+    numeric = [True] * len(columns)     # numbers and percentages right-aligned, text left
+    for row in rows:
+        line = []
+        for i, (key, _) in enumerate(columns):
+            v = row.get(key, "")
+            if isinstance(v, float):
+                v = f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"
+            elif not isinstance(v, int) and not re.fullmatch(r"[\d.,]+%?|", str(v)):
+                numeric[i] = False
+            line.append(str(v))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.rjust(w) if numeric[i] else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))).rstrip(), file=out)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+    out.flush()
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+@dataclass
+class Case:
+    """One benchmark case's outcome, as printed and saved."""
+    key: str
+    label: str
+    rate: float = 0.0
+    seconds: float = 0.0
+    messages: int = 0
+    ok: bool = False
+    check: str = ""
+    error: str = ""
+    extra: dict = field(default_factory=dict)
