@@ -140,6 +140,10 @@ CASES = [
         (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"),
         (b"250 ok\r\nHTTP/1.1 400 Bad Request\r\n", b"")],
      out=[("a@x.test", 451, "4.5.0", "connection")], state=State.ERROR, site=True),
+    dict(id="354-to-mail-is-a-violation", caps=FULL, rcpts=["a@x.test"], steps=[
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"),
+        (b"354 what\r\n", b"")],
+     out=[("a@x.test", 451, "4.5.0", "connection")], state=State.ERROR, site=True),
     dict(id="250-to-data-is-a-violation", caps=FULL, rcpts=["a@x.test"], steps=[
         (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"),
         (b"250 ok\r\n250 ok\r\n", b"DATA\r\n"),
@@ -432,3 +436,54 @@ _LINES = st.sampled_from([
        st.booleans())
 def test_fuzz_plausible_replies(chunks, starttls, test_mode):
     drive(chunks, starttls, test_mode)
+
+
+_REACTIVE = st.sampled_from([
+    b"220 mx ESMTP\r\n", b"250 ok\r\n", b"250 ok\r\n", b"250 2.1.5 ok\r\n", b"354 go\r\n",
+    b"354 go\r\n", b"250-mx\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-SIZE 1000\r\n250 8BITMIME\r\n",
+    b"250-mx\r\n250 SIZE 5\r\n", b"250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n",
+    b"451 4.7.1 later\r\n", b"550 5.1.1 unknown\r\n", b"502 no\r\n", b"421 4.3.2 bye\r\n",
+    b"221 bye\r\n", b"garbage\r\n", b"250-unfinished\r\n"])
+
+
+_EXPECTED = {"GREETING": b"220 mx\r\n", "EHLO": b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n",
+             "STARTTLS": b"220 go\r\n", "DATA": b"354 go\r\n", "QUIT": b"221 bye\r\n"}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data(), st.booleans(), st.booleans())
+def test_fuzz_reactive_server(data, starttls, test_mode):
+    """A server that answers whatever the client is waiting for with plausible or wrong replies,
+    split at random points, so the fuzzing reaches DATA, the body and connection reuse."""
+    c = SMTPClient("client.test", starttls=starttls)
+    txs = []
+    for _ in range(30):
+        if c.is_finished:
+            break
+        if c.state is State.TLS_PENDING:
+            c.tls_started()
+        if c.is_ready:
+            if len(txs) == 3:
+                break
+            txs.append(c.start_transaction("s@y.test", RCPTS, MSG, test_mode=test_mode))
+        c.data_to_send()
+        if data.draw(st.integers(0, 9)) < 6:  # mostly the reply that moves the session on
+            reply = _EXPECTED.get(c.waiting_for, b"250 ok\r\n")
+        else:
+            reply = data.draw(_REACTIVE | st.binary(max_size=12))
+        cut = data.draw(st.integers(0, len(reply)))
+        c.receive_data(reply[:cut])
+        c.receive_data(reply[cut:])
+    if data.draw(st.booleans()):
+        c.timed_out()
+    c.connection_lost()
+    assert c.is_finished
+    for tx in txs:
+        res = tx.result.recipients
+        assert tx.done and [r.address for r in res] == RCPTS
+        assert all(200 <= r.code <= 599 for r in res)
+        if test_mode:
+            assert not any(r.stage in ("body", "data") for r in res)
+        assert not any(300 <= r.code < 400 for r in res)
+        if any(r.stage == "body" and r.ok for r in res):
+            assert tx.result.reply.code // 100 == 2

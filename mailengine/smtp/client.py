@@ -607,6 +607,9 @@ class SMTPClient:
         if reply.code == 421 and kind != "QUIT":
             self._fail(reply, State.CLOSED, stage=kind.lower(), logged=True)
             return
+        if reply.code // 100 == 3 and kind != "DATA":  # only DATA may ask for more
+            self._protocol_error(f"{reply.code} in reply to {kind}")
+            return
         getattr(self, "_on_" + kind)(reply, index)
 
     def _on_GREETING(self, reply: Reply, _: int) -> None:
