@@ -7,7 +7,6 @@ stops accepting, lets messages being stored finish, and leaves every unfinished 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import os
 import resource
@@ -16,13 +15,15 @@ import socket
 
 from . import NAME, __version__, logs, tls
 from .config import Config
-from .envelope import Message
+from .envelope import InfError, Message
 from .inbound import InboundServer
+from .intake import Intake
 from .policy import Policy
 from .smtp.server import MessageReceived, Reply
 from .spool import Spool
 from .stats import Stats
 from .users import PasswordFile
+from .workers import WorkerPool
 
 log = logging.getLogger("mailengine")
 
@@ -75,44 +76,35 @@ class Engine:
         self.known: set[str] = set()  # ids of queued messages this engine knows (not drop-ins)
         self.stopping = asyncio.Event()
         self.inbound: InboundServer | None = None
+        self.workers: WorkerPool | None = None
+        self.intake = Intake(cfg, self.spool, self.hostname, self.stored)
         self.delivery = make_delivery(self)
 
     # --- intake ----------------------------------------------------------------------------------
 
-    async def on_message(self, ev: MessageReceived) -> Reply:
-        """Store one received message; the returned reply is the promise made to the client."""
-        txn, s, data = ev.txn, ev.session, ev.data
-        relay = [r for r in txn.rcpts if r not in txn.local]
-        local = [r for r in txn.rcpts if r in txn.local]
-        msg_id = self.spool.new_id()
-        now = datetime.datetime.now().replace(microsecond=0)
-        received = {"helo": s.helo, "peertcpip": s.peer_ip,
-                    "peerhostname": s.peer_hostname or s.peer_ip,
-                    "localhostname": self.hostname, "localtcpip": s.local_ip,
-                    "datasize": str(len(data))}
-        stores = []
-        if relay:
-            msg = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=relay,
-                          time_created=now, retry_time=now, received=received,
-                          dsn_ret=txn.ret, dsn_envid=txn.envid,
-                          dsn_rcpt={r: p for r, p in txn.rcpt_params.items() if r in relay},
-                          auth_user=s.auth_user, size=len(data))
-            msg.log.append(f"{now:%Y/%m/%d %H:%M:%S}: Received from {s.peer_ip} for "
-                           f"{len(relay)} recipients")
-            stores.append(self.spool.store(msg, data, "retry"))
-            self.known.add(msg_id)
-            relayed = msg
-        if local and self.cfg.queue.save_incoming:
-            msg = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=[],
-                          time_created=now, received=received, size=len(data),
-                          extra={"rcptto": ",".join(local)})
-            stores.append(self.spool.store(msg, data, "incoming"))
-        if stores:
-            await asyncio.gather(*stores)
-        if relay and self.delivery is not None:
-            self.delivery.submit(relayed, "retry")
-        self.stats.received(local=not relay)
-        return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")
+    def stored(self, relayed: Message | None, local: bool) -> None:
+        """A message is safely in the spool (stored by this process or an intake worker)."""
+        if relayed is not None:
+            self.known.add(relayed.id)
+            if self.delivery is not None:
+                self.delivery.submit(relayed, "retry")
+        self.stats.received(local=relayed is None)
+
+    def worker_stored(self, line: str) -> None:
+        """A notification line from an intake worker: 'R <id>' or 'L'."""
+        kind, _, msg_id = line.partition(" ")
+        if kind == "L":
+            self.stats.received(local=True)
+        elif kind == "R" and msg_id:
+            if msg_id in self.known:  # the drop-in scan saw the files first
+                self.stats.received(local=False)
+                return
+            try:
+                msg = self.spool.load(msg_id, "retry")
+            except (OSError, InfError) as e:
+                log.warning("intake worker stored %s, but it cannot be read: %s", msg_id, e)
+                return
+            self.stored(msg, False)
 
     # --- housekeeping loops ----------------------------------------------------------------------
 
@@ -187,10 +179,15 @@ class Engine:
         if cfg.network.smtp_port != 1:
             ctx = tls.server_context(cfg.home, cfg.network.tls_cert, cfg.network.tls_key,
                                      self.hostname)
-            self.inbound = InboundServer(cfg, self.policy, self.on_message, ctx,
-                                         auth_available=True, hostname=self.hostname)
+            extra = cfg.intake_processes - 1
+            self.inbound = InboundServer(cfg, self.policy, self.intake.on_message, ctx,
+                                         auth_available=True, hostname=self.hostname,
+                                         reuse_port=extra > 0)
             for host, port in await self.inbound.start():
                 log.info("accepting SMTP on %s port %d", host, port)
+            if extra > 0:
+                self.workers = WorkerPool(cfg, self.test_mode, extra, self.worker_stored)
+                await self.workers.start()
         else:
             log.info("SMTP intake is off (network.smtp_port = 1)")
         async with asyncio.TaskGroup() as tg:
@@ -204,6 +201,8 @@ class Engine:
             log.info("stopping: no new connections; finishing messages in flight")
             if self.inbound:
                 await self.inbound.stop()
+            if self.workers:
+                await self.workers.stop()
             if self.delivery is not None:
                 await self.delivery.stop()  # unfinished mail is left in retry/
             for t in tasks:

@@ -115,9 +115,10 @@ SETTINGS: list[Setting] = [
             "start.", restart=True),
     Setting("network", "tls_key", "", "str",
             "PEM private key for tls_cert.", restart=True),
-    Setting("network", "intake_workers", 1, "int",
-            "Processes accepting SMTP on the same port (SO_REUSEPORT); more use more cores.",
-            minimum=1, restart=True, check=lambda v: None if v <= 64 else "must be at most 64"),
+    Setting("network", "intake_workers", 0, "int",
+            "Processes accepting SMTP on the same port (SO_REUSEPORT), so intake uses several "
+            "cores; max_inbound_connections is shared out among them. 0 = one per CPU core.",
+            minimum=0, restart=True, check=lambda v: None if v <= 64 else "must be at most 64"),
     # policy (許可と制限)
     Setting("policy", "rcpt_relay_domains", [], "list[str]",
             "'@example.com' entries: accept and relay mail for these domains from anyone (backup "
@@ -393,6 +394,11 @@ class Config:
     # Paths derived from the home directory.
     def mailq(self, test_mode: bool = False) -> Path:
         return self.home / ("mailq-test" if test_mode else "mailq")
+
+    @property
+    def intake_processes(self) -> int:
+        n = self.values["network.intake_workers"]
+        return n if n > 0 else max(1, os.cpu_count() or 1)
 
     @property
     def log_dir(self) -> Path:

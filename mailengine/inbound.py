@@ -70,7 +70,8 @@ class InboundServer:
         self.options.max_recipients = lim.max_recipients
         self.options.max_command_line = lim.max_command_line
         self.options.max_errors = lim.max_errors
-        self.max_connections = lim.max_inbound_connections
+        # Each intake process takes its share of the cap (the kernel spreads connections evenly).
+        self.max_connections = max(1, -(-lim.max_inbound_connections // cfg.intake_processes))
         self.priority_ips = AddressSet(lim.inbound_priority_ips)
         self.timeout = lim.smtp_receive_timeout
         self.debug = cfg.debug.smtp_in

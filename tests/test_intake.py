@@ -1,4 +1,5 @@
 """SMTP intake end to end: a real engine process, real clients (smtplib, swaks, smtp-source)."""
+import os
 import re
 import shutil
 import smtplib
@@ -258,3 +259,25 @@ def test_stats_line_in_the_manuals_format(tmp_path):
     lines = re.findall(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\d+) recv \[(\d+) inbound, (\d+) relay\] "
                        r"\((\d+)/h avg, (\d+) total\)$", eng.read_output(), re.M)
     assert lines and lines[0][:3] == ("2", "1", "1") and lines[0][4] == "2"
+
+
+@pytest.mark.skipif(not shutil.which("smtp-source"), reason="postfix is installed by .ci/run")
+def test_two_intake_processes_share_the_port_and_report_to_the_engine(tmp_path):
+    settings = {"network.intake_workers": 2, "logging.stats_interval": 0.5}
+    with RunningEngine(tmp_path, settings) as eng:
+        time.sleep(1.0)  # the worker process binds the port a moment after the engine
+        out = subprocess.run(
+            ["smtp-source", "-s", "20", "-m", "400", "-l", "2048", "-f", "s@example.org",
+             "-t", "r@dest.test", f"127.0.0.1:{eng.smtp_port}"],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        time.sleep(1.2)
+        infs = list((eng.mailq / "retry").glob("*.inf"))
+        pids = {re.match(r"P(\d+)T", f.name).group(1) for f in infs}
+        worker_pid = int(re.search(r"intake worker 0 started, pid (\d+)", eng.read_output()).group(1))
+    assert len(infs) == 400
+    assert pids == {str(eng.proc.pid), str(worker_pid)}  # both processes took mail
+    totals = re.findall(r"recv \[\d+ inbound, \d+ relay\] \(\d+/h avg, (\d+) total\)", eng.read_output())
+    assert totals[-1] == "400"  # the worker's messages reached the engine's count
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)  # stopped with the engine

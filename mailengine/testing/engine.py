@@ -61,6 +61,10 @@ class RunningEngine:
                          "network.smtp_listen_ips": ["127.0.0.1"],
                          "network.web_port": 0,
                          "logging.stats_interval": 0,
+                         # No delivery unless a test asks for it (and points DNS at a test
+                         # server): nothing may query the system's resolvers or leave loopback.
+                         "queue.pause_sending": True,
+                         "network.intake_workers": 1,  # tests of several processes say so
                          **(settings or {})}
         self.smtp_port = self.settings["network.smtp_port"]
         self.command = command

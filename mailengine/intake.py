@@ -1,0 +1,59 @@
+"""What happens to a received message: stored for relay and/or kept as local mail, then promised.
+
+`Intake.on_message` turns the server's MessageReceived into files in the spool and returns the
+reply for the client. The `250` is returned only after `Spool.store` returns, which (durable
+mode) is after the files are on stable storage. Relayed mail goes to mailq/retry, local mail to
+mailq/incoming when `save_incoming` (else it is accepted and discarded, as the manual says).
+The same class runs in the engine's process and in extra intake worker processes.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Callable
+
+from .config import Config
+from .envelope import Message
+from .smtp.server import MessageReceived, Reply
+from .spool import Spool
+
+# Called once a message is safely stored: (the relayed Message or None, had local recipients).
+OnStored = Callable[[Message | None, bool], None]
+
+
+class Intake:
+    def __init__(self, cfg: Config, spool: Spool, hostname: str, on_stored: OnStored):
+        self.cfg = cfg
+        self.spool = spool
+        self.hostname = hostname
+        self.on_stored = on_stored
+
+    async def on_message(self, ev: MessageReceived) -> Reply:
+        txn, s, data = ev.txn, ev.session, ev.data
+        relay = [r for r in txn.rcpts if r not in txn.local]
+        local = [r for r in txn.rcpts if r in txn.local]
+        now = datetime.datetime.now().replace(microsecond=0)
+        received = {"helo": s.helo, "peertcpip": s.peer_ip,
+                    "peerhostname": s.peer_hostname or s.peer_ip,
+                    "localhostname": self.hostname, "localtcpip": s.local_ip,
+                    "datasize": str(len(data))}
+        msg_id = self.spool.new_id()
+        relayed = None
+        if relay:
+            relayed = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=relay,
+                              time_created=now, retry_time=now, received=received,
+                              dsn_ret=txn.ret, dsn_envid=txn.envid,
+                              dsn_rcpt={r: p for r, p in txn.rcpt_params.items() if r in relay},
+                              auth_user=s.auth_user, size=len(data))
+            relayed.log.append(f"{now:%Y/%m/%d %H:%M:%S}: Received from {s.peer_ip} for "
+                               f"{len(relay)} recipients")
+            await self.spool.store(relayed, data, "retry")
+            msg_id = relayed.id  # store() picks another id if this one was taken
+        if local and self.cfg.queue.save_incoming:
+            kept = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=[],
+                           time_created=now, received=received, size=len(data),
+                           extra={"rcptto": ",".join(local)})
+            await self.spool.store(kept, data, "incoming")
+            msg_id = kept.id
+        self.on_stored(relayed, bool(local))
+        return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")
