@@ -377,6 +377,40 @@ async def test_sink_counts_concurrent_connections():
         await sink.wait_for(lambda: sink.active_connections == 0)
 
 
+@asynctest
+async def test_sink_scripting_features():
+    seen = []
+
+    def hook(sess, verb, arg):
+        seen.append(verb)
+        return "550 5.7.1 Sender blocked" if verb == "MAIL" and "spam@" in arg else None
+
+    script = SinkScript(on_command=hook, replies={"BODY": ["451 4.3.0 Queue full", "250 ok"]})
+    async with SMTPSink("127.0.0.2", 0, script) as sink:
+        async with session(sink) as s:
+            r = await s.send("spam@y.test", ["a@x.test"], MSG)
+            assert codes(r) == [("a@x.test", 550, "mail")]
+            r = await s.send("s@y.test", ["a@x.test"], MSG)
+            assert codes(r) == [("a@x.test", 451, "body")]
+            r = await s.send("s@y.test", ["a@x.test"], MSG)
+            assert codes(r) == [("a@x.test", 250, "body")]
+        assert seen[:2] == ["GREETING", "EHLO"] and "BODY" in seen
+        assert len(sink.messages) == 1
+
+    script = SinkScript(replies={"MAIL": "DROP"})  # hang up instead of answering
+    async with SMTPSink("127.0.0.2", 0, script) as sink:
+        async with session(sink) as s:
+            r = await s.send("s@y.test", ["a@x.test"], MSG)
+        assert codes(r) == [("a@x.test", 451, "connection")] and r.site_failure
+
+    async with SMTPSink("127.0.0.2", 0, SinkScript(greeting="554 5.7.1 No service")) as sink:
+        with pytest.raises(ConnectError) as err:
+            await session(sink).connect()
+        assert err.value.reply.code == 554
+        await sink.wait_for(lambda: sink.sessions[0].closed)
+        assert sink.verbs == ["QUIT"]  # the client said goodbye properly
+
+
 def test_threaded_sink_with_swaks():
     """A client we did not write (swaks) against the sink, pipelining."""
     swaks = shutil.which("swaks")

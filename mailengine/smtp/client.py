@@ -375,12 +375,10 @@ class Transaction:
                                         list(self._session_log))
 
 
-def _bad_address(address: str) -> bool:
-    """Characters that would break the command line (CR, LF, controls) or the <path>.
-
-    Anything else is sent as given: real mailboxes such as 'a..b@docomo.ne.jp' break the RFC's
-    dot-string rule and their servers take them anyway."""
-    return any(c < " " or c in "<>\x7f" for c in address)
+# Characters that would break the command line (CR, LF, controls) or the <path>. Anything else
+# is sent as given: real mailboxes such as 'a..b@docomo.ne.jp' break the RFC's dot-string rule
+# and their servers take them anyway.
+_bad_address = re.compile(r"[\x00-\x1f\x7f<>]").search
 
 
 # --- the client ------------------------------------------------------------------------------------
