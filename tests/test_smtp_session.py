@@ -56,8 +56,10 @@ def codes(result):
 
 # -- against our sink -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("uv", [False, pytest.param(True, marks=pytest.mark.skipif(
-    uvloop is None, reason="uvloop missing"))], ids=["asyncio", "uvloop"])
+LOOPS = [False, pytest.param(True, marks=pytest.mark.skipif(uvloop is None, reason="no uvloop"))]
+
+
+@pytest.mark.parametrize("uv", LOOPS, ids=["asyncio", "uvloop"])
 def test_happy_path_pipelined(uv):
     async def main():
         async with SMTPSink("127.0.0.2", 0) as sink:
@@ -137,15 +139,17 @@ async def test_helo_fallback():
         assert sink.sessions[0].helo == "client.test"
 
 
-@asynctest
-async def test_starttls_opportunistic():
-    async with SMTPSink("127.0.0.2", 0, SinkScript(starttls=True)) as sink:
-        async with session(sink, host_name="sink.test") as s:
-            assert s.tls_version and s.tls_version.startswith("TLS")
-            r = await s.send("s@y.test", ["a@x.test"], MSG)
-        assert r.delivered and sink.messages[0].tls
-        assert sink.verbs[:3] == ["EHLO", "STARTTLS", "EHLO"]
-        assert any(line.startswith("<-- TLS established") for line in r.session_transcript)
+@pytest.mark.parametrize("uv", LOOPS, ids=["asyncio", "uvloop"])
+def test_starttls_opportunistic(uv):
+    async def main():
+        async with SMTPSink("127.0.0.2", 0, SinkScript(starttls=True)) as sink:
+            async with session(sink, host_name="sink.test") as s:
+                assert s.tls_version and s.tls_version.startswith("TLS")
+                r = await s.send("s@y.test", ["a@x.test"], MSG)
+            assert r.delivered and sink.messages[0].tls
+            assert sink.verbs[:3] == ["EHLO", "STARTTLS", "EHLO"]
+            assert any(line.startswith("<-- TLS established") for line in r.session_transcript)
+    run(main(), uv=uv)
 
 
 @asynctest
@@ -156,15 +160,17 @@ async def test_starttls_can_be_turned_off():
         assert "STARTTLS" not in sink.verbs and not sink.messages[0].tls
 
 
-@asynctest
-async def test_failed_tls_handshake_falls_back_to_plain_text():
-    bad = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails
-    async with SMTPSink("127.0.0.2", 0, SinkScript(starttls=True, tls_context=bad)) as sink:
-        async with session(sink) as s:
-            r = await s.send("s@y.test", ["a@x.test"], MSG)
-        assert r.delivered and not sink.messages[0].tls and s.tls_version is None
-        assert len(sink.sessions) == 2 and "STARTTLS" not in sink.sessions[1].verbs
-        assert any("TLS handshake failed" in line for line in r.session_transcript)
+@pytest.mark.parametrize("uv", LOOPS, ids=["asyncio", "uvloop"])
+def test_failed_tls_handshake_falls_back_to_plain_text(uv):
+    async def main():
+        bad = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails
+        async with SMTPSink("127.0.0.2", 0, SinkScript(starttls=True, tls_context=bad)) as sink:
+            async with session(sink) as s:
+                r = await s.send("s@y.test", ["a@x.test"], MSG)
+            assert r.delivered and not sink.messages[0].tls and s.tls_version is None
+            assert len(sink.sessions) == 2 and "STARTTLS" not in sink.sessions[1].verbs
+            assert any("TLS handshake failed" in line for line in r.session_transcript)
+    run(main(), uv=uv)
 
 
 @asynctest
@@ -267,6 +273,8 @@ async def test_write_timeout_when_the_server_stops_reading():
                     stalled.set()
                     await asyncio.Event().wait()  # never read the body
                 writer.write(b"250 ok\r\n")
+        except asyncio.CancelledError:
+            pass
         finally:
             writer.transport.abort()
 

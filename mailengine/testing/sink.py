@@ -298,6 +298,8 @@ class SMTPSink:
             await self._converse(sess, _Conn(reader), writer)
         except (_Drop, ConnectionError, OSError, ssl.SSLError):
             pass
+        except asyncio.CancelledError:
+            pass  # stop(): the handler ends here; asyncio's streams would log a re-raise
         finally:
             writer.transport.abort()
             self.active_connections -= 1
