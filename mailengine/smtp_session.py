@@ -190,15 +190,18 @@ class SMTPSession:
         assert tx.result is not None
         return tx.result
 
-    async def close(self) -> None:
-        """QUIT (waiting at most read_timeout for the reply) and close the connection."""
+    async def close(self, timeout: float | None = None) -> None:
+        """QUIT, wait for the reply (at most `timeout`, default read_timeout), close."""
         client = self.client
         if client is not None and client.is_ready and not self._lost and not self._busy:
             client.quit()
             self._busy = True
             try:
                 self._flush()
-                await self._wait(lambda: client.is_finished)
+                async with asyncio.timeout(timeout):
+                    await self._wait(lambda: client.is_finished)
+            except TimeoutError:
+                pass  # _wait has dropped the connection
             finally:
                 self._busy = False
         self._close_transport(client is None or client.state is State.ERROR)

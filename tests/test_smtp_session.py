@@ -419,6 +419,36 @@ async def test_sink_scripting_features():
         assert sink.verbs == ["QUIT"]  # the client said goodbye properly
 
 
+@asynctest
+async def test_sink_max_connections_and_greeting_list():
+    script = SinkScript(max_connections=2)
+    async with SMTPSink("127.0.0.2", 0, script) as sink:
+        first = [session(sink) for _ in range(2)]
+        await asyncio.gather(*(s.connect() for s in first))
+        with pytest.raises(ConnectError) as err:
+            await session(sink).connect()
+        assert err.value.reply.code == 421
+        await asyncio.gather(*(s.close() for s in first))
+        await sink.wait_for(lambda: sink.active_connections == 0)
+        assert sink.peak_connections == 3
+    script = SinkScript(replies={"GREETING": ["421 4.3.2 Busy", "220 ok"]})
+    async with SMTPSink("127.0.0.2", 0, script) as sink:
+        with pytest.raises(ConnectError):
+            await session(sink).connect()
+        async with session(sink) as s:
+            assert s.is_reusable
+
+
+@asynctest
+async def test_close_does_not_wait_forever_for_the_quit_reply():
+    async with SMTPSink("127.0.0.2", 0, SinkScript(delays={"QUIT": 5})) as sink:
+        s = session(sink, read_timeout=10)
+        await s.connect()
+        t = time.monotonic()
+        await s.close(timeout=0.2)
+        assert time.monotonic() - t < 1 and not s.is_reusable
+
+
 def test_threaded_sink_with_swaks():
     """A client we did not write (swaks) against the sink, pipelining."""
     swaks = shutil.which("swaks")

@@ -12,7 +12,8 @@ its peak. A test scripts how it answers:
         delays={"RCPT": 0.5},                   # slow replies (`delay` slows every reply)
         pipelining=False, ehlo=False,           # no PIPELINING; EHLO refused (HELO only)
         starttls=True,                          # STARTTLS with a self-signed certificate
-        drop_after_body_bytes=100)              # hang up in the middle of DATA
+        drop_after_body_bytes=100,              # hang up in the middle of DATA
+        max_connections=2)                      # 421 to the third concurrent connection
     async with SMTPSink("127.0.0.2", 0, script) as sink:
         ... sink.port, sink.messages, sink.sessions[0].verbs, sink.peak_connections
 
@@ -57,6 +58,7 @@ class SinkScript:
     enhancedstatuscodes: bool = True
     size: int | None = 0               # None: SIZE not offered; 0: offered, no limit; n: limit
     starttls: bool = False
+    max_connections: int | None = None  # beyond it, greet with 421 and hang up
     replies: dict[str, Spec] = field(default_factory=dict)
     rcpt: dict[str, Spec] = field(default_factory=dict)  # "user@domain" or "@domain" -> spec
     delay: float = 0.0
@@ -341,8 +343,11 @@ class SMTPSink:
 
     async def _converse(self, sess: SinkSession, conn: _Conn, writer: asyncio.StreamWriter) -> None:
         script = self.script
-        greeting = self._spec(sess, "GREETING", "") or script.greeting \
-            or f"220 {script.hostname} ESMTP sink"
+        if script.max_connections is not None and self.active_connections > script.max_connections:
+            greeting = "421 4.7.0 Too many connections"
+        else:
+            greeting = self._spec(sess, "GREETING", "") or script.greeting \
+                or f"220 {script.hostname} ESMTP sink"
         await self._reply(writer, "GREETING", greeting)
         if not greeting.startswith("2"):
             if greeting.startswith("421"):
