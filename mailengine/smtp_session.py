@@ -174,7 +174,7 @@ class SMTPSession:
         """Run one transaction. Server trouble never raises: it is in the result, and the session
         is then no longer reusable. Only a session that is not `is_reusable` raises."""
         client = self.client
-        if client is None or self._busy or not client.is_ready:
+        if client is None or not self.is_reusable:
             raise SMTPClientError("send() on a session that is not ready")
         tx = client.start_transaction(mail_from, rcpts, data, dsn=dsn, test_mode=test_mode)
         self._busy = True

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from mailengine.smtp.client import Body, DSNRequest
+from mailengine.smtp.client import Body, DSNRequest, SMTPClientError
 from mailengine.smtp_session import ConnectError, SMTPSession
 from mailengine.testing.sink import SinkScript, SMTPSink, ThreadedSink
 
@@ -195,6 +195,8 @@ async def test_dropped_connection_mid_data_fails_every_recipient_temporarily():
         assert [(x.code, x.enhanced, x.stage) for x in r.recipients] == \
             [(451, "4.4.2", "connection")] * 2
         assert r.site_failure and not s.is_reusable and not sink.messages
+        with pytest.raises(SMTPClientError):
+            await s.send("s@y.test", ["a@x.test"], MSG)
         await s.close()  # harmless on a dead session
 
 
