@@ -140,7 +140,8 @@ def record_attempt(msg: Message, outcomes: list[RcptOutcome], intervals: list[fl
     """Write the end of one send attempt into `msg` (SPEC 4). `outcomes` cover the recipients
     tried; `interrupted` ones (a shutdown cut the attempt short) stay to send, without counting
     against them. Recipients of `rcpttosend` in neither list are left to send as well."""
-    now = (now or datetime.now()).replace(microsecond=0)
+    precise = now or datetime.now()
+    now = precise.replace(microsecond=0)  # what the .inf shows
     res = AttemptResult()
     by_addr = {o.address: o for o in outcomes}
     cut = set(interrupted)
@@ -151,7 +152,7 @@ def record_attempt(msg: Message, outcomes: list[RcptOutcome], intervals: list[fl
         return res
     msg.send_tries += 1
     tries = msg.send_tries
-    retry_at = next_retry(tries, intervals, now)
+    retry_at = next_retry(tries, intervals, precise)  # not rounded: short intervals stay exact
     still: list[str] = []
     for a in msg.rcpt_to_send:
         o = by_addr.get(a)

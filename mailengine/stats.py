@@ -48,6 +48,10 @@ class Stats:
         self.recv.add(now)
         (self.inbound if local else self.relay).add(now)
 
+    def delivered(self, n: int = 1) -> None:
+        """`n` recipients delivered (the `sent` line)."""
+        self.sent.add(self.clock(), n)
+
     def lines(self) -> list[str]:
         """The lines due now: one per direction in which mail moved since the last call."""
         now = self.clock()

@@ -1,0 +1,587 @@
+"""The delivery engine: the asyncio side that takes ready mail out to the world (SPEC 5).
+
+    engine.delivery = DeliveryEngine(engine)   # app.make_delivery
+    delivery.submit(msg, "retry")              # recovered, relayed, or dropped-in mail
+    await delivery.run()                       # until stop()
+    await delivery.stop()                      # unfinished mail stays in retry/
+
+The flow of one send attempt of one message:
+
+1. The scheduler (scheduler.py) releases the message when its `retrytime` comes and splits it by
+   recipient domain into units (one SMTP transaction each), handed out round-robin within the
+   caps: `max_outbound_connections` running units, each destination within its concurrency
+   window (throttle.py), nothing while `queue.pause_sending`.
+2. When its first unit starts, the message moves `retry/` -> `working/` (it stays there, whole,
+   while any part of it is being delivered; a crash leaves it to start-up recovery).
+3. Each unit resolves its domain (dns.py: bypass entries, MX, implicit MX, null MX), takes a
+   connection to the best host from the pool (kept and reused per host; at most
+   `max_connections_per_host` per server and `max_outbound_connections` in all, idle ones
+   included), and runs one transaction for all its recipients (smtp_session.py). A connection
+   failure, a refused greeting, a 421 or a lost connection moves on to the next MX host.
+4. outcome.py classifies every reply. When the message's last unit ends, the attempt is recorded
+   in the message; everything done -> `done/` (`save_done`) or deleted; recipients left ->
+   `ID.inf` rewritten and the message back in `retry/`, its timer set to the new `retrytime`.
+
+The body goes out as `ID.dat` with a `Received:` trace header in front, built from the `.inf`'s
+received keys (`ID.dat` itself is never changed). DKIM signing belongs in `_prepare_body` (the
+hook is marked there). Test mode (`mailengine test`) says RSET and QUIT where DATA would go.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from .config import AddressSet
+from .dns import MXResolver, Target
+from .envelope import Message
+from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
+from .scheduler import Scheduler, Unit
+from .smtp.client import Body, DSNRequest
+from .smtp_session import ConnectError, SMTPSession
+from .throttle import HourlyNotice, Windows, bandwidth_bucket, send_rate_bucket
+
+if TYPE_CHECKING:
+    from .app import Engine
+
+log = logging.getLogger("mailengine.delivery")
+
+STOP_GRACE = 5.0          # s: transactions in flight at a stop get this long to finish
+IDLE_CLOSE = 5.0          # s: an idle connection kept for reuse longer than this is closed
+HOST_DOWN = 10.0          # s: a host that refused a connection is tried last for this long
+MAX_SLEEP = 1.0           # s: the send loop looks at its timers at least this often
+INITIAL_WINDOW = 5        # connections a new destination starts with (slow start)
+
+
+@dataclass
+class Attempt:
+    """One send attempt of one message: its units' outcomes until the last one ends."""
+    msg: Message
+    outcomes: list[RcptOutcome] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+    body: Body | None = None
+    gone: bool = False  # its files vanished (removed by hand): nothing to send, nothing to write
+
+
+class Pool:
+    """Open SMTP connections, kept per (ip, port) for reuse, within the two caps.
+
+    Every connection counts from the moment it is being opened until it is closed, idle ones
+    included, so the remote side never sees more than the caps allow."""
+
+    def __init__(self, max_total: int, max_per_host: int, make) -> None:
+        self.max_total = max_total
+        self.max_per_host = max_per_host
+        self.make = make  # (Target) -> SMTPSession
+        self.total = 0
+        self.peak = 0
+        self.per_host: dict[tuple[str, int], int] = {}
+        self.idle: dict[tuple[str, int], list[SMTPSession]] = {}
+        self._waiters: list[asyncio.Future] = []
+        self._closing: set[asyncio.Task] = set()
+        self.closed = False
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    def _take_idle(self, key) -> SMTPSession | None:
+        idle = self.idle.get(key)
+        while idle:
+            s = idle.pop()
+            if s.is_reusable:
+                return s
+            self._forget(key, s)
+        return None
+
+    def _forget(self, key, s: SMTPSession) -> None:
+        s.abort()
+        self._count_closed(key)
+
+    def _count_closed(self, key) -> None:
+        self.total -= 1
+        n = self.per_host.get(key, 1) - 1
+        if n:
+            self.per_host[key] = n
+        else:
+            self.per_host.pop(key, None)
+        self._notify()
+
+    def _evict_one_idle(self) -> bool:
+        """Close the longest-idle connection of any host to make room; False if none is idle."""
+        best = None
+        for key, lst in self.idle.items():
+            for s in lst:
+                if best is None or s.last_used < best[1].last_used:
+                    best = (key, s)
+        if best is None:
+            return False
+        key, s = best
+        self.idle[key].remove(s)
+        self._close_later(key, s)
+        return True
+
+    def _close_later(self, key, s: SMTPSession) -> None:
+        """QUIT politely in the background; the connection counts until it is really closed."""
+        async def close() -> None:
+            try:
+                async with asyncio.timeout(2.0):
+                    await s.close()
+            except BaseException:
+                s.abort()
+            finally:
+                self._count_closed(key)
+        t = asyncio.get_running_loop().create_task(close())
+        self._closing.add(t)
+        t.add_done_callback(self._closing.discard)
+
+    async def acquire(self, target: Target) -> SMTPSession:
+        """A connected session to `target`; raises ConnectError when it cannot connect."""
+        key = (target.ip, target.port)
+        while True:
+            if self.closed:
+                raise ConnectError(_local(451, "4.3.2", "Shutting down"), [])
+            s = self._take_idle(key)
+            if s is not None:
+                return s
+            if self.per_host.get(key, 0) < self.max_per_host:
+                if self.total < self.max_total:
+                    break
+                if self.total - len(self._closing) >= self.max_total:
+                    self._evict_one_idle()  # its slot frees when its QUIT is done
+            await self._wait()
+        self.total += 1
+        self.peak = max(self.peak, self.total)
+        self.per_host[key] = self.per_host.get(key, 0) + 1
+        s = self.make(target)
+        try:
+            await s.connect()
+        except BaseException:
+            s.abort()
+            self._count_closed(key)
+            raise
+        return s
+
+    def release(self, s: SMTPSession) -> None:
+        key = (s.ip, s.port)
+        if s.is_reusable and not self.closed:
+            self.idle.setdefault(key, []).append(s)
+            self._notify()
+        elif s.is_reusable:
+            self._close_later(key, s)
+        else:
+            self._forget(key, s)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle longer than IDLE_CLOSE (loop time)."""
+        for key, lst in list(self.idle.items()):
+            keep = []
+            for s in lst:
+                if now - s.last_used > IDLE_CLOSE or not s.is_reusable:
+                    self._close_later(key, s) if s.is_reusable else self._forget(key, s)
+                else:
+                    keep.append(s)
+            if keep:
+                self.idle[key] = keep
+            else:
+                del self.idle[key]
+
+    async def close_all(self) -> None:
+        self.closed = True
+        for key, lst in list(self.idle.items()):
+            for s in lst:
+                self._close_later(key, s)
+        self.idle.clear()
+        if self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+        self._notify()
+
+
+def _local(code: int, enhanced: str, text: str):
+    from .smtp.client import local_reply
+    return local_reply(code, enhanced, text)
+
+
+def received_header(msg: Message, hostname: str) -> bytes:
+    """The trace header put in front of the message when it goes out (RFC 5321 4.4)."""
+    r = msg.received
+    when = email.utils.format_datetime(msg.time_created.astimezone())
+    by = r.get("localhostname") or hostname
+    if r.get("peertcpip"):
+        peer = r.get("peerhostname") or r["peertcpip"]
+        head = f"Received: from {r.get('helo') or peer} ({peer} [{r['peertcpip']}])\r\n\tby {by}"
+        return f"{head} (MailEngine) with SMTP id {msg.id};\r\n\t{when}\r\n".encode(
+            "utf-8", "replace")
+    return f"Received: by {by} (MailEngine) id {msg.id};\r\n\t{when}\r\n".encode("utf-8", "replace")
+
+
+class DeliveryEngine:
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        cfg = self.cfg = engine.cfg
+        self.spool = engine.spool
+        self.test_mode = engine.test_mode
+        self.helo = cfg.network.helo_text or engine.hostname
+        lim = cfg.limits
+        self.resolver = MXResolver.from_config(cfg)
+        self.refused = AddressSet(cfg.policy.refused_mail_servers)
+        self.windows = Windows(lim.max_connections_per_host,
+                               min(INITIAL_WINDOW, lim.max_connections_per_host))
+        self.sched = Scheduler(time.time, limit=self.windows.limit,
+                               max_active=lim.max_outbound_connections)
+        self.sched.paused = cfg.queue.pause_sending
+        self.pool = Pool(lim.max_outbound_connections, lim.max_connections_per_host,
+                         self._new_session)
+        self.rate = send_rate_bucket(lim.max_send_rate)
+        self.bandwidth = bandwidth_bucket(lim.max_bandwidth)
+        self.rate_notice = HourlyNotice()
+        self.debug_out = cfg.debug.smtp_out
+        self.debug_loop = cfg.debug.send_loop
+        self.signer = None  # DKIM: a dkim.DKIMSigner to sign in _prepare_body (not wired yet)
+        self.messages: dict[str, Message] = {}  # every message this engine holds, by id
+        self.attempts: dict[str, Attempt] = {}  # messages being delivered (in working/)
+        self.host_down: dict[tuple[str, int], float] = {}
+        self.sent = 0  # recipients delivered (also in engine.stats)
+        self._tasks: set[asyncio.Task] = set()
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._running = False
+
+    # -- the interface app.py uses ----------------------------------------------------------------
+
+    def submit(self, msg: Message, where: str = "retry") -> None:
+        """A message waiting in `where` (retry/): deliver it at its `retrytime` (or now)."""
+        if self._stopping or msg.id in self.attempts:
+            return
+        if where != "retry":
+            raise ValueError("the delivery engine takes messages from retry/ only")
+        self.messages[msg.id] = msg
+        if msg.held:
+            return  # kept, known, never sent until released
+        if not msg.rcpt_to_send:
+            self._finish_idle(msg)
+            return
+        due = msg.retry_time.timestamp() if msg.retry_time is not None else None
+        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
+        self._kick()
+
+    def set_paused(self, paused: bool) -> None:
+        """`queue.pause_sending`: mail waits in retry/; turning it off releases everything."""
+        self.sched.paused = paused
+        self._kick()
+
+    async def run(self) -> None:
+        self._wake = asyncio.Event()
+        self._running = True
+        loop = asyncio.get_running_loop()
+        if self.cfg.basic.preload_domains:
+            self._spawn(self.resolver.preload(self.cfg.basic.preload_domains))
+        next_sweep = loop.time() + 1
+        while not self._stopping:
+            self.sched.release_due()
+            while (u := self.sched.next_unit()) is not None:
+                self._start_unit(u)
+            now = loop.time()
+            if now >= next_sweep:
+                self.pool.sweep(now)
+                next_sweep = now + 1
+            due = self.sched.next_due()
+            sleep = MAX_SLEEP if due is None else min(MAX_SLEEP, max(0.0, due - time.time()))
+            self._wake.clear()
+            if sleep > 0:
+                try:
+                    async with asyncio.timeout(sleep):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """No new work; transactions in flight get `grace` seconds; the rest stays in retry/."""
+        self._stopping = True
+        self._kick()
+        for u in self.sched.take_ready():
+            att = self.attempts.get(u.msg_id)
+            if att is not None:
+                att.interrupted += u.rcpts
+            if self.sched.unit_done(u, ran=False) and att is not None:
+                await self._finish(att)
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self.pool.close_all()
+        await self.resolver.aclose()
+        left = len(self.messages)
+        if left:
+            log.info("delivery stopped: %d messages left in retry/", left)
+
+    # -- one unit -----------------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _start_unit(self, u: Unit) -> None:
+        att = self.attempts.get(u.msg_id)
+        if att is None:
+            msg = self.messages[u.msg_id]
+            att = self.attempts[u.msg_id] = Attempt(msg)
+            try:
+                self.spool.move(msg.id, "retry", "working")
+            except FileNotFoundError:
+                log.warning("%s: its files left retry/ (removed by hand?); not sending it", msg.id)
+                att.gone = True
+            except OSError as e:
+                log.error("%s: cannot move it to working/: %s; it stays in retry/", msg.id, e)
+                att.gone = True
+        self._spawn(self._run_unit(u, att))
+
+    async def _run_unit(self, u: Unit, att: Attempt) -> None:
+        outcomes: list[RcptOutcome] = []
+        try:
+            if att.gone:
+                att.interrupted += u.rcpts
+            else:
+                outcomes = await self._deliver(u, att)
+        except asyncio.CancelledError:
+            att.interrupted += [a for a in u.rcpts if a not in {o.address for o in outcomes}]
+        except Exception:
+            log.exception("%s: delivery to %s failed unexpectedly", u.msg_id, u.dest)
+            outcomes = failure_outcomes(u.rcpts, 451, "4.3.0", "Internal error while sending",
+                                        "local")
+        finally:
+            att.outcomes += outcomes
+            self._feedback(u.dest, outcomes)
+            if self.sched.unit_done(u):
+                await self._finish(att)
+            self._kick()
+
+    def _feedback(self, dest: str, outcomes: list[RcptOutcome]) -> None:
+        if not outcomes:
+            return
+        w = self.windows.get(dest)
+        if any(o.kind is Kind.SENT for o in outcomes):
+            w.success()
+        elif any(o.kind is Kind.SOFT and o.stage != "dns" for o in outcomes):
+            site = any(o.code == 421 or o.stage in ("connect", "connection") for o in outcomes)
+            if w.failure(site) and self.debug_loop:
+                log.info("%s: temporary failures, concurrency lowered to %d", dest, w.limit)
+
+    async def _deliver(self, u: Unit, att: Attempt) -> list[RcptOutcome]:
+        msg = att.msg
+        mx = await self.resolver.resolve_mx(u.dest)
+        if not mx.ok:
+            if mx.permanent:
+                return failure_outcomes(u.rcpts, 550, "5.1.2", mx.text, "dns")
+            return failure_outcomes(u.rcpts, 451, "4.4.3", mx.text, "dns")
+        targets = [t for t in mx.targets if t.ip not in self.refused]
+        if not targets:
+            return failure_outcomes(u.rcpts, 550, "5.4.6", f"all mail servers of {u.dest} are "
+                                    "in policy.refused_mail_servers", "dns")
+        now = time.monotonic()
+        up = [t for t in targets if self.host_down.get((t.ip, t.port), 0) < now]
+        targets = up + [t for t in targets if t not in up]  # recently dead hosts last
+        if att.body is None:
+            att.body = self._prepare_body(msg)
+        body = att.body
+        dsn = self._dsn(msg, u.rcpts)
+        await self._limit_rate(body.size)
+        pending = list(u.rcpts)
+        final: dict[str, RcptOutcome] = {}
+        last: dict[str, RcptOutcome] = {}
+        for target in targets:
+            try:
+                sess = await self.pool.acquire(target)
+            except ConnectError as e:
+                self.host_down[(target.ip, target.port)] = time.monotonic() + HOST_DOWN
+                for a in pending:
+                    last[a] = RcptOutcome.from_reply(a, e.reply.code, e.reply.enhanced,
+                                                     e.reply.text, "connect", target.host,
+                                                     tuple(e.transcript))
+                if self.debug_out:
+                    log.info("%s: %s\n%s", msg.id, e.reply, "\n".join(e.transcript))
+                continue
+            self.host_down.pop((target.ip, target.port), None)
+            try:
+                pending = await self._transactions(sess, target, msg, pending, body, dsn,
+                                                   final, last)
+            finally:
+                self.pool.release(sess)
+            if not pending:
+                break
+        for a in pending:  # every host failed: the last word on each recipient stands
+            final[a] = last.get(a) or RcptOutcome.from_reply(
+                a, 451, "4.4.1", f"No mail server of {u.dest} could be reached", "connect")
+        return [final[a] for a in u.rcpts if a in final]
+
+    async def _transactions(self, sess: SMTPSession, target: Target, msg: Message,
+                            rcpts: list[str], body: Body, dsn: DSNRequest | None,
+                            final: dict[str, RcptOutcome], last: dict[str, RcptOutcome]
+                            ) -> list[str]:
+        """Send to `rcpts` over `sess`; decided recipients go to `final`. Returns the recipients
+        to try at the next MX host (a site failure: lost connection, 421...)."""
+        todo = rcpts
+        while todo:
+            result = await sess.send(msg.mail_from, todo, body, dsn=dsn,
+                                     test_mode=self.test_mode)
+            if self.debug_out:
+                log.info("%s: to %s\n%s", msg.id, target.host, result.transcript_text())
+            transcript = tuple(result.session_transcript + result.transcript)
+            next_mx, again = [], []
+            for r in result.recipients:
+                o = RcptOutcome.from_reply(r.address, r.code, r.enhanced, r.text, r.stage,
+                                           target.host, transcript)
+                if result.site_failure and o.kind is Kind.SOFT:
+                    last[r.address] = o
+                    next_mx.append(r.address)
+                elif (r.code == 452 and r.stage == "rcpt" and r.enhanced in ("", "4.5.3")
+                      and len(result.delivered) > 0 and sess.is_reusable):
+                    again.append(r.address)  # too many recipients: the rest in another round
+                    last[r.address] = o
+                else:
+                    final[r.address] = o
+                    if o.kind is Kind.SENT:
+                        self._count_sent(1)
+            if next_mx:
+                return next_mx + again
+            todo = again
+        return []
+
+    def _count_sent(self, n: int) -> None:
+        self.sent += n
+        stats = self.engine.stats
+        if hasattr(stats, "delivered"):
+            stats.delivered(n)
+        else:
+            stats.sent.add(time.time(), n)
+
+    async def _limit_rate(self, size: int) -> None:
+        delay = self.rate.wait(1)
+        if delay > 0:
+            if self.rate_notice.due():
+                log.warning("Sending is held back by limits.max_send_rate = %d messages per "
+                            "hour; mail waits in the queue (this is said once an hour)",
+                            self.cfg.limits.max_send_rate)
+            await asyncio.sleep(delay)
+        need = self.bandwidth.wait(size)  # limits.max_bandwidth: bytes per minute
+        if need > 0:
+            await asyncio.sleep(need)
+
+    def _new_session(self, target: Target) -> SMTPSession:
+        lim = self.cfg.limits
+        src = self.cfg.network.smtp_source_ip or None
+        if src and (":" in src) != (":" in target.ip):
+            src = None  # an IPv4 source address cannot reach an IPv6 server, and back
+        return SMTPSession(target.ip, target.port, helo_name=self.helo, host_name=target.host,
+                           source_ip=src, connect_timeout=lim.smtp_connect_timeout,
+                           read_timeout=lim.smtp_read_timeout,
+                           write_timeout=lim.smtp_write_timeout,
+                           body_timeout=lim.smtp_body_timeout)
+
+    def _prepare_body(self, msg: Message) -> Body:
+        """The bytes that go out: a Received: header, then ID.dat as received.
+        DKIM hook: sign `header + data` here (self.signer) before building the Body."""
+        data = self.spool.read_data(msg.id, "working")
+        return Body.from_bytes(received_header(msg, self.engine.hostname) + data)
+
+    @staticmethod
+    def _dsn(msg: Message, rcpts: list[str]) -> DSNRequest | None:
+        if not (msg.dsn_ret or msg.dsn_envid or msg.dsn_rcpt):
+            return None
+        notify = {a: p["notify"] for a, p in msg.dsn_rcpt.items() if p.get("notify")}
+        orcpt = {a: p["orcpt"] for a, p in msg.dsn_rcpt.items() if p.get("orcpt")}
+        return DSNRequest(ret=msg.dsn_ret or None, envid=msg.dsn_envid or None,
+                          notify=notify or None, orcpt=orcpt or None)
+
+    # -- the end of an attempt ------------------------------------------------------------------
+
+    async def _finish(self, att: Attempt) -> None:
+        msg = att.msg
+        self.attempts.pop(msg.id, None)
+        if att.gone:
+            self.messages.pop(msg.id, None)
+            self.engine.known.discard(msg.id)
+            return
+        now = datetime.now()
+        res = record_attempt(msg, att.outcomes, self.cfg.queue.retry_intervals, now,
+                             att.interrupted)
+        self._note(msg, res, att)
+        try:
+            if res.done:
+                if self.cfg.queue.save_done:
+                    await self.spool.update_inf(msg, "working")
+                    self.spool.move(msg.id, "working", "done")
+                else:
+                    self.spool.remove(msg.id, "working")
+                self.messages.pop(msg.id, None)
+                self.engine.known.discard(msg.id)
+                return
+            await self.spool.update_inf(msg, "working")
+            self.spool.move(msg.id, "working", "retry")
+        except OSError as e:
+            log.error("%s: cannot record the send attempt: %s; the message stays in working/ "
+                      "until the next start", msg.id, e)
+            self.messages.pop(msg.id, None)
+            return
+        if self._stopping:
+            return
+        due = msg.retry_time.timestamp() if msg.retry_time is not None else None
+        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
+
+    def _finish_idle(self, msg: Message) -> None:
+        """A message in retry/ with nothing left to send: finish it without an attempt."""
+        msg.status = msg.status or "done"
+        try:
+            if self.cfg.queue.save_done:
+                self.spool.move(msg.id, "retry", "done")
+            else:
+                self.spool.remove(msg.id, "retry")
+        except OSError as e:
+            log.warning("%s: nothing to send, but cannot finish it: %s", msg.id, e)
+        self.messages.pop(msg.id, None)
+        self.engine.known.discard(msg.id)
+
+    def _note(self, msg: Message, res, att: Attempt) -> None:
+        """Log lines and the undeliverable lists (SPEC 6)."""
+        text = msg.log[-1].split(": ", 1)[-1] if msg.log else ""
+        if res.failed or res.gave_up or res.deferred:
+            why = {o.address: o for o in att.outcomes}
+            for a in res.failed + res.gave_up + res.deferred:
+                o = why.get(a)
+                if o is not None:
+                    log.info("%s: %s %s: %s", msg.id, a,
+                             "deferred" if a in res.deferred else "failed", o.reply)
+            log.info("%s: %s", msg.id, text)
+        elif self.debug_loop:
+            log.info("%s: %s", msg.id, text)
+        if self.cfg.logging.log_undeliverable and (res.failed or res.gave_up):
+            home = self.cfg.home
+            try:
+                if res.failed:
+                    with open(home / "hard-undeliverable.txt", "a", encoding="utf-8") as f:
+                        f.write("".join(a + "\n" for a in res.failed))
+                if res.gave_up:
+                    with open(home / "soft-undeliverable.txt", "a", encoding="utf-8") as f:
+                        f.write("".join(a + "\n" for a in res.gave_up))
+            except OSError as e:
+                log.warning("cannot append to the undeliverable lists: %s", e)

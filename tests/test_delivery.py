@@ -1,0 +1,347 @@
+"""The delivery engine end to end, with real parts only.
+
+A real engine process (`mailengine start` / `mailengine test`), a real DNS server (dnsmasq via
+TestDNSServer) serving the test zones, and scripted SMTP sinks listening on port 25 of several
+127.0.0.x addresses (where the zones point). Every check is made through the files in `mailq/`
+and what the sinks saw.
+"""
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mailengine.client import enqueue
+from mailengine.envelope import Message, format_inf, parse_inf
+from mailengine.testing.dnsserver import TestDNSServer
+from mailengine.testing.engine import RunningEngine
+from mailengine.testing.sink import SinkScript, SMTPSink
+
+FAST = {
+    "queue.pause_sending": False,
+    "queue.retry_intervals": [0.02, 0.02],  # 1.2 s
+    "queue.queue_check_interval": 0.5,
+    "queue.save_done": True,
+    "network.helo_text": "engine.test",
+    "logging.stats_interval": 0,
+}
+
+
+class Sinks:
+    """SMTP sinks on one event loop in a thread; counts connections open across all of them."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.sinks: list[SMTPSink] = []
+        self.now = 0
+        self.peak = 0
+
+    def add(self, host: str, port: int = 25, script: SinkScript | None = None) -> SMTPSink:
+        owner = self
+
+        class Counted(SMTPSink):
+            async def _handle(self, reader, writer):
+                owner.now += 1
+                owner.peak = max(owner.peak, owner.now)
+                try:
+                    await super()._handle(reader, writer)
+                finally:
+                    owner.now -= 1
+
+        sink = Counted(host, port, script)
+        asyncio.run_coroutine_threadsafe(sink.start(), self.loop).result(10)
+        self.sinks.append(sink)
+        return sink
+
+    def close(self) -> None:
+        for s in self.sinks:
+            asyncio.run_coroutine_threadsafe(s.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def sinks():
+    s = Sinks()
+    yield s
+    s.close()
+
+
+def send(eng: RunningEngine, rcpts: list[str], body: bytes = b"Subject: test\r\n\r\nhello\r\n",
+         mail_from: str = "sender@src.test") -> None:
+    with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+        s.sendmail(mail_from, rcpts, body)
+
+
+def wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def infs(eng: RunningEngine, where: str) -> list[Message]:
+    d = eng.mailq / where
+    return [parse_inf(p.read_bytes(), p.name[:-4]) for p in sorted(d.glob("*.inf"))]
+
+
+def settled(eng: RunningEngine, n_done: int):
+    return lambda: (len(infs(eng, "done")) >= n_done and not infs(eng, "retry")
+                    and not infs(eng, "working"))
+
+
+def test_relay_to_mx_many_recipients_one_transaction(tmp_path, sinks):
+    sink = sinks.add("127.0.0.21")
+    zones = {"dest.test": {"MX": [(10, "mx.dest.test")]}, "mx.dest.test": {"A": ["127.0.0.21"]}}
+    with TestDNSServer(zones) as dns, RunningEngine(tmp_path, {
+            **FAST, "basic.nameservers": [dns.address]}) as eng:
+        send(eng, ["a@dest.test", "b@dest.test", "c@DEST.test"])
+        wait(settled(eng, 1), what="delivery")
+        msg, = infs(eng, "done")
+    assert len(sink.messages) == 1
+    m = sink.messages[0]
+    assert sorted(m.rcpts) == ["a@dest.test", "b@dest.test", "c@DEST.test"]
+    assert m.mail_from == "sender@src.test"
+    assert sink.sessions[0].helo == "engine.test"
+    assert m.data.startswith(b"Received: from ")
+    assert f"id {msg.id};".encode() in m.data and m.data.endswith(b"Subject: test\r\n\r\nhello\r\n")
+    # ID.dat stays as received
+    assert (eng.mailq / "done" / f"{msg.id}.dat").read_bytes() == b"Subject: test\r\n\r\nhello\r\n"
+    assert msg.status == "done" and msg.send_tries == 1 and msg.rcpt_to_send == []
+    assert sorted(msg.rcpt_sent) == ["a@dest.test", "b@dest.test", "c@DEST.test"]
+    assert msg.log[-1].endswith("Finished send attempt 1, sent to 3 of 3 recipients, "
+                                "now done sending")
+    assert msg.time_finished is not None
+
+
+def test_done_mail_is_deleted_without_save_done(tmp_path, sinks):
+    sink = sinks.add("127.0.0.22")
+    with RunningEngine(tmp_path, {**FAST, "queue.save_done": False, "basic.dns_servers": [
+            "pin.test,mx.pin.test,MX,127.0.0.22:25"]}) as eng:
+        for i in range(5):
+            send(eng, [f"u{i}@pin.test"])
+        wait(lambda: len(sink.messages) == 5, what="5 messages")
+        wait(lambda: not list((eng.mailq / "working").iterdir())
+             and not list((eng.mailq / "retry").glob("*.inf")), what="empty queue")
+        assert not list((eng.mailq / "done").iterdir())
+    assert len(sink.sessions) < 5  # the connection was reused
+    assert "5 sent" in eng.output.decode() or "sent" in eng.output.decode()
+
+
+def test_next_mx_on_connect_failure_and_4xx_greeting(tmp_path, sinks):
+    busy = sinks.add("127.0.0.24", script=SinkScript(greeting="421 4.3.2 busy, try later"))
+    good = sinks.add("127.0.0.25")
+    zones = {"multi.test": {"MX": [(10, "dead.multi.test"), (20, "busy.multi.test"),
+                                   (30, "good.multi.test")]},
+             "dead.multi.test": {"A": ["127.0.0.23"]},  # nothing listens there
+             "busy.multi.test": {"A": ["127.0.0.24"]},
+             "good.multi.test": {"A": ["127.0.0.25"]}}
+    with TestDNSServer(zones) as dns, RunningEngine(tmp_path, {
+            **FAST, "basic.nameservers": [dns.address]}) as eng:
+        send(eng, ["x@multi.test"])
+        wait(settled(eng, 1), what="delivery")
+        msg, = infs(eng, "done")
+    assert len(busy.sessions) == 1 and busy.messages == []
+    assert len(good.messages) == 1 and msg.rcpt_sent == ["x@multi.test"]
+    assert msg.send_tries == 1
+
+
+def test_implicit_mx_null_mx_nxdomain_and_failing_zone_then_final_failure(tmp_path, sinks):
+    sink = sinks.add("127.0.0.26")
+    zones = {"implicit.test": {"A": ["127.0.0.26"]}, "null.test": {"MX": [(0, ".")]}}
+    with TestDNSServer(zones, nxdomain=["nx.test"], servfail=["fail.test"]) as dns, \
+            RunningEngine(tmp_path, {**FAST, "basic.nameservers": [dns.address]}) as eng:
+        t0 = time.monotonic()
+        send(eng, ["a@implicit.test", "b@null.test", "c@nx.test", "d@fail.test"])
+        wait(settled(eng, 1), what="final failure")
+        elapsed = time.monotonic() - t0
+        msg, = infs(eng, "done")
+    assert [m.rcpts for m in sink.messages] == [["a@implicit.test"]]
+    assert msg.rcpt_sent == ["a@implicit.test"]
+    assert sorted(msg.rcpt_failed) == ["b@null.test", "c@nx.test", "d@fail.test"]
+    assert msg.rcpt_to_send == [] and msg.rcpt_transient == []
+    assert msg.send_tries == 3 and msg.priority == 2 and msg.status == "done"
+    assert elapsed >= 2.0  # two retry intervals of 1.2 s (whole-second retrytime)
+    entries = [e.split(": ", 1)[1] for e in msg.log]
+    assert entries[1].startswith("Finished send attempt 1, sent to 1 of 4 recipients, 2 failed "
+                                 "permanently, 1 failed temporarily, next try at")
+    assert entries[-1] == ("Finished send attempt 3, sent to 1 of 4 recipients, 1 still failing "
+                           "after the last retry, given up, now done sending")
+    assert sorted((tmp_path / "hard-undeliverable.txt").read_text().split()) == [
+        "b@null.test", "c@nx.test"]
+    assert (tmp_path / "soft-undeliverable.txt").read_text() == "d@fail.test\n"
+
+
+def test_4xx_then_accept_and_5xx_for_some_recipients(tmp_path, sinks):
+    sink = sinks.add("127.0.0.27", script=SinkScript(rcpt={
+        "later@mixed.test": ["451 4.3.0 Try again later", "250 2.1.5 Ok"],
+        "bad@mixed.test": "550 5.1.1 No such user"}))
+    with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+            "mixed.test,mx.mixed.test,MX,127.0.0.27:25"]}) as eng:
+        send(eng, ["ok@mixed.test", "later@mixed.test", "bad@mixed.test"])
+        wait(lambda: infs(eng, "retry") and infs(eng, "retry")[0].send_tries == 1,
+             what="first attempt")
+        first, = infs(eng, "retry")
+        assert first.rcpt_to_send == ["later@mixed.test"]
+        assert first.rcpt_transient == ["later@mixed.test"]
+        assert first.rcpt_sent == ["ok@mixed.test"] and first.rcpt_failed == ["bad@mixed.test"]
+        assert first.priority == 1 and first.status == "retry"
+        assert first.retry_time is not None and first.retry_time > first.time_finished - \
+            timedelta(seconds=1)
+        wait(settled(eng, 1), what="the retry")
+        msg, = infs(eng, "done")
+    assert [sorted(m.rcpts) for m in sink.messages] == [["ok@mixed.test"], ["later@mixed.test"]]
+    assert msg.send_tries == 2 and msg.priority == 1 and msg.rcpt_transient == []
+    assert sorted(msg.rcpt_sent) == ["later@mixed.test", "ok@mixed.test"]
+    assert msg.rcpt_failed == ["bad@mixed.test"]
+    assert msg.log[-1].endswith("Finished send attempt 2, sent to 2 of 3 recipients, "
+                                "now done sending")
+
+
+def test_421_and_dropped_connection_are_retried(tmp_path, sinks):
+    s421 = sinks.add("127.0.0.28", script=SinkScript(
+        replies={"MAIL": ["421 4.7.0 Too busy, closing", "250 2.1.0 Ok"]}))
+    drop = sinks.add("127.0.0.29", script=SinkScript(replies={"BODY": ["DROP", "250 2.0.0 Ok"]}))
+    with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+            "busy.test,mx.busy.test,MX,127.0.0.28:25",
+            "drop.test,mx.drop.test,MX,127.0.0.29:25"]}) as eng:
+        send(eng, ["a@busy.test", "b@drop.test"])
+        wait(settled(eng, 1), what="delivery after retries")
+        msg, = infs(eng, "done")
+    assert len(s421.messages) == 1 and len(drop.messages) == 1
+    assert len(s421.sessions) == 2 and len(drop.sessions) == 2
+    assert msg.send_tries == 2 and sorted(msg.rcpt_sent) == ["a@busy.test", "b@drop.test"]
+
+
+def test_connection_caps_per_host_and_overall_never_exceeded(tmp_path, sinks):
+    slow = SinkScript(delays={"RCPT": 0.05, "BODY": 0.05}, keep_data=False)
+    a = sinks.add("127.0.0.31", script=slow)
+    b = sinks.add("127.0.0.32", script=slow)
+    c = sinks.add("127.0.0.33", script=slow)
+    n = 40
+    with RunningEngine(tmp_path, {**FAST, "queue.save_done": False,
+                                  "limits.max_connections_per_host": 2,
+                                  "limits.max_outbound_connections": 5,
+                                  "basic.dns_servers": [
+                                      "a.test,mx.a.test,MX,127.0.0.31:25",
+                                      "b.test,mx.b.test,MX,127.0.0.32:25",
+                                      "c.test,mx.c.test,MX,127.0.0.33:25"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            for i in range(n):
+                for d in "abc":
+                    s.sendmail("f@src.test", [f"u{i}@{d}.test"], b"Subject: cap\r\n\r\nx\r\n")
+        wait(lambda: sum(len(x.messages) for x in (a, b, c)) == 3 * n, timeout=60,
+             what="all messages")
+    assert max(x.peak_connections for x in (a, b, c)) <= 2
+    assert sinks.peak <= 5
+    assert sinks.peak >= 3  # it did run in parallel
+    assert all(len(x.messages) == n for x in (a, b, c))
+
+
+def test_test_mode_says_rset_and_quit_never_data(tmp_path, sinks):
+    sink = sinks.add("127.0.0.34")
+    with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+            "t.test,mx.t.test,MX,127.0.0.34:25"]}, command="test") as eng:
+        send(eng, ["a@t.test", "b@t.test"])
+        wait(settled(eng, 1), what="the test-mode attempt")
+        msg, = infs(eng, "done")
+        assert eng.mailq.name == "mailq-test"
+        assert not (tmp_path / "mailq" / "done").exists() or \
+            not list((tmp_path / "mailq" / "done").iterdir())
+    verbs = sink.verbs
+    assert "DATA" not in verbs and sink.messages == []
+    assert verbs[-2:] == ["RSET", "QUIT"] and verbs.count("RCPT") == 2
+    assert sorted(msg.rcpt_sent) == ["a@t.test", "b@t.test"]
+
+
+def test_refused_mail_servers_are_never_contacted(tmp_path, sinks):
+    own = sinks.add("127.0.0.35")
+    other = sinks.add("127.0.0.36")
+    zones = {"loop.test": {"MX": [(10, "own.loop.test"), (20, "other.loop.test")]},
+             "own.loop.test": {"A": ["127.0.0.35"]}, "other.loop.test": {"A": ["127.0.0.36"]},
+             "self.test": {"MX": [(10, "own.loop.test")]}}
+    with TestDNSServer(zones) as dns, RunningEngine(tmp_path, {
+            **FAST, "basic.nameservers": [dns.address],
+            "policy.refused_mail_servers": ["127.0.0.35"]}) as eng:
+        send(eng, ["a@loop.test", "b@self.test"])
+        wait(settled(eng, 1), what="delivery")
+        msg, = infs(eng, "done")
+    assert own.sessions == []
+    assert [m.rcpts for m in other.messages] == [["a@loop.test"]]
+    assert msg.rcpt_failed == ["b@self.test"]
+
+
+def test_pause_sending_keeps_mail_in_retry_until_lifted(tmp_path, sinks):
+    sink = sinks.add("127.0.0.37")
+    settings = {**FAST, "queue.pause_sending": True,
+                "basic.dns_servers": ["p.test,mx.p.test,MX,127.0.0.37:25"]}
+    with RunningEngine(tmp_path, settings) as eng:
+        send(eng, ["a@p.test"])
+        send(eng, ["b@p.test"])
+        time.sleep(1.5)
+        assert len(infs(eng, "retry")) == 2 and sink.sessions == []
+    settings["queue.pause_sending"] = False
+    with RunningEngine(tmp_path, settings) as eng:
+        wait(settled(eng, 2), what="delivery after the pause")
+    assert sorted(r for m in sink.messages for r in m.rcpts) == ["a@p.test", "b@p.test"]
+
+
+def test_dropin_with_future_retrytime_waits_for_it(tmp_path, sinks):
+    sink = sinks.add("127.0.0.38")
+    mailq = tmp_path / "mailq"
+    with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+            "d.test,mx.d.test,MX,127.0.0.38:25"]}) as eng:
+        soon = datetime.now().replace(microsecond=0) + timedelta(seconds=3)
+        msg = Message(id="P1T1C1@dropper", mail_from="app@src.test", rcpt_to_send=["x@d.test"],
+                      retry_time=soon, priority=7)
+        (mailq / "retry" / f"{msg.id}.dat").write_bytes(b"Subject: later\r\n\r\nbody\r\n")
+        (mailq / "retry" / f"{msg.id}.inf").write_bytes(format_inf(msg))
+        now_id = enqueue(mailq, "app@src.test", "y@d.test", ["Subject: now"], "body")
+        wait(lambda: len(sink.messages) >= 1, what="the immediate drop-in")
+        assert sink.messages[0].rcpts == ["y@d.test"]
+        assert datetime.now() < soon
+        wait(lambda: len(sink.messages) == 2, what="the later drop-in")
+        assert datetime.now() >= soon - timedelta(seconds=1)
+        wait(settled(eng, 2), what="both done")
+        done = {m.id: m for m in infs(eng, "done")}
+    assert done["P1T1C1@dropper"].priority == 7 and now_id in done
+
+
+def test_stop_leaves_unfinished_mail_in_retry(tmp_path, sinks):
+    sink = sinks.add("127.0.0.39", script=SinkScript(delays={"BODY": 30}))
+    eng = RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+        "slow.test,mx.slow.test,MX,127.0.0.39:25"]}).start()
+    try:
+        send(eng, ["a@slow.test"])
+        wait(lambda: infs(eng, "working"), what="delivery to start")
+        wait(lambda: "DATA" in sink.verbs, what="the body to go out")
+    finally:
+        t0 = time.monotonic()
+        eng.stop()
+    assert time.monotonic() - t0 < 15
+    assert infs(eng, "working") == []
+    msg, = infs(eng, "retry")
+    assert msg.rcpt_to_send == ["a@slow.test"] and msg.rcpt_sent == []
+    assert msg.send_tries == 0
+
+
+def test_slow_server_read_timeout_is_soft(tmp_path, sinks):
+    sink = sinks.add("127.0.0.40", script=SinkScript(delays={"RCPT": 7}))
+    with RunningEngine(tmp_path, {**FAST, "queue.retry_intervals": [10],
+                                  "limits.smtp_read_timeout": 5, "basic.dns_servers": [
+                                      "snail.test,mx.snail.test,MX,127.0.0.40:25"]}) as eng:
+        send(eng, ["a@snail.test"])
+        wait(lambda: infs(eng, "retry") and infs(eng, "retry")[0].send_tries == 1,
+             timeout=20, what="the timed-out attempt")
+        msg, = infs(eng, "retry")
+    assert msg.rcpt_transient == ["a@snail.test"] and sink.messages == []
+    assert "failed temporarily" in msg.log[-1]
