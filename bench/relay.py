@@ -1,0 +1,254 @@
+"""bench/relay: the whole path, end to end: SMTP in, durable queue, SMTP out, against Postfix.
+
+    python bench/relay.py [--messages 20000] [--sessions 50] [--size 4096] [--set KEY=VALUE ...]
+
+`smtp-source -s SESSIONS -m MESSAGES -l SIZE` (a new connection per message, one recipient each)
+sends to a relay that delivers everything to an `smtp-sink`; each case is timed, wall clock, from
+the start of smtp-source until the sink has counted every message:
+
+  (a) MailEngine relaying, durable (queue.relay_via_disk = true: every 250 means ID.dat + ID.inf
+      fsync'ed), the recipient domain pinned to the sink by a basic.dns_servers MX entry;
+      afterwards mailq/retry and mailq/working must be empty
+  (b) a private Postfix relaying to the sink (bench/postfix.py, relayhost = the sink)
+  (c) smtp-source -> smtp-sink directly: the ceiling of this machine and of the tools
+
+It prints messages/s for each, the ratios a/b (goal: at least 4) and a/c (goal: at least 0.4),
+the CPU each relay used, the engine's own `N sent (X/h avg, T total)` statistics line, and writes
+everything to bench/results/relay-<timestamp>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import (RECIPIENT, Case, SmtpSink, machine_info, print_table,  # noqa: E402
+                    ratio, run_smtp_source, write_results)
+from intake import children_cpu, parse_setting, tree_cpu  # noqa: E402
+from postfix import PostfixInstance  # noqa: E402
+
+CASES = {
+    "a": "MailEngine relay, durable",
+    "b": "Postfix relay",
+    "c": "smtp-source -> smtp-sink (ceiling)",
+}
+SENT_LINE = re.compile(r"(\d+) sent \((\d+)/h avg, (\d+) total\)")
+DEST_DOMAIN = RECIPIENT.rpartition("@")[2]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def count_files(directory: Path, suffix: str) -> int:
+    try:
+        return sum(1 for e in os.scandir(directory) if e.name.endswith(suffix))
+    except FileNotFoundError:
+        return 0
+
+
+def timed_relay(port: int, sink: SmtpSink, args, result: Case) -> bool:
+    """smtp-source into `port`, then wait for the sink to count them all; fills `result`."""
+    t0 = time.perf_counter()
+    run = run_smtp_source(port, args.messages, args.sessions, args.size)
+    got = sink.wait_messages(args.messages, timeout=args.timeout)
+    seconds = time.perf_counter() - t0
+    result.extra["intake_seconds"] = run.seconds
+    result.extra["sink_counted"] = got
+    result.seconds = seconds
+    result.rate = args.messages / seconds
+    if got < args.messages:
+        result.error = f"the sink counted {got} of {args.messages} after {seconds:.0f}s"
+        return False
+    return True
+
+
+def engine_settings(args, sink_port: int) -> dict:
+    settings = {
+        "logging.stats_interval": 1,
+        "limits.max_inbound_connections": max(1000, 4 * args.sessions),
+        "queue.pause_sending": False,
+        "queue.relay_via_disk": True,
+        "queue.save_done": False,
+        "policy.relay_ips": ["127.0.0.1"],
+        "basic.dns_servers": [f"{DEST_DOMAIN},sink.bench,MX,127.0.0.1:{sink_port}"],
+    }
+    settings.update(dict(args.set))
+    return settings
+
+
+def run_engine_case(args, workdir: Path) -> Case:
+    from mailengine.testing.engine import RunningEngine
+
+    result = Case("a", CASES["a"], messages=args.messages)
+    home = Path(tempfile.mkdtemp(prefix="engine-relay-", dir=workdir))
+    with SmtpSink(workdir=workdir) as sink:
+        eng = RunningEngine(home, engine_settings(args, sink.port))
+        try:
+            try:
+                eng.start()
+            except Exception as e:
+                result.error = f"engine did not start: {e}\n{_tail(home / 'engine-output.txt')}"
+                return result
+            os.sync()
+            cpu0 = tree_cpu(eng.proc.pid)
+            try:
+                ok = timed_relay(eng.smtp_port, sink, args, result)
+            except Exception as e:
+                result.error = f"{e}\n{_tail(home / 'engine-output.txt')}"
+                return result
+            cpu1 = tree_cpu(eng.proc.pid)
+            result.extra["relay_cpu_percent"] = 100 * (cpu1 - cpu0) / result.seconds
+            time.sleep(1.5)  # the engine removes the last files after the sink's 250s
+            left = (count_files(eng.mailq / "retry", ".inf")
+                    + count_files(eng.mailq / "working", ".inf"))
+            rc = eng.stop()
+            out = eng.output.decode(errors="replace")
+            sent = [m.group(0) for m in SENT_LINE.finditer(out)]
+            result.extra.update(engine_exit_status=rc, left_in_queue=left,
+                                sent_lines=sent[-3:])
+            result.ok = ok and left == 0
+            result.check = (f"sink counted {result.extra['sink_counted']}, queue empty"
+                            if result.ok else f"{left} messages left in mailq")
+            if sent:
+                result.check += f"; engine: {sent[-1]}"
+            return result
+        finally:
+            eng.stop()
+            if not args.keep:
+                shutil.rmtree(home, ignore_errors=True)
+
+
+def run_postfix_case(args, workdir: Path) -> Case:
+    result = Case("b", CASES["b"], messages=args.messages)
+    try:
+        with SmtpSink(workdir=workdir) as sink, PostfixInstance(
+                mode="relay", relay_to=f"127.0.0.1:{sink.port}", base_dir=workdir,
+                keep=args.keep, in_flow_delay=args.postfix_in_flow_delay) as pf:
+            os.sync()
+            cpu0 = tree_cpu(pf.master_pid)
+            ok = timed_relay(pf.port, sink, args, result)
+            cpu1 = tree_cpu(pf.master_pid)
+            result.extra["relay_cpu_percent"] = 100 * (cpu1 - cpu0) / result.seconds
+            result.ok = ok
+            result.check = f"sink counted {result.extra['sink_counted']}"
+    except Exception as e:
+        result.error = result.error or str(e)
+    return result
+
+
+def run_direct_case(args, workdir: Path) -> Case:
+    result = Case("c", CASES["c"], messages=args.messages)
+    try:
+        with SmtpSink(workdir=workdir) as sink:
+            cpu0 = tree_cpu(sink.proc.pid)
+            ok = timed_relay(sink.port, sink, args, result)
+            cpu1 = tree_cpu(sink.proc.pid)
+            result.extra["relay_cpu_percent"] = 100 * (cpu1 - cpu0) / result.seconds
+            result.ok = ok
+            result.check = f"sink counted {result.extra['sink_counted']}"
+    except Exception as e:
+        result.error = result.error or str(e)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--size", type=int, default=4096, help="message body bytes (smtp-source -l)")
+    ap.add_argument("--cases", default="abc", help="which cases to run, e.g. 'ac' (default abc)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every case this many times (interleaved); the median is reported")
+    ap.add_argument("--set", action="append", type=parse_setting, default=[],
+                    metavar="SECTION.KEY=VALUE",
+                    help="extra engine setting for (a), e.g. limits.max_connections_per_host=20")
+    ap.add_argument("--postfix-in-flow-delay", default="1s",
+                    help="Postfix's in_flow_delay (its default, 1s)")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds to wait for the sink after smtp-source is done")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the engine home and the Postfix instance live (default: the "
+                         "system temp dir; use a real disk, not tmpfs, or durability is free)")
+    ap.add_argument("--keep", action="store_true", help="keep engine homes and Postfix dirs")
+    ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    args = ap.parse_args(argv)
+    cases = [c for c in "abc" if c in args.cases]
+    if not cases or set(args.cases) - set("abc"):
+        ap.error("--cases takes letters from abc")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-relay-", dir=args.workdir))
+    os.chmod(workdir, 0o755)  # Postfix's daemons (user postfix) must reach their queue
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(workdir)], capture_output=True,
+                        text=True).stdout.strip()
+    info = machine_info()
+    print(f"bench/relay: {args.messages} messages of {args.size} bytes over {args.sessions} "
+          f"sessions, end to end; {info['cores']} cores, Python {info['python']}, "
+          f"Postfix {info['postfix']}; load {info['load_average_at_start'][0]}; "
+          f"workdir {workdir} ({fs})", flush=True)
+    if info["load_average_at_start"][0] > 0.5:
+        print("note: the machine is not idle; other work skews the figures", flush=True)
+
+    runs: dict[str, list[Case]] = {c: [] for c in cases}
+    try:
+        for r in range(args.repeat):
+            for c in cases:
+                print(f"  run {r + 1}/{args.repeat} ({c}) {CASES[c]} ...", end=" ", flush=True)
+                fn = {"a": run_engine_case, "b": run_postfix_case, "c": run_direct_case}[c]
+                res = fn(args, workdir)
+                runs[c].append(res)
+                note = res.check if res.ok else (res.error or res.check or "?").splitlines()[0]
+                print(f"{res.rate:,.0f} msg/s" if res.ok else "FAILED", f"({note})", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    summary = []
+    rates = {}
+    for c in cases:
+        ok_rates = [r.rate for r in runs[c] if r.ok]
+        med = statistics.median(ok_rates) if ok_rates and len(ok_rates) == len(runs[c]) else 0.0
+        rates[c] = med
+        cpu = [r.extra.get("relay_cpu_percent") for r in runs[c] if r.ok]
+        summary.append({"case": f"({c}) {CASES[c]}", "rate": f"{med:,.0f}" if med else "FAILED",
+                        "seconds": f"{args.messages / med:.1f}" if med else "",
+                        "cpu": f"{statistics.median(cpu):.0f}%" if cpu else ""})
+    print()
+    print_table(summary, [("case", "case"), ("rate", "msg/s end to end"), ("seconds", "seconds"),
+                          ("cpu", "relay CPU")])
+    ratios = {"engine/postfix": ratio(rates.get("a"), rates.get("b")),
+              "engine/direct": ratio(rates.get("a"), rates.get("c")),
+              "postfix/direct": ratio(rates.get("b"), rates.get("c"))}
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" if v else f"{k} n/a" for k, v in ratios.items())
+          + "   (goals: engine/postfix >= 4, engine/direct >= 0.40)")
+    for r in runs.get("a", []):
+        for line in r.extra.get("sent_lines", [])[-1:]:
+            print(f"engine statistics: {line}")
+    if not args.no_save:
+        path = write_results("relay", {
+            "args": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
+            "machine": info, "filesystem": fs, "ratios": ratios, "rates": rates,
+            "runs": {c: [vars(r) for r in rs] for c, rs in runs.items()}})
+        print(f"results: {path}")
+    return 0 if all(r.ok for rs in runs.values() for r in rs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
