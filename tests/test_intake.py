@@ -281,3 +281,21 @@ def test_two_intake_processes_share_the_port_and_report_to_the_engine(tmp_path):
     assert totals[-1] == "400"  # the worker's messages reached the engine's count
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pid, 0)  # stopped with the engine
+
+
+def test_helo_text_names_the_engine_and_max_recipients_is_enforced(tmp_path):
+    settings = {"network.helo_text": "mx.example.org", "limits.max_recipients": 2}
+    with RunningEngine(tmp_path, settings) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port) as s:
+            code, banner = s.ehlo("c")
+            assert banner.startswith(b"mx.example.org")
+            s.mail("a@b.test")
+            assert s.rcpt("x1@d.test")[0] == 250 and s.rcpt("x2@d.test")[0] == 250
+            assert s.rcpt("x3@d.test") == (452, b"4.5.3 Too many recipients")
+
+
+def test_memory_mode_still_queues_relayed_mail(tmp_path):
+    with RunningEngine(tmp_path, {"queue.relay_via_disk": False}) as eng:
+        (code, text), _ = send(eng.smtp_port, ["x@dest.test"])
+        assert code == 250
+        assert (eng.mailq / "retry" / f"{queued_id(text)}.dat").read_bytes() == MSG
