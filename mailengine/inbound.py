@@ -135,6 +135,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.machine: ServerConnection | None = None
         self.storing = False
         self.paused_writing = False
+        self.tls_switching = False  # between our 220 to STARTTLS and the start of the handshake
         self.closed = False
         self.last_active = 0.0
 
@@ -171,7 +172,9 @@ class SMTPProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.machine is None or self.closed:
+        if self.machine is None or self.closed or self.tls_switching:
+            # Clear text sent after STARTTLS but before the handshake is dropped: it must not
+            # be taken as commands of the encrypted session (CVE-2011-0411).
             return
         if self.server.debug:
             trace.debug("%s <<< %r", self.machine.session.peer_ip, data[:500])
@@ -210,6 +213,7 @@ class SMTPProtocol(asyncio.Protocol):
             task.add_done_callback(self._stored)
         elif event is START_TLS:
             self.storing = True  # nothing is read until the handshake is over
+            self.tls_switching = True
             self.loop.create_task(self._start_tls())
         elif event is CLOSE:
             self.closed = True
@@ -230,6 +234,9 @@ class SMTPProtocol(asyncio.Protocol):
         self._drive()
 
     async def _start_tls(self) -> None:
+        # start_tls swaps the protocol before its first await: from here on bytes are decrypted
+        # (and may reach data_received before it returns, e.g. an EHLO sent with the handshake).
+        self.tls_switching = False
         try:
             new = await self.loop.start_tls(self.transport, self, self.server.ssl_context,
                                             server_side=True,

@@ -6,6 +6,7 @@ the settings of SPEC 3 only. Every refusal is a clear SMTP reply with an enhance
 from __future__ import annotations
 
 import logging
+import socket
 
 from .config import AddressSet, Config
 from .smtp import wire
@@ -34,6 +35,9 @@ class Policy:
         self.relay_ips = AddressSet(cfg.policy.relay_ips)
         self.relay_domains = frozenset(d[1:].lower().rstrip(".") for d in cfg.policy.rcpt_relay_domains)
         self.refused_from = [s.lower() for s in cfg.policy.refused_mail_from if s]
+        # RFC 5321 4.5.1: postmaster of this host is always accepted (and kept local).
+        host = cfg.network.helo_text or socket.gethostname()
+        self.postmaster = f"postmaster@{host}".lower()
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
                         "relay mail for anyone on the internet. Restrict it unless this is a test.")
@@ -59,8 +63,9 @@ class Policy:
         # The domain is the part after the last '@' of the parsed mailbox: source routes are
         # already stripped, and '%' or quoted '@' in the local part never select another domain.
         domain = wire.domain_of(address)
-        if self.all_local or domain in self.local_domains \
-                or address.lower().startswith(BOUNCE_PREFIX):
+        lowered = address.lower()
+        if self.all_local or domain in self.local_domains or lowered == self.postmaster \
+                or lowered.startswith(BOUNCE_PREFIX):
             txn.local.add(address)
             return None
         if self.may_relay(session) or domain in self.relay_domains:

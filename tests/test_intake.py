@@ -299,3 +299,17 @@ def test_memory_mode_still_queues_relayed_mail(tmp_path):
         (code, text), _ = send(eng.smtp_port, ["x@dest.test"])
         assert code == 250
         assert (eng.mailq / "retry" / f"{queued_id(text)}.dat").read_bytes() == MSG
+
+
+def test_postmaster_is_accepted_from_anyone_and_kept_local(tmp_path):
+    settings = {"policy.relay_ips": ["10.1.2.3"], "network.helo_text": "mx.example.org",
+                "queue.save_incoming": True}
+    with RunningEngine(tmp_path, settings) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port) as s:
+            s.ehlo("c")
+            s.mail("a@b.test")
+            assert s.rcpt("<postmaster>")[0] == 250
+            assert s.rcpt("someone@mx.example.org")[0] == 554  # not local, not relayable
+            code, text = s.data(MSG)
+        assert code == 250
+        assert (eng.mailq / "incoming" / f"{queued_id(text)}.dat").exists()
