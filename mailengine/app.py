@@ -62,6 +62,26 @@ def make_delivery(engine: "Engine"):
     return DeliveryEngine(engine)
 
 
+# Parts that plug into the running engine: each is built as Cls(engine) when its module exists,
+# started after the SMTP listener with `await start()` and stopped with `await stop()`.
+OPTIONAL_SERVICES = ("mailengine.control:ControlServer", "mailengine.web.server:WebServer")
+
+
+def make_services(engine: "Engine") -> list:
+    import importlib
+    services = []
+    for spec in OPTIONAL_SERVICES:
+        module, _, name = spec.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                continue  # not built yet
+            raise
+        services.append(cls(engine))
+    return services
+
+
 class Engine:
     def __init__(self, cfg: Config, test_mode: bool = False):
         self.cfg = cfg
@@ -79,6 +99,7 @@ class Engine:
         self.workers: WorkerPool | None = None
         self.intake = Intake(cfg, self.spool, self.hostname, self.stored)
         self.delivery = make_delivery(self)
+        self.services = make_services(self)
 
     # --- intake ----------------------------------------------------------------------------------
 
@@ -190,6 +211,8 @@ class Engine:
                 await self.workers.start()
         else:
             log.info("SMTP intake is off (network.smtp_port = 1)")
+        for service in self.services:
+            await service.start()
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire)]
@@ -201,6 +224,8 @@ class Engine:
             log.info("stopping: no new connections; finishing messages in flight")
             if self.inbound:
                 await self.inbound.stop()
+            for service in reversed(self.services):
+                await service.stop()
             if self.workers:
                 await self.workers.stop()
             if self.delivery is not None:
