@@ -43,7 +43,7 @@ class Window:
         self._fails = 0
         before = self.limit
         if self.value < self.maximum:
-            self.value = min(float(self.maximum), self.value + 1.0 / self.value)
+            self.value = min(float(self.maximum), round(self.value + 1.0 / before, 9))
         return self.limit > before
 
     def failure(self, site: bool) -> bool:

@@ -345,3 +345,54 @@ def test_slow_server_read_timeout_is_soft(tmp_path, sinks):
         msg, = infs(eng, "retry")
     assert msg.rcpt_transient == ["a@snail.test"] and sink.messages == []
     assert "failed temporarily" in msg.log[-1]
+
+
+def test_max_send_rate_holds_mail_back_and_says_so(tmp_path, sinks):
+    sink = sinks.add("127.0.0.41")
+    with RunningEngine(tmp_path, {**FAST, "limits.max_send_rate": 60,  # one a minute
+                                  "basic.dns_servers": ["r.test,mx.r.test,MX,127.0.0.41:25"]}) as eng:
+        for i in range(3):
+            send(eng, [f"u{i}@r.test"])
+        wait(lambda: len(sink.messages) == 1, what="the first message")
+        time.sleep(2)
+        assert len(sink.messages) == 1
+    out = eng.output.decode()
+    assert out.count("held back by limits.max_send_rate = 60") == 1
+
+
+def test_max_bandwidth_spreads_the_bytes(tmp_path, sinks):
+    sink = sinks.add("127.0.0.42")
+    big = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 40  # 40 kB
+    with RunningEngine(tmp_path, {**FAST, "limits.max_bandwidth": 30_000 * 60,  # 30 kB/s
+                                  "basic.dns_servers": ["bw.test,mx.bw.test,MX,127.0.0.42:25"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            for i in range(4):
+                s.sendmail("f@src.test", [f"u{i}@bw.test"], big)
+        t0 = time.monotonic()
+        wait(lambda: len(sink.messages) == 4, timeout=30, what="4 big messages")
+        elapsed = time.monotonic() - t0
+    # 64 KiB may go at once; the other ~100 kB take about 3 s at 30 kB/s
+    assert elapsed > 2.0
+
+
+def test_421_lowers_concurrency_and_everything_still_arrives(tmp_path, sinks):
+    seen = {"n": 0}
+
+    def busy_first(sess, verb, arg):
+        if verb == "MAIL":
+            seen["n"] += 1
+            if seen["n"] <= 4:
+                return "421 4.7.0 Too many connections, slow down"
+        return None
+
+    sink = sinks.add("127.0.0.43", script=SinkScript(on_command=busy_first,
+                                                     delays={"BODY": 0.1}, keep_data=False))
+    with RunningEngine(tmp_path, {**FAST, "queue.save_done": False, "debug.send_loop": True,
+                                  "limits.max_connections_per_host": 10,
+                                  "basic.dns_servers": ["th.test,mx.th.test,MX,127.0.0.43:25"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            for i in range(30):
+                s.sendmail("f@src.test", [f"u{i}@th.test"], b"Subject: t\r\n\r\nx\r\n")
+        wait(lambda: len(sink.messages) == 30, timeout=40, what="all 30 after the 421s")
+    assert "concurrency lowered" in eng.output.decode()
+    assert sink.peak_connections <= 10

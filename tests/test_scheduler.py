@@ -192,3 +192,80 @@ def test_random_operations_keep_counts_consistent():
     while (u := s.next_unit()) is not None:
         s.unit_done(u)
     assert len(s) == 0 and s.ready == 0 and s.active == 0
+
+
+# -- throttle.py: concurrency windows and token buckets (used through the scheduler's limit) --------
+
+from mailengine.throttle import HourlyNotice, TokenBucket, Window, Windows, bandwidth_bucket, \
+    send_rate_bucket
+
+
+def test_window_slow_start_growth_and_cap():
+    c = Clock(0.0)
+    w = Window(5, 10, clock=c)
+    assert w.limit == 5
+    grown = sum(w.success() for _ in range(5))
+    assert grown == 1 and w.limit == 6
+    for _ in range(200):
+        w.success()
+    assert w.limit == 10
+
+
+def test_window_421_halves_once_per_cooldown_and_climbs_back_step_by_step():
+    c = Clock(0.0)
+    w = Window(8, 10, cooldown=5, clock=c)
+    assert w.failure(site=True) and w.limit == 4
+    assert not w.failure(site=True) and w.limit == 4  # the same trouble, reported again
+    c.t += 6
+    assert w.failure(site=True) and w.limit == 2
+    c.t += 6
+    w.failure(site=True)
+    c.t += 6
+    w.failure(site=True)
+    assert w.limit == 1  # never below one
+    steps = []
+    for _ in range(30):
+        if w.success():
+            steps.append(w.limit)
+    assert steps[:4] == [2, 3, 4, 5]  # one at a time
+
+
+def test_window_run_of_4xx():
+    c = Clock(0.0)
+    w = Window(6, 10, run=3, clock=c)
+    assert not w.failure(site=False) and not w.failure(site=False)
+    assert w.failure(site=False) and w.limit == 3
+    c.t += 10
+    w.failure(site=False)
+    w.success()  # a success breaks the run
+    assert not w.failure(site=False) and not w.failure(site=False) and w.limit == 3
+
+
+def test_windows_feed_the_scheduler_limit():
+    c = Clock()
+    ws = Windows(maximum=4, initial=2, clock=c)
+    s = Scheduler(c, limit=ws.limit)
+    for i in range(10):
+        s.add(f"m{i}", ["a@x.test"])
+    s.release_due()
+    assert len(drain(s)) == 2
+    ws.get("x.test").value = 4
+    s.recheck("x.test")
+    assert len(drain(s)) == 2 and s.active == 4
+
+
+def test_token_buckets():
+    c = Clock(0.0)
+    b = send_rate_bucket(3600, clock=c)  # one a second, a minute's worth at once
+    assert all(b.wait() == 0 for _ in range(60))
+    assert b.wait() == pytest.approx(1.0)
+    c.t += 1
+    assert b.wait() == pytest.approx(1.0)  # the debt carries over
+    assert TokenBucket(0, 60).wait(10**9) == 0  # 0 = unlimited
+    bw = bandwidth_bucket(60 * 100_000, clock=c)  # 100 kB/s, at least 64 KiB at once
+    assert bw.wait(100_000) == 0
+    assert bw.wait(100_000) == pytest.approx(1.0)
+    n = HourlyNotice(clock=c)
+    assert n.due() and not n.due()
+    c.t += 3600
+    assert n.due()
