@@ -396,3 +396,26 @@ def test_421_lowers_concurrency_and_everything_still_arrives(tmp_path, sinks):
         wait(lambda: len(sink.messages) == 30, timeout=40, what="all 30 after the 421s")
     assert "concurrency lowered" in eng.output.decode()
     assert sink.peak_connections <= 10
+
+
+def test_starttls_helo_fallback_8bit_refusal_ipv6_and_source_ip(tmp_path, sinks):
+    tls = sinks.add("127.0.0.44", script=SinkScript(starttls=True))
+    old = sinks.add("127.0.0.45", script=SinkScript(ehlo=False))  # HELO only: no 8BITMIME
+    v6 = sinks.add("::1", 25)
+    with RunningEngine(tmp_path, {**FAST, "network.smtp_source_ip": "127.0.0.99",
+                                  "basic.dns_servers": [
+                                      "tls.test,mx.tls.test,MX,127.0.0.44:25",
+                                      "old.test,mx.old.test,MX,127.0.0.45:25",
+                                      "six.test,mx.six.test,MX,[::1]:25"]}) as eng:
+        send(eng, ["a@tls.test", "b@old.test", "c@six.test"])
+        send(eng, ["d@old.test"], body="Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode())
+        wait(settled(eng, 2), what="both messages")
+        done = sorted(infs(eng, "done"), key=lambda m: len(m.rcpt_sent), reverse=True)
+    assert tls.messages[0].tls and tls.sessions[0].peer[0] == "127.0.0.99"
+    assert old.sessions[0].helo == "engine.test" and not old.sessions[0].esmtp
+    assert [m.rcpts for m in old.messages] == [["b@old.test"]]
+    assert [m.rcpts for m in v6.messages] == [["c@six.test"]]
+    first, eight_bit = done
+    assert sorted(first.rcpt_sent) == ["a@tls.test", "b@old.test", "c@six.test"]
+    assert eight_bit.rcpt_failed == ["d@old.test"] and eight_bit.send_tries == 1
+    assert "554 5.6.3" in eng.output.decode()
