@@ -503,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     if shown:
         print("\nratios: " + ", ".join(shown)
               + ("   (goal: b/c >= 4)" if ratios["b/c"] is not None else ""))
+    if args.repeat > 1 and "b" in runs and "c" in runs:
+        # Interleaved runs: each round's b/c is less exposed to load drifting over the runs.
+        per_round = [f"{b.rate / c.rate:.2f}" for b, c in zip(runs["b"], runs["c"])
+                     if b.ok and c.ok]
+        print(f"b/c round by round: {', '.join(per_round)}")
+        ratios["b/c by round"] = per_round
     for c in cases:
         for res in runs[c]:
             if res.error:

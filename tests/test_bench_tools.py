@@ -16,6 +16,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+from common import SmtpSink  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
 needs_postfix = pytest.mark.skipif(
@@ -52,11 +53,14 @@ def test_private_postfix_queues_one_message_deferred_and_stops_leaving_nothing()
 
 
 @needs_postfix
-def test_private_postfix_is_cleaned_up_when_the_block_fails():
-    with pytest.raises(RuntimeError, match="boom"):
-        with PostfixInstance(mode="relay", relay_to="127.0.0.1:9") as pf:
-            assert "relayhost = [127.0.0.1]:9" in (pf.config_dir / "main.cf").read_text()
-            raise RuntimeError("boom")
+def test_private_postfix_relays_to_a_sink_and_is_cleaned_up_when_the_block_fails():
+    with SmtpSink() as sink:
+        with pytest.raises(RuntimeError, match="boom"):
+            with PostfixInstance(mode="relay", relay_to=f"127.0.0.1:{sink.port}") as pf:
+                with smtplib.SMTP("127.0.0.1", pf.port, timeout=10) as s:
+                    s.sendmail("a@source.example", ["b@dest.invalid"], b"Subject: t\r\n\r\nhi\r\n")
+                assert sink.wait_messages(1, timeout=15) == 1
+                raise RuntimeError("boom")
     assert pf.running_pids() == []
     assert not pf.base.exists()
 
