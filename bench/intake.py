@@ -353,7 +353,7 @@ def read_cprofile(path: Path, top: int = 25) -> dict:
     total = st.total_tt or 1
     rows = []
     for (file, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
-        rows.append((f"{func} ({file.split('/work/main/', 1)[-1]}:{line})", tt, ct))
+        rows.append((f"{func} ({_short_path(file)}:{line})", tt, ct))
     own = sorted(rows, key=lambda r: -r[1])[:top]
     cum = sorted(rows, key=lambda r: -r[2])[:top]
     return {"tool": "cProfile (main thread only)", "seconds": total,
