@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from .config import AddressSet
 from .dns import MXResolver, Target
 from .envelope import Message
+from .policy import BOUNCE_PREFIX
 from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
 from .scheduler import Scheduler, Unit
 from .smtp.client import Body, DSNRequest
@@ -414,23 +415,28 @@ class DeliveryEngine:
         final: dict[str, RcptOutcome] = {}
         last: dict[str, RcptOutcome] = {}
         for target in targets:
-            try:
-                sess = await self.pool.acquire(target)
-            except ConnectError as e:
-                self.host_down[(target.ip, target.port)] = time.monotonic() + HOST_DOWN
-                for a in pending:
-                    last[a] = RcptOutcome.from_reply(a, e.reply.code, e.reply.enhanced,
-                                                     e.reply.text, "connect", target.host,
-                                                     tuple(e.transcript))
-                if self.debug_out:
-                    log.info("%s: %s\n%s", msg.id, e.reply, "\n".join(e.transcript))
-                continue
-            self.host_down.pop((target.ip, target.port), None)
-            try:
-                pending = await self._transactions(sess, target, msg, pending, body, dsn,
-                                                   final, last)
-            finally:
-                self.pool.release(sess)
+            while pending:
+                try:
+                    sess = await self.pool.acquire(target)
+                except ConnectError as e:
+                    self.host_down[(target.ip, target.port)] = time.monotonic() + HOST_DOWN
+                    for a in pending:
+                        last[a] = RcptOutcome.from_reply(a, e.reply.code, e.reply.enhanced,
+                                                         e.reply.text, "connect", target.host,
+                                                         tuple(e.transcript))
+                    if self.debug_out:
+                        log.info("%s: %s\n%s", msg.id, e.reply, "\n".join(e.transcript))
+                    break  # the next MX host
+                self.host_down.pop((target.ip, target.port), None)
+                try:
+                    rest, site = await self._transactions(sess, target, msg, pending, body, dsn,
+                                                          final, last)
+                finally:
+                    self.pool.release(sess)
+                if site or len(rest) >= len(pending):
+                    pending = rest
+                    break  # trouble at this host (or no progress): the next MX host
+                pending = rest  # the session ended with work left (test mode...): reconnect
             if not pending:
                 break
         for a in pending:  # every host failed: the last word on each recipient stands
@@ -441,13 +447,41 @@ class DeliveryEngine:
     async def _transactions(self, sess: SMTPSession, target: Target, msg: Message,
                             rcpts: list[str], body: Body, dsn: DSNRequest | None,
                             final: dict[str, RcptOutcome], last: dict[str, RcptOutcome]
-                            ) -> list[str]:
+                            ) -> tuple[list[str], bool]:
         """Send to `rcpts` over `sess`; decided recipients go to `final`. Returns the recipients
-        to try at the next MX host (a site failure: lost connection, 421...)."""
+        left and whether a site failure (lost connection, 421...) left them: then they go to the
+        next MX host, else to a new connection to this one."""
+        groups = self._envelopes(msg, rcpts)
+        while groups:
+            sender, todo = groups.pop(0)
+            rest = await self._transaction(sess, target, msg, sender, todo, body, dsn, final,
+                                           last)
+            if rest:
+                return rest + [a for _, g in groups for a in g], True
+            if groups and not sess.is_reusable:
+                return [a for _, g in groups for a in g], False  # session over: reconnect
+        return [], False
+
+    def _envelopes(self, msg: Message, rcpts: list[str]) -> list[tuple[str, list[str]]]:
+        """(MAIL FROM, recipients) per transaction: one for all, or with `logging.bounce_host`
+        one per recipient from mailengine-bounce-USER%DOMAIN@bounce_host (VERP), so a bounce
+        names the address that failed. The null sender stays null."""
+        host = self.cfg.logging.bounce_host
+        if not host or not msg.mail_from:
+            return [(msg.mail_from, rcpts)]
+        out = []
+        for a in rcpts:
+            user, _, domain = a.rpartition("@")
+            out.append((f"{BOUNCE_PREFIX}{user}%{domain}@{host}", [a]))
+        return out
+
+    async def _transaction(self, sess: SMTPSession, target: Target, msg: Message, sender: str,
+                           rcpts: list[str], body: Body, dsn: DSNRequest | None,
+                           final: dict[str, RcptOutcome], last: dict[str, RcptOutcome]
+                           ) -> list[str]:
         todo = rcpts
         while todo:
-            result = await sess.send(msg.mail_from, todo, body, dsn=dsn,
-                                     test_mode=self.test_mode)
+            result = await sess.send(sender, todo, body, dsn=dsn, test_mode=self.test_mode)
             if self.debug_out:
                 log.info("%s: to %s\n%s", msg.id, target.host, result.transcript_text())
             transcript = tuple(result.session_transcript + result.transcript)

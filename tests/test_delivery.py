@@ -419,3 +419,18 @@ def test_starttls_helo_fallback_8bit_refusal_ipv6_and_source_ip(tmp_path, sinks)
     assert sorted(first.rcpt_sent) == ["a@tls.test", "b@old.test", "c@six.test"]
     assert eight_bit.rcpt_failed == ["d@old.test"] and eight_bit.send_tries == 1
     assert "554 5.6.3" in eng.output.decode()
+
+
+def test_bounce_host_gives_each_recipient_its_own_verp_sender(tmp_path, sinks):
+    sink = sinks.add("127.0.0.46")
+    with RunningEngine(tmp_path, {**FAST, "logging.bounce_host": "bounces.example",
+                                  "basic.dns_servers": ["v.test,mx.v.test,MX,127.0.0.46:25"]},
+                       command="test") as eng:
+        send(eng, ["a@v.test", "b@v.test"])
+        wait(settled(eng, 1), what="the attempt")
+        msg, = infs(eng, "done")
+    mails = sorted(c for c in sink.commands if c.upper().startswith("MAIL FROM"))
+    assert [m.split()[1] for m in mails] == ["FROM:<mailengine-bounce-a%v.test@bounces.example>",
+                                              "FROM:<mailengine-bounce-b%v.test@bounces.example>"]
+    assert "DATA" not in sink.verbs and len(sink.sessions) == 2  # test mode: QUIT after each
+    assert sorted(msg.rcpt_sent) == ["a@v.test", "b@v.test"]
