@@ -637,3 +637,59 @@ class DeliveryEngine:
                         f.write("".join(a + "\n" for a in res.gave_up))
             except OSError as e:
                 log.warning("cannot append to the undeliverable lists: %s", e)
+
+    # -- queue control (`mailengine queue`, through control.py and queueops.py) -----------------
+    # Kept apart from delivery itself. queueops.py takes messages out of the schedule, changes
+    # them and their .inf, and puts them back (or drops them); a message being delivered right
+    # now is left alone: its attempt owns its files until it ends.
+
+    def take_for_change(self, msg_ids) -> tuple[list[Message], dict[str, str]]:
+        """Take waiting or held messages out of the schedule. Returns (taken, {id: why not})."""
+        taken: list[Message] = []
+        skipped: dict[str, str] = {}
+        scheduled = []
+        for mid in msg_ids:
+            if mid in self.attempts:
+                skipped[mid] = "being delivered now; try again when this attempt ends"
+            elif mid not in self.messages:
+                skipped[mid] = "not in the queue"
+            elif mid in self.sched:
+                scheduled.append(mid)
+            else:
+                taken.append(self.messages[mid])  # held (or stopping): not scheduled
+        got = self.sched.withdraw(scheduled)
+        for mid in scheduled:
+            if mid in got:
+                taken.append(self.messages[mid])
+            else:
+                skipped[mid] = "being delivered now; try again when this attempt ends"
+        return taken, skipped
+
+    def put_back(self, msg: Message) -> None:
+        """A message taken by take_for_change, changed or not: schedule it again at its
+        `retrytime` (None = now), keep it unscheduled when held, finish it when nothing is left."""
+        self.messages[msg.id] = msg
+        if msg.held or self._stopping:
+            return
+        if not msg.rcpt_to_send:
+            self._finish_idle(msg)
+            return
+        due = msg.retry_time.timestamp() if msg.retry_time is not None else None
+        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
+        self._kick()
+
+    def forget_message(self, msg_id: str) -> None:
+        """A message taken by take_for_change whose files are gone (deleted)."""
+        self.messages.pop(msg_id, None)
+        self.engine.known.discard(msg_id)
+
+    def queue_state(self, msg_id: str) -> tuple[str, float | None]:
+        """('sending' | 'held' | 'waiting' | '', when due) of a message this engine holds."""
+        if msg_id in self.attempts:
+            return "sending", None
+        msg = self.messages.get(msg_id)
+        if msg is None:
+            return "", None
+        if msg.held:
+            return "held", None
+        return "waiting", self.sched.due(msg_id)

@@ -248,3 +248,39 @@ class Scheduler:
     def destinations(self) -> dict[str, tuple[int, int]]:
         """dest -> (ready units, running units), for stats and tests."""
         return {k: (len(d.queue), d.active) for k, d in self._dests.items()}
+
+    # -- queue control (`mailengine queue`, through delivery.py) ----------------------------------
+    # Kept apart from the scheduling policy above: the administrator taking messages back.
+
+    def due(self, msg_id: str) -> float | None:
+        """When a waiting message is due (clock time); None when unknown or released."""
+        e = self._msgs.get(msg_id)
+        return None if e is None or e.active else e.due
+
+    def withdraw(self, msg_ids: Iterable[str]) -> set[str]:
+        """Take messages back (hold, delete, reschedule): waiting ones, and released ones none of
+        whose units has been handed out yet. Returns the ids taken back; a message with a unit
+        running stays (its attempt must end first). One pass over the ready queues for all."""
+        wanted = {m for m in msg_ids if m in self._msgs}
+        released = {m for m in wanted if self._msgs[m].active}
+        if released:
+            found: dict[str, int] = {}
+            for d in self._dests.values():
+                for _, _, u in d.queue:
+                    if u.msg_id in released:
+                        found[u.msg_id] = found.get(u.msg_id, 0) + 1
+            running = {m for m in released if found.get(m, 0) != self._msgs[m].units_left}
+            take = released - running
+            wanted -= running
+            if take:
+                for dest, d in list(self._dests.items()):
+                    before = len(d.queue)
+                    d.queue = [item for item in d.queue if item[2].msg_id not in take]
+                    if len(d.queue) != before:
+                        heapq.heapify(d.queue)
+                        self._ready_units -= before - len(d.queue)
+                    if not d.queue and d.active == 0 and not d.in_rr:
+                        del self._dests[dest]
+        for m in wanted:
+            del self._msgs[m]  # its timer entry, if any, becomes stale
+        return wanted
