@@ -10,25 +10,49 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from typing import Callable
+import errno
+import logging
+from typing import TYPE_CHECKING, Callable
 
 from .config import Config
 from .envelope import Message
+from .policy import BOUNCE_PREFIX
 from .smtp.server import MessageReceived, Reply
 from .spool import Spool
+
+if TYPE_CHECKING:
+    from .bounces import BounceLog
+
+log = logging.getLogger("mailengine.intake")
 
 # Called once a message is safely stored: (the relayed Message or None, had local recipients).
 OnStored = Callable[[Message | None, bool], None]
 
 
 class Intake:
-    def __init__(self, cfg: Config, spool: Spool, hostname: str, on_stored: OnStored):
+    def __init__(self, cfg: Config, spool: Spool, hostname: str, on_stored: OnStored,
+                 bounces: "BounceLog | None" = None):
         self.cfg = cfg
         self.spool = spool
         self.hostname = hostname
         self.on_stored = on_stored
+        if bounces is None:
+            from .bounces import BounceLog
+            bounces = BounceLog(cfg.home, log_dir=cfg.log_dir)
+        self.bounces = bounces  # mail to mailengine-bounce-USER%DOMAIN@... (SPEC 2.3)
 
     async def on_message(self, ev: MessageReceived) -> Reply:
+        try:
+            return await self._on_message(ev)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The disk filled between the space checks (diskwatch.py): nothing is promised, the
+            # client keeps the message and tries again later.
+            log.error("cannot store a message from %s: %s", ev.session.peer_ip, e)
+            return Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+    async def _on_message(self, ev: MessageReceived) -> Reply:
         txn, s, data = ev.txn, ev.session, ev.data
         relay = [r for r in txn.rcpts if r not in txn.local]
         local = [r for r in txn.rcpts if r in txn.local]
@@ -55,5 +79,12 @@ class Intake:
                            extra={"rcptto": ",".join(local)})
             await self.spool.store(kept, data, "incoming")
             msg_id = kept.id
+        # --- bounce intake (bounces.py): parsed once stored, recorded before the 250 ---
+        verp = [r for r in local if r.lower().startswith(BOUNCE_PREFIX)]
+        if verp:
+            try:
+                await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)
+            except Exception:
+                log.exception("bounce %s to %s could not be recorded", msg_id, ",".join(verp))
         self.on_stored(relayed, bool(local))
         return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")
