@@ -260,15 +260,23 @@ class DeliveryEngine:
         self._stopping = False
         self._running = False
         self._remover: ThreadPoolExecutor | None = None
+        self._in_working: set[str] = set()  # submitted in working/, not started yet
 
     # -- the interface app.py uses ----------------------------------------------------------------
 
     def submit(self, msg: Message, where: str = "retry") -> None:
-        """A message waiting in `where` (retry/): deliver it at its `retrytime` (or now)."""
+        """A message waiting in `where`: deliver it at its `retrytime` (or now).
+
+        `where` is "retry", or "working" for relayed mail that intake stored straight into
+        working/ (SPEC 4, relay_via_disk): its first attempt then needs no move. A message in
+        working/ must be due now (nothing else would find it there before the next start)."""
         if self._stopping or msg.id in self.attempts:
             return
-        if where != "retry":
-            raise ValueError("the delivery engine takes messages from retry/ only")
+        if where == "working":
+            self._in_working.add(msg.id)
+        elif where != "retry":
+            raise ValueError(f"the delivery engine takes messages from retry/ or working/, "
+                             f"not {where}/")
         self.messages[msg.id] = msg
         if msg.held:
             return  # kept, known, never sent until released
@@ -326,6 +334,12 @@ class DeliveryEngine:
                 t.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        for mid in list(self._in_working):  # stored into working/, never started: to retry/
+            try:
+                self.spool.move(mid, "working", "retry")
+            except OSError as e:
+                log.warning("%s: cannot move it back to retry/: %s", mid, e)
+        self._in_working.clear()
         await self.pool.close_all()
         await self.resolver.aclose()
         if self._remover is not None:
@@ -352,7 +366,10 @@ class DeliveryEngine:
             msg = self.messages[u.msg_id]
             att = self.attempts[u.msg_id] = Attempt(msg)
             try:
-                self.spool.move(msg.id, "retry", "working")
+                if msg.id in self._in_working:
+                    self._in_working.discard(msg.id)
+                else:
+                    self.spool.move(msg.id, "retry", "working")
             except FileNotFoundError:
                 log.warning("%s: its files left retry/ (removed by hand?); not sending it", msg.id)
                 att.gone = True
@@ -603,11 +620,13 @@ class DeliveryEngine:
     def _finish_idle(self, msg: Message) -> None:
         """A message in retry/ with nothing left to send: finish it without an attempt."""
         msg.status = msg.status or "done"
+        where = "working" if msg.id in self._in_working else "retry"
+        self._in_working.discard(msg.id)
         try:
             if self.cfg.queue.save_done:
-                self.spool.move(msg.id, "retry", "done")
+                self.spool.move(msg.id, where, "done")
             else:
-                self.spool.remove(msg.id, "retry")
+                self.spool.remove(msg.id, where)
         except OSError as e:
             log.warning("%s: nothing to send, but cannot finish it: %s", msg.id, e)
         self.messages.pop(msg.id, None)

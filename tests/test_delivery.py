@@ -434,3 +434,61 @@ def test_bounce_host_gives_each_recipient_its_own_verp_sender(tmp_path, sinks):
                                               "FROM:<mailengine-bounce-b%v.test@bounces.example>"]
     assert "DATA" not in sink.verbs and len(sink.sessions) == 2  # test mode: QUIT after each
     assert sorted(msg.rcpt_sent) == ["a@v.test", "b@v.test"]
+
+
+# -- in-process: the DeliveryEngine on the test's own event loop --------------------------------
+
+class _Engine:
+    """What DeliveryEngine needs of app.Engine."""
+
+    def __init__(self, home: Path, settings: dict) -> None:
+        from mailengine.config import from_dict
+        from mailengine.spool import Spool
+        from mailengine.stats import Stats
+        data: dict = {}
+        for name, value in settings.items():
+            sec, key = name.split(".", 1)
+            data.setdefault(sec, {})[key] = value
+        self.cfg = from_dict(home, data)
+        self.spool = Spool(home / "mailq", durable=False, hostname="engine.test")
+        self.spool.ensure_dirs()
+        self.stats = Stats()
+        self.test_mode = False
+        self.hostname = "engine.test"
+        self.known: set[str] = set()
+
+
+def test_submitted_in_working_is_sent_without_a_move_and_stop_puts_the_rest_in_retry(tmp_path):
+    from mailengine.delivery import DeliveryEngine
+
+    async def main():
+        async with SMTPSink("127.0.0.47", 0) as sink:
+            eng = _Engine(tmp_path, {**FAST, "basic.dns_servers": [
+                f"w.test,mx.w.test,MX,127.0.0.47:{sink.port}"]})
+            d = DeliveryEngine(eng)
+            msg = Message(id="", mail_from="a@src.test", rcpt_to_send=["x@w.test"],
+                          retry_time=datetime.now())
+            await eng.spool.store(msg, b"Subject: w\r\n\r\nbody\r\n", "working")
+            runner = asyncio.create_task(d.run())
+            d.submit(msg, "working")
+            await sink.wait_messages(1, 10)
+            for _ in range(100):
+                if not list((tmp_path / "mailq" / "working").iterdir()):
+                    break
+                await asyncio.sleep(0.02)
+            assert not list((tmp_path / "mailq" / "working").iterdir())
+            assert eng.stats.sent.total == 1
+            # paused: a message stored into working/ never starts; stop() puts it in retry/
+            d.set_paused(True)
+            later = Message(id="", mail_from="a@src.test", rcpt_to_send=["y@w.test"],
+                            retry_time=datetime.now())
+            await eng.spool.store(later, b"Subject: w2\r\n\r\nbody\r\n", "working")
+            d.submit(later, "working")
+            await asyncio.sleep(0.2)
+            await d.stop()
+            await runner
+            assert (tmp_path / "mailq" / "retry" / f"{later.id}.inf").exists()
+            assert not list((tmp_path / "mailq" / "working").iterdir())
+            assert len(sink.messages) == 1
+
+    asyncio.run(main())
