@@ -86,6 +86,11 @@ class RcptOutcome:
     stage: str = ""  # dns | connect | mail | rcpt | data | body | test | local | connection
     host: str = ""   # the MX host that gave the reply
     transcript: tuple[str, ...] = ()  # the SMTP session, for DSNs and delivery reports
+    # For the event log (events.py): the server's address and how long the attempt took.
+    ip: str = ""
+    port: int = 0
+    duration: float = 0.0  # seconds, DNS + connection + transaction
+    dsn_passed: bool = False  # the server offered DSN: RFC 3461 notices are now its job
 
     @classmethod
     def from_reply(cls, address: str, code: int, enhanced: str, text: str, stage: str,
