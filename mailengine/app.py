@@ -18,6 +18,7 @@ from .config import Config
 from .envelope import InfError, Message
 from .inbound import InboundServer
 from .intake import Intake
+from .notices import Notices
 from .policy import Policy
 from .smtp.server import MessageReceived, Reply
 from .spool import Spool
@@ -98,6 +99,8 @@ class Engine:
         self.inbound: InboundServer | None = None
         self.workers: WorkerPool | None = None
         self.intake = Intake(cfg, self.spool, self.hostname, self.stored)
+        # after each send attempt: lists, event log, DSNs, delivery reports (notices.py)
+        self.notices = Notices(self)
         self.delivery = make_delivery(self)
         self.services = make_services(self)
 

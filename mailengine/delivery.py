@@ -33,14 +33,14 @@ import email.utils
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .config import AddressSet
 from .dns import MXResolver, Target
 from .envelope import Message
-from .policy import BOUNCE_PREFIX
+from .bounces import verp_encode
 from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
 from .scheduler import Scheduler, Unit
 from .smtp.client import Body, DSNRequest
@@ -410,16 +410,27 @@ class DeliveryEngine:
                 log.info("%s: temporary failures, concurrency lowered to %d", dest, w.limit)
 
     async def _deliver(self, u: Unit, att: Attempt) -> list[RcptOutcome]:
+        """One unit's outcomes, each with the attempt's duration and, in front of its
+        transcript, the DNS line of the manual's transcript (for DSNs, reports, the event log)."""
+        t0 = time.monotonic()
+        outcomes, dns_line = await self._deliver_unit(u, att)
+        took = round(time.monotonic() - t0, 3)
+        return [replace(o, duration=took,
+                        transcript=((f"<-- {dns_line}",) + o.transcript
+                                    if dns_line and o.stage != "dns" else o.transcript))
+                for o in outcomes]
+
+    async def _deliver_unit(self, u: Unit, att: Attempt) -> tuple[list[RcptOutcome], str]:
         msg = att.msg
         mx = await self.resolver.resolve_mx(u.dest)
         if not mx.ok:
             if mx.permanent:
-                return failure_outcomes(u.rcpts, 550, "5.1.2", mx.text, "dns")
-            return failure_outcomes(u.rcpts, 451, "4.4.3", mx.text, "dns")
+                return failure_outcomes(u.rcpts, 550, "5.1.2", mx.text, "dns"), ""
+            return failure_outcomes(u.rcpts, 451, "4.4.3", mx.text, "dns"), ""
         targets = [t for t in mx.targets if t.ip not in self.refused]
         if not targets:
             return failure_outcomes(u.rcpts, 550, "5.4.6", f"all mail servers of {u.dest} are "
-                                    "in policy.refused_mail_servers", "dns")
+                                    "in policy.refused_mail_servers", "dns"), ""
         now = time.monotonic()
         up = [t for t in targets if self.host_down.get((t.ip, t.port), 0) < now]
         targets = up + [t for t in targets if t not in up]  # recently dead hosts last
@@ -438,9 +449,9 @@ class DeliveryEngine:
                 except ConnectError as e:
                     self.host_down[(target.ip, target.port)] = time.monotonic() + HOST_DOWN
                     for a in pending:
-                        last[a] = RcptOutcome.from_reply(a, e.reply.code, e.reply.enhanced,
-                                                         e.reply.text, "connect", target.host,
-                                                         tuple(e.transcript))
+                        last[a] = replace(RcptOutcome.from_reply(
+                            a, e.reply.code, e.reply.enhanced, e.reply.text, "connect",
+                            target.host, tuple(e.transcript)), ip=target.ip, port=target.port)
                     if self.debug_out:
                         log.info("%s: %s\n%s", msg.id, e.reply, "\n".join(e.transcript))
                     break  # the next MX host
@@ -459,7 +470,7 @@ class DeliveryEngine:
         for a in pending:  # every host failed: the last word on each recipient stands
             final[a] = last.get(a) or RcptOutcome.from_reply(
                 a, 451, "4.4.1", f"No mail server of {u.dest} could be reached", "connect")
-        return [final[a] for a in u.rcpts if a in final]
+        return [final[a] for a in u.rcpts if a in final], mx.text
 
     async def _transactions(self, sess: SMTPSession, target: Target, msg: Message,
                             rcpts: list[str], body: Body, dsn: DSNRequest | None,
@@ -486,11 +497,7 @@ class DeliveryEngine:
         host = self.cfg.logging.bounce_host
         if not host or not msg.mail_from:
             return [(msg.mail_from, rcpts)]
-        out = []
-        for a in rcpts:
-            user, _, domain = a.rpartition("@")
-            out.append((f"{BOUNCE_PREFIX}{user}%{domain}@{host}", [a]))
-        return out
+        return [(verp_encode(a, host), [a]) for a in rcpts]
 
     async def _transaction(self, sess: SMTPSession, target: Target, msg: Message, sender: str,
                            rcpts: list[str], body: Body, dsn: DSNRequest | None,
@@ -502,10 +509,13 @@ class DeliveryEngine:
             if self.debug_out:
                 log.info("%s: to %s\n%s", msg.id, target.host, result.transcript_text())
             transcript = tuple(result.session_transcript + result.transcript)
+            caps = sess.capabilities
+            passed = bool(dsn is not None and caps is not None and caps.dsn)
             next_mx, again = [], []
             for r in result.recipients:
-                o = RcptOutcome.from_reply(r.address, r.code, r.enhanced, r.text, r.stage,
-                                           target.host, transcript)
+                o = replace(RcptOutcome.from_reply(r.address, r.code, r.enhanced, r.text,
+                                                   r.stage, target.host, transcript),
+                            ip=target.ip, port=target.port, dsn_passed=passed)
                 if result.site_failure and o.kind is Kind.SOFT:
                     last[r.address] = o
                     next_mx.append(r.address)
@@ -581,6 +591,9 @@ class DeliveryEngine:
         res = record_attempt(msg, att.outcomes, self.cfg.queue.retry_intervals, now,
                              att.interrupted)
         self._note(msg, res, att)
+        notices = getattr(self.engine, "notices", None)
+        if notices is not None:  # lists, event log, DSNs, delivery reports (notices.py)
+            await notices.after_attempt(msg, res, att.outcomes, "working")
         try:
             if res.done:
                 if self.cfg.queue.save_done:
@@ -633,7 +646,7 @@ class DeliveryEngine:
         self.engine.known.discard(msg.id)
 
     def _note(self, msg: Message, res, att: Attempt) -> None:
-        """Log lines and the undeliverable lists (SPEC 6)."""
+        """Log lines (the lists and the event log are written by notices.py)."""
         text = msg.log[-1].split(": ", 1)[-1] if msg.log else ""
         if res.failed or res.gave_up or res.deferred:
             why = {o.address: o for o in att.outcomes}
@@ -645,17 +658,6 @@ class DeliveryEngine:
             log.info("%s: %s", msg.id, text)
         elif self.debug_loop:
             log.info("%s: %s", msg.id, text)
-        if self.cfg.logging.log_undeliverable and (res.failed or res.gave_up):
-            home = self.cfg.home
-            try:
-                if res.failed:
-                    with open(home / "hard-undeliverable.txt", "a", encoding="utf-8") as f:
-                        f.write("".join(a + "\n" for a in res.failed))
-                if res.gave_up:
-                    with open(home / "soft-undeliverable.txt", "a", encoding="utf-8") as f:
-                        f.write("".join(a + "\n" for a in res.gave_up))
-            except OSError as e:
-                log.warning("cannot append to the undeliverable lists: %s", e)
 
     # -- queue control (`mailengine queue`, through control.py and queueops.py) -----------------
     # Kept apart from delivery itself. queueops.py takes messages out of the schedule, changes

@@ -1,0 +1,79 @@
+"""The JSON-lines event log `HOME/log/events.jsonl`: one line per delivery attempt per recipient.
+
+Other programs follow it (`tail -F`, a log shipper) to learn what happened to each address
+without reading the queue. Every line is one JSON object:
+
+    {"time": "2026-03-03T10:12:31.402+0000", "event": "attempt", "id": "P17000T1C3@host",
+     "from": "news@sender.test", "rcpt": "alice@dest.test", "attempt": 1,
+     "result": "hard", "final": true, "mx": "mx.dest.test", "ip": "10.0.0.7", "port": 25,
+     "code": 550, "enhanced": "5.1.1", "text": "User unknown", "stage": "rcpt",
+     "class": "address", "duration": 0.084}
+
+`result` is sent / hard / soft; `final` says the recipient is finished (sent, failed for good, or
+given up after the last retry) rather than waiting for a retry. `duration` is the seconds the
+attempt took for that recipient (DNS, connection and transaction). `mx`/`ip` are empty when no
+server was reached (a DNS failure). The file is append-only and may be truncated or rotated by
+other programs at any time (lists.AppendFile); the engine writes each attempt's lines at once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterable
+
+from .envelope import Message
+from .lists import AppendFile
+from .outcome import AttemptResult, Kind, RcptOutcome, bounce_class
+
+log = logging.getLogger("mailengine.events")
+
+EVENTS_JSONL = "events.jsonl"
+
+
+def iso_time(t: float | None = None) -> str:
+    """Local time with milliseconds and offset: 2026-03-03T10:12:31.402+0000."""
+    t = time.time() if t is None else t
+    lt = time.localtime(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + f".{int(t % 1 * 1000):03d}" + \
+        time.strftime("%z", lt)
+
+
+def attempt_events(msg: Message, outcomes: Iterable[RcptOutcome], res: AttemptResult | None,
+                   now: float | None = None) -> list[dict]:
+    """The event records of one finished send attempt of `msg`."""
+    stamp = iso_time(now)
+    deferred = set(res.deferred) if res is not None else set()
+    out = []
+    for o in outcomes:
+        rec = {"time": stamp, "event": "attempt", "id": msg.id, "from": msg.mail_from,
+               "rcpt": o.address, "attempt": msg.send_tries, "result": o.kind.value,
+               "final": o.address not in deferred,
+               "mx": o.host, "ip": getattr(o, "ip", ""), "port": getattr(o, "port", 0),
+               "code": o.code, "enhanced": o.enhanced, "text": o.text, "stage": o.stage,
+               "class": "" if o.kind is Kind.SENT else bounce_class(o.code, o.enhanced),
+               "duration": round(float(getattr(o, "duration", 0.0)), 3)}
+        out.append(rec)
+    return out
+
+
+class EventLog:
+    def __init__(self, log_dir: Path | str) -> None:
+        self.file = AppendFile(Path(log_dir) / EVENTS_JSONL)
+
+    def attempt(self, msg: Message, outcomes: Iterable[RcptOutcome],
+                res: AttemptResult | None = None) -> None:
+        self.write(attempt_events(msg, outcomes, res))
+
+    def write(self, records: list[dict]) -> None:
+        if not records:
+            return
+        try:
+            self.file.append_lines([json.dumps(r, ensure_ascii=False, separators=(",", ":"))
+                                    for r in records])
+        except OSError as e:
+            log.warning("cannot append to %s: %s", self.file.path, e)
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,92 @@
+"""What follows each send attempt, in one place: undeliverable lists, the event log, DSNs and
+delivery reports; and how the engine sends mail of its own (notices, reports, alerts).
+
+The delivery engine calls `await engine.notices.after_attempt(msg, res, outcomes)` once an
+attempt is recorded in the message and before its files leave `working/` (the DSN may need the
+original message). Mail the engine makes itself is stored in `mailq/retry` like any other mail
+(so it survives a crash and is retried), with the null sender `<>` and the `.inf` key
+`generated=dsn|report|alert`; such mail never causes a notice or a report of its own.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from . import dsn, reports
+from .envelope import Message
+from .events import EventLog
+from .lists import AddressLists
+from .outcome import AttemptResult, RcptOutcome
+
+if TYPE_CHECKING:
+    from .app import Engine
+
+log = logging.getLogger("mailengine.notices")
+
+
+class Notices:
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self.cfg = engine.cfg
+        self.lists = AddressLists(self.cfg.home)
+        self.events = EventLog(self.cfg.log_dir)
+        self.generated = 0  # messages of its own this engine has queued
+
+    async def after_attempt(self, msg: Message, res: AttemptResult,
+                            outcomes: list[RcptOutcome], where: str = "working") -> None:
+        cfg = self.cfg
+        try:
+            if cfg.logging.log_undeliverable and (res.failed or res.gave_up):
+                self.lists.undeliverable(res.failed, res.gave_up)
+            self.events.attempt(msg, outcomes, res)
+        except Exception:
+            log.exception("%s: cannot write the lists or the event log", msg.id)
+        if msg.extra.get(dsn.GENERATED_KEY):
+            return  # a notice, report or alert of ours: nothing more
+        try:
+            if cfg.queue.dsn and msg.mail_from:
+                wanted = dsn.notices(msg, res, outcomes)
+                if wanted:
+                    data = self._data(msg, where)
+                    until = dsn.retry_until(msg, cfg.queue.retry_intervals)
+                    for n in wanted:
+                        body = dsn.build(msg, n, self.engine.hostname, data, until)
+                        await self.send([msg.mail_from], body, "dsn",
+                                        f"{n.action} notice about {msg.id}")
+            mode = cfg.reports.delivery_reports
+            if mode and cfg.reports.recipients and reports.wanted(mode, msg, res):
+                body = reports.build(msg, res, outcomes, cfg.reports.recipients,
+                                     cfg.reports.domains, self.engine.hostname)
+                await self.send(list(cfg.reports.recipients), body, "report",
+                                f"delivery report about {msg.id}")
+        except Exception:
+            log.exception("%s: cannot queue its delivery notice or report", msg.id)
+
+    def _data(self, msg: Message, where: str) -> bytes | None:
+        try:
+            return self.engine.spool.read_data(msg.id, where)
+        except OSError as e:
+            log.warning("%s: cannot read the message for its notice: %s", msg.id, e)
+            return None
+
+    async def send(self, rcpts: list[str], data: bytes, kind: str, what: str = "") -> Message:
+        """Queue mail of the engine's own to `rcpts`, from `<>`; raises OSError if it cannot be
+        stored."""
+        eng = self.engine
+        now = datetime.now().replace(microsecond=0)
+        msg = Message(id=eng.spool.new_id(), mail_from="", rcpt_to_send=list(rcpts),
+                      time_created=now, retry_time=now, extra={dsn.GENERATED_KEY: kind},
+                      size=len(data))
+        msg.add_log(f"Made by this engine: {what or kind}", now)
+        await eng.spool.store(msg, data, "retry")
+        self.generated += 1
+        eng.known.add(msg.id)
+        if eng.delivery is not None:
+            eng.delivery.submit(msg, "retry")
+        log.info("%s: queued %s to %s", msg.id, what or kind, ", ".join(rcpts))
+        return msg
+
+    def close(self) -> None:
+        self.lists.close()
+        self.events.close()
