@@ -1,0 +1,428 @@
+"""The web admin's pages (SPEC 8): login, live status, settings, queue, bounce lists, tokens.
+
+Every page under /gui/admin needs a logged-in session; every POST needs the session's CSRF token
+in the form field `csrf`. Pages are Jinja2 templates in templates/; the charts are drawn by
+static/status.js from /gui/admin/status.json.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import secrets
+import time
+from urllib.parse import quote
+
+from aiohttp import web
+
+from ..config import SECTION_TITLES, SETTINGS
+from . import queue_actions, queue_view, settings_edit
+from .auth import LOGIN_COOKIE, SESSION_COOKIE, same
+from .metrics import snapshot
+
+LISTS = ("hard-bounces.txt", "soft-bounces.txt", "hard-undeliverable.txt",
+         "soft-undeliverable.txt")
+LIST_VIEW_LINES = 2000
+PAGE = 200  # messages per queue page
+COOKIE = {"httponly": True, "samesite": "Strict", "path": "/"}
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/gui/login", login_page)
+    r.add_post("/gui/login", login_post)
+    r.add_post("/gui/logout", page(logout))
+    r.add_get("/gui/admin", page(status))
+    r.add_get("/gui/admin/", page(status))
+    r.add_get("/gui/admin/status.json", page(status_json))
+    r.add_get("/gui/admin/settings", page(settings))
+    r.add_post("/gui/admin/settings/{section}", page(settings_post))
+    r.add_get("/gui/admin/queue", page(queue_domains))
+    r.add_post("/gui/admin/queue/domain/{domain}/{action}", page(domain_action))
+    r.add_get("/gui/admin/queue/domain/{domain}", page(queue_messages))
+    r.add_get("/gui/admin/queue/messages", page(queue_messages))
+    r.add_get("/gui/admin/queue/message/{id}", page(message))
+    r.add_post("/gui/admin/queue/message/{id}/{action}", page(message_action))
+    r.add_get("/gui/admin/lists", page(lists))
+    r.add_get("/gui/admin/lists/{name}", page(list_view))
+    r.add_get("/gui/admin/lists/{name}/download", page(list_download))
+    r.add_get("/gui/admin/tokens", page(tokens))
+    r.add_post("/gui/admin/tokens", page(tokens_post))
+    r.add_get("/gui/admin/account", page(account))
+    r.add_post("/gui/admin/account", page(account_post))
+
+
+def _web(request):
+    return request.app["web"]
+
+
+def page(handler):
+    """Require a logged-in session (else go to the login page); POSTs also need its CSRF token."""
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        w = _web(request)
+        session = w.sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is None:
+            if request.method != "GET" or request.path.endswith(".json"):
+                raise web.HTTPUnauthorized(text="Not logged in (or the session expired).")
+            raise web.HTTPFound("/gui/login?next=" + quote(request.path_qs, safe=""))
+        request["session"] = session
+        if request.method == "POST":
+            form = await request.post()
+            if not same(form.get("csrf"), session.csrf):
+                raise web.HTTPForbidden(text="The form's security token is missing or stale "
+                                             "(CSRF check). Reload the page and try again.")
+            request["form"] = form
+        return await handler(request)
+    return wrapped
+
+
+def _back(request, location: str, kind: str = "", text: str = "") -> web.Response:
+    if text:
+        request["session"].flash.append((kind, text))
+    raise web.HTTPSeeOther(location)
+
+
+# --- login ----------------------------------------------------------------------------------------
+
+def _safe_next(value: str | None) -> str:
+    if value and value.startswith("/gui/admin") and "//" not in value and "\\" not in value:
+        return value
+    return "/gui/admin"
+
+
+def _login_form(request, status: int = 200, error: str = "", wait: float = 0.0):
+    w = _web(request)
+    token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(32)
+    resp = w.render(request, "login.html", status=status, login_csrf=token, error=error,
+                    wait=wait, next=_safe_next(request.query.get("next")),
+                    no_users=not w.engine.users, password_file=str(w.cfg.password_file))
+    resp.set_cookie(LOGIN_COOKIE, token, max_age=3600, **COOKIE)
+    return resp
+
+
+async def login_page(request: web.Request) -> web.Response:
+    w = _web(request)
+    if w.sessions.get(request.cookies.get(SESSION_COOKIE)) is not None:
+        raise web.HTTPFound(_safe_next(request.query.get("next")))
+    return _login_form(request)
+
+
+async def login_post(request: web.Request) -> web.Response:
+    w = _web(request)
+    ip = request.remote or ""
+    form = await request.post()
+    left = w.login_throttle.wait_left(ip)
+    if left > 0:
+        return _login_form(request, 429, f"Too many failed logins from {ip}: wait {left:.1f} s "
+                                         f"before the next try.", wait=left)
+    if not same(form.get("csrf"), request.cookies.get(LOGIN_COOKIE)):
+        return _login_form(request, 403, "The login form expired (CSRF check): try again.")
+    if not w.engine.users:
+        return _login_form(request, 401, f"Nobody can log in: {w.cfg.password_file} is missing "
+                                         f"or has no users. Add a line such as admin:opensesame.")
+    user = str(form.get("user", "")).strip()
+    password = str(form.get("password", ""))
+    if not (user and w.engine.users.check(user, password)):
+        delay = w.login_throttle.failed(ip)
+        return _login_form(request, 401, f"Wrong user name or password. The next try is possible "
+                                         f"in {delay:.1f} s.", wait=delay)
+    w.login_throttle.succeeded(ip)
+    session = w.sessions.create(user)
+    resp = web.HTTPSeeOther(_safe_next(form.get("next")))
+    resp.set_cookie(SESSION_COOKIE, session.id, **COOKIE)
+    resp.del_cookie(LOGIN_COOKIE, path="/")
+    raise resp
+
+
+async def logout(request: web.Request) -> web.Response:
+    w = _web(request)
+    w.sessions.end(request["session"].id)
+    resp = web.HTTPSeeOther("/gui/login")
+    resp.del_cookie(SESSION_COOKIE, path="/")
+    raise resp
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+def destinations(engine, limit: int = 20) -> list[dict]:
+    """The busiest destinations and their state, from the delivery engine's scheduler."""
+    delivery = getattr(engine, "delivery", None)
+    msgs = queue_view.queued_messages(engine)
+    rows = {r.domain: r for r in queue_view.by_domain(engine, msgs)}
+    out = []
+    active = delivery.sched.destinations() if delivery is not None else {}
+    for dom in set(active) | set(rows):
+        ready, running = active.get(dom, (0, 0))
+        row = rows.get(dom)
+        state, why = "idle", ""
+        win = delivery.windows._w.get(dom) if delivery is not None else None
+        if running:
+            state = "sending"
+        elif engine.cfg.queue.pause_sending:
+            state, why = "paused", "queue.pause_sending is on"
+        elif row is not None and row.held == row.messages:
+            state = "held"
+        elif ready:
+            state = "ready"
+        elif row is not None and row.waiting:
+            state = "waiting for retry"
+        if win is not None and win.limit < win.maximum and win.cuts:
+            state = "throttled" if state in ("sending", "ready", "idle") else state
+            why = (f"connections cut to {win.limit} of {win.maximum} after temporary "
+                   f"failures ({win.cuts} cuts)")
+        rate = getattr(delivery, "rate", None)
+        if state == "ready" and rate is not None and not rate.unlimited and \
+                engine.cfg.limits.max_send_rate:
+            why = why or f"limits.max_send_rate = {engine.cfg.limits.max_send_rate}/h"
+        out.append({
+            "domain": dom, "state": state, "why": why, "ready": ready, "running": running,
+            "messages": row.messages if row else 0, "recipients": row.recipients if row else 0,
+            "held": row.held if row else 0,
+            "next_retry": row.next_retry.strftime("%Y/%m/%d %H:%M:%S")
+            if row and row.next_retry else "",
+            "last": row.last_log if row else "",
+        })
+    out.sort(key=lambda d: (-(d["running"] + d["ready"]), -d["recipients"], d["domain"]))
+    return out[:limit]
+
+
+async def status(request: web.Request) -> web.Response:
+    w = _web(request)
+    return w.render(request, "status.html", snap=snapshot(w.engine),
+                    dests=destinations(w.engine), title="Status")
+
+
+async def status_json(request: web.Request) -> web.Response:
+    w = _web(request)
+    return web.json_response({"now": snapshot(w.engine), "history": w.history.as_json(),
+                              "destinations": destinations(w.engine)})
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+def _settings_groups(engine, errors: dict[str, str], submitted) -> list[dict]:
+    saved = settings_edit.read_file_values(engine.cfg.home)
+    groups = []
+    for sec, title in SECTION_TITLES.items():
+        items = []
+        for s in SETTINGS:
+            if s.section != sec:
+                continue
+            running = engine.cfg.values[s.name]
+            shown = saved[s.name] if s.restart else running
+            value = (submitted.get(s.name, "") if s.kind != "bool" else s.name in submitted) \
+                if s.name in errors else (shown if s.kind == "bool"
+                                          else settings_edit.form_text(s, shown))
+            items.append({"s": s, "value": value, "error": errors.get(s.name, ""),
+                          "pending": s.restart and saved[s.name] != running,
+                          "running": settings_edit.form_text(s, running),
+                          "default": settings_edit.form_text(s, s.default),
+                          "multiline": s.kind.startswith("list")})
+        if items:
+            groups.append({"section": sec, "title": title, "rows": items})
+    return groups
+
+
+async def settings(request: web.Request, errors=None, submitted=None, status=200):
+    w = _web(request)
+    return w.render(request, "settings.html", status=status, title="Settings",
+                    groups=_settings_groups(w.engine, errors or {}, submitted or {}),
+                    config_file=str(w.cfg.home / "mailengine.toml"))
+
+
+async def settings_post(request: web.Request) -> web.Response:
+    w = _web(request)
+    section = request.match_info["section"]
+    if section not in SECTION_TITLES:
+        raise web.HTTPNotFound(text=f"No settings section {section!r}.")
+    form = request["form"]
+    try:
+        errors, live, later = settings_edit.submit(w.engine, section, form)
+    except OSError as e:
+        errors, live, later = {"": f"Cannot write the config file: {e}"}, [], []
+    if errors:
+        request["session"].flash.append(
+            ("error", "Nothing was saved: " + "; ".join(errors.values())))
+        resp = await settings(request, errors, form, status=400)
+        return resp
+    parts = []
+    if live:
+        parts.append("applied now: " + ", ".join(live))
+    if later:
+        parts.append("saved, takes effect after restart: " + ", ".join(later))
+    _back(request, f"/gui/admin/settings#{section}", "ok",
+          ("Saved to mailengine.toml; " + "; ".join(parts)) if parts else "Nothing changed.")
+
+
+# --- queue ----------------------------------------------------------------------------------------
+
+async def queue_domains(request: web.Request) -> web.Response:
+    w = _web(request)
+    msgs = queue_view.queued_messages(w.engine)
+    rows = queue_view.by_domain(w.engine, msgs)
+    return w.render(request, "queue.html", title="Queue", rows=rows, total=len(msgs),
+                    actions=queue_actions.available())
+
+
+async def queue_messages(request: web.Request) -> web.Response:
+    w = _web(request)
+    domain = request.match_info.get("domain") or request.query.get("domain", "")
+    msgs = queue_view.queued_messages(w.engine)
+    if domain:
+        msgs = queue_view.in_domain(msgs, domain)
+    msgs.sort(key=lambda m: (m.time_created, m.id))
+    try:
+        start = max(0, int(request.query.get("start", "0")))
+    except ValueError:
+        start = 0
+    now = dt.datetime.now()
+    shown = [(m, queue_view.state_of(w.engine, m, now)) for m in msgs[start:start + PAGE]]
+    return w.render(request, "messages.html", title=f"Queue: {domain or 'all messages'}",
+                    domain=domain, shown=shown, total=len(msgs), start=start, page=PAGE,
+                    actions=queue_actions.available())
+
+
+async def message(request: web.Request) -> web.Response:
+    w = _web(request)
+    msg_id = request.match_info["id"]
+    msg, where = queue_view.find(w.engine, msg_id)
+    if msg is None and where is None:
+        raise web.HTTPNotFound(text=f"Message {msg_id} is not in the queue (any more).")
+    return w.render(request, "message.html", title=f"Message {msg_id}", msg_id=msg_id, msg=msg,
+                    where=where, state=queue_view.state_of(w.engine, msg) if msg else "",
+                    inf=queue_view.inf_text(w.engine, msg_id, where),
+                    headers=queue_view.head_of_data(w.engine, msg_id, where),
+                    actions=queue_actions.available())
+
+
+async def message_action(request: web.Request) -> web.Response:
+    w = _web(request)
+    msg_id, action = request.match_info["id"], request.match_info["action"]
+    done, problems = await queue_actions.run(w.engine, action, [msg_id])
+    target = "/gui/admin/queue" if action == "delete" and done else \
+        f"/gui/admin/queue/message/{quote(msg_id)}"
+    if problems:
+        _back(request, target, "error", f"{action}: " + "; ".join(
+            f"{k}: {v}" for k, v in problems.items()))
+    _back(request, target, "ok", f"{action}: done for {msg_id}")
+
+
+async def domain_action(request: web.Request) -> web.Response:
+    w = _web(request)
+    domain, action = request.match_info["domain"], request.match_info["action"]
+    ids = [m.id for m in queue_view.in_domain(queue_view.queued_messages(w.engine), domain)]
+    done, problems = await queue_actions.run(w.engine, action, ids)
+    text = f"{action}: {len(done)} messages for {domain}"
+    if problems:
+        text += f"; {len(problems)} not: " + "; ".join(
+            f"{k}: {v}" for k, v in list(problems.items())[:5])
+    _back(request, "/gui/admin/queue", "error" if problems else "ok", text)
+
+
+# --- bounce and undeliverable lists ---------------------------------------------------------------
+
+def _list_path(w, name: str):
+    if name not in LISTS:
+        raise web.HTTPNotFound(text=f"No list {name!r}.")
+    return w.cfg.home / name
+
+
+def _tail(path, n: int) -> tuple[list[str], int]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 256 * n))
+            data = f.read()
+    except FileNotFoundError:
+        return [], 0
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > 256 * n:
+        lines = lines[1:]  # the first may be cut
+    return lines[-n:], size
+
+
+async def lists(request: web.Request) -> web.Response:
+    w = _web(request)
+    rows = []
+    for name in LISTS:
+        p = w.cfg.home / name
+        try:
+            st = p.stat()
+            with open(p, "rb") as f:
+                count = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            rows.append({"name": name, "lines": count, "size": st.st_size,
+                         "changed": time.strftime("%Y/%m/%d %H:%M:%S",
+                                                  time.localtime(st.st_mtime))})
+        except FileNotFoundError:
+            rows.append({"name": name, "lines": 0, "size": 0, "changed": ""})
+    return w.render(request, "lists.html", title="Bounce and undeliverable lists", rows=rows,
+                    home=str(w.cfg.home))
+
+
+async def list_view(request: web.Request) -> web.Response:
+    w = _web(request)
+    name = request.match_info["name"]
+    lines, size = _tail(_list_path(w, name), LIST_VIEW_LINES)
+    return w.render(request, "list_view.html", title=name, name=name, lines=lines, size=size,
+                    limit=LIST_VIEW_LINES)
+
+
+async def list_download(request: web.Request) -> web.StreamResponse:
+    w = _web(request)
+    name = request.match_info["name"]
+    path = _list_path(w, name)
+    if not path.exists():
+        return web.Response(body=b"", content_type="text/plain",
+                            headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                           "Content-Type": "text/plain; charset=utf-8"})
+
+
+# --- API tokens and account -----------------------------------------------------------------------
+
+async def tokens(request: web.Request, new_token: str = "", new_name: str = "") -> web.Response:
+    w = _web(request)
+    return w.render(request, "tokens.html", title="API tokens", names=w.tokens.names(),
+                    new_token=new_token, new_name=new_name, path_file=str(w.tokens.path))
+
+
+async def tokens_post(request: web.Request) -> web.Response:
+    w = _web(request)
+    form = request["form"]
+    name = str(form.get("name", "")).strip()
+    if not name or ":" in name or any(c.isspace() for c in name) or len(name) > 64:
+        _back(request, "/gui/admin/tokens", "error",
+              "A token name is one word (no ':' or spaces), at most 64 characters.")
+    if form.get("revoke"):
+        w.tokens.revoke(name)
+        _back(request, "/gui/admin/tokens", "ok", f"Token {name} revoked.")
+    token = w.tokens.create(name)
+    request["session"].flash.append(("ok", f"Token {name} created. Copy it now: it is stored "
+                                           f"hashed and cannot be shown again."))
+    return await tokens(request, token, name)
+
+
+async def account(request: web.Request) -> web.Response:
+    w = _web(request)
+    return w.render(request, "account.html", title="Account",
+                    password_file=str(w.cfg.password_file))
+
+
+async def account_post(request: web.Request) -> web.Response:
+    w = _web(request)
+    form = request["form"]
+    session = request["session"]
+    if not w.engine.users.check(session.user, str(form.get("current", ""))):
+        w.login_throttle.failed(request.remote or "")
+        _back(request, "/gui/admin/account", "error", "The current password is wrong.")
+    new, again = str(form.get("new", "")), str(form.get("again", ""))
+    if len(new) < 8:
+        _back(request, "/gui/admin/account", "error", "The new password needs 8 characters or more.")
+    if new != again:
+        _back(request, "/gui/admin/account", "error", "The two new passwords differ.")
+    w.engine.users.set_password(session.user, new)
+    w.sessions.end_user(session.user, keep=session.id)
+    _back(request, "/gui/admin/account", "ok",
+          f"Password changed; stored hashed in {w.cfg.password_file}.")
+

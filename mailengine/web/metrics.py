@@ -1,0 +1,160 @@
+"""Numbers of the running engine: one snapshot, a short history for the charts, Prometheus text.
+
+`snapshot(engine)` reads counters the engine keeps anyway (engine.stats, the inbound server's
+connections, the delivery engine's pool and queue); nothing here walks a directory more often than
+once every USAGE_TTL seconds. `History` samples a snapshot every SAMPLE_SECONDS into a ring of
+HISTORY_SAMPLES (30 minutes) for the live status page.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from collections import deque
+
+SAMPLE_SECONDS = 2.0
+HISTORY_SAMPLES = 900
+USAGE_TTL = 30.0
+
+_usage_cache: dict[int, tuple[float, dict]] = {}
+
+
+def _spool_usage(engine) -> dict[str, tuple[int, int]]:
+    key = id(engine.spool)
+    now = time.monotonic()
+    hit = _usage_cache.get(key)
+    if hit is None or now - hit[0] > USAGE_TTL:
+        hit = _usage_cache[key] = (now, engine.spool.usage())
+    return hit[1]
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _count(x) -> int | None:
+    if x is None:
+        return None
+    return int(getattr(x, "total", x))
+
+
+def snapshot(engine) -> dict:
+    st = engine.stats
+    delivery = getattr(engine, "delivery", None)
+    inbound = getattr(engine, "inbound", None)
+    snap = {
+        "time": time.time(),
+        "received": st.recv.total,
+        "received_local": st.inbound.total,
+        "received_relay": st.relay.total,
+        "sent": st.sent.total,
+        "failed": _count(getattr(st, "failed", None)),
+        "deferred": _count(getattr(st, "deferred", None)),
+        "inbound_connections": len(inbound.connections) if inbound is not None else 0,
+        "inbound_sessions_total": getattr(inbound, "sessions_total", 0) if inbound else 0,
+        "inbound_refused_busy": getattr(inbound, "refused_busy", 0) if inbound else 0,
+        "outbound_connections": delivery.pool.total if delivery is not None else 0,
+        "memory_bytes": rss_bytes(),
+        "spool_stores": engine.spool.stores,
+        "spool_flushes": engine.spool.flushes,
+        "paused": bool(engine.cfg.queue.pause_sending),
+    }
+    if delivery is not None:
+        msgs = delivery.messages
+        snap["queue_messages"] = len(msgs)
+        snap["queue_recipients"] = sum(len(m.rcpt_to_send) for m in msgs.values())
+        snap["queue_sending"] = len(delivery.attempts)
+    else:
+        usage = _spool_usage(engine)
+        snap["queue_messages"] = usage.get("retry", (0, 0))[0]
+        snap["queue_recipients"] = None
+        snap["queue_sending"] = 0
+    return snap
+
+
+class History:
+    """The last HISTORY_SAMPLES snapshots (rates are computed by the page from the totals)."""
+
+    FIELDS = ("time", "received", "sent", "failed", "queue_messages", "inbound_connections",
+              "outbound_connections", "memory_bytes")
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.samples: deque[tuple] = deque(maxlen=HISTORY_SAMPLES)
+        self._task: asyncio.Task | None = None
+
+    def sample(self) -> None:
+        s = snapshot(self.engine)
+        self.samples.append(tuple(s[f] for f in self.FIELDS))
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_SECONDS)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def as_json(self) -> dict:
+        return {"fields": list(self.FIELDS), "interval": SAMPLE_SECONDS,
+                "samples": [list(s) for s in self.samples]}
+
+
+def _line(out: list[str], name: str, kind: str, help_: str, value, labels: str = "") -> None:
+    if value is None:
+        return
+    out.append(f"# HELP {name} {help_}")
+    out.append(f"# TYPE {name} {kind}")
+    out.append(f"{name}{labels} {value}")
+
+
+def prometheus(engine) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    s = snapshot(engine)
+    out: list[str] = []
+    out.append("# HELP mailengine_received_total Messages received and stored, by kind.")
+    out.append("# TYPE mailengine_received_total counter")
+    out.append(f'mailengine_received_total{{kind="relay"}} {s["received_relay"]}')
+    out.append(f'mailengine_received_total{{kind="local"}} {s["received_local"]}')
+    _line(out, "mailengine_sent_total", "counter", "Recipients delivered.", s["sent"])
+    _line(out, "mailengine_failed_total", "counter", "Recipients that failed for good.",
+          s["failed"])
+    _line(out, "mailengine_deferred_total", "counter", "Recipient attempts deferred for a retry.",
+          s["deferred"])
+    _line(out, "mailengine_queue_messages", "gauge", "Messages in the queue (retry and working).",
+          s["queue_messages"])
+    _line(out, "mailengine_queue_recipients", "gauge", "Recipients still to send.",
+          s["queue_recipients"])
+    _line(out, "mailengine_queue_sending", "gauge", "Messages being delivered now.",
+          s["queue_sending"])
+    _line(out, "mailengine_inbound_connections", "gauge", "Open inbound SMTP sessions.",
+          s["inbound_connections"])
+    _line(out, "mailengine_inbound_sessions_total", "counter", "Inbound SMTP sessions accepted.",
+          s["inbound_sessions_total"])
+    _line(out, "mailengine_inbound_refused_busy_total", "counter",
+          "Inbound sessions refused with 421 (max_inbound_connections).",
+          s["inbound_refused_busy"])
+    _line(out, "mailengine_outbound_connections", "gauge", "Open outbound SMTP connections.",
+          s["outbound_connections"])
+    _line(out, "mailengine_spool_stores_total", "counter", "Messages written to the spool.",
+          s["spool_stores"])
+    _line(out, "mailengine_spool_flushes_total", "counter", "Spool sync rounds (group commits).",
+          s["spool_flushes"])
+    _line(out, "mailengine_sending_paused", "gauge", "1 when queue.pause_sending is on.",
+          int(s["paused"]))
+    _line(out, "mailengine_resident_memory_bytes", "gauge", "Resident memory of the engine.",
+          s["memory_bytes"])
+    return "\n".join(out) + "\n"

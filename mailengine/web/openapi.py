@@ -1,0 +1,162 @@
+"""The OpenAPI 3.1 description of /api/v1/, served at /api/v1/openapi.json (and kept, generated,
+in docs/openapi.json)."""
+from __future__ import annotations
+
+from .. import __version__
+
+_ERR = {"description": "Error", "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _json(ref: str, desc: str) -> dict:
+    return {"description": desc, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+_ACTION = {"name": "action", "in": "path", "required": True,
+           "schema": {"type": "string", "enum": ["delete", "hold", "release", "retry"]}}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+       "description": "Queue id, e.g. P1234T1764457200C123456@host"}
+
+
+def openapi() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "MailEngine HTTP API", "version": __version__,
+                 "description": (
+                     "Inject mail, query and act on the queue, read statistics. Authenticate "
+                     "with 'Authorization: Bearer TOKEN' (tokens: HOME/api-tokens.txt, made on "
+                     "the web admin's API tokens page). Only clients allowed by network.web_ip "
+                     "reach the port. After a wrong token the client address is refused (429) "
+                     "for a time that doubles with each failure in a row.")},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/v1/messages": {"post": {
+                "summary": "Inject one message for one or many recipients",
+                "description": (
+                    "Stored in the spool like mail received by SMTP (on disk, fsync'ed, "
+                    "before the 202). Without substitutions one message is stored for all "
+                    "recipients; with substitutions (or defaults) each recipient gets a "
+                    "personal copy in which {{key}} is replaced ({{to}} is the recipient)."),
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Inject"},
+                    "examples": {
+                        "parts": {"value": {
+                            "from": "news@example.org", "to": ["a@example.com"],
+                            "headers": {"Subject": "Hello", "From": "News <news@example.org>"},
+                            "body": "Hello!\n"}},
+                        "personal": {"value": {
+                            "from": "news@example.org",
+                            "to": ["ann@example.com", "bob@example.net"],
+                            "headers": {"Subject": "Hi {{name}}"}, "body": "Dear {{name}},\n",
+                            "substitutions": {"ann@example.com": {"name": "Ann"}},
+                            "defaults": {"name": "reader"}}},
+                        "raw": {"value": {
+                            "from": "app@example.org", "to": ["x@example.com"],
+                            "raw": "From: app@example.org\r\nSubject: raw\r\n\r\nbody\r\n"}}}}}},
+                "responses": {"202": _json("Injected", "Stored; the queue ids"),
+                              "400": _ERR, "401": _ERR, "403": _ERR, "429": _ERR,
+                              "503": _ERR}}},
+            "/api/v1/stats": {"get": {
+                "summary": "Counters, queue size, connections, busiest destinations",
+                "responses": {"200": _json("Stats", "Statistics"), "401": _ERR}}},
+            "/api/v1/queue": {"get": {
+                "summary": "Queued messages (oldest first)",
+                "parameters": [
+                    {"name": "domain", "in": "query", "schema": {"type": "string"}},
+                    {"name": "state", "in": "query", "schema": {"type": "string", "enum": [
+                        "ready", "sending", "held", "waiting for retry", "paused"]}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "maximum": 1000, "default": 100}}],
+                "responses": {"200": _json("QueueList", "Messages"), "401": _ERR}}},
+            "/api/v1/queue/domains": {"get": {
+                "summary": "The queue by destination domain",
+                "responses": {"200": {"description": "Domains"}, "401": _ERR}}},
+            "/api/v1/queue/domains/{domain}/{action}": {"post": {
+                "summary": "Delete, hold, release or retry now every message for a domain",
+                "parameters": [{"name": "domain", "in": "path", "required": True,
+                                "schema": {"type": "string"}}, _ACTION],
+                "responses": {"200": _json("ActionResult", "Done"), "401": _ERR,
+                              "409": _ERR, "501": _ERR}}},
+            "/api/v1/queue/{id}": {
+                "get": {"summary": "One message: state, recipients, .inf and history",
+                        "parameters": [_ID],
+                        "responses": {"200": _json("QueuedMessage", "The message"),
+                                      "404": _ERR}},
+                "delete": {"summary": "Delete a message", "parameters": [_ID],
+                           "responses": {"200": _json("ActionResult", "Deleted"),
+                                         "404": _ERR, "409": _ERR, "501": _ERR}}},
+            "/api/v1/queue/{id}/{action}": {"post": {
+                "summary": "Delete, hold, release or retry now one message",
+                "parameters": [_ID, _ACTION],
+                "responses": {"200": _json("ActionResult", "Done"), "404": _ERR,
+                              "409": _ERR, "501": _ERR}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics (text format; no token needed)",
+                "security": [],
+                "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"],
+                          "properties": {"error": {"type": "string"}}},
+                "Inject": {
+                    "type": "object", "required": ["from", "to"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "from": {"type": "string", "description": "Envelope sender; '' = <>"},
+                        "to": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        "headers": {"oneOf": [
+                            {"type": "object", "additionalProperties": {"type": "string"}},
+                            {"type": "array", "items": {"type": "array", "minItems": 2,
+                                                        "maxItems": 2,
+                                                        "items": {"type": "string"}}}]},
+                        "body": {"type": "string"},
+                        "raw": {"type": "string", "description": "RFC 5322 message"},
+                        "raw_base64": {"type": "string", "contentEncoding": "base64"},
+                        "substitutions": {"type": "object", "additionalProperties": {
+                            "type": "object", "additionalProperties": {"type": "string"}}},
+                        "defaults": {"type": "object",
+                                     "additionalProperties": {"type": "string"}}}},
+                "Injected": {"type": "object", "properties": {
+                    "ids": {"type": "array", "items": {"type": "string"}},
+                    "messages": {"type": "array", "items": {"type": "object", "properties": {
+                        "id": {"type": "string"},
+                        "to": {"type": "array", "items": {"type": "string"}},
+                        "local": {"type": "array", "items": {"type": "string"}},
+                        "size": {"type": "integer"}}}}}},
+                "Stats": {"type": "object", "properties": {
+                    "received": {"type": "integer"}, "sent": {"type": "integer"},
+                    "failed": {"type": ["integer", "null"]},
+                    "queue_messages": {"type": "integer"},
+                    "inbound_connections": {"type": "integer"},
+                    "outbound_connections": {"type": "integer"},
+                    "memory_bytes": {"type": "integer"},
+                    "destinations": {"type": "array", "items": {"type": "object"}}}},
+                "QueuedMessage": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "from": {"type": "string"},
+                    "to": {"type": "array", "items": {"type": "string"}},
+                    "state": {"type": "string"}, "held": {"type": "boolean"},
+                    "tries": {"type": "integer"},
+                    "retry_time": {"type": ["string", "null"]},
+                    "history": {"type": "array", "items": {"type": "string"}},
+                    "inf": {"type": "string"}}},
+                "QueueList": {"type": "object", "properties": {
+                    "total": {"type": "integer"}, "offset": {"type": "integer"},
+                    "messages": {"type": "array",
+                                 "items": {"$ref": "#/components/schemas/QueuedMessage"}}}},
+                "ActionResult": {"type": "object", "properties": {
+                    "action": {"type": "string"},
+                    "done": {"type": "array", "items": {"type": "string"}},
+                    "not_done": {"type": "object",
+                                 "additionalProperties": {"type": "string"}}}},
+            }},
+    }
+
+
+if __name__ == "__main__":  # python -m mailengine.web.openapi > docs/openapi.json
+    import json
+    print(json.dumps(openapi(), indent=2, ensure_ascii=False))

@@ -1,0 +1,142 @@
+"""What the web admin and the API show of the queue: messages, destinations, one message.
+
+The running engine's delivery part holds every queued message in memory
+(`engine.delivery.messages`), so listing the queue costs no directory scan. Without a delivery
+engine (not built, or stopped), retry/ is read from disk, at most SCAN_LIMIT `.inf` files.
+Actions (delete, hold, release, retry now) go through mailengine.queueops when it is there.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+
+from ..envelope import InfError, Message
+from ..scheduler import domain_of
+
+SCAN_LIMIT = 20000
+WHERE = ("retry", "working")
+
+
+def queued_messages(engine) -> list[Message]:
+    delivery = getattr(engine, "delivery", None)
+    if delivery is not None and getattr(delivery, "_running", True):
+        return list(delivery.messages.values())
+    out = []
+    d = engine.spool.dir("retry")
+    try:
+        names = [n[:-4] for n in os.listdir(d) if n.endswith(".inf") and not n.startswith(".")]
+    except FileNotFoundError:
+        return out
+    for mid in sorted(names)[:SCAN_LIMIT]:
+        try:
+            out.append(engine.spool.load(mid, "retry"))
+        except (OSError, InfError):
+            continue
+    return out
+
+
+def state_of(engine, msg: Message, now: dt.datetime | None = None) -> str:
+    delivery = getattr(engine, "delivery", None)
+    if delivery is not None and msg.id in getattr(delivery, "attempts", {}):
+        return "sending"
+    if msg.held:
+        return "held"
+    now = now or dt.datetime.now()
+    if msg.retry_time is not None and msg.retry_time > now:
+        return "waiting for retry"
+    if engine.cfg.queue.pause_sending:
+        return "paused"
+    return "ready"
+
+
+@dataclass
+class DomainRow:
+    domain: str
+    messages: int = 0
+    recipients: int = 0
+    held: int = 0
+    sending: int = 0
+    waiting: int = 0
+    oldest: dt.datetime | None = None
+    next_retry: dt.datetime | None = None
+    last_log: str = ""
+    _last_time: dt.datetime | None = field(default=None, repr=False)
+
+
+def by_domain(engine, msgs: list[Message]) -> list[DomainRow]:
+    now = dt.datetime.now()
+    rows: dict[str, DomainRow] = {}
+    for m in msgs:
+        state = state_of(engine, m, now)
+        for dom in {domain_of(r) for r in m.rcpt_to_send}:
+            row = rows.get(dom)
+            if row is None:
+                row = rows[dom] = DomainRow(dom)
+            row.messages += 1
+            row.recipients += sum(1 for r in m.rcpt_to_send if domain_of(r) == dom)
+            row.held += state == "held"
+            row.sending += state == "sending"
+            if state == "waiting for retry":
+                row.waiting += 1
+                if row.next_retry is None or m.retry_time < row.next_retry:
+                    row.next_retry = m.retry_time
+            if row.oldest is None or m.time_created < row.oldest:
+                row.oldest = m.time_created
+            if m.log and (row._last_time is None or m.time_created >= row._last_time):
+                row._last_time, row.last_log = m.time_created, m.log[-1]
+    return sorted(rows.values(), key=lambda r: (-r.recipients, r.domain))
+
+
+def in_domain(msgs: list[Message], domain: str) -> list[Message]:
+    domain = domain.lower()
+    return [m for m in msgs if any(domain_of(r) == domain for r in m.rcpt_to_send)]
+
+
+def find(engine, msg_id: str) -> tuple[Message | None, str | None]:
+    """(message, directory) of a queued message, looked up in memory first, then on disk."""
+    if "/" in msg_id or msg_id.startswith(".") or not msg_id:
+        return None, None
+    delivery = getattr(engine, "delivery", None)
+    msg = delivery.messages.get(msg_id) if delivery is not None else None
+    for where in WHERE:
+        if os.path.exists(engine.spool.inf_path(msg_id, where)):
+            if msg is None:
+                try:
+                    msg = engine.spool.load(msg_id, where)
+                except (OSError, InfError):
+                    return None, where
+            return msg, where
+    return msg, None
+
+
+def inf_text(engine, msg_id: str, where: str | None) -> str:
+    if where is None:
+        return ""
+    try:
+        with open(engine.spool.inf_path(msg_id, where), "rb") as f:
+            return f.read(1 << 20).decode("utf-8", "replace")
+    except OSError as e:
+        return f"(cannot read: {e.strerror})"
+
+
+def head_of_data(engine, msg_id: str, where: str | None, limit: int = 16384) -> str:
+    """The header block of ID.dat (at most `limit` bytes)."""
+    if where is None:
+        return ""
+    try:
+        with open(engine.spool.dat_path(msg_id, where), "rb") as f:
+            data = f.read(limit)
+    except OSError as e:
+        return f"(cannot read: {e.strerror})"
+    end = data.find(b"\r\n\r\n")
+    return data[: end if end >= 0 else len(data)].decode("utf-8", "replace")
+
+
+def to_json(engine, m: Message, now: dt.datetime | None = None) -> dict:
+    return {"id": m.id, "from": m.mail_from, "to": list(m.rcpt_to_send),
+            "sent": list(m.rcpt_sent), "failed": list(m.rcpt_failed),
+            "created": m.time_created.isoformat(), "size": m.size,
+            "retry_time": m.retry_time.isoformat() if m.retry_time else None,
+            "tries": m.send_tries, "status": m.status, "held": m.held,
+            "state": state_of(engine, m, now)}

@@ -1,0 +1,170 @@
+"""Settings changed from the web admin: form text -> checked values -> mailengine.toml -> engine.
+
+Values are checked with config.coerce, the rules the config file obeys. They are written into
+HOME/mailengine.toml with tomlkit, so every comment and the order of the file stay as they are
+(write to a temporary file, then rename). A setting whose `restart` flag is False is applied to
+the running engine at once (engine.cfg.set, then the parts that keep derived state are told:
+policy, inbound listener, delivery); the others are only saved and shown as "takes effect after
+restart" until then.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import tomlkit
+
+from ..config import BY_NAME, CONFIG_FILE, SECTION_TITLES, SETTINGS, ConfigError, coerce
+from ..setting import Setting
+
+log = logging.getLogger("mailengine.web")
+
+
+def form_text(s: Setting, value: Any) -> str:
+    """A value as the settings form shows it."""
+    if s.kind.startswith("list"):
+        return "\n".join(_num(v) if isinstance(v, float) else str(v) for v in value)
+    if isinstance(value, float):
+        return _num(value)
+    return str(value)
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if v == int(v) else repr(v)
+
+
+def parse_field(s: Setting, raw: str | None) -> Any:
+    """Form text (None: an unticked checkbox) -> a value for coerce; ConfigError when malformed."""
+    if s.kind == "bool":
+        return raw is not None and raw not in ("", "0", "false", "off")
+    raw = (raw or "").strip()
+    if s.kind in ("int", "float"):
+        try:
+            return float(raw) if s.kind == "float" or "." in raw else int(raw)
+        except ValueError:
+            raise ConfigError(f"{s.name} = {raw!r}: must be a number") from None
+    if s.kind == "str":
+        return raw
+    if s.kind == "list[str]":
+        return [ln.strip() for ln in raw.splitlines() if ln.strip()]
+    if s.kind == "list[float]":
+        out = []
+        for part in re.split(r"[\s,]+", raw):
+            if part:
+                try:
+                    out.append(float(part))
+                except ValueError:
+                    raise ConfigError(f"{s.name}: {part!r} is not a number") from None
+        return out
+    raise ConfigError(f"{s.name}: cannot edit a {s.kind} here")
+
+
+def read_file_values(home) -> dict[str, Any]:
+    """The values written in mailengine.toml (defaults for keys it lacks), checked."""
+    path = home / CONFIG_FILE
+    out = {s.name: s.default for s in SETTINGS}
+    try:
+        doc = tomlkit.parse(path.read_text())
+    except (OSError, tomlkit.exceptions.ParseError):
+        return out
+    for sec, body in doc.items():
+        if not isinstance(body, dict):
+            continue
+        for key, value in body.items():
+            name = f"{sec}.{key}"
+            if name in BY_NAME:
+                try:
+                    out[name] = coerce(BY_NAME[name], _plain(value))
+                except ConfigError:
+                    pass
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """tomlkit items -> plain Python values."""
+    if hasattr(value, "unwrap"):
+        return value.unwrap()
+    return value
+
+
+def _toml_item(value: Any) -> Any:
+    if isinstance(value, float) and value == int(value):
+        return int(value)
+    if isinstance(value, list):
+        arr = tomlkit.array()
+        for v in value:
+            arr.append(int(v) if isinstance(v, float) and v == int(v) else v)
+        return arr
+    return value
+
+
+def save(home, changes: dict[str, Any]) -> None:
+    """Write `changes` ("section.key" -> checked value) into mailengine.toml, keeping comments."""
+    path = home / CONFIG_FILE
+    try:
+        doc = tomlkit.parse(path.read_text())
+    except FileNotFoundError:
+        doc = tomlkit.document()
+    for name, value in changes.items():
+        s = BY_NAME[name]
+        if s.section not in doc:
+            table = tomlkit.table()
+            table.comment(SECTION_TITLES.get(s.section, s.section))
+            doc[s.section] = table
+        doc[s.section][s.key] = _toml_item(value)
+    tmp = path.with_name(path.name + ".web.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(tomlkit.dumps(doc))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def apply(engine, changes: dict[str, Any]) -> None:
+    """Apply live-changeable settings to the running engine."""
+    cfg = engine.cfg
+    for name, value in changes.items():
+        cfg.set(name, value)
+    policy = getattr(engine, "policy", None)
+    if policy is not None:
+        policy.reload(cfg)
+    inbound = getattr(engine, "inbound", None)
+    if inbound is not None:
+        inbound.apply(cfg)
+    delivery = getattr(engine, "delivery", None)
+    if delivery is not None:
+        if "queue.pause_sending" in changes and hasattr(delivery, "set_paused"):
+            delivery.set_paused(cfg.queue.pause_sending)
+        if hasattr(delivery, "apply"):
+            delivery.apply(cfg)
+    log.info("settings changed from the web admin: %s",
+             ", ".join(f"{k} = {v!r}" for k, v in changes.items()))
+
+
+def submit(engine, section: str, form) -> tuple[dict[str, str], list[str], list[str]]:
+    """Handle one section's form. Returns (errors by name, applied names, restart names).
+    Nothing is saved when any field is wrong."""
+    errors: dict[str, str] = {}
+    new: dict[str, Any] = {}
+    for s in SETTINGS:
+        if s.section != section:
+            continue
+        if s.kind != "bool" and s.name not in form:
+            continue  # not on the form: unchanged
+        try:
+            new[s.name] = coerce(s, parse_field(s, form.get(s.name)))
+        except ConfigError as e:
+            errors[s.name] = str(e)
+    if errors:
+        return errors, [], []
+    saved = read_file_values(engine.cfg.home)
+    live = {n: v for n, v in new.items() if not BY_NAME[n].restart and v != engine.cfg.values[n]}
+    later = {n: v for n, v in new.items() if BY_NAME[n].restart and v != saved[n]}
+    to_file = {**live, **later}  # what differs from what the form showed
+    if to_file:
+        save(engine.cfg.home, to_file)
+    if live:
+        apply(engine, live)
+    return {}, sorted(live), sorted(later)

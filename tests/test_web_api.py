@@ -1,0 +1,571 @@
+"""The web admin, the HTTP API and /metrics over real HTTP, against a real engine process.
+
+The client is http.client (no redirects followed, cookies kept by hand), so every status code
+and header is what the engine sent. Injected mail is checked in mailq/ and, with delivery on,
+at an SMTP sink.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import smtplib
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from mailengine.envelope import parse_inf
+from mailengine.testing.engine import RunningEngine, free_port
+from mailengine.testing.sink import ThreadedSink
+from mailengine.web.openapi import openapi
+
+TOKEN = "s3cret-token-for-tests"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+class Client:
+    """A tiny HTTP client that keeps cookies and never follows redirects."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None):
+        self.port, self.host, self.source = port, host, source
+        self.cookies: dict[str, str] = {}
+
+    def request(self, method: str, path: str, body=None, headers=None, form=None, js=None):
+        headers = dict(headers or {})
+        if form is not None:
+            body = urllib.parse.urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        if js is not None:
+            body = json.dumps(js)
+            headers["Content-Type"] = "application/json"
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=15,
+                                          source_address=(self.source, 0) if self.source else None)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+        finally:
+            conn.close()
+        for h in r.headers.get_all("Set-Cookie") or []:
+            name, _, rest = h.partition("=")
+            value = rest.split(";", 1)[0]
+            if value in ("", '""') or "Max-Age=0" in h or "expires=Thu, 01 Jan 1970" in h:
+                self.cookies.pop(name, None)
+            else:
+                self.cookies[name] = value
+        r.body = data
+        r.text = data.decode("utf-8", "replace")
+        return r
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, **kw):
+        return self.request("POST", path, **kw)
+
+    def api(self, method, path, token=TOKEN, js=None):
+        h = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        r = self.request(method, path, headers=h, js=js)
+        r.json = json.loads(r.body) if r.body else None
+        return r
+
+    def csrf(self, path: str) -> str:
+        r = self.get(path)
+        m = re.search(r'name="csrf" value="([^"]+)"', r.text)
+        assert m, r.text[:500]
+        return m.group(1)
+
+    def login(self, user="admin", password="opensesame"):
+        token = self.csrf("/gui/login")
+        return self.post("/gui/login", form={"csrf": token, "user": user, "password": password,
+                                             "next": "/gui/admin"})
+
+
+def make_home(tmp_path: Path, password: bool = True, tokens: bool = True) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    if password:
+        (home / "password.txt").write_text("# users of the web admin\nadmin:opensesame\n")
+    if tokens:
+        (home / "api-tokens.txt").write_text(f"tests:{TOKEN}\n")
+    return home
+
+
+def engine(home: Path, settings: dict | None = None) -> RunningEngine:
+    port = free_port()
+    eng = RunningEngine(home, {"network.web_port": port, "network.web_ip": "127.0.0.1",
+                               **(settings or {})})
+    eng.web_port = port
+    return eng
+
+
+def wait_web(eng, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            Client(eng.web_port).get("/api/v1/openapi.json")
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def running(tmp_path):
+    with engine(make_home(tmp_path)) as eng:
+        wait_web(eng)
+        yield eng
+
+
+# --- the admin: login, sessions, CSRF -------------------------------------------------------------
+
+def test_root_leads_to_admin_and_admin_to_login(running):
+    c = Client(running.web_port)
+    r = c.get("/")
+    assert r.status == 302 and r.headers["Location"] == "/gui/admin"
+    r = c.get("/gui/admin/settings")
+    assert r.status == 302
+    assert urllib.parse.unquote(r.headers["Location"]) == "/gui/login?next=/gui/admin/settings"
+    r = c.get("/gui/login")
+    assert r.status == 200 and 'name="password"' in r.text
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+
+
+def test_login_then_pages_then_logout(running):
+    c = Client(running.web_port)
+    r = c.login()
+    assert r.status == 303 and r.headers["Location"] == "/gui/admin"
+    assert "mailengine_session" in c.cookies
+    set_cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+    for path in ("/gui/admin", "/gui/admin/settings", "/gui/admin/queue",
+                 "/gui/admin/queue/messages", "/gui/admin/lists", "/gui/admin/tokens",
+                 "/gui/admin/account"):
+        r = c.get(path)
+        assert r.status == 200, (path, r.text[:300])
+        assert "Log out" in r.text
+    r = c.get("/gui/admin/status.json")
+    assert r.status == 200 and "history" in json.loads(r.body)
+    csrf = c.csrf("/gui/admin")
+    r = c.post("/gui/logout", form={"csrf": csrf})
+    assert r.status == 303
+    assert c.get("/gui/admin").status == 302
+
+
+def test_refused_logins_are_slowed_down(running):
+    c = Client(running.web_port)
+    r = c.login(password="wrong")
+    assert r.status == 401 and "Wrong user name or password" in r.text
+    assert "mailengine_session" not in c.cookies
+    # At once again, even with the right password: refused while the delay runs.
+    r = c.login()
+    assert r.status == 429 and "Too many failed logins" in r.text
+    time.sleep(0.6)
+    assert c.login(password="wrong again").status == 401
+    time.sleep(0.6)  # the second delay is 1 s
+    assert c.login().status == 429
+    time.sleep(0.5)
+    assert c.login(user="nobody", password="opensesame").status == 401  # unknown user: same
+    time.sleep(2.1)
+    r = c.login()
+    assert r.status == 303 and "mailengine_session" in c.cookies
+
+
+def test_login_and_forms_need_csrf_tokens(running):
+    c = Client(running.web_port)
+    c.get("/gui/login")
+    r = c.post("/gui/login", form={"user": "admin", "password": "opensesame"})
+    assert r.status == 403 and "CSRF" in r.text
+    assert c.login().status == 303
+    r = c.post("/gui/admin/settings/limits", form={"limits.max_recipients": "5"})
+    assert r.status == 403 and "CSRF" in r.text
+    r = c.post("/gui/admin/settings/limits", form={"limits.max_recipients": "5",
+                                                   "csrf": "forged"})
+    assert r.status == 403
+    text = (running.home / "mailengine.toml").read_text()
+    assert "max_recipients" not in text
+    # Another browser's session id is not a CSRF token.
+    other = Client(running.web_port)
+    other.login()
+    r = c.post("/gui/admin/settings/limits",
+               form={"limits.max_recipients": "5", "csrf": other.cookies["mailengine_session"]})
+    assert r.status == 403
+
+
+def test_no_password_file_says_how_to_make_one(tmp_path):
+    home = make_home(tmp_path, password=False)
+    with engine(home) as eng:
+        wait_web(eng)
+        c = Client(eng.web_port)
+        r = c.get("/gui/login")
+        assert "password.txt" in r.text and "admin:opensesame" in r.text
+        assert str(home / "password.txt") in r.text
+        r = c.login()
+        assert r.status == 401 and "Nobody can log in" in r.text
+    assert "no users" in eng.output.decode()
+
+
+def test_client_outside_web_ip_gets_403(tmp_path):
+    home = make_home(tmp_path)
+    with engine(home, {"network.web_ip": "127.0.0.2"}) as eng:
+        wait_web_any = time.monotonic() + 10
+        while True:  # the port is bound on 127.0.0.1 (web_ip is a loopback address)
+            try:
+                r = Client(eng.web_port).get("/gui/login")
+                break
+            except OSError:
+                assert time.monotonic() < wait_web_any
+                time.sleep(0.05)
+        assert r.status == 403
+        assert "127.0.0.1" in r.text and "127.0.0.2" in r.text and "web_ip" in r.text
+        c = Client(eng.web_port)
+        assert c.get("/").status == 403
+        r = c.api("GET", "/api/v1/stats")
+        assert r.status == 403 and "not allowed" in r.json["error"]
+        assert c.get("/metrics").status == 403
+        assert c.post("/gui/login", form={"user": "admin", "password": "opensesame"}).status == 403
+        # From the allowed address all is well.
+        ok = Client(eng.web_port, source="127.0.0.2")
+        assert ok.get("/gui/login").status == 200
+        assert ok.login().status == 303
+        assert ok.api("GET", "/api/v1/stats").status == 200
+
+
+def test_web_ip_zero_turns_the_admin_off_and_web_port_zero_too(tmp_path):
+    home = make_home(tmp_path)
+    with engine(home, {"network.web_ip": "0"}) as eng:
+        time.sleep(0.3)
+        with pytest.raises(OSError):
+            Client(eng.web_port).get("/")
+    assert 'web admin is off (network.web_ip = "0")' in eng.output.decode()
+
+
+def test_password_change_is_stored_hashed(running):
+    c = Client(running.web_port)
+    c.login()
+    csrf = c.csrf("/gui/admin/account")
+    r = c.post("/gui/admin/account", form={"csrf": csrf, "current": "opensesame",
+                                           "new": "a-much-better-one", "again": "a-much-better-one"})
+    assert r.status == 303
+    text = (running.home / "password.txt").read_text()
+    assert "opensesame" not in text and "admin:scrypt$" in text
+    assert "# users of the web admin" in text
+    time.sleep(0.05)
+    other = Client(running.web_port)
+    assert other.login(password="opensesame").status == 401
+    time.sleep(0.6)
+    assert other.login(password="a-much-better-one").status == 303
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def ehlo_size(port: int) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("t.test")
+        return int(s.esmtp_features["size"])
+
+
+def test_settings_change_applies_at_once_and_keeps_the_file_comments(running):
+    path = running.home / "mailengine.toml"
+    path.write_text("# my own comment, kept\n" + path.read_text())
+    c = Client(running.web_port)
+    c.login()
+    assert ehlo_size(running.smtp_port) == 10485760
+    csrf = c.csrf("/gui/admin/settings")
+    r = c.post("/gui/admin/settings/limits", form={
+        "csrf": csrf, "limits.max_message_size": "2048000", "limits.max_recipients": "3"})
+    assert r.status == 303
+    page = c.get("/gui/admin/settings")
+    assert "applied now: limits.max_message_size, limits.max_recipients" in page.text
+    assert ehlo_size(running.smtp_port) == 2048000  # the running listener took it
+    with smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=10) as s:
+        s.ehlo("t.test")
+        s.mail("a@src.test")
+        codes = [s.rcpt(f"r{i}@dest.test")[0] for i in range(4)]
+    assert codes == [250, 250, 250, 452]
+    text = path.read_text()
+    assert text.startswith("# my own comment, kept\n")
+    data = tomllib.loads(text)
+    assert data["limits"]["max_message_size"] == 2048000
+    assert data["limits"]["max_recipients"] == 3
+    # A policy setting reaches the policy at once too.
+    csrf = c.csrf("/gui/admin/settings")
+    r = c.post("/gui/admin/settings/policy", form={
+        "csrf": csrf, "policy.refused_mail_from": "spammer\nbad.example",
+        "policy.relay_ips": "127.0.0.1", "policy.rcpt_relay_domains": "",
+        "policy.refused_mail_servers": ""})
+    assert r.status == 303
+    with smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=10) as s:
+        s.ehlo("t.test")
+        assert s.mail("spammer@src.test")[0] == 550
+    assert tomllib.loads(path.read_text())["policy"]["refused_mail_from"] == [
+        "spammer", "bad.example"]
+
+
+def test_settings_refuse_bad_values_and_mark_restart_ones(running):
+    path = running.home / "mailengine.toml"
+    before = path.read_text()
+    c = Client(running.web_port)
+    c.login()
+    csrf = c.csrf("/gui/admin/settings")
+    r = c.post("/gui/admin/settings/limits", form={
+        "csrf": csrf, "limits.max_message_size": "12", "limits.smtp_receive_timeout": "abc"})
+    assert r.status == 400
+    assert "must be at least 1024" in r.text and "must be a number" in r.text
+    assert "Nothing was saved" in r.text
+    assert path.read_text() == before
+    r = c.post("/gui/admin/settings/policy", form={"csrf": csrf, "policy.relay_ips": "1.2.3"})
+    assert r.status == 400 and "not an IP address" in r.text
+    # A setting that needs a restart: saved, not applied, and shown as pending.
+    new_port = free_port()
+    r = c.post("/gui/admin/settings/network", form={
+        "csrf": csrf, "network.smtp_port": str(new_port)})
+    assert r.status == 303
+    page = c.get("/gui/admin/settings")
+    assert "takes effect after restart: network.smtp_port" in page.text
+    assert f"saved; running: {running.smtp_port}" in page.text
+    assert tomllib.loads(path.read_text())["network"]["smtp_port"] == new_port
+    assert ehlo_size(running.smtp_port) > 0  # still listening where it was
+
+
+def test_every_setting_is_on_the_settings_page_with_its_doc(running):
+    from mailengine.config import SECTION_TITLES, SETTINGS
+    c = Client(running.web_port)
+    c.login()
+    page = c.get("/gui/admin/settings").text
+    for s in SETTINGS:
+        assert f'name="{s.name}"' in page, s.name
+        assert s.doc.split("'")[0][:40].replace("&", "&amp;") in page.replace("&#39;", "'"), s.name
+    for title in SECTION_TITLES.values():
+        assert title in page
+
+
+# --- the API -------------------------------------------------------------------------------------
+
+def test_api_refuses_missing_and_wrong_tokens_and_slows_down(running):
+    c = Client(running.web_port)
+    r = c.api("GET", "/api/v1/stats", token=None)
+    assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+    time.sleep(0.6)
+    r = c.api("GET", "/api/v1/stats", token="wrong")
+    assert r.status == 401
+    r = c.api("GET", "/api/v1/stats")  # right, but too soon after a wrong one
+    assert r.status == 429 and "wait" in r.json["error"]
+    time.sleep(1.1)
+    r = c.api("GET", "/api/v1/stats")
+    assert r.status == 200 and r.json["received"] == 0
+    r = c.api("POST", "/api/v1/messages", token="wrong",
+              js={"from": "a@b.test", "to": ["c@d.test"], "body": "x"})
+    assert r.status == 401
+    assert not list((running.mailq / "retry").glob("*.inf"))
+
+
+def test_no_token_file_says_how_to_make_one(tmp_path):
+    with engine(make_home(tmp_path, tokens=False)) as eng:
+        wait_web(eng)
+        r = Client(eng.web_port).api("GET", "/api/v1/stats")
+        assert r.status == 401 and "api-tokens.txt" in r.json["error"]
+
+
+def test_tokens_made_in_the_admin_are_stored_hashed_and_work(running):
+    c = Client(running.web_port)
+    c.login()
+    csrf = c.csrf("/gui/admin/tokens")
+    r = c.post("/gui/admin/tokens", form={"csrf": csrf, "name": "app1"})
+    assert r.status == 200
+    token = re.search(r'<pre id="new-token">([^<]+)</pre>', r.text).group(1)
+    text = (running.home / "api-tokens.txt").read_text()
+    assert token not in text and "app1:sha256$" in text
+    assert c.api("GET", "/api/v1/stats", token=token).status == 200
+    c.post("/gui/admin/tokens", form={"csrf": csrf, "name": "app1", "revoke": "1"})
+    assert c.api("GET", "/api/v1/stats", token=token).status == 401
+
+
+def test_inject_one_message_for_many_recipients_is_on_disk_before_the_reply(running):
+    c = Client(running.web_port)
+    r = c.api("POST", "/api/v1/messages", js={
+        "from": "news@src.test", "to": ["a@dest.test", "b@dest.test", "c@other.test"],
+        "headers": {"Subject": "Grüße", "From": "News <news@src.test>", "To": "list@src.test"},
+        "body": "line one\nline two\n.dot line\n"})
+    assert r.status == 202, r.json
+    (msg_id,) = r.json["ids"]
+    retry = running.mailq / "retry"
+    inf = parse_inf((retry / f"{msg_id}.inf").read_bytes())
+    assert inf.mail_from == "news@src.test"
+    assert inf.rcpt_to_send == ["a@dest.test", "b@dest.test", "c@other.test"]
+    assert inf.received["helo"] == "http-api" and inf.received["peertcpip"] == "127.0.0.1"
+    assert inf.auth_user == "tests"
+    data = (retry / f"{msg_id}.dat").read_bytes()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Subject: =?utf-8?" in head and b"\r\nDate: " in head and b"Message-ID: <" in head
+    assert body == b"line one\r\nline two\r\n.dot line\r\n"
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    stats = c.api("GET", "/api/v1/stats").json
+    assert stats["received"] == 1 and stats["received_relay"] == 1
+    metrics = c.get("/metrics").text
+    assert 'mailengine_received_total{kind="relay"} 1' in metrics
+    # The queue API sees it.
+    q = c.api("GET", "/api/v1/queue").json
+    assert q["total"] == 1 and q["messages"][0]["id"] == msg_id
+    assert q["messages"][0]["state"] == "paused"
+    q = c.api("GET", "/api/v1/queue?domain=other.test").json
+    assert [m["id"] for m in q["messages"]] == [msg_id]
+    assert c.api("GET", "/api/v1/queue?domain=none.test").json["total"] == 0
+    doms = {d["domain"]: d for d in c.api("GET", "/api/v1/queue/domains").json["domains"]}
+    assert doms["dest.test"]["recipients"] == 2 and doms["other.test"]["recipients"] == 1
+    one = c.api("GET", f"/api/v1/queue/{urllib.parse.quote(msg_id)}").json
+    assert one["to"] == inf.rcpt_to_send and "rcpttosend=" in one["inf"]
+    assert c.api("GET", "/api/v1/queue/nothing@here").status == 404
+
+
+def test_inject_with_substitutions_makes_one_message_per_recipient(running):
+    c = Client(running.web_port)
+    r = c.api("POST", "/api/v1/messages", js={
+        "from": "news@src.test", "to": ["ann@dest.test", "bob@dest.test"],
+        "headers": [["Subject", "Hello {{name}}"], ["X-Tag", "t"], ["X-Tag", "u"]],
+        "body": "Dear {{ name }} <{{to}}>,\n",
+        "substitutions": {"ann@dest.test": {"name": "Ann"}}, "defaults": {"name": "reader"}})
+    assert r.status == 202, r.json
+    assert [m["to"] for m in r.json["messages"]] == [["ann@dest.test"], ["bob@dest.test"]]
+    retry = running.mailq / "retry"
+    ann, bob = (retry / f"{i}.dat" for i in r.json["ids"])
+    assert b"Subject: Hello Ann\r\n" in ann.read_bytes()
+    assert b"Dear Ann <ann@dest.test>,\r\n" in ann.read_bytes()
+    assert b"Subject: Hello reader\r\n" in bob.read_bytes()
+    assert bob.read_bytes().count(b"X-Tag: ") == 2
+    r = c.api("POST", "/api/v1/messages", js={
+        "from": "news@src.test", "to": ["ann@dest.test", "bob@dest.test"],
+        "raw": "Subject: {{x}}\n\nhi\n", "substitutions": {"ann@dest.test": {"x": "1"}}})
+    assert r.status == 400 and "no value for x" in r.json["error"]
+    assert "bob@dest.test" in r.json["error"]
+    assert len(list(retry.glob("*.inf"))) == 2  # nothing of the refused request was stored
+
+
+def test_inject_raw_and_refusals(running):
+    c = Client(running.web_port)
+    r = c.api("POST", "/api/v1/messages", js={
+        "from": "", "to": "x@dest.test", "raw": "From: a@src.test\nSubject: raw\n\nbody"})
+    assert r.status == 202
+    data = (running.mailq / "retry" / f"{r.json['ids'][0]}.dat").read_bytes()
+    assert data == b"From: a@src.test\r\nSubject: raw\r\n\r\nbody\r\n"
+    r = c.api("POST", "/api/v1/messages", js={
+        "from": "a@src.test", "to": ["x@dest.test"],
+        "raw_base64": "U3ViamVjdDogYjY0DQoNCmJvZHkNCg=="})
+    assert r.status == 202
+    bad = [
+        ({"to": ["x@dest.test"], "body": "x"}, "from: required"),
+        ({"from": "a@src.test", "to": [], "body": "x"}, "to: required"),
+        ({"from": "a@src.test", "to": ["not an address"], "body": "x"}, "to[0]"),
+        ({"from": "a@src.test", "to": ["x@dest.test"]}, "give headers and body"),
+        ({"from": "a@src.test", "to": ["x@dest.test"], "raw": "x", "body": "y"}, "not both"),
+        ({"from": "a@src.test", "to": ["x@dest.test"], "headers": {"Bad Name": "v"},
+          "body": "y"}, "not a header name"),
+        ({"from": "a@src.test", "to": ["x@dest.test"], "headers": {"Subject": "a\r\nBcc: x"},
+          "body": "y"}, "line break"),
+        ({"from": "a@src.test", "to": ["x@dest.test"], "body": "x", "cc": []}, "unknown fields"),
+        ({"from": "a@src.test", "to": ["x@dest.test"], "raw_base64": "!!"}, "base64"),
+    ]
+    for doc, why in bad:
+        r = c.api("POST", "/api/v1/messages", js=doc)
+        assert r.status == 400 and why in r.json["error"], (doc, r.json)
+    r = c.request("POST", "/api/v1/messages", body="{not json",
+                  headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status == 400 and b"not JSON" in r.body
+    # The policy applies as for SMTP: refused senders are refused.
+    csrf_c = Client(running.web_port)
+    csrf_c.login()
+    csrf = csrf_c.csrf("/gui/admin/settings")
+    csrf_c.post("/gui/admin/settings/policy", form={
+        "csrf": csrf, "policy.refused_mail_from": "blocked", "policy.relay_ips": "127.0.0.1"})
+    r = c.api("POST", "/api/v1/messages", js={"from": "blocked@src.test", "to": ["x@dest.test"],
+                                              "body": "x"})
+    assert r.status == 403 and "550" in r.json["error"]
+    assert len(list((running.mailq / "retry").glob("*.inf"))) == 2
+
+
+def test_inject_too_many_recipients_and_too_big(tmp_path):
+    with engine(make_home(tmp_path), {"limits.max_recipients": 2,
+                                      "limits.max_message_size": 2048}) as eng:
+        wait_web(eng)
+        c = Client(eng.web_port)
+        r = c.api("POST", "/api/v1/messages", js={
+            "from": "a@src.test", "to": ["x@d.test", "y@d.test", "z@d.test"], "body": "x"})
+        assert r.status == 400 and "limits.max_recipients" in r.json["error"]
+        r = c.api("POST", "/api/v1/messages", js={
+            "from": "a@src.test", "to": ["x@d.test"], "body": "x" * 3000})
+        assert r.status == 400 and "limits.max_message_size" in r.json["error"]
+
+
+def test_inject_reaches_a_sink(tmp_path):
+    with ThreadedSink("127.0.0.1", 0) as sink:
+        settings = {"queue.pause_sending": False, "network.helo_text": "engine.test",
+                    "basic.dns_servers": [f"sink.test,mx.sink.test,MX,127.0.0.1:{sink.port}"]}
+        with engine(make_home(tmp_path), settings) as eng:
+            wait_web(eng)
+            c = Client(eng.web_port)
+            r = c.api("POST", "/api/v1/messages", js={
+                "from": "app@src.test", "to": ["one@sink.test", "two@sink.test"],
+                "headers": {"Subject": "via the API"}, "body": "hello\n"})
+            assert r.status == 202, r.json
+            sink.wait_messages(1, timeout=20)
+            deadline = time.monotonic() + 10
+            while c.api("GET", "/api/v1/stats").json["sent"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            metrics = c.get("/metrics").text
+            assert "mailengine_sent_total 2" in metrics
+        msg = sink.messages[0]
+        assert msg.mail_from == "app@src.test"
+        assert sorted(msg.rcpts) == ["one@sink.test", "two@sink.test"]
+        assert b"Subject: via the API\r\n" in msg.data and msg.data.endswith(b"\r\nhello\r\n")
+
+
+# --- metrics, lists, OpenAPI ---------------------------------------------------------------------
+
+def test_metrics_are_prometheus_text(running):
+    r = Client(running.web_port).get("/metrics")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+    names = set()
+    for line in r.text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge")
+            names.add(name)
+        elif line and not line.startswith("#"):
+            assert re.fullmatch(r'[a-z_]+(\{[a-z]+="[a-z]+"\})? -?\d+(\.\d+)?', line), line
+    for want in ("mailengine_received_total", "mailengine_sent_total",
+                 "mailengine_queue_messages", "mailengine_inbound_connections",
+                 "mailengine_outbound_connections"):
+        assert want in names
+
+
+def test_bounce_lists_view_and_download(running):
+    (running.home / "hard-bounces.txt").write_text("a@x.test\nb@y.test\n")
+    c = Client(running.web_port)
+    c.login()
+    page = c.get("/gui/admin/lists").text
+    assert "hard-bounces.txt" in page and "soft-undeliverable.txt" in page
+    r = c.get("/gui/admin/lists/hard-bounces.txt")
+    assert "a@x.test" in r.text and "b@y.test" in r.text
+    r = c.get("/gui/admin/lists/hard-bounces.txt/download")
+    assert r.status == 200 and r.body == b"a@x.test\nb@y.test\n"
+    assert "attachment" in r.headers["Content-Disposition"]
+    assert c.get("/gui/admin/lists/soft-bounces.txt/download").body == b""
+    assert c.get("/gui/admin/lists/..%2Fpassword.txt").status == 404
+    assert c.get("/gui/admin/lists/password.txt/download").status == 404
+
+
+def test_openapi_is_served_and_kept_in_docs(running):
+    r = Client(running.web_port).get("/api/v1/openapi.json")
+    served = json.loads(r.body)
+    assert served["openapi"].startswith("3.")
+    assert "/api/v1/messages" in served["paths"]
+    assert json.loads((DOCS / "openapi.json").read_text()) == openapi(), \
+        "docs/openapi.json is stale: python -m mailengine.web.openapi > docs/openapi.json"
