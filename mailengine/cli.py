@@ -1,6 +1,7 @@
-"""The `mailengine` command: start, -bd, shutdown, test, version, help, gettcpip, dkim.
+"""The `mailengine` command: start, -bd, shutdown, test, version, help, gettcpip, dkim, and the
+operator's commands queue, config, status, send, install-service, remove-service.
 
-    mailengine [--home DIR] [--SETTING VALUE ...] COMMAND
+    mailengine [--home DIR] [--SETTING VALUE ...] COMMAND [ARGS]
 
 The home directory (config, mailq/, log/, password.txt) is --home, else $MAILENGINE_HOME, else the
 current directory. Every setting can be overridden for one run by an option named after it:
@@ -29,6 +30,12 @@ COMMANDS = {
     "help": "print this list",
     "gettcpip": "print this machine's first IP address",
     "dkim": "dkim genkey DOMAIN SELECTOR: make a DKIM key pair and print the DNS record",
+    "queue": "queue list [--messages] | show ID | delete|hold|release|retry ID|@domain|all | flush",
+    "config": "config show [KEY] | set KEY VALUE | upgrade OLD_HOME_OR_FILE",
+    "status": "rates, queue size and connections of the running engine",
+    "send": "send --from A --to B[,C] [--subject S] [--body TEXT|-]: inject a test message",
+    "install-service": "install-service [--user U]: write a systemd unit for this home",
+    "remove-service": "remove-service: remove that systemd unit",
 }
 
 
@@ -188,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return dkim.genkey_main(ns.args[1:] + (["--home", ns.home] if ns.home else []))
+    if command in OPERATOR_COMMANDS:
+        sub = sub_home(ns)
+        if sub is not None:
+            ns.home = sub
+        home = config.resolve_home(ns.home)
+        if command != "install-service" and not (home / config.CONFIG_FILE).exists():
+            print(f"No MailEngine home in {home} (no {config.CONFIG_FILE}): use --home DIR, "
+                  "or start the engine once there", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(ns)
     except config.ConfigError as e:
@@ -195,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "shutdown":
         return cmd_shutdown(cfg)
+    if command in OPERATOR_COMMANDS:
+        return OPERATOR_COMMANDS[command](cfg, ns)
     if command in ("start", "test", "daemon"):
         from . import app
         if command == "daemon":
@@ -207,6 +225,305 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"Unknown command {command!r}. Commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
+
+
+# ---------------------------------------------------------------- the operator's commands
+
+def sub_home(ns) -> str | None:
+    """`--home DIR` written after the command (`mailengine queue list --home DIR`)."""
+    args = ns.args
+    for i, a in enumerate(args):
+        if a == "--home" and i + 1 < len(args):
+            home = args[i + 1]
+            del args[i:i + 2]
+            return home
+        if a.startswith("--home="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+def control_path(cfg: config.Config, test_mode: bool = False) -> Path:
+    from . import control
+    return control.socket_path(cfg.home, test_mode)
+
+
+def engine_answer(cfg: config.Config, test_mode: bool = False) -> dict | None:
+    """The running engine's ping answer, or None when it is not running."""
+    from . import control
+    try:
+        return control.running(control_path(cfg, test_mode))
+    except control.ControlError as e:
+        raise SystemExit(f"MailEngine's control socket: {e}")
+
+
+def ask(cfg: config.Config, op: str, test_mode: bool = False, **args) -> dict:
+    from . import control
+    try:
+        return control.request(control_path(cfg, test_mode), op, **args)
+    except control.ControlError as e:
+        raise SystemExit(f"MailEngine: {e}")
+
+
+def refuse_if_alive_without_socket(cfg: config.Config, test_mode: bool) -> None:
+    """Working on the files is safe only with the engine stopped."""
+    pid = read_pid(cfg.pid_file)
+    if pid and pid != os.getpid() and pid_alive(pid) and not test_mode:
+        raise SystemExit(f"MailEngine (pid {pid}, {cfg.pid_file}) is running but does not answer "
+                         f"on {control_path(cfg)}; stop it (mailengine shutdown) or try again")
+
+
+def queue_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailengine queue", description=(
+        "Look at and change the queue. With the engine running the engine does it (memory and "
+        "disk stay consistent); with it stopped the files in mailq/ are changed directly."))
+    p.add_argument("--test", action="store_true", help="the test-mode queue (mailq-test/)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = sub.add_parser("list", help="per destination domain: counts, oldest, next retry, "
+                                     "last reply")
+    ls.add_argument("--messages", action="store_true", help="one line per message")
+    sh = sub.add_parser("show", help="one message: its .inf and its history")
+    sh.add_argument("id")
+    for a, what in (("delete", "remove from the queue (@domain: those recipients only)"),
+                    ("hold", "keep in the queue, never sent until released"),
+                    ("release", "undo hold; due at once"), ("retry", "due at once")):
+        sp = sub.add_parser(a, help=what)
+        sp.add_argument("targets", nargs="+", metavar="ID|@domain|all")
+    sub.add_parser("flush", help="every message that is not held: due at once")
+    return p
+
+
+def cmd_queue(cfg: config.Config, ns) -> int:
+    import json
+    from . import queueops
+    args = queue_parser().parse_args(ns.args)
+    test = args.test
+    alive = engine_answer(cfg, test)
+    mailq = cfg.mailq(test)
+    if alive:
+        header = f"Queue of {mailq} (engine running, pid {alive['pid']})"
+    else:
+        refuse_if_alive_without_socket(cfg, test)
+        header = f"Queue of {mailq} (engine not running: read from the files)"
+        if not mailq.is_dir():
+            print(f"No queue in {mailq}")
+            return 1
+        files = queueops.FileQueue(mailq, cfg.log_dir)
+    out = lambda obj: print(json.dumps(obj, indent=1, default=str))  # noqa: E731
+    if args.action == "list":
+        records = ask(cfg, "queue.list", test)["records"] if alive else files.records()
+        if args.json:
+            out({"running": bool(alive), "messages": records,
+                 "domains": queueops.by_domain(records)})
+        elif args.messages:
+            print(queueops.format_messages(records, header))
+        else:
+            print(queueops.format_domains(records, header))
+        return 0
+    if args.action == "show":
+        if alive:
+            info = ask(cfg, "queue.show", test, id=args.id)
+        else:
+            try:
+                info = files.show(args.id)
+            except KeyError:
+                print(f"{args.id}: no such message in {mailq}/retry or working", file=sys.stderr)
+                return 1
+        out(info) if args.json else print(queueops.format_show(info))
+        return 0
+    try:
+        targets = [queueops.parse_target(t) for t in getattr(args, "targets", [])]
+    except ValueError as e:
+        print(f"mailengine queue {args.action}: {e}", file=sys.stderr)
+        return 2
+    if alive:
+        res = ask(cfg, "queue.apply", test, action=args.action, targets=targets)
+    else:
+        res = files.apply(args.action, targets)
+    out(res) if args.json else print(queueops.format_result(res))
+    return 1 if res["not_found"] and not res["done"] else 0
+
+
+def cmd_status(cfg: config.Config, ns) -> int:
+    import json
+    p = argparse.ArgumentParser(prog="mailengine status")
+    p.add_argument("--test", action="store_true", help="the test-mode engine")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(ns.args)
+    if not engine_answer(cfg, args.test):
+        mailq = cfg.mailq(args.test)
+        pid = read_pid(cfg.pid_file)
+        print(f"MailEngine is not running in {cfg.home} (nothing answers on "
+              f"{control_path(cfg, args.test)})"
+              + (f"; but pid {pid} from {cfg.pid_file} is alive" if pid and pid_alive(pid)
+                 else ""))
+        if mailq.is_dir():
+            from .spool import Spool
+            usage = Spool(mailq, durable=False).usage()
+            print("on disk: " + ", ".join(f"{d} {n} ({_size(b)})" for d, (n, b) in usage.items()))
+        return 3
+    st = ask(cfg, "status", args.test)
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    print(format_status(st))
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + (f"{h}h " if d or h else "") + f"{m}m {s}s"
+
+
+def format_status(st: dict) -> str:
+    r, snt, q, c = st["received"], st["sent"], st["queue"], st["connections"]
+    rates = st["rates"]
+    lines = [f"{st['name']} {st['version']} running (pid {st['pid']}) in {st['home']}"
+             + (" in TEST MODE" if st.get("test_mode") else "") + f", up {_duration(st['uptime'])}",
+             f"received  {r['total']} messages ({r['relay']} relay, {r['local']} local); "
+             f"last minute {rates['1m']['recv_per_hour']}/h, last 5 minutes "
+             f"{rates['5m']['recv_per_hour']}/h, average {r['avg_per_hour']}/h",
+             f"sent      {snt['total']} recipients; last minute {rates['1m']['sent_per_hour']}/h, "
+             f"last 5 minutes {rates['5m']['sent_per_hour']}/h, average {snt['avg_per_hour']}/h"]
+    qline = f"queue     {q['messages']} messages"
+    if "recipients" in q:
+        qline += (f" ({q['recipients']} recipients to send), {q['held']} held, "
+                  f"{q['sending']} being sent")
+    lines.append(qline)
+    disk = q.get("on_disk", {})
+    lines.append("on disk   " + ", ".join(f"{d} {v['messages']} ({_size(v['bytes'])})"
+                                          for d, v in disk.items()))
+    if q.get("paused"):
+        lines.append("          SENDING IS PAUSED (queue.pause_sending)")
+    conn = []
+    if "inbound" in c:
+        conn.append(f"inbound {c['inbound']}/{c['inbound_max']} "
+                    f"({c['inbound_sessions_total']} sessions since start, "
+                    f"{c['intake_processes']} intake processes)")
+    if "outbound" in c:
+        conn.append(f"outbound {c['outbound']}/{c['outbound_max']} ({c['outbound_idle']} idle, "
+                    f"peak {c['outbound_peak']})")
+    lines.append("connections " + "; ".join(conn or ["-"]))
+    if c.get("outbound_hosts"):
+        lines.append("busiest    " + ", ".join(f"{h} {n}" for h, n in c["outbound_hosts"]))
+    return "\n".join(lines)
+
+
+def cmd_send(cfg: config.Config, ns) -> int:
+    import email.utils
+    import smtplib
+    from email.message import EmailMessage
+    p = argparse.ArgumentParser(prog="mailengine send", description=(
+        "Inject one message by SMTP into the running engine (or --server), like a small swaks."))
+    p.add_argument("--from", dest="sender", required=True, help="envelope sender and From:")
+    p.add_argument("--to", required=True, action="append",
+                   help="recipients, comma-separated (may be repeated)")
+    p.add_argument("--subject", default="MailEngine test message")
+    p.add_argument("--body", default=None, help="the body text; '-' reads it from stdin")
+    p.add_argument("--header", action="append", default=[], metavar="'Name: value'",
+                   help="an extra header (may be repeated)")
+    p.add_argument("--server", help="host:port (default: this engine's SMTP port on 127.0.0.1)")
+    p.add_argument("--helo", default=None, help="name to say in EHLO (default: this host)")
+    p.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args(ns.args)
+    rcpts = [a.strip() for t in args.to for a in t.split(",") if a.strip()]
+    if not rcpts:
+        print("mailengine send: --to names no recipient", file=sys.stderr)
+        return 2
+    if args.server:
+        host, _, port = args.server.rpartition(":")
+        if not host or not port.isdigit():
+            host, port = args.server, "25"
+        host = host.strip("[]")
+    else:
+        ips = [i for i in cfg.network.smtp_listen_ips if "/" not in i and "-" not in i]
+        host, port = (ips[0] if ips else "127.0.0.1"), str(cfg.network.smtp_port)
+        if cfg.network.smtp_port == 1:
+            print("This engine has no SMTP intake (network.smtp_port = 1); use --server",
+                  file=sys.stderr)
+            return 2
+    body = args.body
+    if body == "-":
+        body = sys.stdin.read()
+    elif body is None:
+        body = f"A test message sent by mailengine send at {time.strftime('%Y/%m/%d %H:%M:%S')}.\n"
+    msg = EmailMessage()
+    msg["From"] = args.sender
+    msg["To"] = ", ".join(rcpts)
+    msg["Subject"] = args.subject
+    msg["Date"] = email.utils.formatdate(localtime=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=args.sender.rpartition("@")[2] or None)
+    for h in args.header:
+        name, colon, value = h.partition(":")
+        if not colon or not name.strip():
+            print(f"mailengine send: --header {h!r} is not 'Name: value'", file=sys.stderr)
+            return 2
+        msg[name.strip()] = value.strip()
+    msg.set_content(body)
+    data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    try:
+        with smtplib.SMTP(host, int(port), local_hostname=args.helo,
+                          timeout=args.timeout) as s:
+            code, text = s.ehlo()
+            if code != 250:
+                code, text = s.helo()
+            print(f"connected to {host}:{port}: {s.sock.getpeername()[0] if s.sock else host}")
+            code, text = s.mail(args.sender, ["BODY=8BITMIME"] if
+                                s.has_extn("8bitmime") and not body.isascii() else [])
+            print(f"MAIL FROM:<{args.sender}> -> {code} {text.decode(errors='replace')}")
+            if code != 250:
+                return 1
+            accepted = 0
+            for a in rcpts:
+                code, text = s.rcpt(a)
+                print(f"RCPT TO:<{a}> -> {code} {text.decode(errors='replace')}")
+                accepted += 200 <= code < 300
+            if not accepted:
+                s.rset()
+                return 1
+            code, text = s.data(data)
+            print(f"DATA ({len(data)} bytes) -> {code} {text.decode(errors='replace')}")
+            return 0 if code == 250 and accepted == len(rcpts) else 1
+    except (OSError, smtplib.SMTPException) as e:
+        print(f"mailengine send: {host}:{port}: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_config(cfg: config.Config, ns) -> int:
+    from . import upgrade
+    return upgrade.config_main(cfg, ns.args, engine_answer=engine_answer, ask=ask)
+
+
+def cmd_install_service(cfg: config.Config, ns) -> int:
+    from . import service
+    return service.install_main(cfg, ns.args)
+
+
+def cmd_remove_service(cfg: config.Config, ns) -> int:
+    from . import service
+    return service.remove_main(cfg, ns.args)
+
+
+OPERATOR_COMMANDS = {
+    "queue": cmd_queue,
+    "config": cmd_config,
+    "status": cmd_status,
+    "send": cmd_send,
+    "install-service": cmd_install_service,
+    "remove-service": cmd_remove_service,
+}
 
 
 if __name__ == "__main__":
