@@ -234,9 +234,8 @@ def build(msg: Message, notice: Notice, reporting_mta: str, data: bytes | None =
         ""])
     out = _crlf(top)
     for p in parts:
-        out += _crlf(f"--{boundary}\n") + p
-        if not out.endswith(b"\r\n"):
-            out += b"\r\n"
+        # the CRLF before a boundary belongs to the boundary: one more keeps the part's last one
+        out += _crlf(f"--{boundary}\n") + p + (b"" if p.endswith(b"\r\n") else b"\r\n") + b"\r\n"
     out += _crlf(f"--{boundary}--\n")
     return out
 
