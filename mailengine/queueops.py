@@ -238,6 +238,7 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     """delete / hold / release / retry / flush on a running engine (control.py calls it)."""
     d = _delivery(engine)
     res = new_result("engine", action)
+    targets = [parse_target(t) for t in targets if str(t).strip()]
     engine.scan_dropins()  # mail dropped in since the last scan is part of "all" and "@domain"
     if action == "flush":
         action, targets = "retry", ["all"]
@@ -371,6 +372,7 @@ class FileQueue:
 
     def apply(self, action: str, targets: list[str]) -> dict:
         res = new_result("files", action)
+        targets = [parse_target(t) for t in targets if str(t).strip()]
         if action == "flush":
             action, targets = "retry", ["all"]
         good, bad = self.scan()

@@ -1,0 +1,268 @@
+"""`mailengine config show|set|upgrade`: read and change HOME/mailengine.toml from the shell.
+
+- `config show [KEY|SECTION] [--changed]`: the effective values (`postconf`-like); one key also
+  shows its meaning, default and whether a change needs a restart.
+- `config set KEY VALUE`: checked exactly as the engine and the web admin check it
+  (config.coerce), written into mailengine.toml with its comments and layout kept (tomlkit); a
+  running engine is told through the control socket when the setting allows it.
+- `config upgrade OLD_HOME_OR_FILE`: the manual's `upcfg.tcl`. Every value the old file sets is
+  carried into this home's mailengine.toml (created with this release's comments and keys when
+  missing); comments and keys new in this release stay; keys that no longer exist and values
+  this release refuses are reported, never carried. The file as it was is kept beside it as
+  `mailengine.toml.before-upgrade`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from . import config
+
+BACKUP_SUFFIX = ".before-upgrade"
+
+
+def config_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailengine config",
+                                description="Show, change and upgrade mailengine.toml.")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sh = sub.add_parser("show", help="effective values; KEY (section.key) or SECTION for part")
+    sh.add_argument("key", nargs="?")
+    sh.add_argument("--changed", action="store_true", help="only values that are not defaults")
+    st = sub.add_parser("set", help="set KEY to VALUE (checked), tell a running engine")
+    st.add_argument("key")
+    st.add_argument("value", help="TOML syntax or plain words; lists as a,b,c")
+    up = sub.add_parser("upgrade", help="carry an older config's values into this home's file")
+    up.add_argument("old", metavar="OLD_HOME_OR_FILE")
+    up.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    return p
+
+
+def config_main(cfg: config.Config, argv: list[str], engine_answer=None, ask=None) -> int:
+    args = config_parser().parse_args(argv)
+    if args.action == "show":
+        return show(cfg, args.key, args.changed)
+    if args.action == "set":
+        return cmd_set(cfg, args.key, args.value, engine_answer, ask)
+    return cmd_upgrade(cfg.home, Path(args.old), args.dry_run,
+                       running=bool(engine_answer and engine_answer(cfg)))
+
+
+# ---------------------------------------------------------------- show
+
+def show(cfg: config.Config, key: str | None, changed_only: bool = False) -> int:
+    if key and key in config.BY_NAME:
+        s = config.BY_NAME[key]
+        print(f"{s.name} = {config.toml_value(cfg.values[s.name])}")
+        print(f"  {s.doc}")
+        print(f"  default: {config.toml_value(s.default)}; "
+              + ("a change takes effect after restart" if s.restart else
+                 "a change applies to a running engine at once (config set)"))
+        return 0
+    names = [s for s in config.SETTINGS if not key or s.section == key]
+    if not names:
+        print(f"{key}: no such setting or section (sections: "
+              f"{', '.join(dict.fromkeys(s.section for s in config.SETTINGS))})", file=sys.stderr)
+        return 2
+    for s in names:
+        value = cfg.values[s.name]
+        if changed_only and value == config.coerce(s, s.default):
+            continue
+        print(f"{s.name} = {config.toml_value(value)}")
+    for w in cfg.warnings:
+        print(f"# warning: {w}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- writing the file
+
+def toml_ready(setting: config.Setting, value: Any) -> Any:
+    """The canonical value as the file writes it: whole numbers without '.0'."""
+    if setting.kind == "float" and float(value).is_integer():
+        return int(value)
+    if setting.kind == "list[float]":
+        return [int(v) if float(v).is_integer() else v for v in value]
+    return value
+
+
+def set_in_doc(doc: tomlkit.TOMLDocument, setting: config.Setting, value: Any) -> None:
+    """Set one value in a parsed document, keeping comments; adds the section if missing."""
+    if setting.section not in doc:
+        doc.add(setting.section, tomlkit.table())
+    table = doc[setting.section]
+    old = table.get(setting.key)
+    item = tomlkit.item(toml_ready(setting, value))
+    if old is not None and getattr(old, "trivia", None) is not None and old.trivia.comment:
+        item.comment(old.trivia.comment.lstrip("# ").rstrip())  # keep a comment on the line
+    table[setting.key] = item
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace a file by rename (a reader sees the old or the new one), keeping its mode."""
+    mode = 0o644
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_doc(home: Path) -> tuple[Path, tomlkit.TOMLDocument]:
+    path = home / config.CONFIG_FILE
+    if not path.exists():
+        config.load(home)  # writes the commented default file
+    try:
+        return path, tomlkit.parse(path.read_text(encoding="utf-8"))
+    except Exception as e:  # tomlkit raises its own ParseError family
+        raise config.ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+# ---------------------------------------------------------------- set
+
+def cmd_set(cfg: config.Config, key: str, text: str, engine_answer=None, ask=None) -> int:
+    from .cli import parse_override
+    setting = config.BY_NAME.get(key)
+    if setting is None:
+        near = [s.name for s in config.SETTINGS if s.key == key.rpartition(".")[2]]
+        print(f"{key}: no such setting" + (f" (did you mean {near[0]}?)" if near else ""),
+              file=sys.stderr)
+        return 2
+    try:
+        value = config.coerce(setting, parse_override(setting, text))
+        path, doc = read_doc(cfg.home)
+        set_in_doc(doc, setting, value)
+        new_text = tomlkit.dumps(doc)
+        checked = config.from_dict(cfg.home, tomllib.loads(new_text))  # the whole file stays valid
+    except config.ConfigError as e:
+        print(f"Not changed: {e}", file=sys.stderr)
+        return 2
+    write_atomically(path, new_text)
+    print(f"{setting.name} = {config.toml_value(value)}  (written to {path})")
+    for w in checked.warnings:
+        print(f"warning: {w}")
+    alive = engine_answer(cfg) if engine_answer else None
+    if not alive:
+        print("The engine is not running: it takes effect when the engine starts.")
+    elif setting.restart:
+        print(f"The running engine (pid {alive['pid']}) keeps the old value: this setting takes "
+              "effect after restart.")
+    else:
+        answer = ask(cfg, "config.set", name=setting.name, value=value)
+        if answer.get("applied"):
+            print(f"Applied to the running engine (pid {alive['pid']}).")
+            for note in answer.get("notes", []):
+                print(f"note: {note}")
+        else:
+            print(f"The running engine says: {answer.get('why', 'not applied')}")
+    return 0
+
+
+# ---------------------------------------------------------------- upgrade
+
+def old_config_file(old: Path) -> Path:
+    if old.is_dir():
+        return old / config.CONFIG_FILE
+    return old
+
+
+def upgrade(home: Path, old: Path, dry_run: bool = False) -> dict:
+    """Carry the values of an older config file into HOME/mailengine.toml. Returns a report:
+    carried [(name, value)], same [name], unknown [name], invalid [(name, why)],
+    not_default [(name, value, default)] (carried values that differ from this release's
+    defaults), path, backup."""
+    src = old_config_file(old)
+    path = home / config.CONFIG_FILE
+    if src.absolute().resolve() == path.absolute().resolve():
+        raise config.ConfigError(f"{src} is this home's own file; name the old home or file")
+    try:
+        old_data = tomllib.loads(src.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise config.ConfigError(f"{src}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise config.ConfigError(f"{src}: not valid TOML: {e}") from None
+    created = not path.exists()
+    path, doc = read_doc(home)
+    current = config.from_dict(home, tomllib.loads(tomlkit.dumps(doc)))
+    rep: dict = {"carried": [], "same": [], "unknown": [], "invalid": [], "not_default": [],
+                 "path": str(path), "backup": "", "created": created, "source": str(src)}
+    for sec, body in old_data.items():
+        if not isinstance(body, dict):
+            rep["unknown"].append(sec)
+            continue
+        for key, raw in body.items():
+            name = f"{sec}.{key}"
+            setting = config.BY_NAME.get(name)
+            if setting is None:
+                rep["unknown"].append(name)
+                continue
+            try:
+                value = config.coerce(setting, raw)
+            except config.ConfigError as e:
+                rep["invalid"].append((name, str(e)))
+                continue
+            if value != config.coerce(setting, setting.default):
+                rep["not_default"].append((name, value, setting.default))
+            if value == current.values[name]:
+                rep["same"].append(name)
+                continue
+            set_in_doc(doc, setting, value)
+            rep["carried"].append((name, value))
+    text = tomlkit.dumps(doc)
+    rep["warnings"] = config.from_dict(home, tomllib.loads(text)).warnings  # raises if bad
+    if rep["carried"] and not dry_run:
+        backup = path.with_name(path.name + BACKUP_SUFFIX)
+        if not created:
+            write_atomically(backup, path.read_text(encoding="utf-8"))
+            rep["backup"] = str(backup)
+        write_atomically(path, text)
+    return rep
+
+
+def cmd_upgrade(home: Path, old: Path, dry_run: bool = False, running: bool = False) -> int:
+    try:
+        rep = upgrade(home, old, dry_run)
+    except config.ConfigError as e:
+        print(f"config upgrade: {e}", file=sys.stderr)
+        return 2
+    verb = "would carry" if dry_run else "carried"
+    print(f"{rep['source']} -> {rep['path']}"
+          + (" (created with this release's defaults)" if rep["created"] else ""))
+    print(f"{verb} {len(rep['carried'])} values; {len(rep['same'])} were already the same")
+    for name, value in rep["carried"]:
+        print(f"  {name} = {config.toml_value(value)}")
+    if rep["not_default"]:
+        print("values from the old file that differ from this release's defaults "
+              "(check they are still what you want):")
+        for name, value, default in rep["not_default"]:
+            print(f"  {name} = {config.toml_value(value)}  (default {config.toml_value(default)})")
+    if rep["unknown"]:
+        print("keys that no longer exist (not carried):")
+        for name in rep["unknown"]:
+            print(f"  {name}")
+    if rep["invalid"]:
+        print("values this release refuses (not carried; set them anew):")
+        for name, why in rep["invalid"]:
+            print(f"  {why}")
+    for w in rep["warnings"]:
+        print(f"warning: {w}")
+    if rep["backup"]:
+        print(f"the file as it was: {rep['backup']}")
+    if running and rep["carried"] and not dry_run:
+        print("The engine is running: restart it to use the carried values.")
+    return 0
