@@ -11,8 +11,11 @@ and the file may be truncated, emptied, renamed away or deleted at any time:
 - renamed away (log rotation) or deleted: before each write the descriptor's inode is compared
   with the path's, and the path is opened again (and created) when they differ.
 
-A cleaning script can therefore `mv hard-undeliverable.txt work.txt` (or read it and `: >` it)
-and process the addresses at leisure: nothing written after the move is lost or doubled.
+A cleaning script can therefore `mv hard-undeliverable.txt work.txt`, wait a moment (a line
+being written as the rename happens still lands in the old file, as with any log rotation), and
+process the addresses at leisure: nothing written after the move is lost or doubled. Reading
+and then truncating in place (`: > file`) can lose a line written between the two steps; the
+rename is the safe way.
 """
 from __future__ import annotations
 

@@ -234,3 +234,32 @@ def test_bounce_by_smtp_lands_in_the_lists(tmp_path):
     assert lines[0]["bounce_id"]  # the id it was stored under in mailq/incoming
     assert len(list((eng.mailq / "incoming").glob("*.dat"))) == 4
     assert "bounce: kim@gmail.test hard 5.1.1 550" in eng.output.decode()
+
+
+def test_verp_loop_end_to_end(tmp_path):
+    """With bounce_host set, each recipient's mail goes out from its own VERP address; the
+    remote side's bounce, sent back to that address, lands in the lists under the right name."""
+    from mailengine.testing.sink import ThreadedSink
+    sink = ThreadedSink("127.0.0.52", 25).start()
+    try:
+        with RunningEngine(tmp_path, {
+                "queue.pause_sending": False, "network.helo_text": "engine.test",
+                "logging.bounce_host": "bounces.sender.test",
+                "basic.local_domains": ["bounces.sender.test"],
+                "basic.dns_servers": ["verp.test,mx.verp.test,MX,127.0.0.52:25"]}) as eng:
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("news@sender.test", ["Ann@verp.test", "bo.b+x@verp.test"],
+                           b"Subject: t\r\nMessage-ID: <t1@sender.test>\r\n\r\nhi\r\n")
+            sink.wait_messages(2, timeout=20)
+            senders = sorted(m.mail_from for m in sink.messages)
+            assert senders == ["mailengine-bounce-Ann%verp.test@bounces.sender.test",
+                               "mailengine-bounce-bo.b+x%verp.test@bounces.sender.test"]
+            # the remote MTA bounces one of them, as a plain qmail notice, to its VERP sender
+            notice = (CORPUS / "qmail_permanent.eml").read_bytes().replace(b"\n", b"\r\n")
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("", [senders[1]], notice)
+            assert (tmp_path / "hard-bounces.txt").read_text() == "bo.b+x@verp.test\n"
+    finally:
+        sink.stop()
+    line, = read_jsonl(tmp_path / "log" / "bounces.jsonl")
+    assert line["reported_recipient"] == "pat@q.test" and line["kind"] == "hard"
