@@ -569,3 +569,43 @@ def test_openapi_is_served_and_kept_in_docs(running):
     assert "/api/v1/messages" in served["paths"]
     assert json.loads((DOCS / "openapi.json").read_text()) == openapi(), \
         "docs/openapi.json is stale: python -m mailengine.web.openapi > docs/openapi.json"
+
+
+# --- queue actions -------------------------------------------------------------------------------
+
+needs_queueops = pytest.mark.skipif(
+    __import__("mailengine.web.queue_actions", fromlist=["_ops"])._ops() is None,
+    reason="mailengine.queueops is not there")
+
+
+@needs_queueops
+def test_queue_actions_through_the_api(running):
+    c = Client(running.web_port)
+    ids = []
+    for rcpts in (["a@one.test"], ["b@one.test", "c@two.test"], ["d@two.test"]):
+        r = c.api("POST", "/api/v1/messages", js={"from": "s@src.test", "to": rcpts,
+                                                  "body": "x"})
+        ids += r.json["ids"]
+    retry = running.mailq / "retry"
+    q = lambda i: c.api("GET", f"/api/v1/queue/{urllib.parse.quote(i)}").json  # noqa: E731
+    r = c.api("POST", f"/api/v1/queue/{ids[0]}/hold")
+    assert r.status == 200 and r.json["done"] == [ids[0]]
+    assert q(ids[0])["held"] and q(ids[0])["state"] == "held"
+    assert parse_inf((retry / f"{ids[0]}.inf").read_bytes()).held
+    r = c.api("POST", f"/api/v1/queue/{ids[0]}/hold")
+    assert r.json["not_done"] == {ids[0]: "already held"}
+    assert c.api("POST", f"/api/v1/queue/{ids[0]}/release").json["done"] == [ids[0]]
+    assert not q(ids[0])["held"]
+    assert c.api("POST", f"/api/v1/queue/{ids[0]}/retry").status == 200
+    assert c.api("POST", f"/api/v1/queue/{ids[0]}/explode").status == 404
+    # Delete one message, then a whole domain (the shared message keeps its other recipient).
+    r = c.api("DELETE", f"/api/v1/queue/{ids[0]}")
+    assert r.status == 200 and r.json["done"] == [ids[0]]
+    assert not (retry / f"{ids[0]}.inf").exists() and not (retry / f"{ids[0]}.dat").exists()
+    assert c.api("DELETE", f"/api/v1/queue/{ids[0]}").status == 404
+    r = c.api("POST", "/api/v1/queue/domains/two.test/delete")
+    assert r.status == 200 and sorted(r.json["done"]) == sorted(ids[1:])
+    assert q(ids[1])["to"] == ["b@one.test"]
+    assert not (retry / f"{ids[2]}.inf").exists()
+    r = c.api("POST", "/api/v1/queue/domains/one.test/hold")
+    assert r.json["done"] == [ids[1]] and q(ids[1])["held"]

@@ -144,8 +144,9 @@ async def logout(request: web.Request) -> web.Response:
 
 # --- status ---------------------------------------------------------------------------------------
 
-def destinations(engine, limit: int = 20) -> list[dict]:
-    """The busiest destinations and their state, from the delivery engine's scheduler."""
+def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
+    """The busiest destinations and their state, from the delivery engine's scheduler; the
+    last reply from the delivery log lines (metrics.OutcomeCounter)."""
     delivery = getattr(engine, "delivery", None)
     msgs = queue_view.queued_messages(engine)
     rows = {r.domain: r for r in queue_view.by_domain(engine, msgs)}
@@ -174,13 +175,17 @@ def destinations(engine, limit: int = 20) -> list[dict]:
         if state == "ready" and rate is not None and not rate.unlimited and \
                 engine.cfg.limits.max_send_rate:
             why = why or f"limits.max_send_rate = {engine.cfg.limits.max_send_rate}/h"
+        last = row.last_log if row else ""
+        reply = counter.last_reply.get(dom) if counter is not None else None
+        if reply is not None:
+            last = time.strftime("%Y/%m/%d %H:%M:%S ", time.localtime(reply[0])) + reply[1]
         out.append({
             "domain": dom, "state": state, "why": why, "ready": ready, "running": running,
             "messages": row.messages if row else 0, "recipients": row.recipients if row else 0,
             "held": row.held if row else 0,
             "next_retry": row.next_retry.strftime("%Y/%m/%d %H:%M:%S")
             if row and row.next_retry else "",
-            "last": row.last_log if row else "",
+            "last": last,
         })
     out.sort(key=lambda d: (-(d["running"] + d["ready"]), -d["recipients"], d["domain"]))
     return out[:limit]
@@ -188,14 +193,15 @@ def destinations(engine, limit: int = 20) -> list[dict]:
 
 async def status(request: web.Request) -> web.Response:
     w = _web(request)
-    return w.render(request, "status.html", snap=snapshot(w.engine),
-                    dests=destinations(w.engine), title="Status")
+    return w.render(request, "status.html", snap=snapshot(w.engine, w.outcomes),
+                    dests=destinations(w.engine, counter=w.outcomes), title="Status")
 
 
 async def status_json(request: web.Request) -> web.Response:
     w = _web(request)
-    return web.json_response({"now": snapshot(w.engine), "history": w.history.as_json(),
-                              "destinations": destinations(w.engine)})
+    return web.json_response({"now": snapshot(w.engine, w.outcomes),
+                              "history": w.history.as_json(),
+                              "destinations": destinations(w.engine, counter=w.outcomes)})
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -260,8 +266,10 @@ async def queue_domains(request: web.Request) -> web.Response:
     w = _web(request)
     msgs = queue_view.queued_messages(w.engine)
     rows = queue_view.by_domain(w.engine, msgs)
+    replies = {d: time.strftime("%Y/%m/%d %H:%M:%S ", time.localtime(t)) + text
+               for d, (t, text) in w.outcomes.last_reply.items()}
     return w.render(request, "queue.html", title="Queue", rows=rows, total=len(msgs),
-                    actions=queue_actions.available())
+                    replies=replies, actions=queue_actions.available(w.engine))
 
 
 async def queue_messages(request: web.Request) -> web.Response:
@@ -279,7 +287,7 @@ async def queue_messages(request: web.Request) -> web.Response:
     shown = [(m, queue_view.state_of(w.engine, m, now)) for m in msgs[start:start + PAGE]]
     return w.render(request, "messages.html", title=f"Queue: {domain or 'all messages'}",
                     domain=domain, shown=shown, total=len(msgs), start=start, page=PAGE,
-                    actions=queue_actions.available())
+                    actions=queue_actions.available(w.engine))
 
 
 async def message(request: web.Request) -> web.Response:
@@ -292,7 +300,7 @@ async def message(request: web.Request) -> web.Response:
                     where=where, state=queue_view.state_of(w.engine, msg) if msg else "",
                     inf=queue_view.inf_text(w.engine, msg_id, where),
                     headers=queue_view.head_of_data(w.engine, msg_id, where),
-                    actions=queue_actions.available())
+                    actions=queue_actions.available(w.engine))
 
 
 async def message_action(request: web.Request) -> web.Response:
@@ -309,9 +317,8 @@ async def message_action(request: web.Request) -> web.Response:
 
 async def domain_action(request: web.Request) -> web.Response:
     w = _web(request)
-    domain, action = request.match_info["domain"], request.match_info["action"]
-    ids = [m.id for m in queue_view.in_domain(queue_view.queued_messages(w.engine), domain)]
-    done, problems = await queue_actions.run(w.engine, action, ids)
+    domain, action = request.match_info["domain"].lower(), request.match_info["action"]
+    done, problems = await queue_actions.run(w.engine, action, ["@" + domain])
     text = f"{action}: {len(done)} messages for {domain}"
     if problems:
         text += f"; {len(problems)} not: " + "; ".join(

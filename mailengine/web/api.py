@@ -129,8 +129,8 @@ def _refused(reply, results, rcpt: str = "") -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     w = request.app["web"]
-    return web.json_response({**snapshot(w.engine),
-                              "destinations": admin.destinations(w.engine)})
+    return web.json_response({**snapshot(w.engine, w.outcomes),
+                              "destinations": admin.destinations(w.engine, counter=w.outcomes)})
 
 
 def _int(request, name: str, default: int, top: int) -> int:
@@ -180,7 +180,7 @@ async def queue_message(request: web.Request) -> web.Response:
 
 async def _act(request, action: str, ids: list[str]) -> web.Response:
     w = request.app["web"]
-    if not queue_actions.available():
+    if not queue_actions.available(w.engine):
         return error(501, "queue actions are not available in this build")
     done, problems = await queue_actions.run(w.engine, action, ids)
     status = 200 if done or not problems else (404 if all(
@@ -201,10 +201,7 @@ async def message_action(request: web.Request) -> web.Response:
 
 
 async def domain_action(request: web.Request) -> web.Response:
-    w = request.app["web"]
     action = request.match_info["action"]
     if action not in queue_actions.ACTIONS:
         return error(404, f"no action {action!r}; one of {', '.join(queue_actions.ACTIONS)}")
-    ids = [m.id for m in queue_view.in_domain(queue_view.queued_messages(w.engine),
-                                                request.match_info["domain"])]
-    return await _act(request, action, ids)
+    return await _act(request, action, ["@" + request.match_info["domain"].lower()])

@@ -8,6 +8,7 @@ HISTORY_SAMPLES (30 minutes) for the live status page.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
 import time
@@ -43,7 +44,44 @@ def _count(x) -> int | None:
     return int(getattr(x, "total", x))
 
 
-def snapshot(engine) -> dict:
+class OutcomeCounter(logging.Handler):
+    """Counts failed and deferred recipients, and keeps each domain's last reply, from the
+    delivery engine's per-recipient log lines ("ID: address failed|deferred: reply"), so the
+    web admin needs no hook inside delivery. Attached to the "mailengine.delivery" logger."""
+
+    MAX_DOMAINS = 10000
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.failed = 0
+        self.deferred = 0
+        self.last_reply: dict[str, tuple[float, str]] = {}  # domain -> (time, "addr: reply")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if record.msg != "%s: %s %s: %s" or not isinstance(args, tuple) or len(args) != 4:
+            return
+        if args[2] == "failed":
+            self.failed += 1
+        elif args[2] == "deferred":
+            self.deferred += 1
+        else:
+            return
+        addr = str(args[1])
+        dom = addr.rpartition("@")[2].lower()
+        self.last_reply.pop(dom, None)
+        self.last_reply[dom] = (record.created, f"{addr} {args[2]}: {args[3]}")
+        while len(self.last_reply) > self.MAX_DOMAINS:
+            del self.last_reply[next(iter(self.last_reply))]
+
+    def attach(self) -> None:
+        logging.getLogger("mailengine.delivery").addHandler(self)
+
+    def detach(self) -> None:
+        logging.getLogger("mailengine.delivery").removeHandler(self)
+
+
+def snapshot(engine, counter: OutcomeCounter | None = None) -> dict:
     st = engine.stats
     delivery = getattr(engine, "delivery", None)
     inbound = getattr(engine, "inbound", None)
@@ -53,8 +91,9 @@ def snapshot(engine) -> dict:
         "received_local": st.inbound.total,
         "received_relay": st.relay.total,
         "sent": st.sent.total,
-        "failed": _count(getattr(st, "failed", None)),
-        "deferred": _count(getattr(st, "deferred", None)),
+        "failed": _count(getattr(st, "failed", None if counter is None else counter.failed)),
+        "deferred": _count(getattr(st, "deferred",
+                                   None if counter is None else counter.deferred)),
         "inbound_connections": len(inbound.connections) if inbound is not None else 0,
         "inbound_sessions_total": getattr(inbound, "sessions_total", 0) if inbound else 0,
         "inbound_refused_busy": getattr(inbound, "refused_busy", 0) if inbound else 0,
@@ -83,13 +122,14 @@ class History:
     FIELDS = ("time", "received", "sent", "failed", "queue_messages", "inbound_connections",
               "outbound_connections", "memory_bytes")
 
-    def __init__(self, engine):
+    def __init__(self, engine, counter: OutcomeCounter | None = None):
         self.engine = engine
+        self.counter = counter
         self.samples: deque[tuple] = deque(maxlen=HISTORY_SAMPLES)
         self._task: asyncio.Task | None = None
 
     def sample(self) -> None:
-        s = snapshot(self.engine)
+        s = snapshot(self.engine, self.counter)
         self.samples.append(tuple(s[f] for f in self.FIELDS))
 
     async def _run(self) -> None:
@@ -121,9 +161,9 @@ def _line(out: list[str], name: str, kind: str, help_: str, value, labels: str =
     out.append(f"{name}{labels} {value}")
 
 
-def prometheus(engine) -> str:
+def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
     """The Prometheus text exposition format (version 0.0.4)."""
-    s = snapshot(engine)
+    s = snapshot(engine, counter)
     out: list[str] = []
     out.append("# HELP mailengine_received_total Messages received and stored, by kind.")
     out.append("# TYPE mailengine_received_total counter")

@@ -23,7 +23,7 @@ from aiohttp import web
 from ..config import AddressSet, parse_address_range
 from . import admin, api
 from .auth import ApiTokens, Sessions, Throttle, TOKENS_FILE
-from .metrics import History, prometheus
+from .metrics import History, OutcomeCounter, prometheus
 
 log = logging.getLogger("mailengine.web")
 
@@ -59,7 +59,8 @@ class WebServer:
         self.login_throttle = Throttle()
         self.api_throttle = Throttle()
         self.tokens = ApiTokens(engine.cfg.home / TOKENS_FILE)
-        self.history = History(engine)
+        self.outcomes = OutcomeCounter()
+        self.history = History(engine, self.outcomes)
         self.runner: web.AppRunner | None = None
         self.bound: list[tuple[str, int]] = []
         self._allowed_key: str | None = None
@@ -89,7 +90,7 @@ class WebServer:
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=prometheus(self.engine),
+        return web.Response(text=prometheus(self.engine, self.outcomes),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
@@ -175,6 +176,7 @@ class WebServer:
             raise SystemExit(
                 f"Cannot listen for the web admin on port {net.web_port}: {e.strerror}. Is another "
                 f"program using it? Choose another with --web-port or network.web_port (0 = off).")
+        self.outcomes.attach()
         self.history.start()
         where = ", ".join(f"{h} port {p}" for h, p in self.bound)
         log.info("web admin on %s: http://%s:%d/gui/admin%s", where,
@@ -185,6 +187,7 @@ class WebServer:
                         "admin:opensesame to log in", self.cfg.password_file)
 
     async def stop(self) -> None:
+        self.outcomes.detach()
         await self.history.stop()
         if self.runner is not None:
             await self.runner.cleanup()

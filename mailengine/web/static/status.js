@@ -23,16 +23,17 @@
     return out;
   }
 
-  function niceMax(v) {
-    if (v <= 0) return 1;
-    var p = Math.pow(10, Math.floor(Math.log10(v))), m = v / p;
-    return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p;
+  function niceStep(v) {  // a round step so that 4 steps cover v
+    if (v <= 0) return 0.25;
+    var raw = v / 4, p = Math.pow(10, Math.floor(Math.log10(raw))), m = raw / p;
+    return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 2.5 ? 2.5 : m <= 5 ? 5 : 10) * p;
   }
 
   function fmt(v) {
     if (v >= 1e6) return (v / 1e6).toFixed(1) + "M";
     if (v >= 1e4) return (v / 1e3).toFixed(0) + "k";
-    return v >= 100 || v === Math.round(v) ? String(Math.round(v)) : v.toFixed(1);
+    if (v >= 100 || v === Math.round(v)) return String(Math.round(v));
+    return v < 1 ? v.toFixed(2) : v.toFixed(1);
   }
 
   function draw(canvas, data) {
@@ -50,7 +51,7 @@
     all.forEach(function (s) { s.forEach(function (p) {
       t0 = Math.min(t0, p[0]); t1 = Math.max(t1, p[0]); vmax = Math.max(vmax, p[1]); }); });
     var L = 44, R = 8, T = 18, B = 20, pw = w - L - R, ph = h - T - B;
-    vmax = niceMax(vmax);
+    vmax = niceStep(vmax) * 4;
     ctx.font = "11px system-ui, sans-serif"; ctx.fillStyle = "#5b6677"; ctx.strokeStyle = "#e3e7ee";
     ctx.lineWidth = 1;
     for (var g = 0; g <= 4; g++) {
