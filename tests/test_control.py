@@ -147,3 +147,44 @@ def test_scheduler_withdraw():
     assert s.ready == 1  # a@d2 only
     assert s.next_unit().msg_id == "a"
     assert s.next_due() is None  # c's timer is stale
+
+
+# ---------------------------------------------------------------- mailengine send
+
+def test_send_injects_into_the_running_engine(tmp_path, monkeypatch):
+    import io
+    from mailengine.envelope import parse_inf
+    with RunningEngine(tmp_path):
+        code, out = run_cli(tmp_path, "send", "--from", "me@src.test", "--to",
+                            "a@x.test,b@y.test", "--to", "c@z.test", "--subject", "Hi there",
+                            "--body", "first line\nsecond line", "--header", "X-Test: 1")
+        assert code == 0, out
+        assert "RCPT TO:<c@z.test> -> 250" in out
+        queued = out.split("queued as ")[1].split()[0]
+        monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n"))
+        code, out = run_cli(tmp_path, "send", "--from", "me@src.test", "--to", "d@x.test",
+                            "--body", "-")
+        assert code == 0
+        stdin_id = out.split("queued as ")[1].split()[0]
+    retry = tmp_path / "mailq" / "retry"
+    msg = parse_inf((retry / f"{queued}.inf").read_bytes(), queued)
+    assert msg.mail_from == "me@src.test"
+    assert msg.rcpt_to_send == ["a@x.test", "b@y.test", "c@z.test"]
+    data = (retry / f"{queued}.dat").read_bytes()
+    assert b"Subject: Hi there\r\n" in data and b"X-Test: 1\r\n" in data
+    assert b"To: a@x.test, b@y.test, c@z.test\r\n" in data and b"Message-ID: <" in data
+    assert data.endswith(b"\r\n\r\nfirst line\r\nsecond line\r\n")
+    assert (retry / f"{stdin_id}.dat").read_bytes().endswith(b"\r\n\r\nfrom stdin\r\n")
+
+
+def test_send_reports_refusals_and_a_stopped_engine(tmp_path):
+    with RunningEngine(tmp_path, {"policy.relay_ips": ["10.1.1.1"],
+                                  "basic.local_domains": ["here.test"]}) as eng:
+        code, out = run_cli(tmp_path, "send", "--from", "me@src.test", "--to",
+                            "far@away.test")
+        assert code == 1 and "RCPT TO:<far@away.test> -> 554 5.7.1 relay not approved" in out
+        code, out = run_cli(tmp_path, "send", "--from", "me@src.test", "--to",
+                            "far@away.test,u@here.test", "--server", f"127.0.0.1:{eng.smtp_port}")
+        assert code == 1 and "DATA" in out and "-> 250" in out  # one of two taken
+    code, out = run_cli(tmp_path, "send", "--from", "me@src.test", "--to", "u@here.test")
+    assert code == 1 and "Connection refused" in out
