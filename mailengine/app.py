@@ -13,7 +13,7 @@ import resource
 import signal
 import socket
 
-from . import NAME, __version__, logs, tls
+from . import NAME, __version__, diskwatch, logs, tls
 from .config import Config
 from .envelope import InfError, Message
 from .inbound import InboundServer
@@ -101,6 +101,7 @@ class Engine:
         self.intake = Intake(cfg, self.spool, self.hostname, self.stored)
         # after each send attempt: lists, event log, DSNs, delivery reports (notices.py)
         self.notices = Notices(self)
+        self.diskwatch = diskwatch.for_engine(self)  # low disk space: 452 4.3.1 and an alert
         self.delivery = make_delivery(self)
         self.services = make_services(self)
 
@@ -186,6 +187,7 @@ class Engine:
                  " (TEST MODE: mailq-test, nothing is really sent)" if self.test_mode else "")
         check_file_descriptors(cfg)
         self.spool.ensure_dirs()
+        self.diskwatch.check()  # refuse from the first connection if the disk is already low
         # A request left over from a stop that happened otherwise must not stop this run.
         (self.spool.root / "retry" / SHUTDOWN_FILE).unlink(missing_ok=True)
         report = self.spool.recover()
@@ -218,7 +220,8 @@ class Engine:
             await service.start()
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
-                self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire)]
+                self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,
+                self.diskwatch.run)]
             if self.delivery is not None:
                 tasks.append(tg.create_task(self.delivery.run()))
             if ready is not None:

@@ -90,6 +90,10 @@ SETTINGS: list[Setting] = [
             "accepted and discarded). '.' or '@' makes every recipient local."),
     Setting("basic", "admin_email", "", "str",
             "One address notified of problems such as low disk space."),
+    Setting("basic", "min_free_disk_mb", 100, "float",
+            "Below this many MB free on the queue's file system, new mail is refused with "
+            "'452 4.3.1' and admin_email is told, until space returns. 0 = no check.",
+            minimum=0),
     Setting("basic", "pid_file", "", "str",
             "Pid file of the background daemon (-bd). Empty: HOME/mailengine.pid.", restart=True),
     # network (TCP/IP とポート)

@@ -102,6 +102,7 @@ async def worker_main(spec: dict) -> None:
     from . import tls
     from .app import host_name
     from .config import Config
+    from .diskwatch import DiskWatch
     from .inbound import InboundServer
     from .intake import Intake
     from .policy import Policy
@@ -122,14 +123,20 @@ async def worker_main(spec: dict) -> None:
 
     intake = Intake(cfg, spool, hostname, stored)
     ctx = tls.server_context(cfg.home, cfg.network.tls_cert, cfg.network.tls_key, hostname)
-    server = InboundServer(cfg, Policy(cfg, PasswordFile(cfg.password_file)), intake.on_message,
+    policy = Policy(cfg, PasswordFile(cfg.password_file))
+    # its own low-disk watcher (the engine's logs and alerts): 452 4.3.1 while space is low
+    watch = DiskWatch(spool.root, policy, cfg.basic.min_free_disk_mb, quiet=True)
+    watch.check()
+    server = InboundServer(cfg, policy, intake.on_message,
                            ctx, auth_available=True, hostname=hostname, reuse_port=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    watching = asyncio.create_task(watch.run())
     await stop.wait()
+    watching.cancel()
     await server.stop()
     spool.close()
 
