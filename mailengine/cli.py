@@ -30,7 +30,8 @@ COMMANDS = {
     "help": "print this list",
     "gettcpip": "print this machine's first IP address",
     "dkim": "dkim genkey DOMAIN SELECTOR: make a DKIM key pair and print the DNS record",
-    "queue": "queue list [--messages] | show ID | delete|hold|release|retry ID|@domain|all | flush",
+    "queue": "queue list [--messages] | show ID | delete|hold|release|retry ID|@domain|from:ADDR|all"
+             " | flush",
     "config": "config show [KEY] | set KEY VALUE | upgrade OLD_HOME_OR_FILE",
     "status": "rates, queue size and connections of the running engine",
     "send": "send --from A --to B[,C] [--subject S] [--body TEXT|-]: inject a test message",
@@ -200,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         if sub is not None:
             ns.home = sub
         home = config.resolve_home(ns.home)
-        if command != "install-service" and not (home / config.CONFIG_FILE).exists():
+        creates = command == "install-service" or (command == "config" and ns.args[:1] == [
+            "upgrade"])  # upgrade writes this release's file when there is none
+        if not creates and not (home / config.CONFIG_FILE).exists():
             print(f"No MailEngine home in {home} (no {config.CONFIG_FILE}): use --home DIR, "
                   "or start the engine once there", file=sys.stderr)
             return 2
@@ -289,7 +292,7 @@ def queue_parser() -> argparse.ArgumentParser:
                     ("hold", "keep in the queue, never sent until released"),
                     ("release", "undo hold; due at once"), ("retry", "due at once")):
         sp = sub.add_parser(a, help=what)
-        sp.add_argument("targets", nargs="+", metavar="ID|@domain|all")
+        sp.add_argument("targets", nargs="+", metavar="ID|@domain|from:ADDRESS|all")
     sub.add_parser("flush", help="every message that is not held: due at once")
     return p
 

@@ -10,7 +10,8 @@ Two places do the work, with the same rules (the functions in the middle of this
   `mailq/working/`; the next start reads them (a held message stays held, a released one is due
   at once).
 
-Targets: a message id, `@domain` (the messages with recipients left at that domain) or `all`.
+Targets: a message id, `@domain` (the messages with recipients left at that domain),
+`from:ADDRESS` (the messages of one sender: a mailing) or `all`.
 `delete @domain` removes only that domain's recipients from a message that also has others.
 Held = the `.inf` key `held=1` (envelope.Message.held).
 
@@ -56,7 +57,14 @@ def parse_target(text: str) -> str:
         if len(text) < 2:
             raise ValueError("'@' needs a domain: @example.com")
         return text.lower()
+    if text[:5].lower() == "from:":
+        return "from:" + text[5:].strip().strip("<>").lower()
     return text
+
+
+def is_group(target: str) -> bool:
+    """A target naming a group of messages (may match none) rather than one id."""
+    return target == "all" or target.startswith("@") or target.startswith("from:")
 
 
 def matches(msg: Message, target: str) -> bool:
@@ -64,6 +72,8 @@ def matches(msg: Message, target: str) -> bool:
         return True
     if target.startswith("@"):
         return any(domain_of(a) == target[1:] for a in msg.rcpt_to_send)
+    if target.startswith("from:"):
+        return msg.mail_from.lower() == target[5:]
     return msg.id == target
 
 
@@ -245,7 +255,7 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     ids: dict[str, str] = {}  # id -> the target that chose it
     for t in targets:
         found = [mid for mid, m in list(d.messages.items()) if matches(m, t)]
-        if not found and t != "all" and not t.startswith("@"):
+        if not found and not is_group(t):
             if action == "delete" and _remove_unknown(engine.spool, t):
                 res["done"].append(t)  # a broken drop-in the engine never took
             else:
@@ -379,7 +389,7 @@ class FileQueue:
         chosen: dict[str, tuple[Message, str, str]] = {}
         for t in targets:
             found = [(m, w) for m, w in good if matches(m, t)]
-            if not found and t not in ("all",) and not t.startswith("@"):
+            if not found and not is_group(t):
                 broken = [(mid, w) for mid, w, _ in bad if mid == t]
                 if broken and action == "delete":
                     self.spool.remove(t, broken[0][1])

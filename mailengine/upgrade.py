@@ -227,8 +227,9 @@ def upgrade(home: Path, old: Path, dry_run: bool = False) -> dict:
     rep["warnings"] = config.from_dict(home, tomllib.loads(text)).warnings  # raises if bad
     if rep["carried"] and not dry_run:
         backup = path.with_name(path.name + BACKUP_SUFFIX)
-        if not created:
-            write_atomically(backup, path.read_text(encoding="utf-8"))
+        was = path.read_text(encoding="utf-8")
+        if not created and was != config.default_toml():  # a fresh default holds nothing to keep
+            write_atomically(backup, was)
             rep["backup"] = str(backup)
         write_atomically(path, text)
     return rep

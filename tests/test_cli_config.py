@@ -221,3 +221,18 @@ def test_upgrade_into_a_home_without_a_file_and_refusals(tmp_path):
     (tmp_path / "bad.toml").write_text("[basic\n")
     code, out = run_cli(home, "config", "upgrade", str(tmp_path / "bad.toml"))
     assert code == 2 and "not valid TOML" in out
+
+
+def test_upgrade_the_way_the_readme_says(tmp_path):
+    """Move the old file aside; `config upgrade` writes this release's file and carries."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mailengine.toml").write_text(
+        FIXTURE.read_text().replace('admin_email = ""', 'admin_email = "ops@example.org"'))
+    (home / "mailengine.toml").rename(home / "mailengine.toml.old")
+    code, out = run_cli(home, "config", "upgrade", str(home / "mailengine.toml.old"))
+    assert code == 0 and "carried 2 values" in out  # admin_email, intake_workers
+    text = (home / "mailengine.toml").read_text()
+    assert text.startswith("# MailEngine configuration.") and "[dkim]" in text
+    assert config.load(home).basic.admin_email == "ops@example.org"
+    assert not (home / "mailengine.toml.before-upgrade").exists()  # it held only defaults

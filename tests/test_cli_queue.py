@@ -222,6 +222,22 @@ def test_delete_domain_keeps_other_recipients(tmp_path, sink):
     assert sink.rcpts == ["keep@e.test"]
 
 
+def test_cancel_a_mailing_by_its_sender(tmp_path):
+    with RunningEngine(tmp_path) as eng:
+        for i in range(5):
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("List@News.test", [f"m{i}@a.test", f"n{i}@b.test"], b"Subject: n\r\n\r\nx\r\n")
+        other = send(eng, ["m0@a.test"])
+        mailing = ids_in(tmp_path, "retry") - {other}
+        code, out = run_cli(tmp_path, "queue", "delete", "from:<list@news.test>")
+        assert code == 0 and "5 messages deleted by the running engine" in out
+        assert ids_in(tmp_path, "retry") == {other}
+        code, out = run_cli(tmp_path, "queue", "list", "--messages")
+        assert "1 message" in out and other in out and not any(m in out for m in mailing)
+        code, out = run_cli(tmp_path, "queue", "delete", "from:nobody@news.test")
+        assert code == 0 and "0 messages deleted" in out and "no such message" not in out
+
+
 def test_a_message_being_delivered_is_left_alone(tmp_path, sink):
     sink.sink.script = SinkScript(delays={"BODY": 4})
     with RunningEngine(tmp_path, {**FAST, "queue.pause_sending": False,
