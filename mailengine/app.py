@@ -170,12 +170,52 @@ class Engine:
         return len(found)
 
     async def _expire(self) -> None:
+        minutes = 0
         while True:
             await asyncio.sleep(60)
             if self.cfg.queue.save_incoming:
                 self.spool.expire("incoming", self.cfg.queue.incoming_retention_minutes)
             if self.cfg.queue.save_done:
                 self.spool.expire("done", self.cfg.queue.done_retention_minutes)
+            minutes += 1
+            if minutes % 60 == 0:  # a quiet engine opens no new log file: prune here too
+                for f in logs.prune(self.cfg.log_dir, self.cfg.logging.log_retention_days):
+                    log.debug("removed the old log file %s", f)
+
+    def queue_lines(self) -> list[str]:
+        """`debug.queue_size` / `debug.queue_memory`: what the queue holds now."""
+        d = self.delivery
+        out = []
+        held = getattr(d, "messages", {}) if d is not None else {}
+        active = getattr(d, "attempts", {}) if d is not None else {}
+        if self.cfg.debug.queue_size:
+            out.append(f"queue: {len(held)} messages queued, {len(active)} being delivered")
+        if self.cfg.debug.queue_memory:
+            bodies = sum(a.body.size for a in active.values()
+                         if getattr(a, "body", None) is not None)
+            try:
+                with open("/proc/self/statm") as f:
+                    rss = int(f.read().split()[1]) * resource.getpagesize()
+            except (OSError, ValueError, IndexError):
+                rss = 0
+            out.append(f"queue memory: {bodies // 1024} KB of mail being sent, "
+                       f"process {rss // 1048576} MB")
+        return out
+
+    async def _log_queue(self) -> None:
+        """Log the queue lines every stats_interval (10 s when that is off), when they change."""
+        if not (self.cfg.debug.queue_size or self.cfg.debug.queue_memory):
+            return
+        interval = self.cfg.logging.stats_interval or 10
+        last: list[str] = []
+        while True:
+            await asyncio.sleep(interval)
+            lines = self.queue_lines()
+            first = lines[:1]
+            if first != last[:1]:  # the size moved (memory alone changes all the time)
+                for line in lines:
+                    log.info("%s", line)
+            last = lines
 
     # --- life cycle ------------------------------------------------------------------------------
 
@@ -221,7 +261,7 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,
-                self.diskwatch.run)]
+                self.diskwatch.run, self._log_queue)]
             if self.delivery is not None:
                 tasks.append(tg.create_task(self.delivery.run()))
             if ready is not None:

@@ -1,4 +1,10 @@
-"""Console and daily log files in HOME/log/ (kept `logging.log_retention_days`; 0 = no files)."""
+"""Console and daily log files in HOME/log/ (kept `logging.log_retention_days`; 0 = no files).
+
+A new file is opened when the day changes (by the time of the record); old files are pruned then,
+at start, and hourly by the engine (`prune`), so a quiet engine keeps no more than it should.
+`debug.program` turns on the DEBUG level (internal steps); the other `debug.*` switches log their
+traces at INFO level where they happen (inbound, delivery, dns, app).
+"""
 from __future__ import annotations
 
 import logging
@@ -39,17 +45,35 @@ class DailyFileHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
-    def prune(self) -> None:
-        cutoff = time.time() - self.retention_days * 86400
-        for f in self.directory.glob("mailengine-*.log"):
-            if f.stat().st_mtime < cutoff and f != self.path_for(self.day):
-                f.unlink(missing_ok=True)
+    def prune(self, now: float | None = None) -> list[Path]:
+        return prune(self.directory, self.retention_days, now, keep=self.path_for(self.day))
 
     def close(self) -> None:
         if self.stream:
             self.stream.close()
             self.stream = None
         super().close()
+
+
+def prune(directory: Path, retention_days: int, now: float | None = None,
+          keep: Path | None = None) -> list[Path]:
+    """Delete daily files older than `retention_days` days: today's file and the files of the
+    `retention_days - 1` days before it stay (10 = ten days of logs). The day is read from the
+    file name (mailengine-YYYY-MM-DD.log), so copying or touching a file does not keep it."""
+    if retention_days <= 0:
+        return []
+    now = time.time() if now is None else now
+    oldest = time.strftime("%Y-%m-%d", time.localtime(now - (retention_days - 1) * 86400))
+    gone = []
+    for f in Path(directory).glob("mailengine-*.log"):
+        day = f.name[len("mailengine-"):-len(".log")]
+        if len(day) == 10 and day < oldest and f != keep:
+            try:
+                f.unlink()
+                gone.append(f)
+            except OSError:
+                pass
+    return gone
 
 
 def setup(log_dir: Path, retention_days: int, debug_any: bool = False,

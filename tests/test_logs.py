@@ -1,0 +1,67 @@
+"""Daily log files: a new file when the day changes, pruning by the day in the file name,
+`log_retention_days = 0` = no files; the debug.queue_size line of a running engine."""
+from __future__ import annotations
+
+import logging
+import smtplib
+import time
+from pathlib import Path
+
+from mailengine import logs
+from mailengine.testing.engine import RunningEngine
+
+DAY = 86400
+
+
+def record(msg: str, when: float) -> logging.LogRecord:
+    r = logging.LogRecord("mailengine", logging.INFO, __file__, 1, msg, None, None)
+    r.created = when
+    return r
+
+
+def test_rotates_at_midnight_and_prunes_old_days(tmp_path):
+    now = time.time()
+    for days_ago in (15, 11, 10, 9, 3):
+        day = time.strftime("%Y-%m-%d", time.localtime(now - days_ago * DAY))
+        (tmp_path / f"mailengine-{day}.log").write_text("old\n")
+    (tmp_path / "other.txt").write_text("not ours\n")
+    h = logs.DailyFileHandler(tmp_path, retention_days=10)
+    h.setFormatter(logging.Formatter(logs.FORMAT, logs.DATEFMT))
+    h.emit(record("yesterday", now - DAY))
+    h.emit(record("today", now))
+    h.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    keep_days = [time.strftime("%Y-%m-%d", time.localtime(now - d * DAY)) for d in (9, 3, 1, 0)]
+    assert names == sorted([f"mailengine-{d}.log" for d in keep_days] + ["other.txt"])
+    y = (tmp_path / f"mailengine-{keep_days[2]}.log").read_text()
+    t = (tmp_path / f"mailengine-{keep_days[3]}.log").read_text()
+    assert y.endswith(" yesterday\n") and t.endswith(" today\n")
+
+
+def test_prune_function_and_zero_retention(tmp_path):
+    now = time.time()
+    old = tmp_path / f"mailengine-{time.strftime('%Y-%m-%d', time.localtime(now - 3 * DAY))}.log"
+    old.write_text("x\n")
+    assert logs.prune(tmp_path, 0, now) == []  # 0: no files are written, none are touched
+    assert logs.prune(tmp_path, 3, now) == [old]
+    assert not old.exists()
+
+
+def test_engine_writes_daily_file_and_queue_size_line(tmp_path):
+    with RunningEngine(tmp_path, {"logging.stats_interval": 0.5,
+                                  "logging.log_retention_days": 2}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.sendmail("a@src.test", ["b@dest.test"], b"Subject: t\r\n\r\nhi\r\n")
+        deadline = time.monotonic() + 10
+        while "queue: 1 messages queued" not in eng.read_output():
+            assert time.monotonic() < deadline, eng.read_output()
+            time.sleep(0.1)
+    files = list((tmp_path / "log").glob("mailengine-*.log"))
+    assert len(files) == 1 and "queue: 1 messages queued, 0 being delivered" in \
+        files[0].read_text()
+
+
+def test_no_log_files_with_zero_retention(tmp_path):
+    with RunningEngine(tmp_path, {"logging.log_retention_days": 0}):
+        pass
+    assert not list((tmp_path / "log").glob("mailengine-*.log"))
