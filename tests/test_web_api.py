@@ -609,3 +609,98 @@ def test_queue_actions_through_the_api(running):
     assert not (retry / f"{ids[2]}.inf").exists()
     r = c.api("POST", "/api/v1/queue/domains/one.test/hold")
     assert r.json["done"] == [ids[1]] and q(ids[1])["held"]
+
+
+def test_checkboxes_turn_settings_on_and_off(running):
+    c = Client(running.web_port)
+    c.login()
+    csrf = c.csrf("/gui/admin/settings")
+    bools = ["debug.dns", "debug.smtp_out", "debug.smtp_in", "debug.program", "debug.send_loop",
+             "debug.queue_size", "debug.queue_memory"]
+    form = [("csrf", csrf)] + [("bools", b) for b in bools] + [("debug.smtp_in", "true")]
+    r = c.request("POST", "/gui/admin/settings/debug", body=urllib.parse.urlencode(form),
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 303
+    debug = tomllib.loads((running.home / "mailengine.toml").read_text())["debug"]
+    assert debug["smtp_in"] is True
+    assert debug["queue_size"] is False and debug["queue_memory"] is False
+    assert "dns" not in debug  # unchanged settings are not written
+    with smtplib.SMTP("127.0.0.1", running.smtp_port, timeout=10) as s:
+        s.noop()
+    time.sleep(0.3)
+    assert "<<< b'noop" in running.read_output().lower()  # the listener traces sessions now
+    # A form without the checkbox list leaves the checkboxes alone.
+    r = c.post("/gui/admin/settings/debug", form={"csrf": csrf})
+    assert r.status == 303
+    assert tomllib.loads((running.home / "mailengine.toml").read_text())["debug"]["smtp_in"]
+
+
+# --- pure parts ----------------------------------------------------------------------------------
+
+def test_throttle_doubles_and_forgets():
+    from mailengine.web.auth import Throttle
+    now = [100.0]
+    t = Throttle(clock=lambda: now[0])
+    assert t.wait_left("1.2.3.4") == 0
+    assert t.failed("1.2.3.4") == 0.5
+    assert t.wait_left("1.2.3.4") == 0.5 and t.wait_left("5.6.7.8") == 0
+    now[0] += 0.5
+    assert t.failed("1.2.3.4") == 1.0
+    now[0] += 1
+    assert [t.failed("1.2.3.4") for _ in range(8)][-1] == 30.0  # capped
+    t.succeeded("1.2.3.4")
+    assert t.failed("1.2.3.4") == 0.5
+    now[0] += 10000  # long ago: forgotten
+    assert t.wait_left("1.2.3.4") == 0 and t.failed("1.2.3.4") == 0.5
+
+
+def test_sessions_expire_and_are_capped():
+    from mailengine.web import auth
+    now = [0.0]
+    s = auth.Sessions(clock=lambda: now[0])
+    a = s.create("admin")
+    assert s.get(a.id) is a and s.get("nope") is None and s.get(None) is None
+    now[0] += auth.SESSION_IDLE + 1
+    assert s.get(a.id) is None
+    for _ in range(auth.MAX_SESSIONS + 5):
+        s.create("u")
+    assert len(s) == auth.MAX_SESSIONS
+
+
+def test_prepare_builds_headers_and_checks_sizes():
+    from mailengine.web.inject import InjectError, prepare
+    (p,) = prepare({"from": "<a@src.test>", "to": ["b@d.test", "b@d.test"],
+                    "headers": {"Subject": "é"}, "body": "ü"}, "h.test", 10, 0)
+    assert p.rcpts == ["b@d.test"] and p.mail_from == "a@src.test"
+    head, _, body = p.data.partition(b"\r\n\r\n")
+    assert b"Subject: =?utf-8?b?w6k=?=" in head and b"From: a@src.test" in head
+    assert b"Content-Type: text/plain; charset=utf-8" in head and body == "ü\r\n".encode()
+    assert b"Message-ID: <" in head and b"@h.test>" in head
+    with pytest.raises(InjectError, match="raw_base64"):
+        prepare({"from": "", "to": ["b@d.test"], "raw_base64": "AA=="[:-1]}, "h", 10, 0)
+    with pytest.raises(InjectError, match="line break"):
+        prepare({"from": "", "to": ["b@d.test"], "headers": {"S": "{{x}}"}, "body": "b",
+                 "substitutions": {"b@d.test": {"x": "1\r\nBcc: evil@x.test"}}}, "h", 10, 0)
+
+
+def test_settings_save_keeps_comments_and_order(tmp_path):
+    from mailengine.config import default_toml
+    from mailengine.web.settings_edit import read_file_values, save
+    (tmp_path / "mailengine.toml").write_text(default_toml())
+    save(tmp_path, {"limits.max_send_rate": 3600, "queue.retry_intervals": [1.0, 2.5],
+                    "policy.relay_ips": ["10.0.0.0/8"]})
+    text = (tmp_path / "mailengine.toml").read_text()
+    before = default_toml().splitlines()
+    after = text.splitlines()
+    assert len(before) == len(after)
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert changed == [('relay_ips = ["127.0.0.1"]', 'relay_ips = ["10.0.0.0/8"]'),
+                       ("retry_intervals = [30, 120, 240, 480, 960]",
+                        "retry_intervals = [1, 2.5]"),
+                       ("max_send_rate = 0", "max_send_rate = 3600")]
+    values = read_file_values(tmp_path)
+    assert values["limits.max_send_rate"] == 3600 and values["queue.retry_intervals"] == [1, 2.5]
+    (tmp_path / "mailengine.toml").write_text("# only a comment\n")
+    save(tmp_path, {"network.web_ip": "10.1.1.1"})
+    assert tomllib.loads((tmp_path / "mailengine.toml").read_text()) == {
+        "network": {"web_ip": "10.1.1.1"}}

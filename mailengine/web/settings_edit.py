@@ -133,12 +133,20 @@ def apply(engine, changes: dict[str, Any]) -> None:
     inbound = getattr(engine, "inbound", None)
     if inbound is not None:
         inbound.apply(cfg)
+    workers = getattr(engine, "workers", None)
+    if workers is not None and hasattr(workers, "apply"):
+        workers.apply(cfg)
     delivery = getattr(engine, "delivery", None)
     if delivery is not None:
         if "queue.pause_sending" in changes and hasattr(delivery, "set_paused"):
             delivery.set_paused(cfg.queue.pause_sending)
         if hasattr(delivery, "apply"):
             delivery.apply(cfg)
+    if any(n.startswith("debug.") for n in changes):
+        # as at start-up (app.run): the traces log at DEBUG when any switch is on
+        on = any(cfg.values[f"debug.{k}"] for k in ("dns", "smtp_out", "smtp_in", "program",
+                                                    "send_loop"))
+        logging.getLogger("mailengine").setLevel(logging.DEBUG if on else logging.INFO)
     log.info("settings changed from the web admin: %s",
              ", ".join(f"{k} = {v!r}" for k, v in changes.items()))
 
@@ -151,8 +159,10 @@ def submit(engine, section: str, form) -> tuple[dict[str, str], list[str], list[
     for s in SETTINGS:
         if s.section != section:
             continue
-        if s.kind != "bool" and s.name not in form:
-            continue  # not on the form: unchanged
+        on_form = s.name in form if s.kind != "bool" else s.name in form.getall("bools", [])
+        if not on_form:
+            continue  # not on the form: unchanged (an unticked checkbox sends nothing: the
+            # form lists its checkboxes in "bools")
         try:
             new[s.name] = coerce(s, parse_field(s, form.get(s.name)))
         except ConfigError as e:
