@@ -244,7 +244,8 @@ def cmd_upgrade(home: Path, old: Path, dry_run: bool = False, running: bool = Fa
     verb = "would carry" if dry_run else "carried"
     print(f"{rep['source']} -> {rep['path']}"
           + (" (created with this release's defaults)" if rep["created"] else ""))
-    print(f"{verb} {len(rep['carried'])} values; {len(rep['same'])} were already the same")
+    n = len(rep["carried"])
+    print(f"{verb} {n} value{'' if n == 1 else 's'}; {len(rep['same'])} were already the same")
     for name, value in rep["carried"]:
         print(f"  {name} = {config.toml_value(value)}")
     if rep["not_default"]:

@@ -327,3 +327,21 @@ def test_running_engine_flush_sends_deferred_mail(tmp_path, sink):
         assert "3 messages due now by the running engine" in out
         wait(lambda: len(ids_in(tmp_path, "done")) == 3, what="the flush")
     assert sink.rcpts == ["u0@g.test", "u1@g.test", "u2@g.test"]
+
+
+def test_files_are_left_alone_while_a_pid_file_names_a_live_process(tmp_path):
+    import subprocess
+    import sys
+    with RunningEngine(tmp_path) as eng:
+        mid = send(eng, ["a@x.test"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "mailengine.pid").write_text(f"{other.pid}\n")
+        code, out = run_cli(tmp_path, "queue", "delete", "all")
+        assert code == 1 and f"pid {other.pid}" in out and "does not answer" in out
+        assert mid in ids_in(tmp_path, "retry")
+    finally:
+        other.kill()
+        other.wait()
+    code, out = run_cli(tmp_path, "queue", "delete", "all")
+    assert "1 message deleted on the files" in out and not ids_in(tmp_path, "retry")
