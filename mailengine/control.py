@@ -351,6 +351,9 @@ def apply_settings(engine) -> list[str]:
         if getattr(d.bandwidth, "rate", None) != cfg.limits.max_bandwidth:
             d.bandwidth = bandwidth_bucket(cfg.limits.max_bandwidth)
         d.helo = cfg.network.helo_text or engine.hostname
+    on = any(cfg.values[f"debug.{k}"] for k in ("dns", "smtp_out", "smtp_in", "program",
+                                                "send_loop"))
+    logging.getLogger("mailengine").setLevel(logging.DEBUG if on else logging.INFO)  # as app.run
     if getattr(engine, "workers", None):
         notes.append("intake worker processes keep their settings until the next restart")
     return notes

@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
-from .envelope import InfError, Message, format_log_entry, parse_inf
+from .envelope import InfError, Message, format_log_entry
 from .spool import Spool
 
 ACTIONS = ("delete", "hold", "release", "retry")

@@ -177,7 +177,7 @@ def test_hold_release_delete_on_a_running_engine(tmp_path, sink):
         held = send(eng, ["held@d.test"])
         gone = send(eng, ["gone@d.test"])
         mixed = send(eng, ["keep@e.test", "drop@d.test"])
-        free = send(eng, ["free@e.test"])
+        send(eng, ["free@e.test"])
         code, out = run_cli(tmp_path, "queue", "hold", held)
         assert code == 0 and "1 message held by the running engine" in out
         assert inf(tmp_path, held).held

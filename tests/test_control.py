@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import smtplib
 import socket
 import stat
-import time
 from pathlib import Path
 
 from mailengine import control
