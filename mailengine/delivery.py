@@ -702,7 +702,13 @@ class DeliveryEngine:
     def forget_message(self, msg_id: str) -> None:
         """A message taken by take_for_change whose files are gone (deleted)."""
         self.messages.pop(msg_id, None)
+        self._in_working.discard(msg_id)
         self.engine.known.discard(msg_id)
+
+    def files_in(self, msg_id: str) -> str:
+        """The directory holding a waiting message's files: "retry", or "working" for relayed
+        mail stored straight there and not started yet."""
+        return "working" if msg_id in self._in_working or msg_id in self.attempts else "retry"
 
     def queue_state(self, msg_id: str) -> tuple[str, float | None]:
         """('sending' | 'held' | 'waiting' | '', when due) of a message this engine holds."""

@@ -221,11 +221,11 @@ def engine_records(engine, tracker: ReplyTracker | None = None) -> list[dict]:
     if tracker is not None:
         tracker.prune(d.messages)
     out = []
+    files_in = getattr(d, "files_in", lambda mid: "retry")
     for mid, msg in list(d.messages.items()):
         state, due = d.queue_state(mid)
         reps = tracker.replies.get(mid) if tracker is not None else None
-        out.append(record(msg, "working" if state == "sending" else "retry", state or "waiting",
-                          due, reps))
+        out.append(record(msg, files_in(mid), state or "waiting", due, reps))
     return out
 
 
@@ -237,7 +237,7 @@ def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) -> dic
         # Not known to the engine: perhaps a broken drop-in, shown from its files.
         return FileQueue(engine.spool.root).show(msg_id)
     state, due = d.queue_state(msg_id)
-    where = "working" if state == "sending" else "retry"
+    where = getattr(d, "files_in", lambda mid: "retry")(msg_id)
     reps = tracker.replies.get(msg_id) if tracker is not None else None
     return {"record": record(msg, where, state, due, reps), "inf": _read_inf(engine.spool, msg_id,
                                                                                where),
@@ -266,23 +266,25 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     res["skipped"].update(skipped)
     now = datetime.now().replace(microsecond=0)
     spool = engine.spool
+    files_in = getattr(d, "files_in", lambda mid: "retry")
     for msg in taken:
         t = ids[msg.id]
+        where = files_in(msg.id)
         try:
             if action == "delete":
                 if t.startswith("@") and any(domain_of(a) != t[1:] for a in msg.rcpt_to_send):
                     gone = drop_domain(msg, t[1:], now)
-                    await spool.update_inf(msg, "retry")
+                    await spool.update_inf(msg, where)
                     res["trimmed"][msg.id] = len(gone)
                 else:
-                    spool.remove(msg.id, "retry")
+                    spool.remove(msg.id, where)
                     d.forget_message(msg.id)
                     logging.getLogger("mailengine").info(
                         "%s: deleted from the queue by the administrator", msg.id)
                     res["done"].append(msg.id)
                     continue
             elif change(msg, action, now):
-                await spool.update_inf(msg, "retry")
+                await spool.update_inf(msg, where)
                 res["done"].append(msg.id)
             else:
                 res["unchanged"].append(msg.id)
@@ -290,7 +292,7 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
             res["skipped"][msg.id] = f"cannot write its .inf: {e}"
             # memory must say what the disk says: read it back as it is
             try:
-                msg = spool.load(msg.id, "retry")
+                msg = spool.load(msg.id, where)
             except (OSError, InfError):
                 d.forget_message(msg.id)
                 continue
