@@ -251,8 +251,9 @@ def test_password_change_is_stored_hashed(running):
     c = Client(running.web_port)
     c.login()
     csrf = c.csrf("/gui/admin/account")
+    new = "a-much-better-one"
     r = c.post("/gui/admin/account", form={"csrf": csrf, "current": "opensesame",
-                                           "new": "a-much-better-one", "again": "a-much-better-one"})
+                                           "new": new, "again": new})
     assert r.status == 303
     text = (running.home / "password.txt").read_text()
     assert "opensesame" not in text and "admin:scrypt$" in text
@@ -704,3 +705,17 @@ def test_settings_save_keeps_comments_and_order(tmp_path):
     save(tmp_path, {"network.web_ip": "10.1.1.1"})
     assert tomllib.loads((tmp_path / "mailengine.toml").read_text()) == {
         "network": {"web_ip": "10.1.1.1"}}
+
+
+def test_web_ip_change_that_would_lock_out_the_admin_is_refused(running):
+    c = Client(running.web_port)
+    c.login()
+    csrf = c.csrf("/gui/admin/settings")
+    for value in ("10.9.9.9", "0"):
+        r = c.post("/gui/admin/settings/network", form={"csrf": csrf, "network.web_ip": value})
+        assert r.status == 400 and "would shut out your own address 127.0.0.1" in r.text
+    assert "web_ip = \"127.0.0.1\"" in (running.home / "mailengine.toml").read_text()
+    r = c.post("/gui/admin/settings/network", form={"csrf": csrf,
+                                                    "network.web_ip": "127.0.0.0/8"})
+    assert r.status == 303
+    assert c.get("/gui/admin").status == 200

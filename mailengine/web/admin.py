@@ -14,7 +14,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from ..config import SECTION_TITLES, SETTINGS
+from ..config import SECTION_TITLES, SETTINGS, AddressSet
+from ..users import hash_password
 from . import queue_actions, queue_view, settings_edit
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, same
 from .metrics import snapshot
@@ -123,7 +124,10 @@ async def login_post(request: web.Request) -> web.Response:
                                          f"or has no users. Add a line such as admin:opensesame.")
     user = str(form.get("user", "")).strip()
     password = str(form.get("password", ""))
-    if not (user and w.engine.users.check(user, password)):
+    known = user in w.engine.users.users()
+    if not known:
+        hash_password(password)  # as long as checking a real user's hash: names do not leak
+    if not (known and w.engine.users.check(user, password)):
         delay = w.login_throttle.failed(ip)
         return _login_form(request, 401, f"Wrong user name or password. The next try is possible "
                                          f"in {delay:.1f} s.", wait=delay)
@@ -145,19 +149,26 @@ async def logout(request: web.Request) -> web.Response:
 
 # --- status ---------------------------------------------------------------------------------------
 
+STATUS_SCAN_LIMIT = 20000  # above this many queued messages the status page skips the walk
+DEST_TTL = 3.0  # s: status.json polls share one computation of the destinations
+
+
 def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
     """The busiest destinations and their state, from the delivery engine's scheduler; the
-    last reply from the delivery log lines (metrics.OutcomeCounter)."""
+    last reply from the delivery log lines (metrics.OutcomeCounter). Per-domain message counts
+    need a walk over the queue, done only while it is small (the Queue page always does it)."""
     delivery = getattr(engine, "delivery", None)
-    msgs = queue_view.queued_messages(engine)
+    msgs = queue_view.queued_messages(engine) if delivery is None or \
+        len(delivery.messages) <= STATUS_SCAN_LIMIT else []
     rows = {r.domain: r for r in queue_view.by_domain(engine, msgs)}
     out = []
     active = delivery.sched.destinations() if delivery is not None else {}
+    windows = getattr(getattr(delivery, "windows", None), "_w", {})
     for dom in set(active) | set(rows):
         ready, running = active.get(dom, (0, 0))
         row = rows.get(dom)
         state, why = "idle", ""
-        win = delivery.windows._w.get(dom) if delivery is not None else None
+        win = windows.get(dom)
         if running:
             state = "sending"
         elif engine.cfg.queue.pause_sending:
@@ -182,27 +193,36 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
             last = time.strftime("%Y/%m/%d %H:%M:%S ", time.localtime(reply[0])) + reply[1]
         out.append({
             "domain": dom, "state": state, "why": why, "ready": ready, "running": running,
-            "messages": row.messages if row else 0, "recipients": row.recipients if row else 0,
-            "held": row.held if row else 0,
+            "messages": row.messages if row else None,
+            "recipients": row.recipients if row else None,
+            "held": row.held if row else None,
             "next_retry": row.next_retry.strftime("%Y/%m/%d %H:%M:%S")
             if row and row.next_retry else "",
             "last": last,
         })
-    out.sort(key=lambda d: (-(d["running"] + d["ready"]), -d["recipients"], d["domain"]))
+    out.sort(key=lambda d: (-(d["running"] + d["ready"]), -(d["recipients"] or 0), d["domain"]))
     return out[:limit]
+
+
+def cached_destinations(w) -> list[dict]:
+    now = time.monotonic()
+    hit = getattr(w, "_dest_cache", None)
+    if hit is None or now - hit[0] > DEST_TTL:
+        hit = w._dest_cache = (now, destinations(w.engine, counter=w.outcomes))
+    return hit[1]
 
 
 async def status(request: web.Request) -> web.Response:
     w = _web(request)
     return w.render(request, "status.html", snap=snapshot(w.engine, w.outcomes),
-                    dests=destinations(w.engine, counter=w.outcomes), title="Status")
+                    dests=cached_destinations(w), title="Status")
 
 
 async def status_json(request: web.Request) -> web.Response:
     w = _web(request)
     return web.json_response({"now": snapshot(w.engine, w.outcomes),
                               "history": w.history.as_json(),
-                              "destinations": destinations(w.engine, counter=w.outcomes)})
+                              "destinations": cached_destinations(w)})
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -243,6 +263,14 @@ async def settings_post(request: web.Request) -> web.Response:
     if section not in SECTION_TITLES:
         raise web.HTTPNotFound(text=f"No settings section {section!r}.")
     form = request["form"]
+    web_ip = str(form.get("network.web_ip", w.cfg.network.web_ip)).strip()
+    if section == "network" and web_ip != w.cfg.network.web_ip and (
+            web_ip == "0" or (web_ip and not _admits(web_ip, request.remote))):
+        request["session"].flash.append(("error", (
+            f"Nothing was saved: network.web_ip = {web_ip!r} would shut out your own address "
+            f"{request.remote}. Change it from an address it admits, or in the file.")))
+        return await settings(request, {"network.web_ip": "would lock you out"}, form,
+                              status=400)
     try:
         errors, live, later = settings_edit.submit(w.engine, section, form)
     except OSError as e:
@@ -266,12 +294,19 @@ async def settings_post(request: web.Request) -> web.Response:
           ("Saved to mailengine.toml; " + "; ".join(parts)) if parts else "Nothing changed.")
 
 
+def _admits(web_ip: str, ip: str | None) -> bool:
+    try:
+        return ip is not None and ip in AddressSet([web_ip])
+    except ValueError:
+        return True  # not an address: settings_edit reports it
+
+
 # --- queue ----------------------------------------------------------------------------------------
 
 async def queue_domains(request: web.Request) -> web.Response:
     w = _web(request)
-    msgs = queue_view.queued_messages(w.engine)
-    rows = queue_view.by_domain(w.engine, msgs)
+    msgs = await queue_view.messages(w.engine)
+    rows = await queue_view.off_loop(queue_view.by_domain, w.engine, msgs)
     replies = {d: time.strftime("%Y/%m/%d %H:%M:%S ", time.localtime(t)) + text
                for d, (t, text) in w.outcomes.last_reply.items()}
     return w.render(request, "queue.html", title="Queue", rows=rows, total=len(msgs),
@@ -281,9 +316,9 @@ async def queue_domains(request: web.Request) -> web.Response:
 async def queue_messages(request: web.Request) -> web.Response:
     w = _web(request)
     domain = request.match_info.get("domain") or request.query.get("domain", "")
-    msgs = queue_view.queued_messages(w.engine)
+    msgs = await queue_view.messages(w.engine)
     if domain:
-        msgs = queue_view.in_domain(msgs, domain)
+        msgs = await queue_view.off_loop(queue_view.in_domain, msgs, domain)
     msgs.sort(key=lambda m: (m.time_created, m.id))
     try:
         start = max(0, int(request.query.get("start", "0")))
@@ -431,7 +466,8 @@ async def account_post(request: web.Request) -> web.Response:
         _back(request, "/gui/admin/account", "error", "The current password is wrong.")
     new, again = str(form.get("new", "")), str(form.get("again", ""))
     if len(new) < 8:
-        _back(request, "/gui/admin/account", "error", "The new password needs 8 characters or more.")
+        _back(request, "/gui/admin/account", "error",
+              "The new password needs 8 characters or more.")
     if new != again:
         _back(request, "/gui/admin/account", "error", "The two new passwords differ.")
     w.engine.users.set_password(session.user, new)

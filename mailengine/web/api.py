@@ -130,7 +130,7 @@ def _refused(reply, results, rcpt: str = "") -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     w = request.app["web"]
     return web.json_response({**snapshot(w.engine, w.outcomes),
-                              "destinations": admin.destinations(w.engine, counter=w.outcomes)})
+                              "destinations": admin.cached_destinations(w)})
 
 
 def _int(request, name: str, default: int, top: int) -> int:
@@ -143,10 +143,10 @@ def _int(request, name: str, default: int, top: int) -> int:
 
 async def queue_list(request: web.Request) -> web.Response:
     w = request.app["web"]
-    msgs = queue_view.queued_messages(w.engine)
+    msgs = await queue_view.messages(w.engine)
     domain = request.query.get("domain")
     if domain:
-        msgs = queue_view.in_domain(msgs, domain)
+        msgs = await queue_view.off_loop(queue_view.in_domain, msgs, domain)
     state = request.query.get("state")
     if state:
         msgs = [m for m in msgs if queue_view.state_of(w.engine, m) == state]
@@ -158,7 +158,8 @@ async def queue_list(request: web.Request) -> web.Response:
 
 async def queue_domains(request: web.Request) -> web.Response:
     w = request.app["web"]
-    rows = queue_view.by_domain(w.engine, queue_view.queued_messages(w.engine))
+    rows = await queue_view.off_loop(queue_view.by_domain, w.engine,
+                                     await queue_view.messages(w.engine))
     return web.json_response({"domains": [{
         "domain": r.domain, "messages": r.messages, "recipients": r.recipients, "held": r.held,
         "sending": r.sending, "waiting": r.waiting,

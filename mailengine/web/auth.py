@@ -195,8 +195,9 @@ class ApiTokens:
 
     def _rewrite(self, name: str, new_line: str | None) -> None:
         lines = self.path.read_text().splitlines() if self.path.exists() else [
-            "# API tokens of the MailEngine HTTP API: one 'name:token' line each ('name:sha256$HEX'",
-            "# when made by the web admin). Clients send 'Authorization: Bearer TOKEN'."]
+            "# API tokens of the MailEngine HTTP API: one 'name:token' line each",
+            "# ('name:sha256$HEX' when made by the web admin).",
+            "# Clients send 'Authorization: Bearer TOKEN'."]
         out = [ln for ln in lines
                if ln.lstrip().startswith("#") or ln.partition(":")[0].strip() != name]
         if new_line:

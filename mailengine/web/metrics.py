@@ -81,7 +81,8 @@ class OutcomeCounter(logging.Handler):
         logging.getLogger("mailengine.delivery").removeHandler(self)
 
 
-def snapshot(engine, counter: OutcomeCounter | None = None) -> dict:
+def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False) -> dict:
+    """The numbers of now; `cheap` skips those that walk the queue (recipients left)."""
     st = engine.stats
     delivery = getattr(engine, "delivery", None)
     inbound = getattr(engine, "inbound", None)
@@ -106,7 +107,8 @@ def snapshot(engine, counter: OutcomeCounter | None = None) -> dict:
     if delivery is not None:
         msgs = delivery.messages
         snap["queue_messages"] = len(msgs)
-        snap["queue_recipients"] = sum(len(m.rcpt_to_send) for m in msgs.values())
+        snap["queue_recipients"] = None if cheap else sum(
+            len(m.rcpt_to_send) for m in list(msgs.values()))
         snap["queue_sending"] = len(delivery.attempts)
     else:
         usage = _spool_usage(engine)
@@ -129,7 +131,7 @@ class History:
         self._task: asyncio.Task | None = None
 
     def sample(self) -> None:
-        s = snapshot(self.engine, self.counter)
+        s = snapshot(self.engine, self.counter, cheap=True)
         self.samples.append(tuple(s[f] for f in self.FIELDS))
 
     async def _run(self) -> None:

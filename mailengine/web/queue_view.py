@@ -7,6 +7,7 @@ Actions (delete, hold, release, retry now) go through mailengine.queueops when i
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -18,9 +19,23 @@ SCAN_LIMIT = 20000
 WHERE = ("retry", "working")
 
 
+async def off_loop(fn, *args):
+    """Run a walk over many messages in a thread, so SMTP sessions are not held up by it (the
+    list it walks is a copy made on the event loop)."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def messages(engine) -> list[Message]:
+    """Every queued message: a copy of the delivery engine's table, or read from retry/."""
+    delivery = getattr(engine, "delivery", None)
+    if delivery is not None:
+        return list(delivery.messages.values())
+    return await off_loop(queued_messages, engine)
+
+
 def queued_messages(engine) -> list[Message]:
     delivery = getattr(engine, "delivery", None)
-    if delivery is not None and getattr(delivery, "_running", True):
+    if delivery is not None:
         return list(delivery.messages.values())
     out = []
     d = engine.spool.dir("retry")

@@ -106,7 +106,8 @@
       a.href = "/gui/admin/queue/domain/" + encodeURIComponent(d.domain); a.textContent = d.domain;
       tr.insertCell().appendChild(a);
       [d.state, d.why, d.running, d.ready, d.messages, d.recipients, d.next_retry, d.last]
-        .forEach(function (v, i) { var c = tr.insertCell(); c.textContent = String(v);
+        .forEach(function (v, i) { var c = tr.insertCell();
+                                   c.textContent = v === null ? "" : String(v);
                                    if (i === 7) c.className = "log"; });
     });
   }
