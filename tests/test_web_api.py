@@ -719,3 +719,23 @@ def test_web_ip_change_that_would_lock_out_the_admin_is_refused(running):
                                                     "network.web_ip": "127.0.0.0/8"})
     assert r.status == 303
     assert c.get("/gui/admin").status == 200
+
+
+def test_web_port_in_use_ends_with_one_clear_line(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        eng = RunningEngine(make_home(tmp_path), {"network.web_port": port,
+                                                  "network.web_ip": "127.0.0.1"})
+        try:
+            eng.start()
+        except RuntimeError:
+            pass  # it may exit before the SMTP port answers
+        assert eng.proc.wait(20) != 0
+        eng.stop()
+    out = eng.output.decode()
+    assert f"Cannot listen for the web admin on port {port}" in out
+    assert "--web-port" in out
