@@ -261,15 +261,21 @@ class DeliveryEngine:
         self._running = False
         self._remover: ThreadPoolExecutor | None = None
         self._in_working: set[str] = set()  # submitted in working/, not started yet
+        self._data: dict[str, bytes] = {}  # ID.dat bytes handed over by intake, until sent
+        self._cached_bytes = 0
+        self._cache_limit = cfg.limits.max_queue_memory_kb * 1024
 
     # -- the interface app.py uses ----------------------------------------------------------------
 
-    def submit(self, msg: Message, where: str = "retry") -> None:
+    def submit(self, msg: Message, where: str = "retry", data: bytes | None = None) -> None:
         """A message waiting in `where`: deliver it at its `retrytime` (or now).
 
         `where` is "retry", or "working" for relayed mail that intake stored straight into
         working/ (SPEC 4, relay_via_disk): its first attempt then needs no move. A message in
-        working/ must be due now (nothing else would find it there before the next start)."""
+        working/ must be due now (nothing else would find it there before the next start).
+        `data`: the bytes of ID.dat when the caller has them in memory (intake just stored
+        them): the first attempt then does not read the file (kept within
+        `limits.max_queue_memory_kb`; beyond it, the file is read as usual)."""
         if self._stopping or msg.id in self.attempts:
             return
         if where == "working":
@@ -283,6 +289,10 @@ class DeliveryEngine:
         if not msg.rcpt_to_send:
             self._finish_idle(msg)
             return
+        if data is not None and self._cached_bytes + len(data) <= self._cache_limit:
+            self._drop_data(msg.id)
+            self._data[msg.id] = data
+            self._cached_bytes += len(data)
         due = msg.retry_time.timestamp() if msg.retry_time is not None else None
         self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
         self._kick()
@@ -566,7 +576,11 @@ class DeliveryEngine:
     def _prepare_body(self, msg: Message) -> Body:
         """The bytes that go out: a Received: header, then ID.dat as received.
         DKIM hook: sign `header + data` here (self.signer) before building the Body."""
-        data = self.spool.read_data(msg.id, "working")
+        data = self._data.pop(msg.id, None)
+        if data is not None:
+            self._cached_bytes -= len(data)
+        else:
+            data = self.spool.read_data(msg.id, "working")
         return Body.from_bytes(received_header(msg, self.engine.hostname) + data)
 
     @staticmethod
@@ -580,9 +594,15 @@ class DeliveryEngine:
 
     # -- the end of an attempt ------------------------------------------------------------------
 
+    def _drop_data(self, msg_id: str) -> None:
+        data = self._data.pop(msg_id, None)
+        if data is not None:
+            self._cached_bytes -= len(data)
+
     async def _finish(self, att: Attempt) -> None:
         msg = att.msg
         self.attempts.pop(msg.id, None)
+        self._drop_data(msg.id)
         if att.gone:
             self.messages.pop(msg.id, None)
             self.engine.known.discard(msg.id)
@@ -634,6 +654,7 @@ class DeliveryEngine:
         """A message in retry/ with nothing left to send: finish it without an attempt."""
         msg.status = msg.status or "done"
         where = "working" if msg.id in self._in_working else "retry"
+        self._drop_data(msg.id)
         self._in_working.discard(msg.id)
         try:
             if self.cfg.queue.save_done:
@@ -703,6 +724,7 @@ class DeliveryEngine:
         """A message taken by take_for_change whose files are gone (deleted)."""
         self.messages.pop(msg_id, None)
         self._in_working.discard(msg_id)
+        self._drop_data(msg_id)
         self.engine.known.discard(msg_id)
 
     def files_in(self, msg_id: str) -> str:

@@ -470,8 +470,10 @@ def test_submitted_in_working_is_sent_without_a_move_and_stop_puts_the_rest_in_r
                           retry_time=datetime.now())
             await eng.spool.store(msg, b"Subject: w\r\n\r\nbody\r\n", "working")
             runner = asyncio.create_task(d.run())
-            d.submit(msg, "working")
+            d.submit(msg, "working", data=b"Subject: w\r\n\r\nfrom memory\r\n")
             await sink.wait_messages(1, 10)
+            assert sink.messages[0].data.endswith(b"\r\nfrom memory\r\n")  # not re-read
+            assert d._cached_bytes == 0 and not d._data
             for _ in range(100):
                 if not list((tmp_path / "mailq" / "working").iterdir()):
                     break
