@@ -1,198 +1,36 @@
-"""The web admin, the HTTP API and /metrics, served by aiohttp inside the engine's event loop.
+"""The web admin, the HTTP API and /metrics: the service app.py plugs into the running engine.
 
-app.py builds `WebServer(engine)` and awaits `start()` after the SMTP listener, `stop()` before
-the engine stops. Everything on the port answers only clients allowed by `network.web_ip`
-(empty: any; an address, CIDR network or range; "0": the web admin is off). The port is
-`network.web_port` (0: off). When web_ip names loopback addresses only, the port is bound on
-loopback only; otherwise on every address.
-
-    /                   -> /gui/admin
-    /gui/login          log in with a user of HOME/password.txt
-    /gui/admin/...      status, settings, queue, bounce lists, API tokens, account (admin.py)
-    /api/v1/...         JSON API with bearer tokens (api.py), /api/v1/openapi.json
-    /metrics            Prometheus text format (metrics.py)
+app.py builds `WebServer(engine)` and awaits `start()` after the SMTP listener and `stop()`
+before the engine stops. The web application itself (site.py: aiohttp, Jinja2 templates) is
+imported and built only when the web admin is on (`network.web_port` not 0 and
+`network.web_ip` not "0"), so an engine without it starts as fast as before.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
-import jinja2
-from aiohttp import web
-
-from ..config import AddressSet, parse_address_range
-from . import admin, api
-from .auth import ApiTokens, Sessions, Throttle, TOKENS_FILE
-from .metrics import History, OutcomeCounter, prometheus
 
 log = logging.getLogger("mailengine.web")
-
-HERE = Path(__file__).parent
-SECURITY_HEADERS = {
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                "script-src 'self'; form-action 'self'; frame-ancestors 'none'"),
-}
-
-
-def bind_hosts(web_ip: str) -> list[str] | None:
-    """Where to listen: on loopback only when web_ip admits loopback clients only (every
-    loopback client can reach 127.0.0.1 or ::1), else on every address (None)."""
-    if not web_ip or web_ip == "0":
-        return None
-    try:
-        first, last = parse_address_range(web_ip)
-    except ValueError:
-        return None
-    if first.is_loopback and last.is_loopback:
-        return ["::1" if first.version == 6 else "127.0.0.1"]
-    return None
 
 
 class WebServer:
     def __init__(self, engine):
         self.engine = engine
-        self.cfg = engine.cfg
-        self.sessions = Sessions()
-        self.login_throttle = Throttle()
-        self.api_throttle = Throttle()
-        self.tokens = ApiTokens(engine.cfg.home / TOKENS_FILE)
-        self.outcomes = OutcomeCounter()
-        self.history = History(engine, self.outcomes)
-        self.runner: web.AppRunner | None = None
-        self.bound: list[tuple[str, int]] = []
-        self._allowed_key: str | None = None
-        self._allowed: AddressSet | None = None
-        self.templates = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(HERE / "templates"),
-            autoescape=jinja2.select_autoescape(("html",)),
-            undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.app = self.make_app()
-
-    # --- the application -------------------------------------------------------------------------
-
-    def make_app(self) -> web.Application:
-        max_size = self.cfg.limits.max_message_size
-        # A JSON document may escape every byte of the message (\u00XX: 6 bytes per byte).
-        client_max = 6 * max_size + (1 << 20) if max_size else 256 << 20
-        app = web.Application(client_max_size=client_max,
-                              middlewares=[self.guard_middleware])
-        app["web"] = self
-        app.router.add_get("/", lambda r: _redirect("/gui/admin"))
-        app.router.add_get("/gui", lambda r: _redirect("/gui/admin"))
-        app.router.add_get("/gui/", lambda r: _redirect("/gui/admin"))
-        app.router.add_static("/gui/static", HERE / "static")
-        admin.add_routes(app)
-        api.add_routes(app)
-        app.router.add_get("/metrics", self.metrics)
-        return app
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=prometheus(self.engine, self.outcomes),
-                            content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
-
-    def allowed(self, ip: str | None) -> bool:
-        web_ip = self.cfg.network.web_ip
-        if web_ip == "0":
-            return False
-        if not web_ip:
-            return True
-        if web_ip != self._allowed_key:
-            self._allowed_key, self._allowed = web_ip, AddressSet([web_ip])
-        return ip is not None and ip in self._allowed
-
-    @web.middleware
-    async def guard_middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        ip = request.remote
-        if not self.allowed(ip):
-            web_ip = self.cfg.network.web_ip
-            if request.path.startswith("/api/") or request.path == "/metrics":
-                why = ("the web admin is off (network.web_ip = \"0\")" if web_ip == "0" else
-                       f"client address {ip} is not allowed: network.web_ip = {web_ip!r}")
-                return web.json_response({"error": why}, status=403)
-            resp = self.render(request, "forbidden.html", status=403, client_ip=ip,
-                               web_ip=web_ip, config=str(self.cfg.home / "mailengine.toml"))
-        else:
-            try:
-                resp = await handler(request)
-            except web.HTTPException as e:
-                if e.status >= 400 and not request.path.startswith("/api/") and \
-                        e.content_type != "application/json":
-                    resp = self.render(request, "error.html", status=e.status,
-                                       title=e.reason, text=e.text if e.text != e.reason else "")
-                else:
-                    raise
-        for k, v in SECURITY_HEADERS.items():
-            resp.headers.setdefault(k, v)
-        if request.path.startswith("/gui/") and not request.path.startswith("/gui/static/"):
-            resp.headers.setdefault("Cache-Control", "no-store")
-        return resp
-
-    def render(self, request: web.Request | None, template: str, status: int = 200,
-               **ctx) -> web.Response:
-        session = request.get("session") if request is not None else None
-        flash = []
-        if session is not None:
-            flash, session.flash = session.flash, []
-        html = self.templates.get_template(template).render(
-            user=session.user if session else None,
-            csrf=session.csrf if session else "",
-            flash=flash, path=request.path if request is not None else "",
-            static=lambda f: f"/gui/static/{f}",
-            hostname=self.engine.hostname, **ctx)
-        return web.Response(text=html, content_type="text/html", charset="utf-8", status=status)
-
-    # --- life cycle ------------------------------------------------------------------------------
+        self.site = None  # site.WebSite while serving
 
     async def start(self) -> None:
-        net = self.cfg.network
+        net = self.engine.cfg.network
         if not net.web_port:
             log.info("web admin is off (network.web_port = 0)")
             return
         if net.web_ip == "0":
-            log.info("web admin is off (network.web_ip = \"0\")")
+            log.info('web admin is off (network.web_ip = "0")')
             return
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        hosts = bind_hosts(net.web_ip)
-        try:
-            for host in hosts or [None]:
-                site = web.TCPSite(self.runner, host, net.web_port, reuse_address=True,
-                                   shutdown_timeout=2.0)
-                await site.start()
-                for sock in site._server.sockets:  # the addresses really bound
-                    self.bound.append(sock.getsockname()[:2])
-        except PermissionError:
-            await self.runner.cleanup()
-            raise SystemExit(
-                f"Cannot listen on web port {net.web_port}: a port below 1024 needs root or "
-                f"CAP_NET_BIND_SERVICE. Choose another with --web-port or network.web_port "
-                f"(0 turns the web admin off).")
-        except OSError as e:
-            await self.runner.cleanup()
-            raise SystemExit(
-                f"Cannot listen for the web admin on port {net.web_port}: {e.strerror}. Is another "
-                f"program using it? Choose another with --web-port or network.web_port (0 = off).")
-        self.outcomes.attach()
-        self.history.start()
-        where = ", ".join(f"{h} port {p}" for h, p in self.bound)
-        log.info("web admin on %s: http://%s:%d/gui/admin%s", where,
-                 hosts[0] if hosts else "127.0.0.1", net.web_port,
-                 f" (clients: {net.web_ip})" if net.web_ip else "")
-        if not self.engine.users:
-            log.warning("web admin: no users: %s is missing or empty; add a line such as "
-                        "admin:opensesame to log in", self.cfg.password_file)
+        from .site import WebSite
+        site = WebSite(self.engine)
+        await site.start()
+        self.site = site
 
     async def stop(self) -> None:
-        self.outcomes.detach()
-        await self.history.stop()
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-
-def _redirect(location: str) -> web.Response:
-    raise web.HTTPFound(location)
+        if self.site is not None:
+            await self.site.stop()
+            self.site = None
