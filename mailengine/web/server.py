@@ -3,7 +3,9 @@
 app.py builds `WebServer(engine)` and awaits `start()` after the SMTP listener and `stop()`
 before the engine stops. The web application itself (site.py: aiohttp, Jinja2 templates) is
 imported and built only when the web admin is on (`network.web_port` not 0 and
-`network.web_ip` not "0"), so an engine without it starts as fast as before.
+`network.web_ip` not "0"), so an engine without it starts as fast as before. A web port that
+cannot be had (in use, or below 1024 without root) is one warning line, not the end of the
+engine: mail goes on flowing without the admin.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ class WebServer:
             return
         from .site import WebSite
         site = WebSite(self.engine)
-        await site.start()
-        self.site = site
+        if await site.start():
+            self.site = site
 
     async def stop(self) -> None:
         if self.site is not None:

@@ -147,7 +147,8 @@ class WebSite:
 
     # --- life cycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
+        """Listen; False (after one warning line) when the port cannot be had."""
         net = self.cfg.network
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
@@ -159,17 +160,18 @@ class WebSite:
                 await site.start()
                 for sock in site._server.sockets:  # the addresses really bound
                     self.bound.append(sock.getsockname()[:2])
-        except PermissionError:
-            await self.runner.cleanup()
-            raise SystemExit(
-                f"Cannot listen on web port {net.web_port}: a port below 1024 needs root or "
-                f"CAP_NET_BIND_SERVICE. Choose another with --web-port or network.web_port "
-                f"(0 turns the web admin off).")
         except OSError as e:
+            # The web admin is optional: mail keeps flowing without it, so the engine goes on.
             await self.runner.cleanup()
-            raise SystemExit(
-                f"Cannot listen for the web admin on port {net.web_port}: {e.strerror}. Is another "
-                f"program using it? Choose another with --web-port or network.web_port (0 = off).")
+            self.runner, self.bound = None, []
+            if isinstance(e, PermissionError):
+                why = "a port below 1024 needs root or CAP_NET_BIND_SERVICE"
+            else:
+                why = f"{e.strerror or e}; is another program using it?"
+            log.warning("web admin NOT started: cannot listen on port %d: %s. Choose another "
+                        "with --web-port or network.web_port (0 turns the web admin off).",
+                        net.web_port, why)
+            return False
         self.outcomes.attach()
         self.history.start()
         where = ", ".join(f"{h} port {p}" for h, p in self.bound)
@@ -179,6 +181,7 @@ class WebSite:
         if not self.engine.users:
             log.warning("web admin: no users: %s is missing or empty; add a line such as "
                         "admin:opensesame to log in", self.cfg.password_file)
+        return True
 
     async def stop(self) -> None:
         self.outcomes.detach()
