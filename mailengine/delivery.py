@@ -309,6 +309,7 @@ class DeliveryEngine:
         if self.cfg.basic.preload_domains:
             self._spawn(self.resolver.preload(self.cfg.basic.preload_domains))
         next_sweep = loop.time() + 1
+        next_tidy = loop.time() + 60
         while not self._stopping:
             self.sched.release_due()
             while (u := self.sched.next_unit()) is not None:
@@ -317,6 +318,9 @@ class DeliveryEngine:
             if now >= next_sweep:
                 self.pool.sweep(now)
                 next_sweep = now + 1
+                if now >= next_tidy:
+                    self._tidy()
+                    next_tidy = now + 60
             due = self.sched.next_due()
             sleep = MAX_SLEEP if due is None else min(MAX_SLEEP, max(0.0, due - time.time()))
             self._wake.clear()
@@ -326,6 +330,13 @@ class DeliveryEngine:
                         await self._wake.wait()
                 except TimeoutError:
                     pass
+
+    def _tidy(self) -> None:
+        """Forget what no longer matters (memory stays bounded with many destinations)."""
+        now = time.monotonic()
+        for key in [k for k, until in self.host_down.items() if until < now]:
+            del self.host_down[key]
+        self.windows.forget_idle(set(self.sched.destinations()))
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """No new work; transactions in flight get `grace` seconds; the rest stays in retry/."""

@@ -83,10 +83,13 @@ class Windows:
         w = self._w.get(dest)
         return min(self.initial, self.maximum) if w is None else w.limit
 
-    def forget_idle(self, keep: set[str]) -> None:
-        """Drop windows back at their start value for destinations not in `keep` (memory)."""
-        for d in [d for d, w in self._w.items() if d not in keep and w.value >= self.initial
-                  and w.cuts == 0]:
+    def forget_idle(self, keep: set[str], remember: float = 600.0) -> None:
+        """Drop the windows of destinations not in `keep` (nothing queued or running), except
+        those cut back in the last `remember` seconds: a troubled server is not hit at full
+        speed again just because its mail paused for a moment."""
+        now = self.clock()
+        for d in [d for d, w in self._w.items()
+                  if d not in keep and (w.cuts == 0 or now - w._last_cut > remember)]:
             del self._w[d]
 
 

@@ -269,3 +269,16 @@ def test_token_buckets():
     assert n.due() and not n.due()
     c.t += 3600
     assert n.due()
+
+
+def test_windows_forget_idle_destinations_but_remember_recent_trouble():
+    c = Clock(0.0)
+    ws = Windows(maximum=10, initial=5, clock=c)
+    ws.get("ok.test").success()
+    ws.get("bad.test").failure(site=True)
+    ws.get("busy.test")
+    ws.forget_idle({"busy.test"})
+    assert sorted(ws._w) == ["bad.test", "busy.test"] and ws.limit("bad.test") == 2
+    c.t += 601
+    ws.forget_idle(set())
+    assert ws._w == {} and ws.limit("bad.test") == 5
