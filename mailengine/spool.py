@@ -138,7 +138,8 @@ def _load_syncfs():
 _syncfs = _load_syncfs()
 WRITER_THREADS = 4
 STRATEGIES = ("syncfs", "fdatasync")
-DEFAULT_STRATEGY = "syncfs" if _syncfs is not None else "fdatasync"
+DEFAULT_STRATEGY = os.environ.get("MAILENGINE_SPOOL_SYNC") or (
+    "syncfs" if _syncfs is not None else "fdatasync")  # the variable: for measuring, see bench/
 
 
 class _Job:
@@ -245,11 +246,17 @@ class Spool:
             # The files are created by the flusher's writer threads, not here: creating files
             # blocks on the file system's journal while a sync runs, and on the event loop
             # that stalled every session (40 % of intake time in bench/intake's profile).
+            if self._closing:
+                raise RuntimeError("spool is closed")
             job = _Job(None, None, None, [], d, msg.id)
             job.msg, job.data = msg, data
+            job.loop = asyncio.get_running_loop()
+            job.fut = job.loop.create_future()
             self._inflight.add(msg.id)
+            # Writer threads create the files while the flusher syncs the previous batch.
+            self._writers_pool().submit(self._write_job, job)
             try:
-                await self._submit(job)
+                await job.fut
             except asyncio.CancelledError:
                 raise  # the flusher still finishes the job: a commit without a 250 is a duplicate
             except BaseException:
@@ -309,6 +316,14 @@ class Spool:
             self._inflight.add(msg.id)
             job.msg_id = msg.id
         job.data = None
+        if job.error is not None:
+            self._resolve([job])
+            return
+        with self._cond:  # written: the flusher makes it durable with the next sync
+            if self._thread is None:
+                self._start_flusher()
+            self._queue.append(job)
+            self._cond.notify()
 
     async def update_inf(self, msg: Message, where: str, flush: bool = False) -> None:
         """Replace `ID.inf` atomically (write `.inf.tmp`, rename over). With `flush` (and a
@@ -618,18 +633,13 @@ class Spool:
                         return
                     self._cond.wait()
                 batch, self._queue = self._queue, []
-            writes = [job for job in batch if job.msg is not None and job.final is None]
-            if writes:
-                list(self._writers_pool().map(self._write_job, writes))
-                failed = [job for job in writes if job.error is not None]
-                if failed:
-                    batch = [job for job in batch if job.error is None]
-                    self._resolve(failed)
-            for job in renaming:
-                try:
-                    os.rename(job.tmp, job.final)
-                except OSError as e:
-                    job.error = e
+            writers = self._writers  # made by store() on the event loop; None once closing
+            if len(renaming) > 8 and writers is not None:
+                # renames wait on the journal too: let them wait together
+                list(writers.map(_rename_job, renaming))
+            else:
+                for job in renaming:
+                    _rename_job(job)
             try:
                 self._sync(batch, renaming)
                 err = None
@@ -705,6 +715,9 @@ class Spool:
         """Finish pending flushes and stop the flusher thread."""
         for loop in list(self._pending):
             self._kick(loop)
+        if self._writers is not None:
+            self._writers.shutdown()  # stores being written reach the flusher's queue first
+            self._writers = None
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -714,12 +727,16 @@ class Spool:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        if self._writers is not None:
-            self._writers.shutdown()
-            self._writers = None
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+
+
+def _rename_job(job: _Job) -> None:
+    try:
+        os.rename(job.tmp, job.final)
+    except OSError as e:
+        job.error = e
 
 
 def _fsync_dir(path: str) -> None:
