@@ -57,6 +57,7 @@ IDLE_CLOSE = 5.0          # s: an idle connection kept for reuse longer than thi
 HOST_DOWN = 10.0          # s: a host that refused a connection is tried last for this long
 MAX_SLEEP = 1.0           # s: the send loop looks at its timers at least this often
 INITIAL_WINDOW = 5        # connections a new destination starts with (slow start)
+MX_MEMO = 1.0             # s: a destination's MX answer is reused this long without asking
 
 
 @dataclass
@@ -261,6 +262,7 @@ class DeliveryEngine:
         self._running = False
         self._remover: ThreadPoolExecutor | None = None
         self._in_working: set[str] = set()  # submitted in working/, not started yet
+        self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
         self._data: dict[str, bytes] = {}  # ID.dat bytes handed over by intake, until sent
         self._cached_bytes = 0
         self._cache_limit = cfg.limits.max_queue_memory_kb * 1024
@@ -419,6 +421,19 @@ class DeliveryEngine:
                 await self._finish(att)
             self._kick()
 
+    async def _resolve(self, dest: str):
+        """resolver.resolve_mx, remembered for MX_MEMO seconds: a busy destination asks once
+        per moment, not once per message (the resolver's own cache honours the TTLs)."""
+        now = time.monotonic()
+        hit = self._mx_memo.get(dest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        mx = await self.resolver.resolve_mx(dest)
+        if len(self._mx_memo) > 10000:
+            self._mx_memo.clear()
+        self._mx_memo[dest] = (mx, now + MX_MEMO)
+        return mx
+
     def _feedback(self, dest: str, outcomes: list[RcptOutcome]) -> None:
         if not outcomes:
             return
@@ -443,7 +458,7 @@ class DeliveryEngine:
 
     async def _deliver_unit(self, u: Unit, att: Attempt) -> tuple[list[RcptOutcome], str]:
         msg = att.msg
-        mx = await self.resolver.resolve_mx(u.dest)
+        mx = await self._resolve(u.dest)
         if not mx.ok:
             if mx.permanent:
                 return failure_outcomes(u.rcpts, 550, "5.1.2", mx.text, "dns"), ""
@@ -534,9 +549,9 @@ class DeliveryEngine:
             passed = bool(dsn is not None and caps is not None and caps.dsn)
             next_mx, again = [], []
             for r in result.recipients:
-                o = replace(RcptOutcome.from_reply(r.address, r.code, r.enhanced, r.text,
-                                                   r.stage, target.host, transcript),
-                            ip=target.ip, port=target.port, dsn_passed=passed)
+                o = RcptOutcome.from_reply(r.address, r.code, r.enhanced, r.text, r.stage,
+                                           target.host, transcript, target.ip, target.port,
+                                           passed)
                 if result.site_failure and o.kind is Kind.SOFT:
                     last[r.address] = o
                     next_mx.append(r.address)

@@ -94,9 +94,10 @@ class RcptOutcome:
 
     @classmethod
     def from_reply(cls, address: str, code: int, enhanced: str, text: str, stage: str,
-                   host: str = "", transcript: tuple[str, ...] = ()) -> "RcptOutcome":
+                   host: str = "", transcript: tuple[str, ...] = (), ip: str = "",
+                   port: int = 0, dsn_passed: bool = False) -> "RcptOutcome":
         return cls(address, classify(code, enhanced), code, enhanced, text, stage, host,
-                   transcript)
+                   transcript, ip, port, 0.0, dsn_passed)
 
     @property
     def reply(self) -> str:
