@@ -149,9 +149,14 @@ class Pool:
         self._closing.add(t)
         t.add_done_callback(self._closing.discard)
 
-    async def acquire(self, target: Target) -> SMTPSession:
-        """A connected session to `target`; raises ConnectError when it cannot connect."""
+    async def acquire(self, target: Target, fresh: bool = False) -> SMTPSession:
+        """A connected session to `target`; raises ConnectError when it cannot connect.
+        `fresh`: a new connection (the idle ones to that server are closed: one just failed,
+        so the server has probably dropped them all)."""
         key = (target.ip, target.port)
+        if fresh:
+            for s in self.idle.pop(key, []):
+                self._forget(key, s)
         while True:
             if self.closed:
                 raise ConnectError(_local(451, "4.3.2", "Shutting down"), [])
@@ -479,9 +484,10 @@ class DeliveryEngine:
         final: dict[str, RcptOutcome] = {}
         last: dict[str, RcptOutcome] = {}
         for target in targets:
+            fresh = False
             while pending:
                 try:
-                    sess = await self.pool.acquire(target)
+                    sess = await self.pool.acquire(target, fresh)
                 except ConnectError as e:
                     self.host_down[(target.ip, target.port)] = time.monotonic() + HOST_DOWN
                     for a in pending:
@@ -492,11 +498,17 @@ class DeliveryEngine:
                         log.info("%s: %s\n%s", msg.id, e.reply, "\n".join(e.transcript))
                     break  # the next MX host
                 self.host_down.pop((target.ip, target.port), None)
+                reused = sess.messages_sent > 0
                 try:
                     rest, site = await self._transactions(sess, target, msg, pending, body, dsn,
                                                           final, last)
                 finally:
                     self.pool.release(sess)
+                if site and reused and not fresh and rest == pending:
+                    # A kept connection the server had dropped meanwhile (idle timeout): not
+                    # the server's verdict on this mail. Once more on a new connection.
+                    fresh = True
+                    continue
                 if site or len(rest) >= len(pending):
                     pending = rest
                     break  # trouble at this host (or no progress): the next MX host

@@ -494,3 +494,40 @@ def test_submitted_in_working_is_sent_without_a_move_and_stop_puts_the_rest_in_r
             assert len(sink.messages) == 1
 
     asyncio.run(main())
+
+
+def test_a_kept_connection_the_server_dropped_is_replaced_not_counted_as_failure(tmp_path):
+    """The server closes idle connections: the next message on a kept one finds it gone."""
+    from mailengine.delivery import DeliveryEngine
+
+    def stale(sess, verb, arg):
+        if verb == "MAIL" and sess.id == 1 and sess.verbs.count("MAIL") == 2:
+            return "421 4.4.2 idle timeout, closing"  # as if it had closed while idle
+        return None
+
+    async def main():
+        async with SMTPSink("127.0.0.48", 0, SinkScript(on_command=stale)) as sink:
+            eng = _Engine(tmp_path, {**FAST, "basic.dns_servers": [
+                f"k.test,mx.k.test,MX,127.0.0.48:{sink.port}"]})
+            d = DeliveryEngine(eng)
+            runner = asyncio.create_task(d.run())
+            for i in range(2):
+                msg = Message(id="", mail_from="a@src.test", rcpt_to_send=[f"x{i}@k.test"],
+                              retry_time=datetime.now())
+                await eng.spool.store(msg, b"Subject: k\r\n\r\nbody\r\n", "retry")
+                d.submit(msg, "retry")
+                await sink.wait_messages(i + 1, 10)
+            for _ in range(100):
+                if not list((tmp_path / "mailq" / "working").iterdir()):
+                    break
+                await asyncio.sleep(0.02)
+            await d.stop()
+            await runner
+            assert len(sink.messages) == 2 and len(sink.sessions) == 2
+            assert sink.sessions[0].verbs.count("MAIL") == 2  # the kept one was used
+            assert not list((tmp_path / "mailq" / "retry").glob("*.inf"))
+            assert eng.stats.sent.total == 2
+            done = [parse_inf(p.read_bytes()) for p in (tmp_path / "mailq" / "done").glob("*.inf")]
+            assert sorted(m.send_tries for m in done) == [1, 1]  # no retry was needed
+
+    asyncio.run(main())
