@@ -531,3 +531,18 @@ def test_a_kept_connection_the_server_dropped_is_replaced_not_counted_as_failure
             assert sorted(m.send_tries for m in done) == [1, 1]  # no retry was needed
 
     asyncio.run(main())
+
+
+def test_many_recipients_split_per_domain_and_100_per_transaction(tmp_path, sinks):
+    sink = sinks.add("127.0.0.49", script=SinkScript(keep_data=False))
+    rcpts = [f"u{i}@d{i % 3}.fan.test" for i in range(330)]
+    with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+            f"d{k}.fan.test,mx.fan.test,MX,127.0.0.49:25" for k in range(3)]}) as eng:
+        send(eng, rcpts)
+        wait(settled(eng, 1), timeout=30, what="fan-out")
+        msg, = infs(eng, "done")
+    assert sorted(msg.rcpt_sent) == sorted(rcpts) and msg.send_tries == 1
+    sizes = sorted(len(m.rcpts) for m in sink.messages)
+    assert sizes == [10, 10, 10, 100, 100, 100]  # 110 per domain
+    for m in sink.messages:  # one domain per transaction
+        assert len({r.rpartition("@")[2] for r in m.rcpts}) == 1
