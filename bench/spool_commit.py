@@ -79,6 +79,15 @@ async def run(strategy: str, root: Path, writers: int, seconds: float, size: int
     if strategy == "syncfs-1ph":
         barrier.close()
         flushes = barrier.flushes
+    # A figure counts only if every store that returned is really there, whole: .dat and .inf
+    # (a spool that answered before committing would look very fast here).
+    names = os.listdir(root / "working")
+    infs = sum(n.endswith(".inf") for n in names)
+    dats = sum(n.endswith(".dat") for n in names)
+    if infs != len(latencies) or dats != len(latencies) or len(names) != 2 * len(latencies):
+        raise SystemExit(f"{strategy}/{writers}: {len(latencies)} stores returned but "
+                         f"working/ holds {infs} .inf, {dats} .dat, {len(names)} files: "
+                         "the spool acknowledged stores it had not committed")
     latencies.sort()
     return {
         "stores_s": len(latencies) / elapsed,

@@ -7,15 +7,15 @@ can be in, the commit point (a `250` is sent only after `store()` returns), and 
 does in each state. The spool knows nothing of SMTP or scheduling, so intake and delivery can run
 in separate processes sharing one spool.
 
-Group commit. `store()` hands the message to one flusher thread and awaits it; the jobs of one
-event-loop pass go over together (a sync is faster than a pass, so a flusher woken per job
-would sync nearly every message alone). The flusher's writer threads create `ID.dat` and
+Group commit. `store()` hands the message to a few writer threads, which create `ID.dat` and
 `ID.inf.tmp` (page cache only; not on the event loop, because creating a file waits on the
-journal while a sync runs, and that stalled every session). Then two pipelined phases
-(docs/QUEUE.md says why two): sync #1 makes the batch's data durable, the batch's `.inf.tmp`
-files are renamed, and sync #2 makes the renames durable. Sync #2 of batch N is the same system
-call as sync #1 of batch N+1, so under load there is one sync per batch, and while it runs new
-stores queue for the next one.
+journal while a sync runs, and that stalled every session) and queue it for the one flusher
+thread; the store awaits the flusher. The flusher takes everything queued and makes it durable
+in two pipelined phases (docs/QUEUE.md says why two): sync #1 makes the batch's data durable,
+the batch's `.inf.tmp` files are renamed, and sync #2 makes the renames durable. Sync #2 of
+batch N is the same system call as sync #1 of batch N+1, so under load there is one sync per
+batch, and while it runs the writers fill the next one. (`update_inf(flush=True)` and `sync()`
+hand their jobs over once per event-loop pass, so one pass's jobs share a sync.)
 
 Strategy: syncfs(2) of the spool's file system, chosen by `bench/spool_commit.py` on this
 project's 2-core VM (ext4 on virtio, 4 KiB messages). What differs between the strategies is
@@ -28,14 +28,15 @@ the time to make a batch durable (`--primitive --repeat 10`, two runs, median ms
 fdatasync (every new file, in a 32-thread pool so the journal can merge them, plus fsync of the
 directory) costs a journal commit per file; syncfs one per batch, so from 10 messages a batch
 on it takes a half to a third of the time. It loses only for a batch of one (an idle engine,
-where 1.3 ms does not matter). End to end, stores/s: the best of 20-odd one-second runs per
-line (the VM was shared with other work, which only ever slows a run down, and most runs were
-CPU-starved: these are lower bounds, and the end-to-end figures are noisier than the above):
+where 1.3 ms does not matter). End to end, stores/s, best of 5 one-second runs per line, each
+run checked to have left every acknowledged message whole on disk (the VM was shared with
+other work and most runs were CPU-starved, at 1-3 ms of CPU per message instead of ~60 us, so
+these are lower bounds and much noisier than the figures above):
 
     writers          1      10     100     300
-    syncfs        1573    4463    7920   14999
-    fdatasync      541    1277    2061     790
-    not durable    881    1799    1486    2878   (writes on the event loop, one thread)
+    syncfs         660     830     883     850
+    fdatasync      602     581     645     659
+    not durable   1958    1972    1921    1545   (writes on the event loop, no threads)
 
 syncfs writes back all dirty data of the file system, not only the spool's: keep large writers
 off the spool's file system (the engine's own logs are small). Before Linux 5.8 it did not
