@@ -423,7 +423,13 @@ class DeliveryEngine:
             att.outcomes += outcomes
             self._feedback(u.dest, outcomes)
             if self.sched.unit_done(u):
-                await self._finish(att)
+                try:
+                    await self._finish(att)
+                except Exception:
+                    # never silently: the message stays where it is (working/) until the next
+                    # start's recovery puts it back in retry/
+                    log.exception("%s: recording the send attempt failed", att.msg.id)
+                    self.attempts.pop(att.msg.id, None)
             self._kick()
 
     async def _resolve(self, dest: str):
