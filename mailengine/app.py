@@ -282,6 +282,7 @@ class Engine:
             print(line, flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        self.spool.close()  # finishes pending flushes, stops the flusher thread
         log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / "retry")
 
 
