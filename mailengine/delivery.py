@@ -23,21 +23,30 @@ The flow of one send attempt of one message:
    `ID.inf` rewritten and the message back in `retry/`, its timer set to the new `retrytime`.
 
 The body goes out as `ID.dat` with a `Received:` trace header in front, built from the `.inf`'s
-received keys (`ID.dat` itself is never changed). DKIM signing belongs in `_prepare_body` (the
-hook is marked there). Test mode (`mailengine test`) says RSET and QUIT where DATA would go.
+received keys (`ID.dat` itself is never changed). With DKIM signing on (`dkim.signing_table`,
+app.make_dkim_signer), the `DKIM-Signature:` field(s) go in front of that: `ID.dat` is signed
+once per message, in a signing thread at its first attempt, and the signature is kept in `ID.dkim`
+beside it (moved and deleted with the message by the spool) for every later attempt; our
+Received field is added after signing and is not signed (trace fields never are). A domain whose
+key is unusable under `dkim.missing_key = "hold"` leaves the message in retry/, looked at again
+every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode (`mailengine test`)
+says RSET and QUIT where DATA would go.
 """
 from __future__ import annotations
 
 import asyncio
 import email.utils
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import AddressSet
+from .dkim import DKIMHold, load_or_sign
 from .dns import MXResolver, Target
 from .envelope import Message
 from .bounces import verp_encode
@@ -58,6 +67,10 @@ HOST_DOWN = 10.0          # s: a host that refused a connection is tried last fo
 MAX_SLEEP = 1.0           # s: the send loop looks at its timers at least this often
 INITIAL_WINDOW = 5        # connections a new destination starts with (slow start)
 MX_MEMO = 1.0             # s: a destination's MX answer is reused this long without asking
+DKIM_HOLD_RETRY = 30.0    # s: a message held for a missing DKIM key is looked at again after
+# Threads signing DKIM: RSA-2048 costs ~250 us of CPU, which OpenSSL spends without the GIL, so
+# signing off the event loop leaves the loop ~20 us per message (bench figures in docs/DKIM.md).
+SIGN_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -68,6 +81,8 @@ class Attempt:
     interrupted: list[str] = field(default_factory=list)
     body: Body | None = None
     gone: bool = False  # its files vanished (removed by hand): nothing to send, nothing to write
+    preparing: asyncio.Future | None = None  # the body being signed, awaited by every unit
+    dkim_hold: DKIMHold | None = None  # its domain's DKIM key is unusable and missing_key = hold
 
 
 class Pool:
@@ -256,7 +271,9 @@ class DeliveryEngine:
         self.rate_notice = HourlyNotice()
         self.debug_out = cfg.debug.smtp_out
         self.debug_loop = cfg.debug.send_loop
-        self.signer = None  # DKIM: a dkim.DKIMSigner to sign in _prepare_body (not wired yet)
+        self.signer = getattr(engine, "dkim", None)  # dkim.DKIMSigner, or None: no signing
+        self._signing: ThreadPoolExecutor | None = None  # its threads, made at the first use
+        self._hold_noted: dict[str, tuple[float, int]] = {}  # domain -> (last line, held since)
         self.messages: dict[str, Message] = {}  # every message this engine holds, by id
         self.attempts: dict[str, Attempt] = {}  # messages being delivered (in working/)
         self.host_down: dict[tuple[str, int], float] = {}
@@ -372,6 +389,8 @@ class DeliveryEngine:
         await self.resolver.aclose()
         if self._remover is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._remover.shutdown)
+        if self._signing is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._signing.shutdown)
         left = len(self.messages)
         if left:
             log.info("delivery stopped: %d messages left in retry/", left)
@@ -413,6 +432,9 @@ class DeliveryEngine:
                 att.interrupted += u.rcpts
             else:
                 outcomes = await self._deliver(u, att)
+        except DKIMHold as e:  # not sent, not a try: it waits in retry/ for the key
+            att.dkim_hold = e
+            att.interrupted += u.rcpts
         except asyncio.CancelledError:
             att.interrupted += [a for a in u.rcpts if a not in {o.address for o in outcomes}]
         except Exception:
@@ -481,9 +503,7 @@ class DeliveryEngine:
         now = time.monotonic()
         up = [t for t in targets if self.host_down.get((t.ip, t.port), 0) < now]
         targets = up + [t for t in targets if t not in up]  # recently dead hosts last
-        if att.body is None:
-            att.body = self._prepare_body(msg)
-        body = att.body
+        body = att.body if att.body is not None else await self._body(att)
         dsn = self._dsn(msg, u.rcpts)
         await self._limit_rate(body.size)
         pending = list(u.rcpts)
@@ -618,14 +638,65 @@ class DeliveryEngine:
                            body_timeout=lim.smtp_body_timeout)
 
     def _prepare_body(self, msg: Message) -> Body:
-        """The bytes that go out: a Received: header, then ID.dat as received.
-        DKIM hook: sign `header + data` here (self.signer) before building the Body."""
+        """The bytes that go out: a Received: header, then ID.dat as received (no signing)."""
         data = self._data.pop(msg.id, None)
         if data is not None:
             self._cached_bytes -= len(data)
         else:
             data = self.spool.read_data(msg.id, "working")
         return Body.from_bytes(received_header(msg, self.engine.hostname) + data)
+
+    async def _body(self, att: Attempt) -> Body:
+        """The attempt's Body, made once for all its units. Signing runs in a signing thread,
+        so units of other domains starting meanwhile wait for the same one (signed once)."""
+        if self.signer is None:
+            att.body = self._prepare_body(att.msg)
+            return att.body
+        if att.preparing is None:
+            msg = att.msg
+            data = self._data.pop(msg.id, None)
+            if data is not None:
+                self._cached_bytes -= len(data)
+            if self._signing is None:
+                self._signing = ThreadPoolExecutor(SIGN_THREADS, "dkim-sign")
+            att.preparing = asyncio.get_running_loop().run_in_executor(
+                self._signing, self._signed_body, msg, data)
+            # retrieved even when every unit waiting for it was cancelled (a stop)
+            att.preparing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        body = await asyncio.shield(att.preparing)  # DKIMHold is raised to each unit
+        att.body = body
+        return body
+
+    def _signed_body(self, msg: Message, data: bytes | None) -> Body:
+        """In a signing thread: DKIM-Signature field(s) (signed now, or kept in ID.dkim from an
+        earlier attempt), then our Received field, then ID.dat. Raises DKIMHold."""
+        if data is None:
+            data = self.spool.read_data(msg.id, "working")
+        sender_domain = msg.mail_from.rpartition("@")[2] or None
+        try:
+            signature = load_or_sign(self.signer, Path(self.spool.dat_path(msg.id, "working")),
+                                     data, sender_domain)
+        except OSError as e:  # ID.dkim cannot be written: sign anyway, again at the next try
+            log.warning("%s: cannot keep its DKIM signature: %s", msg.id, e)
+            signature = self.signer.sign(data, sender_domain)
+        return Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data)
+
+    def _held_for_dkim(self, msg: Message, hold: DKIMHold, now: datetime) -> None:
+        """A message not sent because its domain's DKIM key is unusable (missing_key = hold):
+        it waits in retry/ and is looked at again in DKIM_HOLD_RETRY seconds (the signer
+        retries loading the key every 30 s). One line per domain a minute, with a count."""
+        later = now + timedelta(seconds=DKIM_HOLD_RETRY)
+        if msg.retry_time is None or msg.retry_time < later:
+            msg.retry_time = later
+        t = time.monotonic()
+        last, count = self._hold_noted.get(hold.domain, (None, 0))
+        if last is not None and t - last < 60:
+            self._hold_noted[hold.domain] = (last, count + 1)
+            return
+        since = f" ({count} more messages held since the last line)" if count else ""
+        log.warning("%s: held in retry/, not sent: %s (dkim.missing_key = hold); looked at "
+                    "again in %d s%s", msg.id, hold, DKIM_HOLD_RETRY, since)
+        self._hold_noted[hold.domain] = (t, 0)
 
     @staticmethod
     def _dsn(msg: Message, rcpts: list[str]) -> DSNRequest | None:
@@ -654,6 +725,8 @@ class DeliveryEngine:
         now = datetime.now()
         res = record_attempt(msg, att.outcomes, self.cfg.queue.retry_intervals, now,
                              att.interrupted)
+        if att.dkim_hold is not None and not res.done:
+            self._held_for_dkim(msg, att.dkim_hold, now)
         self._note(msg, res, att)
         notices = getattr(self.engine, "notices", None)
         if notices is not None:  # lists, event log, DSNs, delivery reports (notices.py)

@@ -213,6 +213,10 @@ class Spool:
         self._writers: ThreadPoolExecutor | None = None
         self._root_fd = -1
         self._closing = False
+        # Files kept beside ID.dat that go where it goes (".dkim": the DKIM signature made at
+        # the first attempt, dkim.load_or_sign). Set by the engine when it uses them, so that
+        # moves cost no extra system call otherwise; recover() deletes orphans.
+        self.side_files: tuple[str, ...] = ()
 
     # ---- paths and basics
 
@@ -362,11 +366,19 @@ class Spool:
             if not os.path.exists(d_dat):  # not a half-done earlier move: really missing
                 raise
         os.rename(self.inf_path(msg_id, src), self.inf_path(msg_id, dst))
+        for suffix in self.side_files:
+            name = f"/{msg_id}{suffix}"
+            try:
+                os.rename(self._dir[src] + name, self._dir[dst] + name)
+            except FileNotFoundError:
+                pass
 
     def remove(self, msg_id: str, where: str) -> None:
-        """Delete a message: `.inf` first (the message is gone), then `.dat`."""
+        """Delete a message: `.inf` first (the message is gone), then `.dat` (and side files)."""
         _unlink_quiet(self.inf_path(msg_id, where))
         _unlink_quiet(self.dat_path(msg_id, where))
+        for suffix in self.side_files:
+            _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
 
     # ---- reading
 
@@ -430,9 +442,13 @@ class Spool:
         self._remove_old_tmpdirs(rep, now)
         # id -> {dir -> set of "dat" / "inf" / "tmp"}
         index: dict[str, dict[str, set[str]]] = {}
+        side: list[tuple[str, str]] = []  # (dir, file name) of side files (ID.dkim)
         for d in DIRS:
             for name in os.listdir(self._dir[d]):
                 if name.startswith(".") or name == SHUTDOWN_FILE:
+                    continue
+                if name.endswith((".dkim", ".dkim.tmp")):
+                    side.append((d, name))
                     continue
                 if name.endswith(".inf.tmp"):
                     mid, kind = name[:-8], "tmp"
@@ -445,6 +461,7 @@ class Spool:
                 index.setdefault(mid, {}).setdefault(d, set()).add(kind)
         for mid, where in index.items():
             self._recover_one(mid, where, rep, now)
+        self._remove_orphan_side_files(side)
         # what is now in retry/: valid messages, or warnings
         for name in sorted(os.listdir(self._dir["retry"])):
             if name.startswith(".") or not name.endswith(".inf"):
@@ -521,6 +538,20 @@ class Spool:
             if where.get(d) == {"inf"}:
                 rep.warnings.append(f"{d}/{mid}.inf has no .dat; left in place")
 
+    def _remove_orphan_side_files(self, side: list[tuple[str, str]]) -> None:
+        """A side file whose message is gone (or of a kind no longer used) is deleted: it is
+        only a cache (a message is signed again when its signature is missing)."""
+        for d, name in side:
+            path = f"{self._dir[d]}/{name}"
+            if name.endswith(".tmp") or not any(name.endswith(s) for s in self.side_files):
+                _unlink_quiet(path)
+                continue
+            mid = name[:name.rindex(".")]
+            if not os.path.exists(path):
+                continue  # moved along with its message (working/ -> retry/)
+            if not os.path.exists(self.dat_path(mid, d)):
+                _unlink_quiet(path)
+
     def _remove_old_tmpdirs(self, rep: RecoveryReport, now: float) -> None:
         try:
             entries = list(os.scandir(self.root))
@@ -563,6 +594,8 @@ class Spool:
                 removed += 1
             elif name.endswith(".dat") and name[:-4] not in infs:
                 _unlink_quiet(e.path)  # the .dat of a half-done removal
+            elif name.endswith(".dkim") and name[:-5] not in infs:
+                _unlink_quiet(e.path)  # a signature kept while DKIM signing was on
             elif name.endswith(".inf.tmp"):
                 _unlink_quiet(e.path)
         return removed
