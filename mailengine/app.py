@@ -63,6 +63,18 @@ def make_delivery(engine: "Engine"):
     return DeliveryEngine(engine)
 
 
+def make_dkim_signer(engine: "Engine"):
+    """The DKIM signer (dkim.py) when `dkim.signing_table` has entries, else None. Its keys are
+    loaded here; their problems are logged when the engine starts (and shown in the admin).
+    The signature of each message is kept in ID.dkim beside ID.dat, moved and deleted with it."""
+    if not engine.cfg.values.get("dkim.signing_table"):
+        return None
+    from .dkim import DKIMSigner
+    signer = DKIMSigner.from_config(engine.cfg)
+    engine.spool.side_files = (".dkim",)
+    return signer
+
+
 # Parts that plug into the running engine: each is built as Cls(engine) when its module exists,
 # started after the SMTP listener with `await start()` and stopped with `await stop()`.
 OPTIONAL_SERVICES = ("mailengine.control:ControlServer", "mailengine.web.server:WebServer")
@@ -102,6 +114,7 @@ class Engine:
         # after each send attempt: lists, event log, DSNs, delivery reports (notices.py)
         self.notices = Notices(self)
         self.diskwatch = diskwatch.for_engine(self)  # low disk space: 452 4.3.1 and an alert
+        self.dkim = make_dkim_signer(self)  # None unless dkim.signing_table has entries
         self.delivery = make_delivery(self)
         self.services = make_services(self)
 
@@ -226,6 +239,12 @@ class Engine:
         log.info("%s %s starting in %s%s", NAME, __version__, cfg.home,
                  " (TEST MODE: mailq-test, nothing is really sent)" if self.test_mode else "")
         check_file_descriptors(cfg)
+        if self.dkim is not None:
+            for line in self.dkim.problems():
+                log.warning("%s", line)
+            usable = sorted({r["domain"] for r in self.dkim.dns_records() if r["record"]})
+            if usable:
+                log.info("DKIM: signing mail of %s", ", ".join(usable))
         self.spool.ensure_dirs()
         self.diskwatch.check()  # refuse from the first connection if the disk is already low
         # A request left over from a stop that happened otherwise must not stop this run.
