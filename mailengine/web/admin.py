@@ -1,4 +1,5 @@
-"""The web admin's pages (SPEC 8): login, live status, settings, queue, bounce lists, tokens.
+"""The web admin's pages (SPEC 8): login, live status, settings, queue, bounce lists, DKIM,
+tokens.
 
 Every page under /gui/admin needs a logged-in session; every POST needs the session's CSRF token
 in the form field `csrf`. Pages are Jinja2 templates in templates/; the charts are drawn by
@@ -47,6 +48,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/gui/admin/lists", page(lists))
     r.add_get("/gui/admin/lists/{name}", page(list_view))
     r.add_get("/gui/admin/lists/{name}/download", page(list_download))
+    r.add_get("/gui/admin/dkim", page(dkim_page))
+    r.add_get("/gui/admin/dkim.json", page(dkim_json))
+    r.add_post("/gui/admin/dkim/reload", page(dkim_reload))
     r.add_get("/gui/admin/tokens", page(tokens))
     r.add_post("/gui/admin/tokens", page(tokens_post))
     r.add_get("/gui/admin/account", page(account))
@@ -425,6 +429,51 @@ async def list_download(request: web.Request) -> web.StreamResponse:
                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
     return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{name}"',
                                            "Content-Type": "text/plain; charset=utf-8"})
+
+
+# --- DKIM ------------------------------------------------------------------------------------------
+
+def _dkim_state(w) -> dict:
+    """What the DKIM page and dkim.json show: each signing table entry's DNS record and the
+    problems of the keys (the same lines the engine logged at start)."""
+    signer = getattr(w.engine, "dkim", None)
+    if signer is None:
+        saved = settings_edit.read_file_values(w.cfg.home).get("dkim.signing_table") or []
+        return {"enabled": False, "pending": bool(saved), "records": [], "problems": []}
+    counts = {}
+    for d in set(signer.unsigned) | set(signer.held):
+        parts = []
+        if signer.unsigned.get(d):
+            parts.append(f"{signer.unsigned[d]} messages sent unsigned (key unusable)")
+        if signer.held.get(d):
+            parts.append(f"{signer.held[d]} times a message was held (key unusable)")
+        counts[d] = "; ".join(parts)
+    return {"enabled": True, "pending": False, "records": signer.dns_records(),
+            "problems": signer.problems(), "missing_key": signer.missing_key,
+            "canonicalization": signer.canonicalization, "counts": counts}
+
+
+async def dkim_page(request: web.Request) -> web.Response:
+    w = _web(request)
+    return w.render(request, "dkim.html", title="DKIM",
+                    config_file=str(w.cfg.home / "mailengine.toml"), **_dkim_state(w))
+
+
+async def dkim_json(request: web.Request) -> web.Response:
+    state = _dkim_state(_web(request))
+    state.pop("counts", None)
+    return web.json_response(state)
+
+
+async def dkim_reload(request: web.Request) -> web.Response:
+    signer = getattr(_web(request).engine, "dkim", None)
+    if signer is None:
+        _back(request, "/gui/admin/dkim", "error", "DKIM signing is off.")
+    signer.reload()
+    problems = signer.problems()
+    _back(request, "/gui/admin/dkim", "error" if problems else "ok",
+          f"Key files read again: {len(problems)} problems left." if problems
+          else "Key files read again: every key is usable.")
 
 
 # --- API tokens and account -----------------------------------------------------------------------
