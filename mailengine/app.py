@@ -110,7 +110,8 @@ class Engine:
         self.stopping = asyncio.Event()
         self.inbound: InboundServer | None = None
         self.workers: WorkerPool | None = None
-        self.intake = Intake(cfg, self.spool, self.hostname, self.stored)
+        self.intake = Intake(cfg, self.spool, self.hostname, self.stored,
+                             relay_dir=self.relay_dir)
         # after each send attempt: lists, event log, DSNs, delivery reports (notices.py)
         self.notices = Notices(self)
         self.diskwatch = diskwatch.for_engine(self)  # low disk space: 452 4.3.1 and an alert
@@ -120,13 +121,20 @@ class Engine:
 
     # --- intake ----------------------------------------------------------------------------------
 
-    def stored(self, relayed: Message | None, local: bool) -> None:
+    def stored(self, relayed: Message | None, local: bool, where: str = "retry",
+               data: bytes | None = None) -> None:
         """A message is safely in the spool (stored by this process or an intake worker)."""
         if relayed is not None:
             self.known.add(relayed.id)
             if self.delivery is not None:
-                self.delivery.submit(relayed, "retry")
+                self.delivery.submit(relayed, where, data)
         self.stats.received(local=relayed is None)
+
+    def relay_dir(self) -> str:
+        """Relayed mail goes straight to working/ when this engine will send it at once."""
+        if self.delivery is not None and not self.cfg.queue.pause_sending:
+            return "working"
+        return "retry"
 
     def worker_stored(self, line: str) -> None:
         """A notification line from an intake worker: 'R <id>' or 'L'."""

@@ -25,14 +25,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailengine.intake")
 
-# Called once a message is safely stored: (the relayed Message or None, had local recipients).
-OnStored = Callable[[Message | None, bool], None]
+# Called once a message is safely stored: (the relayed Message or None, had local recipients,
+# the directory the relayed message is in, its bytes).
+OnStored = Callable[[Message | None, bool, str, bytes], None]
 
 
 class Intake:
     def __init__(self, cfg: Config, spool: Spool, hostname: str, on_stored: OnStored,
-                 bounces: "BounceLog | None" = None):
+                 bounces: "BounceLog | None" = None,
+                 relay_dir: Callable[[], str] = lambda: "retry"):
         self.cfg = cfg
+        # Where relayed mail is stored: working/ when this process delivers it at once (SPEC 4,
+        # relay_via_disk), else retry/ (sending paused, or an intake worker process).
+        self.relay_dir = relay_dir
         self.spool = spool
         self.hostname = hostname
         self.on_stored = on_stored
@@ -63,6 +68,7 @@ class Intake:
                     "datasize": str(len(data))}
         msg_id = self.spool.new_id()
         relayed = None
+        where = "retry"
         if relay:
             relayed = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=relay,
                               time_created=now, retry_time=now, received=received,
@@ -71,7 +77,8 @@ class Intake:
                               auth_user=s.auth_user, size=len(data))
             relayed.log.append(f"{now:%Y/%m/%d %H:%M:%S}: Received from {s.peer_ip} for "
                                f"{len(relay)} recipients")
-            await self.spool.store(relayed, data, "retry")
+            where = self.relay_dir()
+            await self.spool.store(relayed, data, where)
             msg_id = relayed.id  # store() picks another id if this one was taken
         if local and self.cfg.queue.save_incoming:
             kept = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=[],
@@ -86,5 +93,5 @@ class Intake:
                 await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)
             except Exception:
                 log.exception("bounce %s to %s could not be recorded", msg_id, ",".join(verp))
-        self.on_stored(relayed, bool(local))
+        self.on_stored(relayed, bool(local), where, data)
         return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")

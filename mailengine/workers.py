@@ -115,7 +115,7 @@ async def worker_main(spec: dict) -> None:
     spool = Spool(cfg.mailq(spec["test_mode"]), durable=cfg.queue.relay_via_disk,
                   hostname=hostname)
 
-    def stored(relayed, local: bool) -> None:
+    def stored(relayed, local: bool, where: str = "retry", data: bytes = b"") -> None:
         try:
             notify.write(f"R {relayed.id}\n" if relayed is not None else "L\n")
         except OSError:
