@@ -25,9 +25,11 @@ The flow of one send attempt of one message:
 The body goes out as `ID.dat` with a `Received:` trace header in front, built from the `.inf`'s
 received keys (`ID.dat` itself is never changed). With DKIM signing on (`dkim.signing_table`,
 app.make_dkim_signer), the `DKIM-Signature:` field(s) go in front of that: `ID.dat` is signed
-once per message, in a signing thread at its first attempt, and the signature is kept in `ID.dkim`
-beside it (moved and deleted with the message by the spool) for every later attempt; our
-Received field is added after signing and is not signed (trace fields never are). A domain whose
+once per message, in a signing thread at its first attempt; when recipients are left for a later
+attempt, the signature is kept in `ID.dkim` beside it (moved and deleted with the message by the
+spool) and sent again (dkim.load_or_sign). Mail done at its first attempt writes no file: on
+ext4 creating and deleting it cost more CPU than the signature. Our Received field is added after
+signing and is not signed (trace fields never are). A domain whose
 key is unusable under `dkim.missing_key = "hold"` leaves the message in retry/, looked at again
 every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode (`mailengine test`)
 says RSET and QUIT where DATA would go.
@@ -82,6 +84,7 @@ class Attempt:
     body: Body | None = None
     gone: bool = False  # its files vanished (removed by hand): nothing to send, nothing to write
     preparing: asyncio.Future | None = None  # the body being signed, awaited by every unit
+    fresh_signature: bytes = b""  # DKIM signature made at this attempt (not kept in ID.dkim yet)
     dkim_hold: DKIMHold | None = None  # its domain's DKIM key is unusable and missing_key = hold
 
 
@@ -663,23 +666,45 @@ class DeliveryEngine:
                 self._signing, self._signed_body, msg, data)
             # retrieved even when every unit waiting for it was cancelled (a stop)
             att.preparing.add_done_callback(lambda f: f.cancelled() or f.exception())
-        body = await asyncio.shield(att.preparing)  # DKIMHold is raised to each unit
+        # DKIMHold is raised to each unit
+        body, att.fresh_signature = await asyncio.shield(att.preparing)
         att.body = body
         return body
 
-    def _signed_body(self, msg: Message, data: bytes | None) -> Body:
-        """In a signing thread: DKIM-Signature field(s) (signed now, or kept in ID.dkim from an
-        earlier attempt), then our Received field, then ID.dat. Raises DKIMHold."""
+    def _signed_body(self, msg: Message, data: bytes | None) -> tuple[Body, bytes]:
+        """In a signing thread: DKIM-Signature field(s), then our Received field, then ID.dat;
+        and the signature when made now (b"" when kept from an earlier attempt). Raises
+        DKIMHold."""
         if data is None:
             data = self.spool.read_data(msg.id, "working")
         sender_domain = msg.mail_from.rpartition("@")[2] or None
+        dat = Path(self.spool.dat_path(msg.id, "working"))
+        if not os.path.exists(dat.with_suffix(".dkim")):
+            signature = fresh = self.signer.sign(data, sender_domain)
+        else:  # kept by an earlier attempt: sent again (signed anew near its x= or if rotated)
+            fresh = b""
+            try:
+                signature = load_or_sign(self.signer, dat, data, sender_domain)
+            except OSError as e:
+                log.warning("%s: cannot keep its DKIM signature: %s", msg.id, e)
+                signature = self.signer.sign(data, sender_domain)
+        return (Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data),
+                fresh)
+
+    async def _keep_signature(self, msg_id: str, signature: bytes) -> None:
+        """Write ID.dkim beside ID.dat in working/ (the move to retry/ takes it along), in a
+        signing thread: the next attempt sends the same signature."""
+        path = Path(self.spool.dat_path(msg_id, "working")).with_suffix(".dkim")
+
+        def write() -> None:
+            tmp = path.with_suffix(".dkim.tmp")
+            tmp.write_bytes(signature)
+            os.replace(tmp, path)  # no fsync: a lost file only means signing again
         try:
-            signature = load_or_sign(self.signer, Path(self.spool.dat_path(msg.id, "working")),
-                                     data, sender_domain)
-        except OSError as e:  # ID.dkim cannot be written: sign anyway, again at the next try
-            log.warning("%s: cannot keep its DKIM signature: %s", msg.id, e)
-            signature = self.signer.sign(data, sender_domain)
-        return Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data)
+            await asyncio.get_running_loop().run_in_executor(self._signing, write)
+        except OSError as e:
+            log.warning("%s: cannot keep its DKIM signature for the next attempt: %s (it is "
+                        "signed again then)", msg_id, e)
 
     def _held_for_dkim(self, msg: Message, hold: DKIMHold, now: datetime) -> None:
         """A message not sent because its domain's DKIM key is unusable (missing_key = hold):
@@ -741,6 +766,8 @@ class DeliveryEngine:
                 self.messages.pop(msg.id, None)
                 self.engine.known.discard(msg.id)
                 return
+            if att.fresh_signature:  # recipients left: the next attempt sends it again
+                await self._keep_signature(msg.id, att.fresh_signature)
             await self.spool.update_inf(msg, "working")
             self.spool.move(msg.id, "working", "retry")
         except OSError as e:
