@@ -134,21 +134,22 @@ DKIM_SETTINGS: list[Setting] = [
             "keys with 'mailengine dkim genkey DOMAIN SELECTOR'. Empty: no signing.",
             check=_check_signing_table, restart=True),
     Setting("dkim", "headers", list(DEFAULT_HEADERS), "list[str]",
-            "Header fields signed when present (From is required).", check=_check_headers),
+            "Header fields signed when present (From is required).", check=_check_headers, restart=True),
     Setting("dkim", "oversign_headers", list(DEFAULT_OVERSIGN), "list[str]",
             "Header fields signed once more than present, so none can be added in transit.",
             check=lambda v: None if all(re.fullmatch(r"[!-9;-~]+", x) for x in v)
-            else "must be header field names"),
+            else "must be header field names", restart=True),
     Setting("dkim", "canonicalization", "relaxed/relaxed", "str",
             "Header/body canonicalization: relaxed or simple each (c= tag).",
-            check=_check_canonicalization),
+            check=_check_canonicalization, restart=True),
     Setting("dkim", "expire_seconds", 0, "int",
-            "Signatures expire (x= tag) this many seconds after signing. 0 = never.", minimum=0),
+            "Signatures expire (x= tag) this many seconds after signing. 0 = never.", minimum=0,
+            restart=True),
     Setting("dkim", "missing_key", "unsigned", "str",
             "When a domain's key is missing or unreadable: 'unsigned' sends its mail unsigned "
             "(with a warning in the log), 'hold' keeps it in the queue until the key is fixed.",
             check=lambda v: None if v in MISSING_KEY_CHOICES
-            else f"must be one of {', '.join(MISSING_KEY_CHOICES)}"),
+            else f"must be one of {', '.join(MISSING_KEY_CHOICES)}", restart=True),
 ]
 
 
