@@ -141,7 +141,21 @@ async def worker_main(spec: dict) -> None:
     spool.close()
 
 
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the engine dies (even by SIGKILL), so no worker outlives it and
+    keeps the SMTP port."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the engine died before prctl took effect
+        sys.exit(0)
+
+
 def main() -> None:
+    die_with_parent()
     from . import logs
     from .app import loop_factory
     spec = json.loads(sys.stdin.read())

@@ -313,3 +313,21 @@ def test_postmaster_is_accepted_from_anyone_and_kept_local(tmp_path):
             code, text = s.data(MSG)
         assert code == 250
         assert (eng.mailq / "incoming" / f"{queued_id(text)}.dat").exists()
+
+
+def test_intake_worker_does_not_outlive_a_killed_engine(tmp_path):
+    with RunningEngine(tmp_path, {"network.intake_workers": 2}) as eng:
+        deadline = time.monotonic() + 10
+        while "intake worker 0 started" not in eng.read_output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker_pid = int(re.search(r"intake worker 0 started, pid (\d+)", eng.read_output()).group(1))
+        eng.kill()
+    for _ in range(50):
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker_pid, 9)
+        pytest.fail("the intake worker survived its engine")

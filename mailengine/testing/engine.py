@@ -85,7 +85,11 @@ class RunningEngine:
             [sys.executable, "-m", "mailengine.cli", "--home", str(self.home), self.command],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         if self.settings["network.smtp_port"] != 1:
-            wait_for_port(self.ready_host, self.smtp_port, self.ready_timeout, self.proc)
+            try:
+                wait_for_port(self.ready_host, self.smtp_port, self.ready_timeout, self.proc)
+            except BaseException:
+                self.stop(signal.SIGKILL)  # a failed start must not leave an engine behind
+                raise
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
