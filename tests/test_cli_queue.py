@@ -17,7 +17,7 @@ import pytest
 
 from mailengine import cli
 from mailengine.envelope import Message, format_inf, parse_inf
-from mailengine.testing.engine import RunningEngine
+from mailengine.testing.engine import RunningEngine, wait_until as wait
 from mailengine.testing.sink import SinkScript, SMTPSink
 
 FAST = {
@@ -81,14 +81,6 @@ def send(eng: RunningEngine, rcpts: list[str], body: bytes = b"Subject: q\r\n\r\
         code, text = s.data(body)
     assert code == 250
     return text.decode().rsplit(" ", 1)[-1]  # "Ok: queued as ID"
-
-
-def wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def inf(home: Path, msg_id: str, where: str = "retry") -> Message:

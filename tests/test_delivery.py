@@ -19,7 +19,7 @@ import pytest
 from mailengine.client import enqueue
 from mailengine.envelope import Message, format_inf, parse_inf
 from mailengine.testing.dnsserver import TestDNSServer
-from mailengine.testing.engine import RunningEngine
+from mailengine.testing.engine import RunningEngine, wait_until as wait
 from mailengine.testing.sink import SinkScript, SMTPSink
 
 FAST = {
@@ -79,14 +79,6 @@ def send(eng: RunningEngine, rcpts: list[str], body: bytes = b"Subject: test\r\n
          mail_from: str = "sender@src.test") -> None:
     with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
         s.sendmail(mail_from, rcpts, body)
-
-
-def wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def infs(eng: RunningEngine, where: str) -> list[Message]:

@@ -20,7 +20,7 @@ import pytest
 from mailengine import dkim as D
 from mailengine.envelope import parse_inf
 from mailengine.testing.dnsserver import TestDNSServer
-from mailengine.testing.engine import RunningEngine, free_port
+from mailengine.testing.engine import RunningEngine, free_port, wait_until as wait
 from mailengine.testing.sink import SinkScript, ThreadedSink
 
 from test_dkim import dkimpy_verify, tags
@@ -64,14 +64,6 @@ def send(eng: RunningEngine, rcpts: list[str], body: bytes = MESSAGE,
          mail_from: str = "bounces@src.test") -> None:
     with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
         s.sendmail(mail_from, rcpts, body)
-
-
-def wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def infs(eng: RunningEngine, where: str):

@@ -37,6 +37,15 @@ def write_config(home: Path, settings: dict) -> None:
     (home / "mailengine.toml").write_text(text)
 
 
+def wait_until(pred, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll pred() until it is true; TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

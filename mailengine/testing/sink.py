@@ -30,12 +30,12 @@ process; `python -m mailengine.testing.sink HOST:PORT` runs one from the shell.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Union
 
 from ..smtp.wire import dot_unstuff
@@ -166,31 +166,12 @@ def self_signed_server_context(hostname: str = "sink.test") -> ssl.SSLContext:
     global _server_tls
     if _server_tls is not None:
         return _server_tls
-    import datetime
+    from ..tls import make_self_signed  # the engine's own maker of certificates
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-            .sign(key, hashes.SHA256()))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     with tempfile.TemporaryDirectory() as tmp:  # load_cert_chain wants files
-        certfile, keyfile = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        with open(certfile, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
-        with open(keyfile, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+        certfile, keyfile = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        make_self_signed(certfile, keyfile, hostname)
         ctx.load_cert_chain(certfile, keyfile)
     _server_tls = ctx
     return ctx
