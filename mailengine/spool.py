@@ -137,7 +137,7 @@ def _load_syncfs():
 
 
 _syncfs = _load_syncfs()
-WRITER_THREADS = 4
+WRITER_THREADS = int(os.environ.get("MAILENGINE_SPOOL_WRITERS", "4"))  # 16 measured no better
 STRATEGIES = ("syncfs", "fdatasync")
 DEFAULT_STRATEGY = os.environ.get("MAILENGINE_SPOOL_SYNC") or (
     "syncfs" if _syncfs is not None else "fdatasync")  # the variable: for measuring, see bench/
