@@ -29,7 +29,8 @@ from .workers import WorkerPool
 log = logging.getLogger("mailengine")
 
 SHUTDOWN_FILE = "shutdown.txt"
-SHUTDOWN_POLL_SECONDS = 0.5  # `mailengine shutdown` must be noticed within seconds
+SHUTDOWN_POLL_SECONDS = 0.5
+OFFLOAD_CHECK_SECONDS = 2.0  # how soon offloaded mail is taken back once memory has room  # `mailengine shutdown` must be noticed within seconds
 FD_WARNING = ("Warning: you are out of file descriptors. Performance may be very poor until you "
               "increase them. Try lowering the number of mail sends.")
 
@@ -107,6 +108,7 @@ class Engine:
         self.policy = Policy(cfg, self.users)
         self.stats = Stats()
         self.known: set[str] = set()  # ids of queued messages this engine knows (not drop-ins)
+        self.offloaded: set[str] = set()  # ids left on disk only, for want of room in memory
         self.stopping = asyncio.Event()
         self.inbound: InboundServer | None = None
         self.workers: WorkerPool | None = None
@@ -125,14 +127,42 @@ class Engine:
                data: bytes | None = None) -> None:
         """A message is safely in the spool (stored by this process or an intake worker)."""
         if relayed is not None:
-            self.known.add(relayed.id)
-            if self.delivery is not None:
-                self.delivery.submit(relayed, where, data)
+            self.take(relayed, where, data)
         self.stats.received(local=relayed is None)
+
+    # --- messages in memory (limits.messages_in_memory) -------------------------------------------
+
+    def has_room(self) -> bool:
+        return self.delivery is None or \
+            len(self.delivery.messages) < self.cfg.limits.messages_in_memory
+
+    def take(self, msg: Message, where: str, data: bytes | None = None) -> bool:
+        """Hand a queued message to delivery, or leave it only on disk when memory holds
+        `messages_in_memory` already (SPEC 3): it is taken in again when room frees up."""
+        if self.delivery is None:
+            self.known.add(msg.id)
+            return True
+        if not self.has_room():
+            if not self.offloaded:
+                log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
+                         "on disk in retry/ until there is room", len(self.delivery.messages))
+            self.offloaded.add(msg.id)
+            return False
+        self.offloaded.discard(msg.id)
+        self.known.add(msg.id)
+        self.delivery.submit(msg, where, data)
+        return True
+
+    async def _take_offloaded(self) -> None:
+        # Offloaded mail is found again by the same scan as drop-ins (it is not in `known`).
+        while True:
+            await asyncio.sleep(OFFLOAD_CHECK_SECONDS)
+            if self.offloaded and self.has_room():
+                self.scan_dropins()
 
     def relay_dir(self) -> str:
         """Relayed mail goes straight to working/ when this engine will send it at once."""
-        if self.delivery is not None and not self.cfg.queue.pause_sending:
+        if self.delivery is not None and not self.cfg.queue.pause_sending and self.has_room():
             return "working"
         return "retry"
 
@@ -182,13 +212,16 @@ class Engine:
         found, warnings = self.spool.scan_dropins(self.known)
         for w in warnings:
             log.warning("%s", w)
+        taken = 0
         for msg in found:
-            self.known.add(msg.id)
-            if self.delivery is not None:
-                self.delivery.submit(msg, "retry")
-            log.info("picked up dropped-in message %s for %d recipients", msg.id,
-                     len(msg.rcpt_to_send))
-        return len(found)
+            was_offloaded = msg.id in self.offloaded
+            if not self.take(msg, "retry"):
+                continue
+            taken += 1
+            if not was_offloaded:
+                log.info("picked up dropped-in message %s for %d recipients", msg.id,
+                         len(msg.rcpt_to_send))
+        return taken
 
     async def _expire(self) -> None:
         minutes = 0
@@ -261,9 +294,7 @@ class Engine:
         for w in report.warnings:
             log.warning("%s", w)
         for msg in report.messages:
-            self.known.add(msg.id)
-            if self.delivery is not None:
-                self.delivery.submit(msg, "retry")
+            self.take(msg, "retry")
         log.info("queue: %d messages waiting in %s", len(report.messages), self.spool.root / "retry")
 
         loop = asyncio.get_running_loop()
@@ -288,7 +319,7 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,
-                self.diskwatch.run, self._log_queue)]
+                self.diskwatch.run, self._log_queue, self._take_offloaded)]
             if self.delivery is not None:
                 tasks.append(tg.create_task(self.delivery.run()))
             if ready is not None:
