@@ -142,7 +142,15 @@ class Engine:
         if self.delivery is None:
             self.known.add(msg.id)
             return True
-        if not self.has_room():
+        if not self.has_room() and where == "working":
+            # Stored into working/ while there was room (relay_dir), full since: offloaded mail
+            # is found again by the retry/ scan only, so it must wait there.
+            try:
+                self.spool.move(msg.id, "working", "retry")
+                where = "retry"
+            except OSError as e:
+                log.warning("%s: cannot move it back to retry/ (%s); kept in memory", msg.id, e)
+        if not self.has_room() and where == "retry":
             if not self.offloaded:
                 log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
                          "on disk in retry/ until there is room", len(self.delivery.messages))

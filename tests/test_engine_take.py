@@ -1,0 +1,41 @@
+"""app.Engine.take: hand-offs between intake, the memory limit and delivery (in process)."""
+import asyncio
+import datetime
+
+from mailengine.app import Engine
+from mailengine.config import from_dict
+from mailengine.envelope import Message
+
+
+def _engine(home, limits=None):
+    cfg = from_dict(home, {"limits": {"messages_in_memory": 1, **(limits or {})},
+                           "network": {"smtp_port": 1, "web_port": 0},
+                           "queue": {"relay_via_disk": False}})
+    eng = Engine(cfg)
+    eng.spool.ensure_dirs()
+    return eng
+
+
+def _msg(rcpt):
+    now = datetime.datetime.now().replace(microsecond=0)
+    return Message(id="", mail_from="a@src.test", rcpt_to_send=[rcpt], time_created=now,
+                   retry_time=now)
+
+
+def test_mail_stored_into_working_then_offloaded_is_taken_in_again(tmp_path):
+    async def main():
+        eng = _engine(tmp_path)
+        assert eng.relay_dir() == "working"  # room: intake stores both into working/
+        first, second = _msg("b@dest.test"), _msg("c@dest.test")
+        await eng.spool.store(first, b"Subject: 1\r\n\r\nx\r\n", "working")
+        await eng.spool.store(second, b"Subject: 2\r\n\r\nx\r\n", "working")
+        eng.stored(first, False, "working", b"x")
+        eng.stored(second, False, "working", b"x")  # memory is full by now: offloaded
+        assert second.id in eng.offloaded
+        assert (tmp_path / "mailq" / "retry" / f"{second.id}.inf").exists()  # waits in retry/
+        assert not (tmp_path / "mailq" / "working" / f"{second.id}.inf").exists()
+        eng.delivery.messages.pop(first.id)  # room again: the offload check finds it
+        assert eng.scan_dropins() == 1
+        assert second.id in eng.delivery.messages and not eng.offloaded
+        eng.spool.close()
+    asyncio.run(main())
