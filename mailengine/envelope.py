@@ -88,8 +88,10 @@ def _make_time(key: str, v: str, *parts: str) -> datetime:
     if not all(p.isdigit() and p.isascii() for p in parts):
         raise InfError(f"{key}={v!r} is not a time")
     try:
-        return datetime(*(int(p) for p in parts))
-    except ValueError as e:
+        t = datetime(*(int(p) for p in parts))
+        t.timestamp()  # the scheduler works with it: year 0001 raises there, killing the engine
+        return t
+    except (ValueError, OverflowError, OSError) as e:
         raise InfError(f"{key}={v!r} is not a valid time: {e}") from None
 
 

@@ -104,6 +104,10 @@ def test_file_name_stands_in_for_a_missing_messageid_and_must_match_a_present_on
     (b"mailfrom=a@b.example\nmessageid=I@h\ntimecreated=yesterday\n", "not a time"),
     (b"mailfrom=a@b.example\nmessageid=I@h\ntimecreated=2000/13/22 16:29:00\n", "not a valid"),
     (b"mailfrom=a@b.example\nmessageid=I@h\nretrytime=2000122216590\n", "YYYYMMDDHHMMSS"),
+    # year 1: a valid datetime, but .timestamp() fails in the scheduler (a drop-in with it
+    # killed the running engine, and stopped every later start at recovery)
+    (b"mailfrom=a@b.example\nmessageid=I@h\nretrytime=00010101000000\n", "not a valid"),
+    (b"mailfrom=a@b.example\nmessageid=I@h\ntimecreated=0001/01/01 00:00:00\n", "not a valid"),
     (b"mailfrom=a@b.example\nmessageid=I@h\npriority=high\n", "not a whole number"),
     (b"mailfrom=a@b.example\nmessageid=I@h\nsendtries=-1\n", "negative"),
     (b"mailfrom=a@b.example\nmessageid=I@h\nrcpttosend=bob\n", "not an address"),
