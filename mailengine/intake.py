@@ -84,7 +84,14 @@ class Intake:
             kept = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=[],
                            time_created=now, received=received, size=len(data),
                            extra={"rcptto": ",".join(local)})
-            await self.spool.store(kept, data, "incoming")
+            try:
+                await self.spool.store(kept, data, "incoming")
+            except Exception:
+                if relayed is not None:
+                    # Not acknowledged: the client sends it again. Left here, the relayed copy
+                    # (in working/, which nothing scans) would go out only at the next start.
+                    self.spool.remove(relayed.id, where)
+                raise
             msg_id = kept.id
         # --- bounce intake (bounces.py): parsed once stored, recorded before the 250 ---
         verp = [r for r in local if r.lower().startswith(BOUNCE_PREFIX)]
