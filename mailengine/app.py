@@ -166,7 +166,7 @@ class Engine:
         while True:
             await asyncio.sleep(OFFLOAD_CHECK_SECONDS)
             if self.offloaded and self.has_room():
-                self.scan_dropins()
+                self._scan_quietly()
 
     def relay_dir(self) -> str:
         """Relayed mail goes straight to working/ when this engine will send it at once."""
@@ -214,7 +214,14 @@ class Engine:
     async def _scan_dropins(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.queue.queue_check_interval)
+            self._scan_quietly()
+
+    def _scan_quietly(self) -> None:
+        # A loop of the TaskGroup: an exception would stop the whole engine (EMFILE under load)
+        try:
             self.scan_dropins()
+        except OSError as e:
+            log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / "retry", e)
 
     def scan_dropins(self) -> int:
         found, warnings = self.spool.scan_dropins(self.known)
@@ -235,10 +242,13 @@ class Engine:
         minutes = 0
         while True:
             await asyncio.sleep(60)
-            if self.cfg.queue.save_incoming:
-                self.spool.expire("incoming", self.cfg.queue.incoming_retention_minutes)
-            if self.cfg.queue.save_done:
-                self.spool.expire("done", self.cfg.queue.done_retention_minutes)
+            try:
+                if self.cfg.queue.save_incoming:
+                    self.spool.expire("incoming", self.cfg.queue.incoming_retention_minutes)
+                if self.cfg.queue.save_done:
+                    self.spool.expire("done", self.cfg.queue.done_retention_minutes)
+            except OSError as e:  # a loop of the TaskGroup: never a reason to stop the engine
+                log.error("cannot remove old mail from done/ or incoming/: %s", e)
             minutes += 1
             if minutes % 60 == 0:  # a quiet engine opens no new log file: prune here too
                 for f in logs.prune(self.cfg.log_dir, self.cfg.logging.log_retention_days):

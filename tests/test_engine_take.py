@@ -1,6 +1,7 @@
 """app.Engine.take: hand-offs between intake, the memory limit and delivery (in process)."""
 import asyncio
 import datetime
+import os
 
 from mailengine.app import Engine
 from mailengine.config import from_dict
@@ -37,5 +38,38 @@ def test_mail_stored_into_working_then_offloaded_is_taken_in_again(tmp_path):
         eng.delivery.messages.pop(first.id)  # room again: the offload check finds it
         assert eng.scan_dropins() == 1
         assert second.id in eng.delivery.messages and not eng.offloaded
+        eng.spool.close()
+    asyncio.run(main())
+
+
+def test_housekeeping_loops_survive_file_system_errors(tmp_path, monkeypatch):
+    """The scan and expiry loops run in the engine's TaskGroup: an OSError there (EMFILE under
+    load, an odd entry in done/) must be logged, not end the whole engine."""
+    real_sleep = asyncio.sleep
+
+    async def fast_sleep(seconds, *a, **kw):
+        await real_sleep(0.01)
+
+    async def main():
+        eng = _engine(tmp_path, {})
+        eng.cfg.set("queue.save_done", True)
+        eng.cfg.set("queue.done_retention_minutes", 1)
+        calls = []
+
+        def no_fds(known):
+            calls.append(1)
+            raise OSError(24, "Too many open files")
+        monkeypatch.setattr(eng.spool, "scan_dropins", no_fds)
+        odd = tmp_path / "mailq" / "done" / "odd.inf"  # a directory: unlink() fails on it
+        odd.mkdir()
+        os.utime(odd, (1, 1))
+        monkeypatch.setattr(asyncio, "sleep", fast_sleep)
+        tasks = [asyncio.ensure_future(c()) for c in (eng._scan_dropins, eng._expire)]
+        await real_sleep(0.3)
+        assert len(calls) > 1
+        for t in tasks:
+            assert not t.done(), t.exception()
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         eng.spool.close()
     asyncio.run(main())
