@@ -317,8 +317,9 @@ class Spool:
                 msg, job.data, job.dir, keep_fds=self.strategy == "fdatasync")
         except BaseException as e:  # noqa: BLE001 - handed to the waiting store()
             job.error = e
-        if msg.id != job.msg_id:
+        if msg.id != job.msg_id:  # the id was taken (by a file already there): a new one
             self._inflight.add(msg.id)
+            self._inflight.discard(job.msg_id)  # else that file would never be scanned again
             job.msg_id = msg.id
         job.data = None
         if job.error is not None:

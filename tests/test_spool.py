@@ -160,6 +160,19 @@ async def test_store_takes_a_new_id_when_the_id_is_taken(sp, tmp_path):
 
 
 @aio
+async def test_the_id_given_up_after_a_collision_can_still_be_a_dropin(sp):
+    taken = sp.new_id()
+    put(sp.root, "retry", taken, "dat")  # a program dropping mail in: .dat first ...
+    m = msg(taken)
+    await sp.store(m, b"new message")
+    assert m.id != taken
+    put(sp.root, "retry", taken, "inf")  # ... then its .inf: the scan must see it
+    found, _ = sp.scan_dropins({m.id})
+    assert [f.id for f in found] == [taken]
+    assert not sp._inflight
+
+
+@aio
 async def test_store_of_an_unwritable_record_leaves_nothing(sp):
     with pytest.raises(InfError):
         await sp.store(msg(sp.new_id(), ["not-an-address"]), b"data")
