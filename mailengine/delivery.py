@@ -304,6 +304,11 @@ class DeliveryEngine:
         them): the first attempt then does not read the file (kept within
         `limits.max_queue_memory_kb`; beyond it, the file is read as usual)."""
         if self._stopping or msg.id in self.attempts:
+            if self._stopping and where == "working":
+                try:  # stored during a stop: a clean stop leaves unfinished mail in retry/
+                    self.spool.move(msg.id, "working", "retry")
+                except OSError as e:
+                    log.warning("%s: stays in working/ until the next start: %s", msg.id, e)
             return
         if where == "working":
             self._in_working.add(msg.id)

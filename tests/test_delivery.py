@@ -484,6 +484,13 @@ def test_submitted_in_working_is_sent_without_a_move_and_stop_puts_the_rest_in_r
             assert (tmp_path / "mailq" / "retry" / f"{later.id}.inf").exists()
             assert not list((tmp_path / "mailq" / "working").iterdir())
             assert len(sink.messages) == 1
+            # stored into working/ while stopping (intake finishing its last store): to retry/
+            last = Message(id="", mail_from="a@src.test", rcpt_to_send=["z@w.test"],
+                           retry_time=datetime.now())
+            await eng.spool.store(last, b"Subject: w3\r\n\r\nbody\r\n", "working")
+            d.submit(last, "working")
+            assert (tmp_path / "mailq" / "retry" / f"{last.id}.inf").exists()
+            assert not list((tmp_path / "mailq" / "working").iterdir())
 
     asyncio.run(main())
 
