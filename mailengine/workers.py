@@ -76,7 +76,10 @@ class WorkerPool:
 
     async def _read_lines(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
-            self.on_line(line.decode().rstrip("\n"))
+            try:
+                self.on_line(line.decode().rstrip("\n"))
+            except Exception:  # one bad line must not stop this worker's notifications
+                log.exception("intake worker notification %r could not be handled", line[:200])
 
     async def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every worker (they finish what they are storing) and wait for them."""
