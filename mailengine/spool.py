@@ -148,7 +148,7 @@ class _Job:
     nothing but a barrier (`sync()`)."""
 
     __slots__ = ("loop", "fut", "tmp", "final", "dat", "fds", "dir", "msg_id", "error",
-                 "msg", "data")
+                 "msg", "data", "renamed")
 
     def __init__(self, tmp: str | None, final: str | None, dat: str | None, fds: list[int],
                  dir: str | None, msg_id: str | None):
@@ -157,6 +157,7 @@ class _Job:
         self.error: BaseException | None = None
         self.msg: Message | None = None  # a store whose files the flusher's writers create
         self.data: bytes | None = None
+        self.renamed = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fut: asyncio.Future | None = None
 
@@ -668,13 +669,7 @@ class Spool:
                         return
                     self._cond.wait()
                 batch, self._queue = self._queue, []
-            writers = self._writers  # made by store() on the event loop; None once closing
-            if len(renaming) > 8 and writers is not None:
-                # renames wait on the journal too: let them wait together
-                list(writers.map(_rename_job, renaming))
-            else:
-                for job in renaming:
-                    _rename_job(job)
+            _rename_all(renaming, self._writers)  # the pool: None once closing
             try:
                 self._sync(batch, renaming)
                 err = None
@@ -768,10 +763,26 @@ class Spool:
 
 
 def _rename_job(job: _Job) -> None:
+    if job.renamed:
+        return
     try:
         os.rename(job.tmp, job.final)
+        job.renamed = True
     except OSError as e:
         job.error = e
+
+
+def _rename_all(jobs: list[_Job], writers: ThreadPoolExecutor | None) -> None:
+    """Rename a batch's `.inf.tmp` files into place; many at once in the writer threads (renames
+    wait on the journal too), one by one when few or when the pool is gone."""
+    if len(jobs) > 8 and writers is not None:
+        try:
+            list(writers.map(_rename_job, jobs))
+            return
+        except RuntimeError:  # close() shut the pool down meanwhile: finish here, once each
+            writers.shutdown(wait=True)
+    for job in jobs:
+        _rename_job(job)
 
 
 def _fsync_dir(path: str) -> None:

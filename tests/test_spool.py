@@ -491,3 +491,23 @@ def test_usage_counts_messages_and_bytes(sp):
     put(sp.root, "done", "B@h", "dat", "inf", data=b"123")
     u = sp.usage()
     assert u["retry"] == (1, 5) and u["done"] == (1, 3) and u["working"] == (0, 0)
+
+
+def test_renames_finish_when_the_writer_pool_is_shut_down_meanwhile(tmp_path):
+    """close() may shut the writer pool down while the flusher renames a batch: every
+    .inf.tmp still ends up renamed exactly once, and no job gets an error."""
+    from concurrent.futures import ThreadPoolExecutor
+    from mailengine.spool import _Job, _rename_all
+
+    jobs = []
+    for i in range(20):
+        tmp, final = tmp_path / f"m{i}.inf.tmp", tmp_path / f"m{i}.inf"
+        tmp.write_bytes(b"mailfrom=a@b\n")
+        jobs.append(_Job(str(tmp), str(final), None, [], str(tmp_path), f"m{i}"))
+    jobs[0].renamed = True  # already done in an earlier pass: not tried again
+    os.rename(jobs[0].tmp, jobs[0].final)
+    pool = ThreadPoolExecutor(2)
+    pool.shutdown()
+    _rename_all(jobs, pool)
+    assert all(j.error is None for j in jobs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"m{i}.inf" for i in range(20))
