@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
 import signal
 import socket
@@ -20,7 +19,6 @@ from .inbound import InboundServer
 from .intake import Intake
 from .notices import Notices
 from .policy import Policy
-from .smtp.server import MessageReceived, Reply
 from .spool import Spool
 from .stats import Stats
 from .users import PasswordFile
@@ -33,6 +31,12 @@ SHUTDOWN_POLL_SECONDS = 0.5
 OFFLOAD_CHECK_SECONDS = 2.0  # how soon offloaded mail is taken back once memory has room  # `mailengine shutdown` must be noticed within seconds
 FD_WARNING = ("Warning: you are out of file descriptors. Performance may be very poor until you "
               "increase them. Try lowering the number of mail sends.")
+
+
+def debug_any(cfg: Config) -> bool:
+    """Any trace switch on: the engine then logs at DEBUG."""
+    return any(cfg.values[f"debug.{k}"] for k in ("dns", "smtp_out", "smtp_in", "program",
+                                                   "send_loop"))
 
 
 def host_name(cfg: Config) -> str:
@@ -129,6 +133,21 @@ class Engine:
         if relayed is not None:
             self.take(relayed, where, data)
         self.stats.received(local=relayed is None)
+
+    def apply_settings(self) -> list[str]:
+        """Hand changed settings (web admin, `config set`) to the parts that copied them at
+        start; returns notes for the operator. Parts that read `self.cfg` when they need a value
+        see a change without this."""
+        cfg = self.cfg
+        self.policy.reload(cfg)
+        if self.inbound is not None:
+            self.inbound.apply(cfg)
+        if self.delivery is not None:
+            self.delivery.apply(cfg)
+        logging.getLogger("mailengine").setLevel(logging.DEBUG if debug_any(cfg) else logging.INFO)
+        if self.workers:
+            return ["intake worker processes keep their settings until the next restart"]
+        return []
 
     # --- messages in memory (limits.messages_in_memory) -------------------------------------------
 
@@ -365,8 +384,7 @@ class Engine:
 def run(cfg: Config, test_mode: bool = False) -> None:
     """Run the engine in the foreground until it is stopped."""
     logs.setup(cfg.log_dir, cfg.logging.log_retention_days,
-               debug_any=any(cfg.values[f"debug.{k}"] for k in
-                             ("dns", "smtp_out", "smtp_in", "program", "send_loop")))
+               debug_any=debug_any(cfg))
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(Engine(cfg, test_mode).run())
 

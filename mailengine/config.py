@@ -11,7 +11,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CONFIG_FILE = "mailengine.toml"
 
@@ -312,7 +312,7 @@ def coerce(setting: Setting, value: Any) -> Any:
             raise bad("must be true or false")
     elif kind in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad(f"must be a number")
+            raise bad("must be a number")
         if kind == "int":
             if value != int(value):
                 raise bad("must be a whole number")

@@ -330,30 +330,5 @@ OPS = {
 
 
 def apply_settings(engine) -> list[str]:
-    """Hand the engine's (changed) settings to the parts that copied them at start. Parts that
-    read `engine.cfg` when they need a value (queue retention, retry intervals, save_done,
-    undeliverable lists...) see a change at once without this."""
-    cfg = engine.cfg
-    notes = []
-    engine.policy.reload(cfg)
-    if engine.inbound is not None:
-        engine.inbound.apply(cfg)
-    d = getattr(engine, "delivery", None)
-    if d is not None:
-        from .config import AddressSet
-        from .throttle import bandwidth_bucket, send_rate_bucket
-        d.set_paused(cfg.queue.pause_sending)
-        d.debug_out = cfg.debug.smtp_out
-        d.debug_loop = cfg.debug.send_loop
-        d.refused = AddressSet(cfg.policy.refused_mail_servers)
-        if getattr(d.rate, "rate", None) != cfg.limits.max_send_rate:
-            d.rate = send_rate_bucket(cfg.limits.max_send_rate)
-        if getattr(d.bandwidth, "rate", None) != cfg.limits.max_bandwidth:
-            d.bandwidth = bandwidth_bucket(cfg.limits.max_bandwidth)
-        d.helo = cfg.network.helo_text or engine.hostname
-    on = any(cfg.values[f"debug.{k}"] for k in ("dns", "smtp_out", "smtp_in", "program",
-                                                "send_loop"))
-    logging.getLogger("mailengine").setLevel(logging.DEBUG if on else logging.INFO)  # as app.run
-    if getattr(engine, "workers", None):
-        notes.append("intake worker processes keep their settings until the next restart")
-    return notes
+    """Hand the engine's (changed) settings to the parts that copied them at start."""
+    return engine.apply_settings()

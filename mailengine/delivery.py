@@ -329,6 +329,18 @@ class DeliveryEngine:
         self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
         self._kick()
 
+    def apply(self, cfg) -> None:
+        """Take the settings that may change while running (web admin, `config set`)."""
+        self.set_paused(cfg.queue.pause_sending)
+        self.debug_out = cfg.debug.smtp_out
+        self.debug_loop = cfg.debug.send_loop
+        self.refused = AddressSet(cfg.policy.refused_mail_servers)
+        if getattr(self.rate, "rate", None) != cfg.limits.max_send_rate:
+            self.rate = send_rate_bucket(cfg.limits.max_send_rate)
+        if getattr(self.bandwidth, "rate", None) != cfg.limits.max_bandwidth:
+            self.bandwidth = bandwidth_bucket(cfg.limits.max_bandwidth)
+        self.helo = cfg.network.helo_text or self.engine.hostname
+
     def set_paused(self, paused: bool) -> None:
         """`queue.pause_sending`: mail waits in retry/; turning it off releases everything."""
         self.sched.paused = paused

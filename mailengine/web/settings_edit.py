@@ -127,26 +127,7 @@ def apply(engine, changes: dict[str, Any]) -> None:
     cfg = engine.cfg
     for name, value in changes.items():
         cfg.set(name, value)
-    policy = getattr(engine, "policy", None)
-    if policy is not None:
-        policy.reload(cfg)
-    inbound = getattr(engine, "inbound", None)
-    if inbound is not None:
-        inbound.apply(cfg)
-    workers = getattr(engine, "workers", None)
-    if workers is not None and hasattr(workers, "apply"):
-        workers.apply(cfg)
-    delivery = getattr(engine, "delivery", None)
-    if delivery is not None:
-        if "queue.pause_sending" in changes and hasattr(delivery, "set_paused"):
-            delivery.set_paused(cfg.queue.pause_sending)
-        if hasattr(delivery, "apply"):
-            delivery.apply(cfg)
-    if any(n.startswith("debug.") for n in changes):
-        # as at start-up (app.run): the traces log at DEBUG when any switch is on
-        on = any(cfg.values[f"debug.{k}"] for k in ("dns", "smtp_out", "smtp_in", "program",
-                                                    "send_loop"))
-        logging.getLogger("mailengine").setLevel(logging.DEBUG if on else logging.INFO)
+    engine.apply_settings()
     log.info("settings changed from the web admin: %s",
              ", ".join(f"{k} = {v!r}" for k, v in changes.items()))
 
