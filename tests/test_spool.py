@@ -511,3 +511,48 @@ def test_renames_finish_when_the_writer_pool_is_shut_down_meanwhile(tmp_path):
     _rename_all(jobs, pool)
     assert all(j.error is None for j in jobs)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"m{i}.inf" for i in range(20))
+
+
+# --- one sync per store: the commit line (docs/QUEUE.md, state 4b) ------------------------------
+
+def test_a_durable_store_starts_its_inf_with_a_commit_line_the_codec_ignores(sp):
+    m = msg()
+    asyncio.run(sp.store(m, b"Subject: c\r\n\r\nbody\r\n", "retry"))
+    raw = Path(sp.inf_path(m.id, "retry")).read_bytes()
+    assert raw.startswith(b"commit=") and raw.count(b"commit=") == 1
+    assert spool_mod.committed(raw, sp.dat_path(m.id, "retry")) is True
+    back = parse_inf(raw, m.id)
+    assert "commit" not in back.extra and back.rcpt_to_send == m.rcpt_to_send
+
+
+def test_recovery_removes_a_store_a_crash_cut_short_and_keeps_whole_ones(sp):
+    whole, cut, cut_inf, updated = msg(), msg(), msg(), msg()
+
+    async def go():
+        for m in (whole, cut, cut_inf, updated):
+            await sp.store(m, b"Subject: r\r\n\r\n" + b"x" * 500 + b"\r\n", "working")
+        updated.send_tries = 1
+        await sp.update_inf(updated, "working")  # rewritten: no commit line any more
+
+    asyncio.run(go())
+    sp.close()
+    os.truncate(sp.dat_path(cut.id, "working"), 100)  # the .dat's data never reached the disk
+    inf = Path(sp.inf_path(cut_inf.id, "working"))
+    inf.write_bytes(inf.read_bytes()[:-20])  # the .inf cut short
+    os.truncate(sp.dat_path(updated.id, "working"), 100)  # not ours to judge after an update
+    empty = "P1T2C3@mx.example"
+    Path(sp.inf_path(empty, "working")).write_bytes(b"")
+    Path(sp.dat_path(empty, "working")).write_bytes(b"half")
+    rep = Spool(sp.root).recover()
+    assert sorted(x.id for x in rep.messages) == sorted([whole.id, updated.id])
+    assert rep.removed_uncommitted == 3
+    for gone in (cut.id, cut_inf.id, empty):
+        assert not any(Path(sp.root, d, f"{gone}.{e}").exists() for d in DIRS for e in ("inf", "dat"))
+
+
+def test_an_empty_inf_in_retry_may_be_a_dropin_and_is_only_reported(sp):
+    Path(sp.inf_path("drop1@x", "retry")).write_bytes(b"")
+    Path(sp.dat_path("drop1@x", "retry")).write_bytes(b"Subject: d\r\n\r\nx\r\n")
+    rep = sp.recover()
+    assert any("drop1@x" in w for w in rep.warnings)
+    assert Path(sp.inf_path("drop1@x", "retry")).exists()
