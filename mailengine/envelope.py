@@ -15,10 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import quote, unquote
 
-# First line of an .inf written by a durable store: checksums of the .dat and of the rest of the
-# .inf, so recovery can tell a store cut short by a crash (spool.py, docs/QUEUE.md).
-COMMIT_KEY = "commit"
-
 
 class InfError(ValueError):
     """An `.inf` that cannot be used (or a record that cannot be written); `reason` says why."""
@@ -310,8 +306,6 @@ def parse_inf(data: bytes, name: str | None = None) -> Message:
         if key in seen:
             raise InfError(f"line {n}: key {key!r} appears twice")
         seen.add(key)
-        if key == COMMIT_KEY:
-            continue  # the spool's own integrity line (spool.py), not part of the record
         value = value.strip()
         p = _PARSERS.get(key)
         if p is not None:

@@ -9,13 +9,13 @@ in separate processes sharing one spool.
 
 Group commit. `store()` hands the message to a few writer threads, which create `ID.dat` and
 `ID.inf.tmp` (page cache only; not on the event loop, because creating a file waits on the
-journal while a sync runs, and that stalled every session), rename the `.inf` into place, and
-queue the store for the one flusher thread; the store awaits the flusher. The flusher takes
-everything queued and makes it durable with one sync, and while it runs the writers fill the
-next batch. The `.inf`'s first line, `commit=` and two checksums, lets recovery tell a store that
-a crash cut short (docs/QUEUE.md, state 4b), which is why one sync is enough. `update_inf(flush=
-True)` keeps two pipelined phases (data, then the rename); it and `sync()` hand their jobs over
-once per event-loop pass, so one pass's jobs share a sync.
+journal while a sync runs, and that stalled every session) and queue it for the one flusher
+thread; the store awaits the flusher. The flusher takes everything queued and makes it durable
+in two pipelined phases (docs/QUEUE.md says why two): sync #1 makes the batch's data durable,
+the batch's `.inf.tmp` files are renamed, and sync #2 makes the renames durable. Sync #2 of
+batch N is the same system call as sync #1 of batch N+1, so under load there is one sync per
+batch, and while it runs the writers fill the next one. (`update_inf(flush=True)` and `sync()`
+hand their jobs over once per event-loop pass, so one pass's jobs share a sync.)
 
 Strategy: syncfs(2) of the spool's file system, chosen by `bench/spool_commit.py` on this
 project's 2-core VM (ext4 on virtio, 4 KiB messages). What differs between the strategies is
@@ -52,12 +52,11 @@ import shutil
 import socket
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .envelope import COMMIT_KEY, InfError, Message, format_inf, parse_inf
+from .envelope import InfError, Message, format_inf, parse_inf
 
 DIRS = ("retry", "working", "done", "incoming")
 SHUTDOWN_FILE = "shutdown.txt"
@@ -293,17 +292,13 @@ class Spool:
         final = dat[:-4] + ".inf"
         tmp = final + ".tmp"
         fds = [fd]
-        if self.durable:
-            inf = commit_line(data, inf) + inf
         try:
             _write_all(fd, data)
             fd2 = os.open(tmp, _O_TRUNC, 0o644)
             fds.append(fd2)
             _write_all(fd2, inf)
-            # The .inf appears whole (rename); in durable mode the flusher's next sync makes
-            # both files and the rename durable at once, and the commit line lets recovery
-            # tell a store that a crash cut short (it was never acknowledged).
-            os.rename(tmp, final)
+            if not self.durable:
+                os.rename(tmp, final)
         except BaseException:
             for f in fds:
                 os.close(f)
@@ -489,32 +484,6 @@ class Spool:
                      now: float) -> None:
         # One id may legitimately be whole in two directories (a message with relayed and local
         # recipients is stored in retry/ and incoming/), so each directory is judged by itself.
-        # state 4b: a durable store the crash cut short (its commit line does not match): it was
-        # never acknowledged, so both files go. An empty .inf in working/ is one too (no program
-        # drops mail there); elsewhere an empty .inf may be someone's broken drop-in: reported.
-        for d, kinds in where.items():
-            if "inf" not in kinds:
-                continue
-            path = self.inf_path(mid, d)
-            try:
-                with open(path, "rb") as f:
-                    raw = f.read()
-            except OSError:
-                continue
-            # its .dat: beside it, or alone in another directory (a move cut short, state 10)
-            dat_dirs = [x for x, k in where.items() if "dat" in k]
-            dat_dir = d if "dat" in kinds else (dat_dirs[0] if len(dat_dirs) == 1 else None)
-            if raw and dat_dir is None:
-                continue  # no .dat to check against: states 11-13 report it
-            whole = committed(raw, self.dat_path(mid, dat_dir)) if raw else (
-                False if d == "working" else None)
-            if whole is False:
-                _unlink_quiet(path)
-                kinds.discard("inf")
-                if dat_dir is not None:
-                    _unlink_quiet(self.dat_path(mid, dat_dir))
-                    where[dat_dir].discard("dat")
-                rep.removed_uncommitted += 1
         # states 4, 5, 6: .inf.tmp files
         for d, kinds in where.items():
             if "tmp" not in kinds:
@@ -719,9 +688,8 @@ class Spool:
                     job.error = err
                     _unlink_quiet(*(p for p in (job.tmp, job.dat) if p))
                     finished.append(job)
-                elif job.tmp is None or job.msg is not None:
-                    # a barrier, or a store (renamed before this sync, its commit point)
-                    finished.append(job)
+                elif job.tmp is None:
+                    finished.append(job)  # a barrier: this sync was all it needed
                 else:
                     renaming.append(job)
             if err is not None:
@@ -744,7 +712,6 @@ class Spool:
         # fdatasync: every new file's data, and each directory that got a rename; in parallel so
         # the journal can commit many of them together
         dirs = {job.dir for job in renamed if job.error is None}
-        dirs.update(job.dir for job in batch if job.msg is not None)  # stores renamed before
         if any(job.tmp is None for job in batch):  # a barrier: all directories
             dirs.update(self._dir.values())
         assert self._pool is not None
@@ -793,26 +760,6 @@ class Spool:
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
-
-
-def commit_line(data: bytes, inf: bytes) -> bytes:
-    """`commit=` + crc32 of the .dat + crc32 of the rest of the .inf, as the .inf's first line."""
-    return f"{COMMIT_KEY}={zlib.crc32(data):08x}{zlib.crc32(inf):08x}\n".encode()
-
-
-def committed(inf: bytes, dat_path: str) -> bool | None:
-    """None when the .inf has no commit line (a drop-in, or rewritten since its store); else
-    whether the .inf and its .dat are whole, as they were when the store made them."""
-    first, nl, rest = inf.partition(b"\n")
-    if not first.startswith(COMMIT_KEY.encode() + b"="):
-        return None
-    sums = first[len(COMMIT_KEY) + 1:].strip()
-    try:
-        with open(dat_path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return nl == b"\n" and sums == f"{zlib.crc32(data):08x}{zlib.crc32(rest):08x}".encode()
 
 
 def _rename_job(job: _Job) -> None:
