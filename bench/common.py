@@ -305,3 +305,16 @@ class Case:
     check: str = ""
     error: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def add_load_arguments(ap, cases: str, set_help: str, parse_setting) -> None:
+    """The smtp-source load options that bench/intake and bench/relay share."""
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--size", type=int, default=4096, help="message body bytes (smtp-source -l)")
+    ap.add_argument("--cases", default=cases,
+                    help=f"which cases to run, e.g. '{cases[:2]}' (default {cases})")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every case this many times (interleaved); the median is reported")
+    ap.add_argument("--set", action="append", type=parse_setting, default=[],
+                    metavar="SECTION.KEY=VALUE", help=set_help)

@@ -41,8 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (Case, SmtpSink, jsonable, machine_info, print_table,  # noqa: E402
-                    ratio, run_smtp_source, write_results)
+from common import (Case, SmtpSink, add_load_arguments, jsonable, machine_info,  # noqa: E402
+                    print_table, ratio, run_smtp_source, write_results)
 from postfix import PostfixInstance  # noqa: E402
 
 CASES = {
@@ -411,15 +411,7 @@ def print_profile(profile: dict, top: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=20000)
-    ap.add_argument("--sessions", type=int, default=50)
-    ap.add_argument("--size", type=int, default=4096, help="message body bytes (smtp-source -l)")
-    ap.add_argument("--cases", default="abcd", help="which cases to run, e.g. 'bc' (default abcd)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run every case this many times (interleaved); the median is reported")
-    ap.add_argument("--set", action="append", type=parse_setting, default=[],
-                    metavar="SECTION.KEY=VALUE",
-                    help="extra engine setting for (a) and (b), e.g. network.intake_workers=2")
+    add_load_arguments(ap, "abcd", "extra engine setting for (a) and (b), e.g. network.intake_workers=2", parse_setting)
     ap.add_argument("--postfix-in-flow-delay", default="1s",
                     help="Postfix's in_flow_delay for (c) (its default, 1s)")
     ap.add_argument("--profile", action="store_true",

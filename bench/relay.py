@@ -27,16 +27,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (RECIPIENT, Case, SmtpSink, machine_info, print_table,  # noqa: E402
-                    ratio, run_smtp_source, write_results)
-from intake import children_cpu, parse_setting, tree_cpu  # noqa: E402
+from common import (RECIPIENT, Case, SmtpSink, add_load_arguments, machine_info,  # noqa: E402
+                    print_table, ratio, run_smtp_source, write_results)
+from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
 CASES = {
@@ -170,15 +169,7 @@ def run_direct_case(args, workdir: Path) -> Case:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--messages", type=int, default=20000)
-    ap.add_argument("--sessions", type=int, default=50)
-    ap.add_argument("--size", type=int, default=4096, help="message body bytes (smtp-source -l)")
-    ap.add_argument("--cases", default="abc", help="which cases to run, e.g. 'ac' (default abc)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="run every case this many times (interleaved); the median is reported")
-    ap.add_argument("--set", action="append", type=parse_setting, default=[],
-                    metavar="SECTION.KEY=VALUE",
-                    help="extra engine setting for (a), e.g. limits.max_connections_per_host=20")
+    add_load_arguments(ap, "abc", "extra engine setting for (a), e.g. limits.max_connections_per_host=20", parse_setting)
     ap.add_argument("--postfix-in-flow-delay", default="1s",
                     help="Postfix's in_flow_delay (its default, 1s)")
     ap.add_argument("--timeout", type=float, default=600.0,
