@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -11,18 +12,8 @@ from hypothesis import strategies as st
 from mailengine.envelope import (InfError, Message, RECEIVED_KEYS, format_inf, format_log_entry,
                                  parse_inf)
 
-MANUAL_SAMPLE = b"""\
-log=2000/12/22 16:29:00: Finished send attempt 1, sent to 1 of 1 recipients, now done sending|
-mailfrom=tmiddleton@lyris.com
-messageid=P1576T1800C3@tom.lyris.com
-priority=6
-rcptsent=dwebster@lyris.com,
-retrytime=20001222165900
-sendtries=1
-status=done
-timecreated=2000/12/22 16:29:00
-timefinished=2000/12/22 16:29:00
-"""
+# The manual's sample (SPEC 4: mailq/done/P1576T1800C3@tom.lyris.com.inf), verbatim.
+MANUAL_SAMPLE = (Path(__file__).parent / "fixtures" / "manual-sample.inf").read_bytes()
 
 
 def test_manual_sample_parses_exactly():

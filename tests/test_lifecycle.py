@@ -6,22 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from mailengine.client import enqueue
 from mailengine.envelope import parse_inf
 from mailengine.testing.engine import RunningEngine, write_config, free_port, wait_for_port
 
-MANUAL_SAMPLE_INF = b"""log=2000/12/22 16:29:00: Finished send attempt 1, sent to 1 of 1 recipients, now done sending|
-mailfrom=tmiddleton@lyris.com
-messageid=P1576T1800C3@tom.lyris.com
-priority=6
-rcptsent=dwebster@lyris.com,
-retrytime=20001222165900
-sendtries=1
-status=done
-timecreated=2000/12/22 16:29:00
-timefinished=2000/12/22 16:29:00
-"""
+MANUAL_SAMPLE_INF = (Path(__file__).parent / "fixtures" / "manual-sample.inf").read_bytes()
 
 
 async def one_client(port, n, acked, stop):
