@@ -16,7 +16,7 @@ from mailengine.bounces import parse_report
 from mailengine.envelope import Message
 from mailengine.outcome import AttemptResult, Kind, RcptOutcome
 from mailengine.testing.dnsserver import TestDNSServer
-from mailengine.testing.engine import RunningEngine
+from mailengine.testing.engine import RunningEngine, wait_until
 from mailengine.testing.sink import SinkScript, ThreadedSink
 
 ORIGINAL = (b"From: news@src.test\r\nTo: bad@dest.test\r\nSubject: March news\r\n"
@@ -208,11 +208,7 @@ FAST = {"queue.pause_sending": False, "queue.retry_intervals": [0.02],
 
 
 def wait(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    wait_until(pred, timeout, what)
 
 
 def test_dsn_end_to_end_reaches_the_senders_domain(tmp_path):

@@ -14,7 +14,7 @@ from mailengine.envelope import Message
 from mailengine.events import EventLog, attempt_events
 from mailengine.lists import AddressLists, AppendFile
 from mailengine.outcome import AttemptResult, RcptOutcome
-from mailengine.testing.engine import RunningEngine
+from mailengine.testing.engine import RunningEngine, wait_until
 from mailengine.testing.sink import SinkScript, ThreadedSink
 
 
@@ -119,11 +119,7 @@ def test_event_records(tmp_path):
 
 
 def wait(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    wait_until(pred, timeout, what)
 
 
 def test_event_log_end_to_end(tmp_path):
