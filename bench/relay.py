@@ -61,8 +61,10 @@ def count_files(directory: Path, suffix: str) -> int:
         return 0
 
 
-def timed_relay(port: int, sink: SmtpSink, args, result: Case) -> bool:
-    """smtp-source into `port`, then wait for the sink to count them all; fills `result`."""
+def timed_relay(port: int, sink: SmtpSink, args, result: Case, cpu_pid: int) -> bool:
+    """smtp-source into `port`, then wait for the sink to count them all; fills `result`, with
+    the CPU used meanwhile by the process tree of `cpu_pid` (the relay under test)."""
+    cpu0 = tree_cpu(cpu_pid)
     t0 = time.perf_counter()
     run = run_smtp_source(port, args.messages, args.sessions, args.size)
     got = sink.wait_messages(args.messages, timeout=args.timeout)
@@ -71,6 +73,7 @@ def timed_relay(port: int, sink: SmtpSink, args, result: Case) -> bool:
     result.extra["sink_counted"] = got
     result.seconds = seconds
     result.rate = args.messages / seconds
+    result.extra["relay_cpu_percent"] = 100 * (tree_cpu(cpu_pid) - cpu0) / seconds
     if got < args.messages:
         result.error = f"the sink counted {got} of {args.messages} after {seconds:.0f}s"
         return False
@@ -105,14 +108,11 @@ def run_engine_case(args, workdir: Path) -> Case:
                 result.error = f"engine did not start: {e}\n{_tail(home / 'engine-output.txt')}"
                 return result
             os.sync()
-            cpu0 = tree_cpu(eng.proc.pid)
             try:
-                ok = timed_relay(eng.smtp_port, sink, args, result)
+                ok = timed_relay(eng.smtp_port, sink, args, result, eng.proc.pid)
             except Exception as e:
                 result.error = f"{e}\n{_tail(home / 'engine-output.txt')}"
                 return result
-            cpu1 = tree_cpu(eng.proc.pid)
-            result.extra["relay_cpu_percent"] = 100 * (cpu1 - cpu0) / result.seconds
             time.sleep(1.5)  # the engine removes the last files after the sink's 250s
             left = (count_files(eng.mailq / "retry", ".inf")
                     + count_files(eng.mailq / "working", ".inf"))
@@ -140,10 +140,7 @@ def run_postfix_case(args, workdir: Path) -> Case:
                 mode="relay", relay_to=f"127.0.0.1:{sink.port}", base_dir=workdir,
                 keep=args.keep, in_flow_delay=args.postfix_in_flow_delay) as pf:
             os.sync()
-            cpu0 = tree_cpu(pf.master_pid)
-            ok = timed_relay(pf.port, sink, args, result)
-            cpu1 = tree_cpu(pf.master_pid)
-            result.extra["relay_cpu_percent"] = 100 * (cpu1 - cpu0) / result.seconds
+            ok = timed_relay(pf.port, sink, args, result, pf.master_pid)
             result.ok = ok
             result.check = f"sink counted {result.extra['sink_counted']}"
     except Exception as e:
@@ -155,10 +152,7 @@ def run_direct_case(args, workdir: Path) -> Case:
     result = Case("c", CASES["c"], messages=args.messages)
     try:
         with SmtpSink(workdir=workdir) as sink:
-            cpu0 = tree_cpu(sink.proc.pid)
-            ok = timed_relay(sink.port, sink, args, result)
-            cpu1 = tree_cpu(sink.proc.pid)
-            result.extra["relay_cpu_percent"] = 100 * (cpu1 - cpu0) / result.seconds
+            ok = timed_relay(sink.port, sink, args, result, sink.proc.pid)
             result.ok = ok
             result.check = f"sink counted {result.extra['sink_counted']}"
     except Exception as e:
