@@ -807,7 +807,7 @@ class DeliveryEngine:
 
     def _remove_now(self, msg_id: str) -> None:
         try:
-            self.spool.remove(msg_id, "working")
+            self.spool.remove(msg_id, "working", recycle=True)  # its files become spare files
         except OSError as e:
             log.error("%s: delivered, but cannot be removed from working/: %s", msg_id, e)
 

@@ -8,9 +8,9 @@ does in each state. The spool knows nothing of SMTP or scheduling, so intake and
 in separate processes sharing one spool.
 
 Group commit. `store()` hands the message to a few writer threads, which create `ID.dat` and
-`ID.inf.tmp` (page cache only; not on the event loop, because creating a file waits on the
-journal while a sync runs, and that stalled every session) and queue it for the one flusher
-thread; the store awaits the flusher. The flusher takes everything queued and makes it durable
+`ID.inf.tmp` (page cache only; not on the event loop, because creating a file can take
+hundreds of µs, see spare.py, and that stalled every session; spare files make it cheap once
+mail is being delivered) and queue it for the one flusher thread; the store awaits the flusher. The flusher takes everything queued and makes it durable
 in two pipelined phases (docs/QUEUE.md says why two): sync #1 makes the batch's data durable,
 the batch's `.inf.tmp` files are renamed, and sync #2 makes the renames durable. Sync #2 of
 batch N is the same system call as sync #1 of batch N+1, so under load there is one sync per
@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .envelope import InfError, Message, format_inf, parse_inf
+from .spare import SparePool
 
 DIRS = ("retry", "working", "done", "incoming")
 SHUTDOWN_FILE = "shutdown.txt"
@@ -67,6 +68,10 @@ DROPIN_SETTLE = 60  # s: an .inf not ending in a newline and younger than this m
 
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _O_TRUNC = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+_O_REUSE = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)  # a spare file: overwritten, then truncated
+SPARE_DIR = "spare"
+# Spare files kept for reuse (spare.py); the variable is for measuring with and without them.
+SPARE_FILES = int(os.environ.get("MAILENGINE_SPOOL_SPARE", "4096"))
 
 
 # ---------------------------------------------------------------- ids
@@ -218,12 +223,14 @@ class Spool:
         # the first attempt, dkim.load_or_sign). Set by the engine when it uses them, so that
         # moves cost no extra system call otherwise; recover() deletes orphans.
         self.side_files: tuple[str, ...] = ()
+        self.spare = SparePool(str(self.root / SPARE_DIR), max_files=SPARE_FILES)
 
     # ---- paths and basics
 
     def ensure_dirs(self) -> None:
         for d in DIRS:
             os.makedirs(self._dir[d], exist_ok=True)
+        os.makedirs(self.spare.path, exist_ok=True)
 
     def new_id(self) -> str:
         us = _clock.next()
@@ -249,9 +256,9 @@ class Spool:
             msg.id = self.new_id()
         msg.size = len(data)
         if self.durable:
-            # The files are created by the flusher's writer threads, not here: creating files
-            # blocks on the file system's journal while a sync runs, and on the event loop
-            # that stalled every session (40 % of intake time in bench/intake's profile).
+            # The files are created by the flusher's writer threads, not here: creating a file
+            # can take hundreds of µs (spare.py), and on the event loop that stalled every
+            # session (40 % of intake time in bench/intake's profile).
             if self._closing:
                 raise RuntimeError("spool is closed")
             job = _Job(None, None, None, [], d, msg.id)
@@ -276,13 +283,14 @@ class Spool:
 
     def _write_files(self, msg: Message, data: bytes, d: str, keep_fds: bool = False
                      ) -> tuple[str, str, str, list[int]]:
-        """Create `ID.dat` (O_EXCL: a taken id gets a new one) and `ID.inf.tmp`; in memory mode
-        rename the `.inf` into place at once. Returns (dat, tmp, final, open fds)."""
+        """Create `ID.dat` (never over an existing file: a taken id gets a new one) and
+        `ID.inf.tmp`, reusing spare files when there are some; in memory mode rename the `.inf`
+        into place at once. Returns (dat, tmp, final, open fds)."""
         inf = format_inf(msg)  # before any file exists: a record that cannot be written fails clean
         for _ in range(100):
             dat = f"{d}/{msg.id}.dat"
             try:
-                fd = os.open(dat, _O_NEW, 0o644)
+                fd = self._open_new(dat)
                 break
             except FileExistsError:
                 msg.id = self.new_id()
@@ -294,9 +302,14 @@ class Spool:
         fds = [fd]
         try:
             _write_all(fd, data)
-            fd2 = os.open(tmp, _O_TRUNC, 0o644)
+            os.ftruncate(fd, len(data))  # a spare file may have been longer
+            try:
+                fd2 = self._open_new(tmp)
+            except FileExistsError:  # left by a failed update: replace it
+                fd2 = os.open(tmp, _O_TRUNC, 0o644)
             fds.append(fd2)
             _write_all(fd2, inf)
+            os.ftruncate(fd2, len(inf))
             if not self.durable:
                 os.rename(tmp, final)
         except BaseException:
@@ -309,6 +322,17 @@ class Spool:
                 os.close(f)
             fds = []
         return dat, tmp, final, fds
+
+    def _open_new(self, path: str) -> int:
+        """Open `path` for writing as a new file: a spare file renamed to it, else a file created
+        with O_EXCL. FileExistsError when `path` exists (never overwritten)."""
+        if self.spare.take(path):
+            try:
+                return os.open(path, _O_REUSE)
+            except BaseException:
+                _unlink_quiet(path)
+                raise
+        return os.open(path, _O_NEW, 0o644)
 
     def _write_job(self, job: _Job) -> None:
         """Writer thread: create a store job's files (the flusher syncs them afterwards)."""
@@ -375,12 +399,24 @@ class Spool:
             except FileNotFoundError:
                 pass
 
-    def remove(self, msg_id: str, where: str) -> None:
-        """Delete a message: `.inf` first (the message is gone), then `.dat` (and side files)."""
-        _unlink_quiet(self.inf_path(msg_id, where))
-        _unlink_quiet(self.dat_path(msg_id, where))
+    def remove(self, msg_id: str, where: str, recycle: bool = False) -> None:
+        """Delete a message: `.inf` first (the message is gone), then `.dat` (and side files).
+        With `recycle` (delivered mail), its files become spare files for later stores."""
+        if recycle and self.spare.enabled:
+            self._recycle(self.inf_path(msg_id, where))
+            self._recycle(self.dat_path(msg_id, where))
+        else:
+            _unlink_quiet(self.inf_path(msg_id, where))
+            _unlink_quiet(self.dat_path(msg_id, where))
         for suffix in self.side_files:
             _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
+
+    def _recycle(self, path: str) -> None:
+        try:
+            if not self.spare.give(path):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     # ---- reading
 
@@ -698,7 +734,7 @@ class Spool:
             self._resolve(finished)
 
     def _writers_pool(self) -> ThreadPoolExecutor:
-        # Several threads: file creations wait on the journal, and they can wait together.
+        # Several threads: slow file creations (spare.py) then overlap with the rest.
         if self._writers is None:
             self._writers = ThreadPoolExecutor(WRITER_THREADS, "spool-writer")
         return self._writers
@@ -774,7 +810,7 @@ def _rename_job(job: _Job) -> None:
 
 def _rename_all(jobs: list[_Job], writers: ThreadPoolExecutor | None) -> None:
     """Rename a batch's `.inf.tmp` files into place; many at once in the writer threads (renames
-    wait on the journal too), one by one when few or when the pool is gone."""
+    wait on the directory lock too), one by one when few or when the pool is gone."""
     if len(jobs) > 8 and writers is not None:
         try:
             list(writers.map(_rename_job, jobs))

@@ -129,6 +129,24 @@ def test_done_mail_is_deleted_without_save_done(tmp_path, sinks):
     assert "5 sent" in eng.output.decode() or "sent" in eng.output.decode()
 
 
+def test_delivered_mail_leaves_spare_files_that_the_next_message_reuses(tmp_path, sinks):
+    sink = sinks.add("127.0.0.22")
+    spare = tmp_path / "mailq" / "spare"
+    inodes = lambda: {p.stat().st_ino for p in spare.iterdir()}  # noqa: E731
+    with RunningEngine(tmp_path, {**FAST, "queue.save_done": False, "basic.dns_servers": [
+            "pin.test,mx.pin.test,MX,127.0.0.22:25"]}) as eng:
+        send(eng, ["first@pin.test"], body=b"Subject: long\r\n\r\n" + b"L" * 3000 + b"\r\n")
+        wait(lambda: len(inodes()) == 2, what="the first message's files in spare/")
+        first = inodes()
+        send(eng, ["second@pin.test"], body=b"Subject: short\r\n\r\nS\r\n")
+        wait(lambda: len(sink.messages) == 2 and not list((eng.mailq / "working").iterdir()),
+             what="the second delivery")
+        wait(lambda: len(inodes()) == 2, what="the second message's files in spare/")
+        assert inodes() == first  # stored in the same two files: no new inode, none freed
+    assert sink.messages[1].data.endswith(b"\r\n\r\nS\r\n")  # no tail of the longer one
+    assert b"L" * 100 not in sink.messages[1].data
+
+
 def test_next_mx_on_connect_failure_and_4xx_greeting(tmp_path, sinks):
     busy = sinks.add("127.0.0.24", script=SinkScript(greeting="421 4.3.2 busy, try later"))
     good = sinks.add("127.0.0.25")

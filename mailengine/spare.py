@@ -1,0 +1,164 @@
+"""Spare files: the emptied files of delivered messages, kept in `mailq/spare/` for reuse.
+
+Why. Storing a message creates two files (`ID.dat`, `ID.inf.tmp`) and delivering it deletes two.
+Creating a file means allocating an inode, and on ext4 that can be the most expensive step of
+the whole store: without a journal (this project's VMs), the inode allocator skips every inode
+deleted between 1 and 60-300 s ago, reading each one (`find_inode_bit` → `recently_deleted` in
+fs/ext4/ialloc.c), so on a spool that deletes thousands of files a minute each create scans
+thousands of inodes: 300-750 µs of kernel CPU per create measured here, against 20 µs to rename
+an existing file into place and overwrite it (`python3 bench/inode_alloc.py` prints both). With
+a journal it is cheaper, but still an inode and a bitmap to update, where a rename updates two
+directory entries only.
+
+So a delivered message's files are renamed into `spare/` instead of being unlinked, and a new
+store renames a spare file to its new name and overwrites it (then truncates it to the new
+length). No inode is allocated or freed on the path a message takes when it is delivered at its
+first attempt. Rules:
+
+- A spare file is garbage: nothing reads it, recovery leaves it, deleting it is always safe.
+- Taking one is a rename with RENAME_NOREPLACE (renameat2), so an existing message file is never
+  replaced: the same guarantee as creating with O_EXCL. Where renameat2 is missing, the pool is off.
+- Bounded: at most `max_files` files of at most `max_bytes` each are kept; others are unlinked.
+- Only delivery's finishing path recycles. Mail deleted by an operator (`queue delete`), expired
+  from `done/`/`incoming/`, or refused is unlinked, so what an operator deletes is gone.
+- Several processes share the directory (intake workers take, the engine gives). Each keeps a list
+  of names it believes are there; a name another process took meanwhile fails with ENOENT and is
+  skipped. An empty list is refilled from a listing of the directory, at most every `rescan` s.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+import threading
+import time
+
+MAX_FILES = 4096  # enough for the messages in flight between intake and delivery at full speed
+MAX_BYTES = 64 * 1024  # a bigger file is unlinked: the pool should not hoard disk space
+RESCAN = 0.5  # s between listings of the directory when this process's list is empty
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _load_renameat2():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing `dst`."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                  _RENAME_NOREPLACE) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), src, None, dst) if e != errno.EEXIST else \
+            FileExistsError(e, os.strerror(e), dst)
+
+
+class SparePool:
+    """The spare files of one spool directory tree, as seen by this process. Thread-safe."""
+
+    def __init__(self, path: str, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES,
+                 rescan: float = RESCAN):
+        self.path = path
+        self.max_files = max_files if _renameat2 is not None else 0
+        self.max_bytes = max_bytes
+        self.rescan = rescan
+        self._names: list[str] = []
+        self._lock = threading.Lock()
+        self._next_scan = 0.0
+        self._seq = itertools.count()
+        self._prefix = f"{os.getpid()}.{time.time_ns() // 1000}."
+        self.taken = 0  # counters, for tests and metrics
+        self.given = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_files > 0
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def take(self, dst: str) -> bool:
+        """Rename a spare file to `dst` (which must not exist). False when none is left: the
+        caller creates the file. Raises FileExistsError when `dst` exists."""
+        while True:
+            name = self._pop()
+            if name is None:
+                return False
+            try:
+                rename_noreplace(f"{self.path}/{name}", dst)
+            except FileNotFoundError:
+                continue  # another process took it (or someone cleaned up): try the next one
+            except FileExistsError:
+                self._push(name)
+                raise
+            self.taken += 1
+            return True
+
+    def give(self, src: str) -> bool:
+        """Move the finished file `src` into the pool. False (nothing done) when the pool is full
+        or the file too big: the caller unlinks it. Raises FileNotFoundError if `src` is gone."""
+        if len(self._names) >= self.max_files and not self._recount():
+            return False
+        if os.stat(src).st_size > self.max_bytes:
+            return False
+        while True:
+            name = f"{self._prefix}{next(self._seq)}"
+            try:
+                rename_noreplace(src, f"{self.path}/{name}")
+            except FileExistsError:
+                continue  # left by an earlier process with the same pid and clock: next number
+            except FileNotFoundError:
+                if not os.path.exists(src):
+                    raise
+                os.makedirs(self.path, exist_ok=True)  # deleted by hand while running
+                continue
+            self._push(name)
+            self.given += 1
+            return True
+
+    def _pop(self) -> str | None:
+        with self._lock:
+            if not self._names:
+                now = time.monotonic()
+                if now < self._next_scan:
+                    return None
+                self._next_scan = now + self.rescan
+                self._names = self._list()
+            return self._names.pop() if self._names else None
+
+    def _recount(self) -> bool:
+        """The list looks full: other processes may have taken names from it. Re-list the
+        directory (at most every `rescan` s); True when there is room after all."""
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_scan:
+                return False
+            self._next_scan = now + self.rescan
+            self._names = self._list()
+            return len(self._names) < self.max_files
+
+    def _push(self, name: str) -> None:
+        with self._lock:
+            self._names.append(name)
+
+    def _list(self) -> list[str]:
+        try:
+            with os.scandir(self.path) as it:
+                return [e.name for e in itertools.islice(it, self.max_files)
+                        if e.name[0] != "."]
+        except FileNotFoundError:
+            return []
