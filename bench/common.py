@@ -318,3 +318,27 @@ def add_load_arguments(ap, cases: str, set_help: str, parse_setting) -> None:
                     help="run every case this many times (interleaved); the median is reported")
     ap.add_argument("--set", action="append", type=parse_setting, default=[],
                     metavar="SECTION.KEY=VALUE", help=set_help)
+
+
+# Settings every benchmarked engine gets unless --set says otherwise: the product's own default
+# for intake processes (0 = one per core). RunningEngine's default of 1 is for tests.
+ENGINE_DEFAULTS = {"network.intake_workers": 0}
+
+
+def make_workdir(prefix: str, parent: Path | None) -> tuple[Path, str]:
+    """A fresh directory for one benchmark run's engine homes, Postfix instances and sinks;
+    returns it and its file system type. Everything in it is deleted once, at the end of the run,
+    never between cases: on ext4 a case's file creations pay for the files deleted in the minutes
+    before it (bench/inode_alloc.py), so deleting one case's 40,000 files would slow the next
+    case, whichever program it measures. For the same reason the directory gets ext4's
+    top-directory flag where it can (chattr +T), so that each home made in it is placed in a block
+    group of its own choosing rather than next to what earlier runs deleted."""
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(workdir, 0o755)  # Postfix's daemons (user postfix) must reach their queue
+    if shutil.which("chattr"):
+        subprocess.run(["chattr", "+T", str(workdir)], capture_output=True)  # ext2/3/4 only
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(workdir)], capture_output=True,
+                        text=True).stdout.strip()
+    return workdir, fs

@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (Case, machine_info, print_table, ratio, tool, wait_for_port,  # noqa: E402
-                    write_results)
+from common import (Case, machine_info, make_workdir, print_table, ratio, tool,  # noqa: E402
+                    wait_for_port, write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
@@ -165,8 +165,6 @@ def run_engine(args, workdir: Path) -> Case:
                                 sent_lines=[l for l in out.splitlines() if " sent (" in l][-2:])
         finally:
             eng.stop()
-            if not args.keep:
-                shutil.rmtree(home, ignore_errors=True)
     return result
 
 
@@ -184,7 +182,7 @@ def run_postfix(args, workdir: Path) -> Case:
              "smtp_destination_concurrency_limit": str(args.postfix_concurrency)}
     try:
         with Sinks(args.sinks, workdir) as sinks, PostfixInstance(
-                mode="relay", relay_to="127.0.0.1:9", base_dir=workdir, keep=args.keep,
+                mode="relay", relay_to="127.0.0.1:9", base_dir=workdir, keep=True,
                 extra_main=extra) as pf:
             with smtplib.SMTP("127.0.0.1", pf.port, timeout=600) as s:
                 s.ehlo("fanout.bench")
@@ -236,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cases = [c for c in "ab" if c in args.cases]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    workdir = Path(tempfile.mkdtemp(prefix="bench-fanout-", dir=args.workdir))
-    os.chmod(workdir, 0o755)
+    workdir, _ = make_workdir("bench-fanout-", args.workdir)
     info = machine_info()
     print(f"bench/fanout: one message to {args.recipients} recipients over {args.domains} "
           f"domains, {args.sinks} MX hosts (smtp-sink); {info['cores']} cores; load "

@@ -47,7 +47,8 @@ def main() -> None:
         os.close(fd)
 
     try:
-        timed("create (a new directory, the disk as it is)", args.files, lambda i: create(f"{work}/fresh{i}"))
+        timed("create (a new directory, the disk as it is)", args.files,
+              lambda i: create(f"{work}/fresh{i}"))
         for i in range(args.files):
             os.rename(f"{work}/fresh{i}", f"{spare}/{i}")
         for i in range(args.deleted):

@@ -41,8 +41,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (Case, SmtpSink, add_load_arguments, jsonable, machine_info,  # noqa: E402
-                    print_table, ratio, run_smtp_source, write_results)
+from common import (ENGINE_DEFAULTS, Case, SmtpSink, add_load_arguments, jsonable,  # noqa: E402
+                    machine_info, make_workdir, print_table, ratio, run_smtp_source,
+                    write_results)
 from postfix import PostfixInstance  # noqa: E402
 
 CASES = {
@@ -110,6 +111,7 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 def engine_settings(case: str, args) -> dict:
     settings = {
+        **ENGINE_DEFAULTS,
         "logging.stats_interval": 0,
         "limits.max_inbound_connections": max(1000, 4 * args.sessions),
         "queue.pause_sending": True,
@@ -200,8 +202,6 @@ def run_engine_case(case: str, args, workdir: Path, profiler: str | None = None)
             spy.kill()
             spy.wait()
         eng.stop()
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -216,7 +216,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 def run_postfix_case(args, workdir: Path) -> Case:
     result = Case("c", CASES["c"], messages=args.messages)
     try:
-        with PostfixInstance(mode="defer", base_dir=workdir, keep=args.keep,
+        with PostfixInstance(mode="defer", base_dir=workdir, keep=True,  # deleted with workdir
                              in_flow_delay=args.postfix_in_flow_delay) as pf:
             os.sync()
             cpu0, src0 = tree_cpu(pf.master_pid), children_cpu()
@@ -429,10 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--cases takes letters from abcd")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # clean up on SIGTERM too
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-intake-", dir=args.workdir))
-    os.chmod(workdir, 0o755)   # Postfix's daemons (user postfix) must reach their queue
-    fs = subprocess.run(["stat", "-f", "-c", "%T", str(workdir)], capture_output=True,
-                        text=True).stdout.strip()
+    workdir, fs = make_workdir("bench-intake-", args.workdir)
     info = machine_info()
     print(f"bench/intake: {args.messages} messages of {args.size} bytes over {args.sessions} "
           f"sessions; {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}, "

@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (RECIPIENT, Case, SmtpSink, add_load_arguments, machine_info,  # noqa: E402
-                    print_table, ratio, run_smtp_source, write_results)
+from common import (ENGINE_DEFAULTS, RECIPIENT, Case, SmtpSink, add_load_arguments,  # noqa: E402
+                    machine_info, make_workdir, print_table, ratio, run_smtp_source,
+                    write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
@@ -82,6 +82,7 @@ def timed_relay(port: int, sink: SmtpSink, args, result: Case, cpu_pid: int) -> 
 
 def engine_settings(args, sink_port: int) -> dict:
     settings = {
+        **ENGINE_DEFAULTS,
         "logging.stats_interval": 1,
         "limits.max_inbound_connections": max(1000, 4 * args.sessions),
         "queue.pause_sending": False,
@@ -129,8 +130,6 @@ def run_engine_case(args, workdir: Path) -> Case:
             return result
         finally:
             eng.stop()
-            if not args.keep:
-                shutil.rmtree(home, ignore_errors=True)
 
 
 def run_postfix_case(args, workdir: Path) -> Case:
@@ -138,7 +137,7 @@ def run_postfix_case(args, workdir: Path) -> Case:
     try:
         with SmtpSink(workdir=workdir) as sink, PostfixInstance(
                 mode="relay", relay_to=f"127.0.0.1:{sink.port}", base_dir=workdir,
-                keep=args.keep, in_flow_delay=args.postfix_in_flow_delay) as pf:
+                keep=True, in_flow_delay=args.postfix_in_flow_delay) as pf:
             os.sync()
             ok = timed_relay(pf.port, sink, args, result, pf.master_pid)
             result.ok = ok
@@ -179,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--cases takes letters from abc")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-relay-", dir=args.workdir))
-    os.chmod(workdir, 0o755)  # Postfix's daemons (user postfix) must reach their queue
-    fs = subprocess.run(["stat", "-f", "-c", "%T", str(workdir)], capture_output=True,
-                        text=True).stdout.strip()
+    workdir, fs = make_workdir("bench-relay-", args.workdir)
     info = machine_info()
     print(f"bench/relay: {args.messages} messages of {args.size} bytes over {args.sessions} "
           f"sessions, end to end; {info['cores']} cores, Python {info['python']}, "
