@@ -9,7 +9,8 @@ and the file may be truncated, emptied, renamed away or deleted at any time:
 
 - truncated or emptied: O_APPEND puts the next line at the new end, no hole of NUL bytes;
 - renamed away (log rotation) or deleted: before each write the descriptor's inode is compared
-  with the path's, and the path is opened again (and created) when they differ.
+  with the path's, and the path is opened again (and created) when they differ. (The event log,
+  written for every delivery, compares at most once a second: `recheck`.)
 
 A cleaning script can therefore `mv hard-undeliverable.txt work.txt`, wait a moment (a line
 being written as the rename happens still lands in the old file, as with any log rotation), and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("mailengine.lists")
@@ -36,16 +38,23 @@ class AppendFile:
     """One append-only file: `append_lines` writes whole lines, safe against truncation and
     rotation by other programs. Thread-safe (the delivery engine and the intake may share one)."""
 
-    def __init__(self, path: Path | str, mode: int = 0o644) -> None:
+    def __init__(self, path: Path | str, mode: int = 0o644, recheck: float = 0.0) -> None:
         self.path = Path(path)
         self.mode = mode
+        self.recheck = recheck  # s between checks that `path` is still our file
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
+        self._checked = 0.0
         self._lock = threading.Lock()
 
     def _open(self) -> int:
         """The descriptor for the file now at `path` (reopened after a rename or delete)."""
         if self._fd is not None:
+            if self.recheck:
+                now = time.monotonic()
+                if now - self._checked < self.recheck:
+                    return self._fd
+                self._checked = now
             try:
                 st = os.stat(self.path)
                 if (st.st_dev, st.st_ino) == self._ino:
@@ -58,6 +67,7 @@ class AppendFile:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.mode)
         st = os.fstat(fd)
         self._fd, self._ino = fd, (st.st_dev, st.st_ino)
+        self._checked = time.monotonic()
         return fd
 
     def append_lines(self, lines: list[str]) -> None:

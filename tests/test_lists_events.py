@@ -37,6 +37,17 @@ def test_append_survives_truncation_rename_and_delete(tmp_path):
     assert f.read_lines() == ["e@x.test"]
 
 
+def test_event_log_notices_a_rotation_within_its_recheck_interval(tmp_path):
+    f = AppendFile(tmp_path / "events.jsonl", recheck=0.3)
+    f.append_lines(["one"])
+    os.rename(tmp_path / "events.jsonl", tmp_path / "rotated.jsonl")
+    f.append_lines(["two"])  # within the interval: still the rotated file
+    time.sleep(0.35)
+    f.append_lines(["three"])
+    assert (tmp_path / "rotated.jsonl").read_text() == "one\ntwo\n"
+    assert (tmp_path / "events.jsonl").read_text() == "three\n"
+
+
 def test_a_line_never_breaks(tmp_path):
     f = AppendFile(tmp_path / "l.txt")
     f.append_lines(["evil@x.test\r\nsecond@x.test", "nul\x00@x.test"])
