@@ -77,8 +77,9 @@ class InboundServer:
         self.debug = cfg.debug.smtp_in
         self.cfg = cfg
 
-    async def start(self) -> list[tuple[str, int]]:
-        """Bind every listen address; returns the (address, port) pairs bound."""
+    async def start(self, serve: bool = True) -> list[tuple[str, int]]:
+        """Bind every listen address; returns the (address, port) pairs bound. `serve=False`
+        only checks that they can be bound (clear errors at start) and closes them again."""
         loop = asyncio.get_running_loop()
         port = self.cfg.network.smtp_port
         bound = []
@@ -86,7 +87,8 @@ class InboundServer:
             try:
                 server = await loop.create_server(
                     lambda: SMTPProtocol(self), host=host or None, port=port,
-                    reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024)
+                    reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024,
+                    start_serving=serve)  # not serving: bound, never listening
             except PermissionError:
                 raise SystemExit(
                     f"Cannot listen on port {port}: binding a port below 1024 needs root or "
@@ -96,6 +98,11 @@ class InboundServer:
                                  f"{e.strerror}. Is another mail server running there?")
             self.servers.append(server)
             bound += [s.getsockname()[:2] for s in server.sockets]
+        if not serve:
+            for server in self.servers:
+                server.close()
+            self.servers = []
+            return bound
         self._sweeper = asyncio.create_task(self._sweep_idle())
         return bound
 
@@ -113,6 +120,17 @@ class InboundServer:
             conn.shutdown(b"421 4.3.2 Service shutting down, try again later\r\n")
         for server in self.servers:
             await server.wait_closed()
+
+    async def retire(self, max_seconds: float = 600.0) -> None:
+        """Stop accepting, and let the sessions in progress end as they would (the idle timeout
+        still applies); those still open after `max_seconds` are closed as by stop()."""
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_seconds
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        await self.stop(drain_seconds=10.0)
 
     async def _sweep_idle(self) -> None:
         # One timer for all sessions: cheaper than re-arming a timer on every packet.

@@ -8,6 +8,7 @@ and what the sinks saw.
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import threading
 import time
@@ -145,6 +146,24 @@ def test_delivered_mail_leaves_spare_files_that_the_next_message_reuses(tmp_path
         assert inodes() == first  # stored in the same two files: no new inode, none freed
     assert sink.messages[1].data.endswith(b"\r\n\r\nS\r\n")  # no tail of the longer one
     assert b"L" * 100 not in sink.messages[1].data
+
+
+def test_mail_taken_by_intake_workers_is_delivered_by_the_engine(tmp_path, sinks):
+    """With two intake processes the engine takes no SMTP; the workers store relayed mail
+    straight into working/ and tell the engine, which delivers it."""
+    sink = sinks.add("127.0.0.23")
+    with RunningEngine(tmp_path, {**FAST, "queue.save_done": False, "network.intake_workers": 2,
+                                  "basic.dns_servers": ["w.test,mx.w.test,MX,127.0.0.23:25"]}) as eng:
+        for i in range(20):
+            send(eng, [f"u{i}@w.test"])
+        wait(lambda: len(sink.messages) == 20, what="20 messages at the sink")
+        wait(lambda: not list((eng.mailq / "working").iterdir())
+             and not list((eng.mailq / "retry").glob("*.inf")), what="an empty queue")
+        pids = {re.match(r"P(\d+)T", m.data.split(b"id ")[1].decode()).group(1)
+                for m in sink.messages}
+    assert str(eng.proc.pid) not in pids and len(pids) >= 1  # ids made by the workers
+    assert sorted(r for m in sink.messages for r in m.rcpts) == sorted(
+        f"u{i}@w.test" for i in range(20))
 
 
 def test_next_mx_on_connect_failure_and_4xx_greeting(tmp_path, sinks):

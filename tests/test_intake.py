@@ -261,11 +261,22 @@ def test_stats_line_in_the_manuals_format(tmp_path):
     assert lines and lines[0][:3] == ("2", "1", "1") and lines[0][4] == "2"
 
 
+def worker_pids(eng: RunningEngine, n: int) -> list[int]:
+    """The pids of the `n` intake workers serving now (the latest started per index)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = dict(re.findall(r"intake worker (\d+) started, pid (\d+)", eng.read_output()))
+        if len(found) == n:
+            return [int(found[str(i)]) for i in range(n)]
+        time.sleep(0.1)
+    raise AssertionError(f"not {n} intake workers in:\n{eng.read_output()}")
+
+
 @pytest.mark.skipif(not shutil.which("smtp-source"), reason="postfix is installed by .ci/run")
 def test_two_intake_processes_share_the_port_and_report_to_the_engine(tmp_path):
     settings = {"network.intake_workers": 2, "logging.stats_interval": 0.5}
     with RunningEngine(tmp_path, settings) as eng:
-        time.sleep(1.0)  # the worker process binds the port a moment after the engine
+        workers = worker_pids(eng, 2)
         out = subprocess.run(
             ["smtp-source", "-s", "20", "-m", "400", "-l", "2048", "-f", "s@example.org",
              "-t", "r@dest.test", f"127.0.0.1:{eng.smtp_port}"],
@@ -274,13 +285,50 @@ def test_two_intake_processes_share_the_port_and_report_to_the_engine(tmp_path):
         time.sleep(1.2)
         infs = list((eng.mailq / "retry").glob("*.inf"))
         pids = {re.match(r"P(\d+)T", f.name).group(1) for f in infs}
-        worker_pid = int(re.search(r"intake worker 0 started, pid (\d+)", eng.read_output()).group(1))
     assert len(infs) == 400
-    assert pids == {str(eng.proc.pid), str(worker_pid)}  # both processes took mail
+    # both workers took mail; the engine process, which delivers, takes no SMTP itself
+    assert pids == {str(p) for p in workers}
+    assert "in 2 intake processes" in eng.read_output()
     totals = re.findall(r"recv \[\d+ inbound, \d+ relay\] \(\d+/h avg, (\d+) total\)", eng.read_output())
-    assert totals[-1] == "400"  # the worker's messages reached the engine's count
-    with pytest.raises(ProcessLookupError):
-        os.kill(worker_pid, 0)  # stopped with the engine
+    assert totals[-1] == "400"  # the workers' messages reached the engine's count
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # stopped with the engine
+
+
+def test_settings_changed_while_running_reach_new_intake_processes(tmp_path):
+    from mailengine import control
+    with RunningEngine(tmp_path, {"network.intake_workers": 2}) as eng:
+        old = worker_pids(eng, 2)
+        # a session opened before the change keeps the old limit to its end
+        early = smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10)
+        early.ehlo()
+        a = control.request(tmp_path / "mailengine.sock", "config.set",
+                            name="limits.max_recipients", value=2)
+        assert a["applied"] and any("intake processes are restarted" in n for n in a["notes"])
+        deadline = time.monotonic() + 20
+        while "intake processes restarted" not in eng.read_output():
+            assert time.monotonic() < deadline, eng.read_output()
+            time.sleep(0.1)
+        new = worker_pids(eng, 2)
+        assert not set(new) & set(old)
+        for _ in range(6):  # the kernel spreads connections over both new workers
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.ehlo()
+                s.mail("a@src.test")
+                assert [s.rcpt(f"r{i}@x.test")[0] for i in range(3)] == [250, 250, 452]
+        early.mail("a@src.test")
+        assert [early.rcpt(f"r{i}@x.test")[0] for i in range(3)] == [250, 250, 250]
+        early.quit()
+        for pid in old:  # the old workers are gone once their sessions ended
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                assert time.monotonic() < deadline, f"old worker {pid} still running"
+                time.sleep(0.1)
 
 
 def test_helo_text_names_the_engine_and_max_recipients_is_enforced(tmp_path):
@@ -317,10 +365,7 @@ def test_postmaster_is_accepted_from_anyone_and_kept_local(tmp_path):
 
 def test_intake_worker_does_not_outlive_a_killed_engine(tmp_path):
     with RunningEngine(tmp_path, {"network.intake_workers": 2}) as eng:
-        deadline = time.monotonic() + 10
-        while "intake worker 0 started" not in eng.read_output() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        worker_pid = int(re.search(r"intake worker 0 started, pid (\d+)", eng.read_output()).group(1))
+        worker_pid = worker_pids(eng, 2)[0]
         eng.kill()
     for _ in range(50):
         try:

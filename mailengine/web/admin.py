@@ -25,7 +25,6 @@ LISTS = ("hard-bounces.txt", "soft-bounces.txt", "hard-undeliverable.txt",
          "soft-undeliverable.txt")
 LIST_VIEW_LINES = 2000
 PAGE = 200  # messages per queue page
-INTAKE_SECTIONS = ("basic", "network", "policy", "limits", "debug")  # read by intake workers
 COOKIE = {"httponly": True, "samesite": "Strict", "path": "/"}
 
 
@@ -289,11 +288,9 @@ async def settings_post(request: web.Request) -> web.Response:
         parts.append("applied now: " + ", ".join(live))
     if later:
         parts.append("saved, takes effect after restart: " + ", ".join(later))
-    workers = getattr(w.engine, "workers", None)
-    if live and workers is not None and not hasattr(workers, "apply") and any(
-            n.split(".")[0] in INTAKE_SECTIONS for n in live):
-        parts.append("the extra intake processes (network.intake_workers) keep their old "
-                     "values until a restart")
+    if live and getattr(w.engine, "workers", None) is not None:
+        parts.append("the intake processes restart with the new values (sessions in progress "
+                     "finish under the old ones)")
     _back(request, f"/gui/admin/settings#{section}", "ok",
           ("Saved to mailengine.toml; " + "; ".join(parts)) if parts else "Nothing changed.")
 
