@@ -50,9 +50,10 @@ def outcome(tx):
 
 CASES = [
     dict(id="pipelined-happy", caps=FULL, rcpts=["a@x.test", "b@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"
+               b"DATA\r\n"),
         (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n", b""),
-        (b"250 2.1.5 Ok\r\n", b"DATA\r\n"),
+        (b"250 2.1.5 Ok\r\n", b""),
         (b"354 go\r\n", BODY),
         (b"250 2.0.0 queued as X\r\n", b"")],
      out=[("a@x.test", 250, "2.0.0", "body"), ("b@x.test", 250, "2.0.0", "body")],
@@ -68,22 +69,32 @@ CASES = [
      state=State.READY, site=False),
     dict(id="mixed-4xx-5xx", caps=FULL, rcpts=["a@x.test", "b@x.test", "c@x.test"], steps=[
         (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"
-               b"RCPT TO:<c@x.test>\r\n"),
-        (b"250 ok\r\n451 4.7.1 greylisted\r\n550 5.1.1 unknown\r\n250 ok\r\n", b"DATA\r\n"),
+               b"RCPT TO:<c@x.test>\r\n"
+               b"DATA\r\n"),
+        (b"250 ok\r\n451 4.7.1 greylisted\r\n550 5.1.1 unknown\r\n250 ok\r\n", b""),
         (b"354 go\r\n", BODY),
         (b"250 2.0.0 ok\r\n", b"")],
      out=[("a@x.test", 451, "4.7.1", "rcpt"), ("b@x.test", 550, "5.1.1", "rcpt"),
           ("c@x.test", 250, "2.0.0", "body")],
      state=State.READY, site=False),
     dict(id="all-refused-no-data-rset", caps=FULL, rcpts=["a@x.test", "b@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"),
-        (b"250 ok\r\n550 5.1.1 no\r\n452 4.5.3 too many\r\n", b"RSET\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"
+               b"DATA\r\n"),
+        (b"250 ok\r\n550 5.1.1 no\r\n452 4.5.3 too many\r\n", b""),
+        (b"554 5.5.1 no valid recipients\r\n", b"RSET\r\n"),
         (b"250 ok\r\n", b"")],
      out=[("a@x.test", 550, "5.1.1", "rcpt"), ("b@x.test", 452, "4.5.3", "rcpt")],
      state=State.READY, site=False),
+    dict(id="all-refused-yet-354-gets-a-lone-dot", caps=FULL, rcpts=["a@x.test"], steps=[
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nDATA\r\n"),
+        (b"250 ok\r\n550 5.1.1 no\r\n354 go ahead anyway\r\n", b".\r\n"),
+        (b"554 5.5.1 no valid recipients\r\n", b"")],
+     out=[("a@x.test", 550, "5.1.1", "rcpt")], state=State.READY, site=False),
     dict(id="mail-refused-pipelined", caps=FULL, rcpts=["a@x.test", "b@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"
+               b"DATA\r\n"),
         (b"553 5.7.1 sender refused\r\n503 5.5.1 need MAIL\r\n", b""),
+        (b"503 5.5.1 need MAIL\r\n", b""),
         (b"503 5.5.1 need MAIL\r\n", b"RSET\r\n"),
         (b"250 ok\r\n", b"")],
      out=[("a@x.test", 553, "5.7.1", "mail"), ("b@x.test", 553, "5.7.1", "mail")],
@@ -94,21 +105,24 @@ CASES = [
         (b"250 ok\r\n", b"")],
      out=[("a@x.test", 451, "4.3.0", "mail")], state=State.READY, site=False),
     dict(id="data-refused", caps=FULL, rcpts=["a@x.test", "b@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"),
-        (b"250 ok\r\n250 ok\r\n550 no\r\n", b"DATA\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"
+               b"DATA\r\n"),
+        (b"250 ok\r\n250 ok\r\n550 no\r\n", b""),
         (b"554 5.5.1 no valid recipients\r\n", b"RSET\r\n"),
         (b"250 ok\r\n", b"")],
      out=[("a@x.test", 554, "5.5.1", "data"), ("b@x.test", 550, "", "rcpt")],
      state=State.READY, site=False),
     dict(id="body-refused-temporarily", caps=FULL, rcpts=["a@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"),
-        (b"250 ok\r\n250 ok\r\n", b"DATA\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"
+               b"DATA\r\n"),
+        (b"250 ok\r\n250 ok\r\n", b""),
         (b"354 go\r\n", BODY),
         (b"451 4.3.0 queue full\r\n", b"")],  # the end of data resets: no RSET needed
      out=[("a@x.test", 451, "4.3.0", "body")], state=State.READY, site=False),
     dict(id="421-during-rcpt", caps=FULL, rcpts=["a@x.test", "b@x.test", "c@x.test"], steps=[
         (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\n"
-               b"RCPT TO:<c@x.test>\r\n"),
+               b"RCPT TO:<c@x.test>\r\n"
+               b"DATA\r\n"),
         (b"250 ok\r\n250 ok\r\n550 no\r\n421 4.3.2 shutting down\r\n", b"")],
      out=[("a@x.test", 421, "4.3.2", "rcpt"), ("b@x.test", 550, "", "rcpt"),
           ("c@x.test", 421, "4.3.2", "rcpt")],
@@ -130,23 +144,27 @@ CASES = [
          steps=[(None, b"")],
      out=[("jörg@x.test", 553, "5.6.7", "local")], state=State.READY, site=False),
     dict(id="injection-in-address", caps=FULL, rcpts=["a@x.test\r\nDATA", "b@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<b@x.test>\r\n"),
-        (b"250 ok\r\n250 ok\r\n", b"DATA\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<b@x.test>\r\n"
+               b"DATA\r\n"),
+        (b"250 ok\r\n250 ok\r\n", b""),
         (b"354 go\r\n", BODY),
         (b"250 ok\r\n", b"")],
      out=[("a@x.test\r\nDATA", 553, "5.1.3", "local"), ("b@x.test", 250, "", "body")],
      state=State.READY, site=False),
     dict(id="garbage-reply", caps=FULL, rcpts=["a@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"
+               b"DATA\r\n"),
         (b"250 ok\r\nHTTP/1.1 400 Bad Request\r\n", b"")],
      out=[("a@x.test", 451, "4.5.0", "connection")], state=State.ERROR, site=True),
     dict(id="354-to-mail-is-a-violation", caps=FULL, rcpts=["a@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"
+               b"DATA\r\n"),
         (b"354 what\r\n", b"")],
      out=[("a@x.test", 451, "4.5.0", "connection")], state=State.ERROR, site=True),
     dict(id="250-to-data-is-a-violation", caps=FULL, rcpts=["a@x.test"], steps=[
-        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"),
-        (b"250 ok\r\n250 ok\r\n", b"DATA\r\n"),
+        (None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"
+               b"DATA\r\n"),
+        (b"250 ok\r\n250 ok\r\n", b""),
         (b"250 ok\r\n", b"")],
      out=[("a@x.test", 451, "4.5.0", "connection")], state=State.ERROR, site=True),
 ]
@@ -182,8 +200,9 @@ def test_connection_reused_for_three_messages():
     for n in range(3):
         tx = c.start_transaction("s@y.test", [f"r{n}@x.test"], MSG)
         converse(c, [
-            (None, f"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<r{n}@x.test>\r\n".encode()),
-            (b"250 ok\r\n250 ok\r\n", b"DATA\r\n"), (b"354 go\r\n", BODY),
+            (None, f"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<r{n}@x.test>\r\nDATA\r\n"
+                   .encode()),
+            (b"250 ok\r\n250 ok\r\n", b""), (b"354 go\r\n", BODY),
             (b"250 ok\r\n", b"")])
         assert tx.result.delivered and c.is_ready
     c.quit()
@@ -200,13 +219,14 @@ def test_params_8bitmime_smtputf8_dsn():
     assert c.data_to_send().decode() == (
         "MAIL FROM:<s@y.test> SIZE=4 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=id+2B1+3Dx\r\n"
         "RCPT TO:<jörg@x.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;J+C3+B6rg@x.test\r\n"
-        "RCPT TO:<b@x.test> NOTIFY=FAILURE,DELAY\r\n")
+        "RCPT TO:<b@x.test> NOTIFY=FAILURE,DELAY\r\n"
+        "DATA\r\n")
 
 
 def test_dsn_params_dropped_when_not_offered_and_no_size_when_not_offered():
     c = ready(["PIPELINING"])
     c.start_transaction("", ["b@x.test"], MSG, dsn=DSNRequest(ret="FULL", notify="NEVER"))
-    assert c.data_to_send() == b"MAIL FROM:<>\r\nRCPT TO:<b@x.test>\r\n"
+    assert c.data_to_send() == b"MAIL FROM:<>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n"
 
 
 def test_body_normalised_and_dot_stuffed():
@@ -318,8 +338,8 @@ def test_connection_lost_mid_data_fails_every_recipient_temporarily():
     c = ready(FULL)
     tx = c.start_transaction("s@y.test", ["a@x.test", "b@x.test", "c@x.test"], MSG)
     converse(c, [(None, b"MAIL FROM:<s@y.test> SIZE=22\r\nRCPT TO:<a@x.test>\r\n"
-                        b"RCPT TO:<b@x.test>\r\nRCPT TO:<c@x.test>\r\n"),
-                 (b"250 ok\r\n250 ok\r\n250 ok\r\n550 no\r\n", b"DATA\r\n"),
+                        b"RCPT TO:<b@x.test>\r\nRCPT TO:<c@x.test>\r\nDATA\r\n"),
+                 (b"250 ok\r\n250 ok\r\n250 ok\r\n550 no\r\n", b""),
                  (b"354 go\r\n", BODY)])
     assert c.waiting_for == "BODY"
     c.connection_lost()

@@ -628,7 +628,9 @@ def test_postfix_sink_without_8bitmime():
 
 @needs_smtp_sink
 def test_postfix_sink_slow_rcpt_read_timeout():
-    with PostfixSink("-W", "RCPT:2") as pf:
+    # -p: no PIPELINING. smtp-sink's -W answers the commands pipelined behind a delayed one
+    # before it (a 503 to our DATA while the RCPT reply waits), which no real server does.
+    with PostfixSink("-p", "-W", "RCPT:2") as pf:
         async def main():
             s = session(pf, read_timeout=0.3)
             await s.connect()
