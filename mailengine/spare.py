@@ -37,6 +37,7 @@ import time
 MAX_FILES = 4096  # enough for the messages in flight between intake and delivery at full speed
 MAX_BYTES = 64 * 1024  # a bigger file is unlinked: the pool should not hoard disk space
 RESCAN = 0.5  # s between listings of the directory when this process's list is empty
+KINDS = ("dat", "inf")  # spare files are kept apart by what they were
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -68,7 +69,11 @@ def rename_noreplace(src: str, dst: str) -> None:
 
 
 class SparePool:
-    """The spare files of one spool directory tree, as seen by this process. Thread-safe."""
+    """The spare files of one spool directory tree, as seen by this process. Thread-safe.
+
+    Kept by kind ("dat", "inf"), so a store reuses a file of about the size it needs: cutting a
+    4 KiB `.dat` down to a 300-byte `.inf` frees a block and waits for its write-out, which cost
+    more than the rename saved (py-spy on an intake worker in bench/relay)."""
 
     def __init__(self, path: str, max_files: int = MAX_FILES, max_bytes: int = MAX_BYTES,
                  rescan: float = RESCAN):
@@ -76,7 +81,7 @@ class SparePool:
         self.max_files = max_files if _renameat2 is not None else 0
         self.max_bytes = max_bytes
         self.rescan = rescan
-        self._names: list[str] = []
+        self._names: dict[str, list[str]] = {kind: [] for kind in KINDS}
         self._lock = threading.Lock()
         self._next_scan = 0.0
         self._seq = itertools.count()
@@ -89,13 +94,13 @@ class SparePool:
         return self.max_files > 0
 
     def __len__(self) -> int:
-        return len(self._names)
+        return sum(len(names) for names in self._names.values())
 
-    def take(self, dst: str) -> bool:
-        """Rename a spare file to `dst` (which must not exist). False when none is left: the
-        caller creates the file. Raises FileExistsError when `dst` exists."""
+    def take(self, dst: str, kind: str = "dat") -> bool:
+        """Rename a spare file of `kind` to `dst` (which must not exist). False when none is
+        left: the caller creates the file. Raises FileExistsError when `dst` exists."""
         while True:
-            name = self._pop()
+            name = self._pop(kind)
             if name is None:
                 return False
             try:
@@ -103,20 +108,21 @@ class SparePool:
             except FileNotFoundError:
                 continue  # another process took it (or someone cleaned up): try the next one
             except FileExistsError:
-                self._push(name)
+                self._push(kind, name)
                 raise
             self.taken += 1
             return True
 
-    def give(self, src: str) -> bool:
-        """Move the finished file `src` into the pool. False (nothing done) when the pool is full
-        or the file too big: the caller unlinks it. Raises FileNotFoundError if `src` is gone."""
-        if len(self._names) >= self.max_files and not self._recount():
+    def give(self, src: str, kind: str = "dat") -> bool:
+        """Move the finished file `src` into the pool as a spare of `kind`. False (nothing done)
+        when the pool is full or the file too big: the caller unlinks it. Raises
+        FileNotFoundError if `src` is gone."""
+        if len(self) >= self.max_files and not self._recount():
             return False
         if os.stat(src).st_size > self.max_bytes:
             return False
         while True:
-            name = f"{self._prefix}{next(self._seq)}"
+            name = f"{self._prefix}{next(self._seq)}.{kind}"
             try:
                 rename_noreplace(src, f"{self.path}/{name}")
             except FileExistsError:
@@ -126,22 +132,24 @@ class SparePool:
                     raise
                 os.makedirs(self.path, exist_ok=True)  # deleted by hand while running
                 continue
-            self._push(name)
+            self._push(kind, name)
             self.given += 1
             return True
 
-    def _pop(self) -> str | None:
+    def _pop(self, kind: str) -> str | None:
         with self._lock:
-            if not self._names:
+            names = self._names[kind]
+            if not names:
                 now = time.monotonic()
                 if now < self._next_scan:
                     return None
                 self._next_scan = now + self.rescan
                 self._names = self._list()
-            return self._names.pop() if self._names else None
+                names = self._names[kind]
+            return names.pop() if names else None
 
     def _recount(self) -> bool:
-        """The list looks full: other processes may have taken names from it. Re-list the
+        """The lists look full: other processes may have taken names from them. Re-list the
         directory (at most every `rescan` s); True when there is room after all."""
         with self._lock:
             now = time.monotonic()
@@ -149,16 +157,20 @@ class SparePool:
                 return False
             self._next_scan = now + self.rescan
             self._names = self._list()
-            return len(self._names) < self.max_files
+        return len(self) < self.max_files
 
-    def _push(self, name: str) -> None:
+    def _push(self, kind: str, name: str) -> None:
         with self._lock:
-            self._names.append(name)
+            self._names[kind].append(name)
 
-    def _list(self) -> list[str]:
+    def _list(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {kind: [] for kind in KINDS}
         try:
             with os.scandir(self.path) as it:
-                return [e.name for e in itertools.islice(it, self.max_files)
-                        if e.name[0] != "."]
+                for e in itertools.islice(it, self.max_files):
+                    if e.name[0] != ".":
+                        kind = e.name.rpartition(".")[2]
+                        out[kind if kind in out else KINDS[0]].append(e.name)
         except FileNotFoundError:
-            return []
+            pass
+        return out

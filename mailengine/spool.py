@@ -290,7 +290,7 @@ class Spool:
         for _ in range(100):
             dat = f"{d}/{msg.id}.dat"
             try:
-                fd = self._open_new(dat)
+                fd = self._open_new(dat, "dat")
                 break
             except FileExistsError:
                 msg.id = self.new_id()
@@ -304,7 +304,7 @@ class Spool:
             _write_all(fd, data)
             os.ftruncate(fd, len(data))  # a spare file may have been longer
             try:
-                fd2 = self._open_new(tmp)
+                fd2 = self._open_new(tmp, "inf")
             except FileExistsError:  # left by a failed update: replace it
                 fd2 = os.open(tmp, _O_TRUNC, 0o644)
             fds.append(fd2)
@@ -323,10 +323,10 @@ class Spool:
             fds = []
         return dat, tmp, final, fds
 
-    def _open_new(self, path: str) -> int:
+    def _open_new(self, path: str, kind: str) -> int:
         """Open `path` for writing as a new file: a spare file renamed to it, else a file created
         with O_EXCL. FileExistsError when `path` exists (never overwritten)."""
-        if self.spare.take(path):
+        if self.spare.take(path, kind):
             try:
                 return os.open(path, _O_REUSE)
             except BaseException:
@@ -403,17 +403,17 @@ class Spool:
         """Delete a message: `.inf` first (the message is gone), then `.dat` (and side files).
         With `recycle` (delivered mail), its files become spare files for later stores."""
         if recycle and self.spare.enabled:
-            self._recycle(self.inf_path(msg_id, where))
-            self._recycle(self.dat_path(msg_id, where))
+            self._recycle(self.inf_path(msg_id, where), "inf")
+            self._recycle(self.dat_path(msg_id, where), "dat")
         else:
             _unlink_quiet(self.inf_path(msg_id, where))
             _unlink_quiet(self.dat_path(msg_id, where))
         for suffix in self.side_files:
             _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
 
-    def _recycle(self, path: str) -> None:
+    def _recycle(self, path: str, kind: str) -> None:
         try:
-            if not self.spare.give(path):
+            if not self.spare.give(path, kind):
                 os.unlink(path)
         except FileNotFoundError:
             pass

@@ -47,6 +47,8 @@ def test_delivered_files_are_reused_by_the_next_store_and_cut_to_size(sp):
     spare = sp.root / "spare"
     big = msg()
     store(sp, big, b"X" * 9000 + b"\r\n")
+    old_dat = (sp.root / "working" / f"{big.id}.dat").stat().st_ino
+    old_inf = (sp.root / "working" / f"{big.id}.inf").stat().st_ino
     sp.remove(big.id, "working", recycle=True)
     assert not list((sp.root / "working").iterdir())
     assert len(list(spare.iterdir())) == 2
@@ -58,6 +60,8 @@ def test_delivered_files_are_reused_by_the_next_store_and_cut_to_size(sp):
     assert not list(spare.iterdir())  # both files taken: no inode was allocated
     dat, inf = sp.root / "working" / f"{small.id}.dat", sp.root / "working" / f"{small.id}.inf"
     assert {dat.stat().st_ino, inf.stat().st_ino} == kept
+    # each kind reused as its kind: a .dat cut down to an .inf would free a block and wait
+    assert (dat.stat().st_ino, inf.stat().st_ino) == (old_dat, old_inf)
     assert dat.read_bytes() == data  # the longer old content is gone
     got = parse_inf(inf.read_bytes(), small.id)
     assert got.id == small.id and got.rcpt_to_send == ["rcpt@example.net"]
