@@ -106,6 +106,21 @@ class Pool:
         self._closing: set[asyncio.Task] = set()
         self.closed = False
 
+    def set_caps(self, max_total: int, max_per_host: int) -> None:
+        """New caps while running. Raised: waiting units may go on. Lowered: idle connections
+        beyond them are closed now, busy ones when their message is done."""
+        self.max_total, self.max_per_host = max_total, max_per_host
+        for key, idle in list(self.idle.items()):
+            for _ in range(min(len(idle), self.per_host.get(key, 0) - max_per_host)):
+                self._close_later(key, idle.pop())
+        while self.total - len(self._closing) > max_total and self._evict_one_idle():
+            pass
+        self._notify()
+
+    def _over_caps(self, key) -> bool:
+        return (self.per_host.get(key, 0) > self.max_per_host
+                or self.total - len(self._closing) > self.max_total)
+
     def _notify(self) -> None:
         waiters, self._waiters = self._waiters, []
         for w in waiters:
@@ -201,7 +216,7 @@ class Pool:
 
     def release(self, s: SMTPSession) -> None:
         key = (s.ip, s.port)
-        if s.is_reusable and not self.closed:
+        if s.is_reusable and not self.closed and not self._over_caps(key):
             self.idle.setdefault(key, []).append(s)
             self._notify()
         elif s.is_reusable:
@@ -340,6 +355,10 @@ class DeliveryEngine:
         if getattr(self.bandwidth, "rate", None) != cfg.limits.max_bandwidth:
             self.bandwidth = bandwidth_bucket(cfg.limits.max_bandwidth)
         self.helo = cfg.network.helo_text or self.engine.hostname
+        lim = cfg.limits  # the connection caps: lowered, connections beyond them are not reused
+        self.sched.max_active = lim.max_outbound_connections
+        self.windows.set_maximum(lim.max_connections_per_host)
+        self.pool.set_caps(lim.max_outbound_connections, lim.max_connections_per_host)
 
     def set_paused(self, paused: bool) -> None:
         """`queue.pause_sending`: mail waits in retry/; turning it off releases everything."""

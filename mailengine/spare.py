@@ -122,7 +122,7 @@ class SparePool:
         if os.stat(src).st_size > self.max_bytes:
             return False
         while True:
-            name = f"{self._prefix}{next(self._seq)}.{kind}"
+            name = f"{self._prefix}{next(self._seq)}-{kind}"  # not *.dat: no glob mistakes it
             try:
                 rename_noreplace(src, f"{self.path}/{name}")
             except FileExistsError:
@@ -169,7 +169,7 @@ class SparePool:
             with os.scandir(self.path) as it:
                 for e in itertools.islice(it, self.max_files):
                     if e.name[0] != ".":
-                        kind = e.name.rpartition(".")[2]
+                        kind = e.name.rpartition("-")[2]
                         out[kind if kind in out else KINDS[0]].append(e.name)
         except FileNotFoundError:
             pass

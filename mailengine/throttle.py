@@ -79,6 +79,13 @@ class Windows:
             w = self._w[dest] = Window(self.initial, self.maximum, clock=self.clock, **self.kwargs)
         return w
 
+    def set_maximum(self, maximum: int) -> None:
+        """A new `max_connections_per_host` while running: every window keeps within it."""
+        self.maximum = maximum
+        for w in self._w.values():
+            w.maximum = max(1, maximum)
+            w.value = min(w.value, float(w.maximum))
+
     def limit(self, dest: str) -> int:
         w = self._w.get(dest)
         return min(self.initial, self.maximum) if w is None else w.limit

@@ -1,8 +1,9 @@
 """Extra SMTP intake processes, so intake can use more than one core.
 
 With `network.intake_workers = N` (N > 1), the engine starts N worker processes and takes no SMTP
-itself: it delivers. Each binds the same SMTP port with SO_REUSEPORT (the kernel spreads connections over them), runs the
-same sans-IO server, policy and `Intake`, and stores into the same spool. The spool is the
+itself: it delivers. Each binds the same SMTP port with SO_REUSEPORT (the kernel spreads
+connections over them), runs the same sans-IO server, policy and `Intake`, and stores into the
+same spool. The spool is the
 interface (DESIGN.md): a worker tells the engine what it stored with one line per message on a
 pipe, `W <id>` (relayed, in mailq/working: the engine is sending), `R <id>` (relayed, in
 mailq/retry: sending is paused) or `L` (local only), so the engine can schedule it and count it.

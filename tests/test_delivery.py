@@ -151,9 +151,9 @@ def test_delivered_mail_leaves_spare_files_that_the_next_message_reuses(tmp_path
 def test_mail_taken_by_intake_workers_is_delivered_by_the_engine(tmp_path, sinks):
     """With two intake processes the engine takes no SMTP; the workers store relayed mail
     straight into working/ and tell the engine, which delivers it."""
-    sink = sinks.add("127.0.0.23")
+    sink = sinks.add("127.0.0.71")
     with RunningEngine(tmp_path, {**FAST, "queue.save_done": False, "network.intake_workers": 2,
-                                  "basic.dns_servers": ["w.test,mx.w.test,MX,127.0.0.23:25"]}) as eng:
+                                  "basic.dns_servers": ["w.test,mx.w.test,MX,127.0.0.71:25"]}) as eng:
         for i in range(20):
             send(eng, [f"u{i}@w.test"])
         wait(lambda: len(sink.messages) == 20, what="20 messages at the sink")
@@ -274,6 +274,34 @@ def test_connection_caps_per_host_and_overall_never_exceeded(tmp_path, sinks):
     assert sinks.peak <= 5
     assert sinks.peak >= 3  # it did run in parallel
     assert all(len(x.messages) == n for x in (a, b, c))
+
+
+def test_connection_caps_lowered_while_running_hold_at_once(tmp_path, sinks):
+    from mailengine import control
+    slow = SinkScript(delays={"RCPT": 0.05, "BODY": 0.05}, keep_data=False)
+    a = sinks.add("127.0.0.72", script=slow)
+    with RunningEngine(tmp_path, {**FAST, "queue.save_done": False,
+                                  "limits.max_connections_per_host": 4,
+                                  "basic.dns_servers": ["cap.test,mx.cap.test,MX,127.0.0.72:25"]}
+                       ) as eng:
+        def burst(tag: str, n: int) -> None:
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                for i in range(n):
+                    s.sendmail("f@src.test", [f"{tag}{i}@cap.test"], b"Subject: cap\r\n\r\nx\r\n")
+        burst("early", 40)
+        wait(lambda: sinks.now >= 3, what="parallel connections")
+        reply = control.request(tmp_path / "mailengine.sock", "config.set",
+                                name="limits.max_connections_per_host", value=1)
+        assert reply["applied"]
+        time.sleep(1.0)  # messages under way finish; their connections are not kept
+        burst("late", 20)
+        seen = []
+        while len(a.messages) < 60:
+            seen.append(sinks.now)
+            time.sleep(0.01)
+            assert len(seen) < 3000, "the deliveries did not finish"
+    assert max(seen) <= 1
+    assert a.peak_connections >= 3  # before the change it did run in parallel
 
 
 def test_test_mode_says_rset_and_quit_never_data(tmp_path, sinks):
