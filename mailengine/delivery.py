@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
@@ -182,26 +182,37 @@ class Pool:
         self._closing.add(t)
         t.add_done_callback(self._closing.discard)
 
-    async def acquire(self, target: Target, fresh: bool = False) -> SMTPSession:
+    async def acquire(self, target: Target, fresh: bool = False,
+                      host_wait: Callable[[bool], None] | None = None) -> SMTPSession:
         """A connected session to `target`; raises ConnectError when it cannot connect.
         `fresh`: a new connection (the idle ones to that server are closed: one just failed,
-        so the server has probably dropped them all)."""
+        so the server has probably dropped them all). `host_wait(True)` is called when it must
+        wait because the server is at `max_per_host`, `host_wait(False)` when that wait ends."""
         key = (target.ip, target.port)
         if fresh:
             for s in self.idle.pop(key, []):
                 self._forget(key, s)
-        while True:
-            if self.closed:
-                raise ConnectError(_local(451, "4.3.2", "Shutting down"), [])
-            s = self._take_idle(key)
-            if s is not None:
-                return s
-            if self.per_host.get(key, 0) < self.max_per_host:
-                if self.total < self.max_total:
-                    break
-                if self.total - len(self._closing) >= self.max_total:
-                    self._evict_one_idle()  # its slot frees when its QUIT is done
-            await self._wait()
+        waiting = False
+        try:
+            while True:
+                if self.closed:
+                    raise ConnectError(_local(451, "4.3.2", "Shutting down"), [])
+                s = self._take_idle(key)
+                if s is not None:
+                    return s
+                host_busy = self.per_host.get(key, 0) >= self.max_per_host
+                if not host_busy:
+                    if self.total < self.max_total:
+                        break
+                    if self.total - len(self._closing) >= self.max_total:
+                        self._evict_one_idle()  # its slot frees when its QUIT is done
+                if host_wait is not None and host_busy != waiting:
+                    waiting = host_busy
+                    host_wait(waiting)
+                await self._wait()
+        finally:
+            if waiting and host_wait is not None:
+                host_wait(False)
         self.total += 1
         self.peak = max(self.peak, self.total)
         self.per_host[key] = self.per_host.get(key, 0) + 1
@@ -440,6 +451,14 @@ class DeliveryEngine:
         if self._wake is not None:
             self._wake.set()
 
+    def _host_wait(self, waiting: bool) -> None:
+        # A unit waiting for a server that other destinations share (and that is at its
+        # per-host cap) holds no connection: it gives its place among the running units to
+        # another destination meanwhile.
+        self.sched.set_waiting(waiting)
+        if waiting:
+            self._kick()
+
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
@@ -552,7 +571,7 @@ class DeliveryEngine:
             fresh = False
             while pending:
                 try:
-                    sess = await self.pool.acquire(target, fresh)
+                    sess = await self.pool.acquire(target, fresh, self._host_wait)
                 except ConnectError as e:
                     self.host_down[(target.ip, target.port)] = time.monotonic() + HOST_DOWN
                     for a in pending:

@@ -227,6 +227,12 @@ class Scheduler:
         del self._msgs[u.msg_id]
         return True
 
+    def set_waiting(self, waiting: bool) -> None:
+        """A running unit waits for a connection to a server busy at its per-host cap (one that
+        other destinations share): it stops counting against `max_active` while it waits, so
+        other destinations go on. Its destination still counts it."""
+        self.active += -1 if waiting else 1
+
     def recheck(self, dest: str) -> None:
         """A destination's limit was raised (throttle recovery): let it run again."""
         d = self._dests.get(dest)

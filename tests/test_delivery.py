@@ -304,6 +304,28 @@ def test_connection_caps_lowered_while_running_hold_at_once(tmp_path, sinks):
     assert a.peak_connections >= 3  # before the change it did run in parallel
 
 
+def test_a_server_many_domains_share_does_not_hold_up_other_destinations(tmp_path, sinks):
+    """Eight domains on one slow server capped at one connection, then one domain elsewhere:
+    the units waiting for the busy server do not take the two overall places."""
+    shared = sinks.add("127.0.0.73", script=SinkScript(delays={"BODY": 0.3}, keep_data=False))
+    other = sinks.add("127.0.0.74")
+    bypass = [f"d{i}.test,mx.shared.test,MX,127.0.0.73:25" for i in range(8)]
+    with RunningEngine(tmp_path, {**FAST, "queue.save_done": False,
+                                  "limits.max_connections_per_host": 1,
+                                  "limits.max_outbound_connections": 2,
+                                  "basic.dns_servers": bypass + [
+                                      "e.test,mx.other.test,MX,127.0.0.74:25"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            for i in range(8):
+                s.sendmail("f@src.test", [f"u@d{i}.test"], b"Subject: shared\r\n\r\nx\r\n")
+            s.sendmail("f@src.test", ["u@e.test"], b"Subject: other\r\n\r\nx\r\n")
+        wait(lambda: len(other.messages) == 1, what="the other domain's message")
+        done_on_shared = len(shared.messages)
+        wait(lambda: len(shared.messages) == 8, timeout=30, what="the shared server's mail")
+    assert done_on_shared <= 2  # it did not wait for its turn behind the busy server's queue
+    assert shared.peak_connections == 1 and sinks.peak <= 2
+
+
 def test_test_mode_says_rset_and_quit_never_data(tmp_path, sinks):
     sink = sinks.add("127.0.0.34")
     with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
