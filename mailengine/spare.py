@@ -21,9 +21,20 @@ first attempt. Rules:
 - Bounded: at most `max_files` files of at most `max_bytes` each are kept; others are unlinked.
 - Only delivery's finishing path recycles. Mail deleted by an operator (`queue delete`), expired
   from `done/`/`incoming/`, or refused is unlinked, so what an operator deletes is gone.
+- A file is reused only once its removal from the queue is durable. Given files wait in
+  `spare/.new/` until `commit()` has fsync'ed the directories they left and `.new/` itself, and
+  only then move to `spare/`. Otherwise a power cut could bring back the delivered message's
+  directory entries (its unlink was never on disk) pointing at blocks a later store had
+  overwritten: mail with another message's bytes. (Unlinking was safe: ext4 does not reuse a
+  freed inode or block before its release is on disk.) At start `.new/` is synced and promoted.
 - Several processes share the directory (intake workers take, the engine gives). Each keeps a list
   of names it believes are there; a name another process took meanwhile fails with ENOENT and is
-  skipped. An empty list is refilled from a listing of the directory, at most every `rescan` s.
+  skipped. An empty list is refilled from a listing of the directory (shuffled, so processes do
+  not all reach for the same names), at most every `rescan` s.
+- A file with other hard links (a drop-in linked from elsewhere) is never taken in: reusing it
+  would overwrite the other name's content.
+- Where the file system refuses RENAME_NOREPLACE (EINVAL: NFS, older ZFS), the pool turns itself
+  off and files are created and unlinked as usual.
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ import ctypes
 import errno
 import itertools
 import os
+import random
 import threading
 import time
 
@@ -38,6 +50,8 @@ MAX_FILES = 4096  # enough for the messages in flight between intake and deliver
 MAX_BYTES = 64 * 1024  # a bigger file is unlinked: the pool should not hoard disk space
 RESCAN = 0.5  # s between listings of the directory when this process's list is empty
 KINDS = ("dat", "inf")  # spare files are kept apart by what they were
+NEW = ".new"  # given, not yet durable: not to be taken
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -82,6 +96,7 @@ class SparePool:
         self.max_bytes = max_bytes
         self.rescan = rescan
         self._names: dict[str, list[str]] = {kind: [] for kind in KINDS}
+        self._pending: list[tuple[str, str]] = []  # (kind, name) in .new/, not yet committed
         self._lock = threading.Lock()
         self._next_scan = 0.0
         self._seq = itertools.count()
@@ -110,31 +125,83 @@ class SparePool:
             except FileExistsError:
                 self._push(kind, name)
                 raise
+            except OSError as e:
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                self.max_files = 0  # this file system cannot do it: create files as usual
+                return False
             self.taken += 1
             return True
 
     def give(self, src: str, kind: str = "dat") -> bool:
-        """Move the finished file `src` into the pool as a spare of `kind`. False (nothing done)
-        when the pool is full or the file too big: the caller unlinks it. Raises
-        FileNotFoundError if `src` is gone."""
-        if len(self) >= self.max_files and not self._recount():
+        """Move the finished file `src` into the pool as a spare of `kind`, to be taken once
+        `commit()` made its removal durable. False (nothing done) when the pool is full, the
+        file too big or linked elsewhere: the caller unlinks it. Raises FileNotFoundError if
+        `src` is gone."""
+        if not self.enabled or (len(self) + len(self._pending) >= self.max_files
+                                and not self._recount()):
             return False
-        if os.stat(src).st_size > self.max_bytes:
+        st = os.stat(src)
+        if st.st_size > self.max_bytes or st.st_nlink != 1:
             return False
         while True:
             name = f"{self._prefix}{next(self._seq)}-{kind}"  # not *.dat: no glob mistakes it
             try:
-                rename_noreplace(src, f"{self.path}/{name}")
+                rename_noreplace(src, f"{self.path}/{NEW}/{name}")
             except FileExistsError:
                 continue  # left by an earlier process with the same pid and clock: next number
             except FileNotFoundError:
                 if not os.path.exists(src):
                     raise
-                os.makedirs(self.path, exist_ok=True)  # deleted by hand while running
+                os.makedirs(f"{self.path}/{NEW}", exist_ok=True)  # deleted by hand meanwhile
                 continue
-            self._push(kind, name)
+            except OSError as e:
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                self.max_files = 0
+                return False
+            with self._lock:
+                self._pending.append((kind, name))
             self.given += 1
             return True
+
+    def commit(self, left: list[str]) -> None:
+        """Make the files given so far takeable: fsync the directories they `left` and `.new/`
+        (so their removal from the queue is on disk), then move them into `spare/`."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            for d in [*dict.fromkeys(left), f"{self.path}/{NEW}"]:
+                _fsync_dir(d)
+        except OSError:
+            with self._lock:
+                self._pending[:0] = pending  # not durable yet: try again with the next commit
+            raise
+        for kind, name in pending:
+            try:
+                os.rename(f"{self.path}/{NEW}/{name}", f"{self.path}/{name}")
+            except FileNotFoundError:
+                continue
+            self._push(kind, name)
+
+    def adopt_new(self) -> int:
+        """At start: files left in `.new/` (a stop before their commit) are synced and become
+        spare files. Returns how many."""
+        new = f"{self.path}/{NEW}"
+        try:
+            names = [n for n in os.listdir(new) if not n.startswith(".")]
+        except FileNotFoundError:
+            return 0
+        if names:
+            os.sync()  # whatever the last run renamed into .new/ is on disk from here on
+        for name in names:
+            try:
+                os.rename(f"{new}/{name}", f"{self.path}/{name}")
+            except OSError:
+                pass
+        return len(names)
 
     def _pop(self, kind: str) -> str | None:
         with self._lock:
@@ -167,10 +234,24 @@ class SparePool:
         out: dict[str, list[str]] = {kind: [] for kind in KINDS}
         try:
             with os.scandir(self.path) as it:
-                for e in itertools.islice(it, self.max_files):
-                    if e.name[0] != ".":
+                found = 0
+                for e in it:
+                    if e.name[0] != ".":  # not .new/
                         kind = e.name.rpartition("-")[2]
                         out[kind if kind in out else KINDS[0]].append(e.name)
+                        found += 1
+                        if found >= self.max_files:
+                            break
         except FileNotFoundError:
             pass
+        for names in out.values():
+            random.shuffle(names)  # other processes list the same names: start elsewhere
         return out
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .envelope import InfError, Message, format_inf, parse_inf
+from .spare import NEW as SPARE_NEW
 from .spare import SparePool
 
 DIRS = ("retry", "working", "done", "incoming")
@@ -231,7 +232,7 @@ class Spool:
     def ensure_dirs(self) -> None:
         for d in DIRS:
             os.makedirs(self._dir[d], exist_ok=True)
-        os.makedirs(self.spare.path, exist_ok=True)
+        os.makedirs(f"{self.spare.path}/{SPARE_NEW}", exist_ok=True)
 
     def new_id(self) -> str:
         us = _clock.next()
@@ -404,13 +405,22 @@ class Spool:
         """Delete a message: `.inf` first (the message is gone), then `.dat` (and side files).
         With `recycle` (delivered mail), its files become spare files for later stores."""
         if recycle and self.spare.enabled:
-            self._recycle(self.inf_path(msg_id, where), "inf")
-            self._recycle(self.dat_path(msg_id, where), "dat")
-        else:
-            _unlink_quiet(self.inf_path(msg_id, where))
-            _unlink_quiet(self.dat_path(msg_id, where))
+            self.recycle([msg_id], where)
+            return
+        _unlink_quiet(self.inf_path(msg_id, where))
+        _unlink_quiet(self.dat_path(msg_id, where))
         for suffix in self.side_files:
             _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
+
+    def recycle(self, msg_ids: list[str], where: str) -> None:
+        """Remove delivered messages, their files becoming spare files (spare.py): usable by a
+        store only after one fsync of `where` for the whole lot has made the removals durable."""
+        for msg_id in msg_ids:
+            self._recycle(self.inf_path(msg_id, where), "inf")
+            self._recycle(self.dat_path(msg_id, where), "dat")
+            for suffix in self.side_files:
+                _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
+        self.spare.commit([self._dir[where]])
 
     def _recycle(self, path: str, kind: str) -> None:
         try:
@@ -476,6 +486,7 @@ class Spool:
     def recover(self) -> RecoveryReport:
         """Start-up recovery, per the state table of docs/QUEUE.md. Run once, before intake."""
         self.ensure_dirs()
+        self.spare.adopt_new()  # spare files given just before the last stop
         rep = RecoveryReport()
         now = time.time()
         self._remove_old_tmpdirs(rep, now)

@@ -25,8 +25,12 @@ def sp(tmp_path):
     s.close()
 
 
+def spares(d: Path) -> list[Path]:
+    return [p for p in d.iterdir() if not p.name.startswith(".")]  # not .new/
+
+
 def inodes(d: Path) -> set[int]:
-    return {p.stat().st_ino for p in d.iterdir()}
+    return {p.stat().st_ino for p in spares(d)}
 
 
 def store(sp: Spool, m: Message, data: bytes, where: str = "working") -> None:
@@ -51,13 +55,13 @@ def test_delivered_files_are_reused_by_the_next_store_and_cut_to_size(sp):
     old_inf = (sp.root / "working" / f"{big.id}.inf").stat().st_ino
     sp.remove(big.id, "working", recycle=True)
     assert not list((sp.root / "working").iterdir())
-    assert len(list(spare.iterdir())) == 2
+    assert len(spares(spare)) == 2
     kept = inodes(spare)
 
     small = msg()
     data = b"Subject: short\r\n\r\nhi\r\n"
     store(sp, small, data)
-    assert not list(spare.iterdir())  # both files taken: no inode was allocated
+    assert not spares(spare)  # both files taken: no inode was allocated
     dat, inf = sp.root / "working" / f"{small.id}.dat", sp.root / "working" / f"{small.id}.inf"
     assert {dat.stat().st_ino, inf.stat().st_ino} == kept
     # each kind reused as its kind: a .dat cut down to an .inf would free a block and wait
@@ -72,21 +76,70 @@ def test_plain_remove_unlinks(sp):
     m = msg()
     store(sp, m, b"x\r\n")
     sp.remove(m.id, "working")  # an operator's delete, an expiry: gone for good
-    assert not list((sp.root / "spare").iterdir())
+    assert not spares(sp.root / "spare")
     assert not list((sp.root / "working").iterdir())
 
 
+def make_pool(tmp_path, **kw) -> SparePool:
+    (tmp_path / "spare" / ".new").mkdir(parents=True)
+    return SparePool(str(tmp_path / "spare"), rescan=0, **kw)
+
+
 def test_pool_is_bounded_in_files_and_size(tmp_path):
-    pool = SparePool(str(tmp_path / "spare"), max_files=1, max_bytes=100, rescan=0)
-    (tmp_path / "spare").mkdir()
+    pool = make_pool(tmp_path, max_files=1, max_bytes=100)
     for name, size in (("a", 10), ("b", 10), ("big", 101)):
         (tmp_path / name).write_bytes(b"x" * size)
     assert pool.give(str(tmp_path / "a"))
+    pool.commit([str(tmp_path)])
     assert not pool.give(str(tmp_path / "b"))  # full
     assert (tmp_path / "b").exists()
     pool.take(str(tmp_path / "a2"))
     assert not pool.give(str(tmp_path / "big"))  # room, but too big to keep
     assert (tmp_path / "big").exists()
+
+
+def test_a_given_file_is_taken_only_after_commit(tmp_path):
+    """Reused before its removal is on disk, a power cut could bring the old message's name
+    back over the new message's bytes."""
+    pool = make_pool(tmp_path)
+    (tmp_path / "old.dat").write_bytes(b"delivered")
+    assert pool.give(str(tmp_path / "old.dat"))
+    assert not pool.take(str(tmp_path / "new.dat"))  # in .new/, not durable yet
+    assert len(list((tmp_path / "spare" / ".new").iterdir())) == 1
+    pool.commit([str(tmp_path)])
+    assert not list((tmp_path / "spare" / ".new").iterdir())
+    assert pool.take(str(tmp_path / "new.dat"))
+
+
+def test_files_left_in_new_are_adopted_at_start(sp):
+    m = msg()
+    store(sp, m, b"x\r\n")
+    sp.spare.give(str(sp.root / "working" / f"{m.id}.dat"), "dat")  # then the engine stopped
+    later = Spool(sp.root, hostname="mx.example")
+    later.recover()
+    assert spares(sp.root / "spare")
+    assert not list((sp.root / "spare" / ".new").iterdir())
+    assert later.spare.take(str(sp.root / "working" / "again.dat"))
+
+
+def test_a_file_linked_elsewhere_is_never_taken_in(tmp_path):
+    pool = make_pool(tmp_path)
+    (tmp_path / "dropin.dat").write_bytes(b"mail")
+    os.link(tmp_path / "dropin.dat", tmp_path / "elsewhere.dat")
+    assert not pool.give(str(tmp_path / "dropin.dat"))
+
+
+def test_pool_turns_itself_off_where_noreplace_is_refused(tmp_path, monkeypatch):
+    import errno
+    from mailengine import spare
+
+    def refuse(src, dst):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    pool = make_pool(tmp_path)
+    (tmp_path / "a.dat").write_bytes(b"x")
+    monkeypatch.setattr(spare, "rename_noreplace", refuse)
+    assert not pool.give(str(tmp_path / "a.dat")) and not pool.enabled
+    assert (tmp_path / "a.dat").exists()  # left for the caller to unlink
 
 
 def test_spool_unlinks_what_the_pool_will_not_keep(sp):
@@ -101,10 +154,10 @@ def test_spool_unlinks_what_the_pool_will_not_keep(sp):
 
 
 def test_take_refuses_an_existing_name_and_keeps_the_spare(tmp_path):
-    (tmp_path / "spare").mkdir()
-    pool = SparePool(str(tmp_path / "spare"), rescan=0)
+    pool = make_pool(tmp_path)
     (tmp_path / "old").write_bytes(b"old")
     assert pool.give(str(tmp_path / "old"))
+    pool.commit([str(tmp_path)])
     (tmp_path / "taken.dat").write_bytes(b"queued mail")
     with pytest.raises(FileExistsError):
         pool.take(str(tmp_path / "taken.dat"))
@@ -125,13 +178,12 @@ def test_store_on_a_taken_id_gets_a_new_id_not_the_old_file(sp):
 
 
 def test_other_processes_find_spares_and_skip_names_taken_meanwhile(tmp_path):
-    d = tmp_path / "spare"
-    d.mkdir()
-    engine = SparePool(str(d), rescan=0)
-    worker = SparePool(str(d), rescan=0)  # an intake worker: its list starts empty
+    engine = make_pool(tmp_path)
+    worker = SparePool(str(tmp_path / "spare"), rescan=0)  # an intake worker: starts empty
     for i in range(2):
         (tmp_path / f"f{i}").write_bytes(b"x")
         assert engine.give(str(tmp_path / f"f{i}"))
+    engine.commit([str(tmp_path)])
     assert worker.take(str(tmp_path / "w1")) and worker.take(str(tmp_path / "w2"))
     assert not worker.take(str(tmp_path / "w3"))  # none left
     # the engine still lists both names; the worker took them: skipped, nothing overwritten
@@ -145,7 +197,7 @@ def test_recovery_leaves_spare_files_alone(sp):
     sp.remove(m.id, "working", recycle=True)
     rep = sp.recover()
     assert rep.messages == [] and rep.warnings == []
-    assert len(list((sp.root / "spare").iterdir())) == 2
+    assert len(spares(sp.root / "spare")) == 2
 
 
 def test_switched_off_with_zero_files(tmp_path, monkeypatch):
@@ -156,7 +208,7 @@ def test_switched_off_with_zero_files(tmp_path, monkeypatch):
     store(sp, m, b"x\r\n")
     sp.remove(m.id, "working", recycle=True)
     sp.close()
-    assert not list((tmp_path / "mailq" / "spare").iterdir())
+    assert not spares(tmp_path / "mailq" / "spare")
     assert not list((tmp_path / "mailq" / "working").iterdir())
 
 
@@ -169,5 +221,5 @@ def test_memory_mode_reuses_spares_too(tmp_path):
     b = msg()
     store(sp, b, b"b\r\n")
     assert (tmp_path / "mailq" / "working" / f"{b.id}.dat").read_bytes() == b"b\r\n"
-    assert not list((tmp_path / "mailq" / "spare").iterdir())
+    assert not spares(tmp_path / "mailq" / "spare")
     assert os.path.exists(tmp_path / "mailq" / "working" / f"{b.id}.inf")
