@@ -194,6 +194,16 @@ class Engine:
             return "working"
         return "retry"
 
+    def inbound_counts(self) -> dict:
+        """Open SMTP sessions and totals, whichever processes take SMTP."""
+        if self.inbound is not None:
+            srv = self.inbound
+            return {"open": len(srv.connections), "sessions_total": srv.sessions_total,
+                    "refused_busy": srv.refused_busy, "processes": 1}
+        if self.workers is not None:
+            return self.workers.inbound_counts()
+        return {"open": 0, "sessions_total": 0, "refused_busy": 0, "processes": 0}
+
     def worker_stored(self, line: str) -> None:
         """A notification line from an intake worker: 'W <id>' (in working/), 'R <id>' (in
         retry/) or 'L' (local mail only)."""

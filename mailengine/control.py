@@ -268,11 +268,12 @@ class ControlServer:
                         (await loop.run_in_executor(None, eng.spool.usage)).items()}
         out["queue"] = q
         conns: dict = {}
-        if eng.inbound is not None:
-            conns["inbound"] = len(eng.inbound.connections)
-            conns["inbound_max"] = eng.inbound.max_connections
-            conns["inbound_sessions_total"] = eng.inbound.sessions_total
-            conns["intake_processes"] = 1 + (eng.workers.count if eng.workers else 0)
+        if eng.inbound is not None or eng.workers is not None:
+            ins = eng.inbound_counts()
+            conns["inbound"] = ins["open"]
+            conns["inbound_max"] = eng.cfg.limits.max_inbound_connections
+            conns["inbound_sessions_total"] = ins["sessions_total"]
+            conns["intake_processes"] = ins["processes"]
         if d is not None:
             pool = d.pool
             idle = sum(len(v) for v in pool.idle.values())

@@ -40,6 +40,7 @@ import asyncio
 import email.utils
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -102,7 +103,8 @@ class Pool:
         self.peak = 0
         self.per_host: dict[tuple[str, int], int] = {}
         self.idle: dict[tuple[str, int], list[SMTPSession]] = {}
-        self._waiters: list[asyncio.Future] = []
+        # acquire() calls waiting: per server at its per-host cap, or (None) for the total cap
+        self._waiters: dict[tuple[str, int] | None, list[asyncio.Future]] = {}
         self._closing: set[asyncio.Task] = set()
         self.closed = False
 
@@ -121,15 +123,22 @@ class Pool:
         return (self.per_host.get(key, 0) > self.max_per_host
                 or self.total - len(self._closing) > self.max_total)
 
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+    def _notify(self, key: tuple[str, int] | None = None) -> None:
+        """A connection slot freed (of server `key`; None: caps changed, wake everyone). Only
+        the waiters it can concern wake: not every unit waiting for any busy server."""
+        if key is None:
+            groups = list(self._waiters.values())
+            self._waiters = {}
+        else:
+            groups = [self._waiters.pop(key, []), self._waiters.pop(None, [])]
+        for waiters in groups:
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
 
-    async def _wait(self) -> None:
+    async def _wait(self, key: tuple[str, int] | None) -> None:
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._waiters.setdefault(key, []).append(fut)
         await fut
 
     def _take_idle(self, key) -> SMTPSession | None:
@@ -152,7 +161,7 @@ class Pool:
             self.per_host[key] = n
         else:
             self.per_host.pop(key, None)
-        self._notify()
+        self._notify(key)
 
     def _evict_one_idle(self) -> bool:
         """Close the longest-idle connection of any host to make room; False if none is idle."""
@@ -183,11 +192,12 @@ class Pool:
         t.add_done_callback(self._closing.discard)
 
     async def acquire(self, target: Target, fresh: bool = False,
-                      host_wait: Callable[[bool], None] | None = None) -> SMTPSession:
+                      host_wait: Callable[[bool], bool] | None = None) -> SMTPSession:
         """A connected session to `target`; raises ConnectError when it cannot connect.
         `fresh`: a new connection (the idle ones to that server are closed: one just failed,
         so the server has probably dropped them all). `host_wait(True)` is called when it must
-        wait because the server is at `max_per_host`, `host_wait(False)` when that wait ends."""
+        wait because the server is at `max_per_host` (it answers whether the unit left its place
+        among the running units), and then `host_wait(False)` when that wait ends."""
         key = (target.ip, target.port)
         if fresh:
             for s in self.idle.pop(key, []):
@@ -206,10 +216,9 @@ class Pool:
                         break
                     if self.total - len(self._closing) >= self.max_total:
                         self._evict_one_idle()  # its slot frees when its QUIT is done
-                if host_wait is not None and host_busy != waiting:
-                    waiting = host_busy
-                    host_wait(waiting)
-                await self._wait()
+                if host_wait is not None and host_busy and not waiting:
+                    waiting = host_wait(True)  # False: too many wait so already; keep the place
+                await self._wait(key if host_busy else None)
         finally:
             if waiting and host_wait is not None:
                 host_wait(False)
@@ -229,7 +238,7 @@ class Pool:
         key = (s.ip, s.port)
         if s.is_reusable and not self.closed and not self._over_caps(key):
             self.idle.setdefault(key, []).append(s)
-            self._notify()
+            self._notify(key)
         elif s.is_reusable:
             self._close_later(key, s)
         else:
@@ -312,6 +321,9 @@ class DeliveryEngine:
         self._stopping = False
         self._running = False
         self._remover: ThreadPoolExecutor | None = None
+        self._remove_lock = threading.Lock()  # _to_remove is filled by the loop, drained there
+        self._to_remove: list[str] = []
+        self._remove_queued = False
         self._in_working: set[str] = set()  # submitted in working/, not started yet
         self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
         self._data: dict[str, bytes] = {}  # ID.dat bytes handed over by intake, until sent
@@ -451,13 +463,14 @@ class DeliveryEngine:
         if self._wake is not None:
             self._wake.set()
 
-    def _host_wait(self, waiting: bool) -> None:
+    def _host_wait(self, waiting: bool) -> bool:
         # A unit waiting for a server that other destinations share (and that is at its
         # per-host cap) holds no connection: it gives its place among the running units to
-        # another destination meanwhile.
-        self.sched.set_waiting(waiting)
-        if waiting:
+        # another destination meanwhile (up to 4 x max_outbound_connections units wait so).
+        left = self.sched.set_waiting(waiting)
+        if waiting and left:
             self._kick()
+        return left
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
@@ -836,18 +849,29 @@ class DeliveryEngine:
         self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
 
     def _remove(self, msg_id: str) -> None:
-        """Delete a finished message from working/ in the remover thread: unlinking costs as
-        much as a delivery on ext4, and a thread lets the event loop go on meanwhile. A crash
-        before it runs leaves the message to be delivered again (a duplicate, never a loss)."""
+        """Delete a finished message from working/ in the remover thread, its files becoming
+        spare files (spare.py): the file system work and the directory sync that makes the
+        removals safe to reuse are done there, many messages at a time, while the event loop
+        goes on. A crash before it runs leaves the message to be delivered again (a duplicate,
+        never a loss)."""
+        with self._remove_lock:
+            self._to_remove.append(msg_id)
+            if self._remove_queued:
+                return
+            self._remove_queued = True
         if self._remover is None:
             self._remover = ThreadPoolExecutor(1, "delivery-remove")
-        self._remover.submit(self._remove_now, msg_id)
+        self._remover.submit(self._remove_batch)
 
-    def _remove_now(self, msg_id: str) -> None:
+    def _remove_batch(self) -> None:
+        with self._remove_lock:
+            ids, self._to_remove = self._to_remove, []
+            self._remove_queued = False
         try:
-            self.spool.remove(msg_id, "working", recycle=True)  # its files become spare files
+            self.spool.recycle(ids, "working")
         except OSError as e:
-            log.error("%s: delivered, but cannot be removed from working/: %s", msg_id, e)
+            log.error("delivered, but cannot be removed from working/ (%s): %s",
+                      ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else ""), e)
 
     def _finish_idle(self, msg: Message) -> None:
         """A message in retry/ with nothing left to send: finish it without an attempt."""

@@ -15,7 +15,7 @@ attempt took for that recipient (DNS, connection and transaction). `mx`/`ip` are
 server was reached (a DNS failure). The file is append-only and may be truncated or rotated by
 other programs at any time (lists.AppendFile); the engine writes each attempt's lines at once.
 After renaming it away, wait a second before reading the old file: lines written in that second
-may still land in it.
+may still land in it (and if it is deleted rather than renamed, lines of that second are lost).
 """
 from __future__ import annotations
 

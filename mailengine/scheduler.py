@@ -48,6 +48,9 @@ class Unit:
         return f"Unit({self.msg_id}, {self.dest}, {len(self.rcpts)} rcpts, prio {self.priority})"
 
 
+HOST_WAITING_FACTOR = 4
+
+
 @dataclass
 class _Entry:
     rcpts: list[str]
@@ -74,7 +77,8 @@ class Scheduler:
         self.max_active = max_active
         self.max_rcpts = max_rcpts
         self.paused = False
-        self.active = 0  # units handed out and not done
+        self.active = 0  # units handed out and not done (not counting those host_waiting)
+        self.host_waiting = 0  # units waiting for a busy shared server (set_waiting)
         self._seq = 0
         self._timers: list[tuple[float, int, str]] = []  # (due, seq, msg_id); stale ones skipped
         self._msgs: dict[str, _Entry] = {}
@@ -227,11 +231,22 @@ class Scheduler:
         del self._msgs[u.msg_id]
         return True
 
-    def set_waiting(self, waiting: bool) -> None:
+    def set_waiting(self, waiting: bool) -> bool:
         """A running unit waits for a connection to a server busy at its per-host cap (one that
         other destinations share): it stops counting against `max_active` while it waits, so
-        other destinations go on. Its destination still counts it."""
-        self.active += -1 if waiting else 1
+        other destinations go on; its destination still counts it. At most HOST_WAITING_FACTOR
+        × `max_active` units wait so at once (each has resolved its MX and holds its message):
+        beyond, False, and the unit keeps its place. `set_waiting(False)` ends a wait that
+        returned True."""
+        if waiting:
+            if self.host_waiting >= HOST_WAITING_FACTOR * self.max_active:
+                return False
+            self.host_waiting += 1
+            self.active -= 1
+        else:
+            self.host_waiting -= 1
+            self.active += 1
+        return True
 
     def recheck(self, dest: str) -> None:
         """A destination's limit was raised (throttle recovery): let it run again."""

@@ -8,7 +8,8 @@ interface (DESIGN.md): a worker tells the engine what it stored with one line pe
 pipe, `W <id>` (relayed, in mailq/working: the engine is sending), `R <id>` (relayed, in
 mailq/retry: sending is paused) or `L` (local only), so the engine can schedule it and count it.
 A line lost to a crash costs nothing: the message is on disk and the next start's recovery, or
-the drop-in scan, finds it.
+the drop-in scan, finds it. `C open total refused` reports its SMTP sessions (once a second, when
+they change) for the engine's status, admin page and metrics.
 
 A worker is started as `python -m mailengine.workers` (a fresh interpreter, not a fork of a
 running event loop); it reads the engine's effective settings as JSON on stdin, so command-line
@@ -35,6 +36,24 @@ RESTART_DELAY = 1.0  # s before a worker that died is started again
 RETIRE_SIGNAL = signal.SIGUSR1  # "stop accepting, finish your sessions, exit" (SIGTERM: stop now)
 
 
+# Settings only the delivering engine reads: changing them does not restart the intake processes.
+DELIVERY_ONLY = ("dkim.", "reports.", "debug.smtp_out", "debug.send_loop", "debug.dns",
+                 "limits.smtp_connect_timeout", "limits.smtp_write_timeout",
+                 "limits.smtp_body_timeout", "limits.smtp_read_timeout",
+                 "limits.max_connections_per_host", "limits.max_send_rate",
+                 "limits.max_outbound_connections", "limits.max_bandwidth",
+                 "limits.messages_in_memory", "limits.max_queue_memory_kb",
+                 "queue.retry_intervals", "queue.save_done", "queue.done_retention_minutes",
+                 "queue.dsn", "queue.queue_check_interval", "logging.stats_interval",
+                 "network.smtp_source_ip", "network.web_ip", "network.helo_text",
+                 "policy.refused_mail_servers", "basic.admin_email")
+
+
+def worker_values(values: dict) -> dict:
+    """The settings that matter to an intake process."""
+    return {k: v for k, v in values.items() if not k.startswith(DELIVERY_ONLY)}
+
+
 class WorkerPool:
     """Starts, watches, replaces and stops the intake processes (engine side)."""
 
@@ -47,86 +66,120 @@ class WorkerPool:
         self.procs: list[asyncio.subprocess.Process] = []  # every one started, for stop()
         self.current: dict[int, asyncio.subprocess.Process] = {}  # index -> the one serving
         self.stopping = False
-        self._retired: set[int] = set()  # pids replaced on purpose: their exit is no crash
-        self._up: dict[int, asyncio.Future] = {}  # pid -> set when it listens
-        self._values: dict = {}  # the settings the serving workers were started with
-        self._tasks: list[asyncio.Task] = []
+        self._started = False
+        self._values_of: dict[int, dict] = {}  # index -> settings its serving worker got
+        self._spawned: dict[int, dict] = {}  # pid -> settings it was started with
+        self._up: dict[int, asyncio.Future] = {}  # pid -> True once it listens, False if it ended
+        self._watch: dict[int, asyncio.Task] = {}  # index -> restarts its worker if it dies
+        self._readers: list[asyncio.Task] = []
         self._replacing: asyncio.Task | None = None
+        self._conns: dict[int, tuple[int, int, int]] = {}  # pid -> open, total, refused (C lines)
+        self._ended_totals = [0, 0]  # sessions and refusals of workers that have ended
 
     async def start(self) -> None:
         for i in range(self.count):
-            self.current[i] = await self._spawn(i)
-        for i in range(self.count):
-            self._tasks.append(asyncio.create_task(self._keep_running(i)))
+            self._serve(i, await self._spawn(i))
         await self._wait_up(list(self.current.values()))
+        self._started = True
+        self.apply(self.cfg)  # settings changed while they were starting
 
-    async def _keep_running(self, index: int) -> None:
-        while not self.stopping:
-            proc = self.current[index]
-            code = await proc.wait()
-            if self.stopping:
-                return
-            if proc.pid in self._retired:
-                self._retired.discard(proc.pid)
-                continue  # replaced by apply(): watch its successor
-            log.error("intake worker %d (pid %d) exited with %s; starting it again",
-                      index, proc.pid, code)
-            await asyncio.sleep(RESTART_DELAY)
-            if not self.stopping and self.current[index] is proc:
-                self.current[index] = await self._spawn(index)
+    def _serve(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        """`proc` serves for `index` from now on, watched."""
+        self.current[index] = proc
+        self._values_of[index] = self._spawned.pop(proc.pid, {})
+        old = self._watch.get(index)
+        if old is not None:
+            old.cancel()
+        self._watch[index] = asyncio.create_task(self._keep_running(index, proc))
+
+    async def _keep_running(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if self.stopping or self.current.get(index) is not proc:
+            return  # stopping, or replaced: its successor has its own watcher
+        log.error("intake worker %d (pid %d) exited with %s; starting it again",
+                  index, proc.pid, code)
+        await asyncio.sleep(RESTART_DELAY)
+        if not self.stopping and self.current.get(index) is proc:
+            self._serve(index, await self._spawn(index))
 
     def apply(self, cfg) -> bool:
-        """Settings changed: when what the workers were given differs, start a new set of workers
-        with the new settings, then stop the old ones, which finish the sessions they have (the
-        port is never closed meanwhile). True when that is under way."""
+        """Settings changed: when what the workers read differs, replace them one by one by
+        workers started with the new settings; each old one is retired (it stops accepting and
+        finishes its sessions) only once its successor listens. True when that is under way."""
         self.cfg = cfg
-        if cfg.values == self._values or self.stopping:
+        if self.stopping or not self._stale():
             return False
+        if not self._started:
+            return True  # start() does it once they all listen
         if self._replacing is None or self._replacing.done():
             self._replacing = asyncio.create_task(self._replace_all())
         return True
 
-    async def _replace_all(self) -> None:
-        while not self.stopping and self.cfg.values != self._values:
-            for index in range(self.count):
-                if self.stopping:
-                    return
-                old = self.current[index]
-                new = await self._spawn(index)
-                self.current[index] = new
-                await self._wait_up([new])
-                self._retired.add(old.pid)
-                if old.returncode is None:
-                    old.send_signal(RETIRE_SIGNAL)
-            log.info("intake processes restarted with the new settings")
+    def _stale(self) -> list[int]:
+        want = worker_values(self.cfg.values)
+        return [i for i in range(self.count) if self._values_of.get(i) != want]
 
-    async def _wait_up(self, procs: list, timeout: float = 20.0) -> None:
-        futs = [self._up[p.pid] for p in procs if p.pid in self._up]
+    async def _replace_all(self) -> None:
+        try:
+            while not self.stopping and (stale := self._stale()):
+                for index in stale:
+                    if self.stopping or not await self._replace(index):
+                        return
+                log.info("intake processes restarted with the new settings")
+        except Exception:
+            log.exception("replacing the intake processes failed; the old ones keep serving")
+
+    async def _replace(self, index: int) -> bool:
+        old = self.current[index]
+        new = await self._spawn(index)
+        if not await self._wait_up([new]):
+            log.error("a new intake worker (pid %d) did not start listening; worker %d (pid %d) "
+                      "keeps serving with its old settings", new.pid, index, old.pid)
+            if new.returncode is None:
+                new.kill()
+            self._spawned.pop(new.pid, None)
+            return False
+        serving = self.current[index]  # `old`, or what replaced it if it died meanwhile
+        self._serve(index, new)
+        for p in {old, serving}:
+            if p.returncode is None:
+                p.send_signal(RETIRE_SIGNAL)
+        return True
+
+    async def _wait_up(self, procs: list, timeout: float = 20.0) -> bool:
+        """True when every one of `procs` said it listens within `timeout`."""
+        ok = True
         try:
             async with asyncio.timeout(timeout):
-                for f in futs:
-                    await asyncio.shield(f)
+                for p in procs:
+                    fut = self._up.get(p.pid)
+                    ok = ok and fut is not None and await asyncio.shield(fut)
         except TimeoutError:
             log.error("an intake worker did not start listening within %g s", timeout)
+            return False
+        return ok
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
-        self._values = copy.deepcopy(self.cfg.values)
-        settings = json.dumps({"home": str(self.cfg.home), "values": self._values,
+        values = copy.deepcopy(self.cfg.values)
+        settings = json.dumps({"home": str(self.cfg.home), "values": values,
                                "test_mode": self.test_mode, "notify_fd": write_fd})
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mailengine.workers", stdin=asyncio.subprocess.PIPE,
-            pass_fds=(write_fd,))
-        os.close(write_fd)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mailengine.workers", stdin=asyncio.subprocess.PIPE,
+                pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        self.procs.append(proc)
+        self._spawned[proc.pid] = worker_values(values)
+        self._up[proc.pid] = loop.create_future()
         proc.stdin.write(settings.encode())
         proc.stdin.close()
         reader = asyncio.StreamReader(limit=1 << 20)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                      os.fdopen(read_fd, "rb", buffering=0))
-        self.procs.append(proc)
-        self._up[proc.pid] = loop.create_future()
-        self._tasks.append(asyncio.create_task(self._read_lines(reader, proc.pid)))
+        self._readers.append(asyncio.create_task(self._read_lines(reader, proc.pid)))
         log.info("intake worker %d started, pid %d", index, proc.pid)
         return proc
 
@@ -136,7 +189,13 @@ class WorkerPool:
             if text == "U":  # listening
                 fut = self._up.get(pid)
                 if fut is not None and not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(True)
+                continue
+            if text.startswith("C "):  # its connection counts
+                try:
+                    self._conns[pid] = tuple(int(x) for x in text.split()[1:4])  # type: ignore
+                except ValueError:
+                    pass
                 continue
             try:
                 self.on_line(text)
@@ -144,13 +203,29 @@ class WorkerPool:
                 log.exception("intake worker notification %r could not be handled", line[:200])
         fut = self._up.pop(pid, None)
         if fut is not None and not fut.done():
-            fut.set_result(None)  # it ended before listening: nobody should wait for it
+            fut.set_result(False)  # it ended before listening
+        ended = self._conns.pop(pid, None)
+        if ended is not None:
+            self._ended_totals[0] += ended[1]
+            self._ended_totals[1] += ended[2]
+
+    def inbound_counts(self) -> dict:
+        """Open sessions and totals over every intake process (as last reported, <= 1 s old)."""
+        now = list(self._conns.values())
+        return {"open": sum(c[0] for c in now),
+                "sessions_total": self._ended_totals[0] + sum(c[1] for c in now),
+                "refused_busy": self._ended_totals[1] + sum(c[2] for c in now),
+                "processes": self.count}
 
     async def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM every worker (they finish what they are storing) and wait for them."""
+        """SIGTERM every worker (they finish what they are storing), wait for them, and read
+        what they said until then (mail they stored must reach the engine)."""
         self.stopping = True
         if self._replacing is not None:
             self._replacing.cancel()
+            await asyncio.gather(self._replacing, return_exceptions=True)
+        for t in self._watch.values():
+            t.cancel()
         live = [p for p in self.procs if p.returncode is None]
         for p in live:
             p.send_signal(signal.SIGTERM)
@@ -162,8 +237,12 @@ class WorkerPool:
             for p in live:
                 if p.returncode is None:
                     p.kill()
-        for t in self._tasks:
-            t.cancel()
+        try:  # their pipes are closed now: the readers end after the last lines
+            async with asyncio.timeout(5.0):
+                await asyncio.gather(*self._readers, return_exceptions=True)
+        except TimeoutError:
+            for t in self._readers:
+                t.cancel()
 
 
 # --- the worker process ---------------------------------------------------------------------------
@@ -217,6 +296,7 @@ async def worker_main(spec: dict) -> None:
     except OSError:
         pass
     watching = asyncio.create_task(watch.run())
+    reporting = asyncio.create_task(_report_connections(server, notify))
     stopping, retiring = asyncio.create_task(stop.wait()), asyncio.create_task(retire.wait())
     await asyncio.wait((stopping, retiring), return_when=asyncio.FIRST_COMPLETED)
     if retiring.done() and not stop.is_set():
@@ -227,8 +307,24 @@ async def worker_main(spec: dict) -> None:
     stopping.cancel()
     retiring.cancel()
     watching.cancel()
+    reporting.cancel()
     await server.stop()
     spool.close()
+
+
+async def _report_connections(server, notify) -> None:
+    """`C open total refused` on the pipe when they change (at most once a second), so the
+    engine's status, admin and metrics count this process's sessions."""
+    last = None
+    while True:
+        now = (len(server.connections), server.sessions_total, server.refused_busy)
+        if now != last:
+            try:
+                notify.write("C %d %d %d\n" % now)
+            except OSError:
+                return
+            last = now
+        await asyncio.sleep(1.0)
 
 
 def die_with_parent() -> None:

@@ -331,6 +331,34 @@ def test_settings_changed_while_running_reach_new_intake_processes(tmp_path):
                 time.sleep(0.1)
 
 
+def test_a_delivery_setting_changed_while_running_leaves_the_intake_processes_alone(tmp_path):
+    from mailengine import control
+    with RunningEngine(tmp_path, {"network.intake_workers": 2}) as eng:
+        before = worker_pids(eng, 2)
+        a = control.request(tmp_path / "mailengine.sock", "config.set",
+                            name="limits.max_send_rate", value=5000)
+        assert a["applied"] and not a["notes"]
+        time.sleep(1.0)
+        assert worker_pids(eng, 2) == before
+        assert eng.read_output().count("started, pid") == 2
+
+
+def test_status_counts_the_sessions_of_the_intake_processes(tmp_path):
+    from mailengine import control
+    with RunningEngine(tmp_path, {"network.intake_workers": 2}) as eng:
+        worker_pids(eng, 2)
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.ehlo()
+            deadline = time.monotonic() + 5
+            while True:
+                conns = control.request(tmp_path / "mailengine.sock", "status")["connections"]
+                if conns["inbound"] == 1:
+                    break
+                assert time.monotonic() < deadline, conns
+                time.sleep(0.2)
+        assert conns["intake_processes"] == 2 and conns["inbound_sessions_total"] >= 1
+
+
 def test_helo_text_names_the_engine_and_max_recipients_is_enforced(tmp_path):
     settings = {"network.helo_text": "mx.example.org", "limits.max_recipients": 2}
     with RunningEngine(tmp_path, settings) as eng:

@@ -81,11 +81,19 @@ class OutcomeCounter(logging.Handler):
         logging.getLogger("mailengine.delivery").removeHandler(self)
 
 
+def _inbound_counts(inbound) -> dict:
+    if inbound is None:
+        return {"open": 0, "sessions_total": 0, "refused_busy": 0}
+    return {"open": len(inbound.connections), "sessions_total": inbound.sessions_total,
+            "refused_busy": inbound.refused_busy}
+
+
 def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False) -> dict:
     """The numbers of now; `cheap` skips those that walk the queue (recipients left)."""
     st = engine.stats
     delivery = getattr(engine, "delivery", None)
-    inbound = getattr(engine, "inbound", None)
+    counts = getattr(engine, "inbound_counts", None)  # the intake workers' sessions too
+    ins = counts() if counts is not None else _inbound_counts(getattr(engine, "inbound", None))
     snap = {
         "time": time.time(),
         "received": st.recv.total,
@@ -95,9 +103,9 @@ def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False)
         "failed": _count(getattr(st, "failed", None if counter is None else counter.failed)),
         "deferred": _count(getattr(st, "deferred",
                                    None if counter is None else counter.deferred)),
-        "inbound_connections": len(inbound.connections) if inbound is not None else 0,
-        "inbound_sessions_total": getattr(inbound, "sessions_total", 0) if inbound else 0,
-        "inbound_refused_busy": getattr(inbound, "refused_busy", 0) if inbound else 0,
+        "inbound_connections": ins["open"],
+        "inbound_sessions_total": ins["sessions_total"],
+        "inbound_refused_busy": ins["refused_busy"],
         "outbound_connections": delivery.pool.total if delivery is not None else 0,
         "memory_bytes": rss_bytes(),
         "spool_stores": engine.spool.stores,
