@@ -174,7 +174,7 @@ class SparePool:
             return
         try:
             for d in [*dict.fromkeys(left), f"{self.path}/{NEW}"]:
-                _fsync_dir(d)
+                fsync_dir(d)
         except OSError:
             with self._lock:
                 self._pending[:0] = pending  # not durable yet: try again with the next commit
@@ -249,7 +249,8 @@ class SparePool:
         return out
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries durable (what was renamed into or out of it)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

@@ -60,6 +60,7 @@ from pathlib import Path
 from .envelope import InfError, Message, format_inf, parse_inf
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
+from .spare import fsync_dir as _fsync_dir
 
 DIRS = ("retry", "working", "done", "incoming")
 SHUTDOWN_FILE = "shutdown.txt"
@@ -831,14 +832,6 @@ def _rename_all(jobs: list[_Job], writers: ThreadPoolExecutor | None) -> None:
             writers.shutdown(wait=True)
     for job in jobs:
         _rename_job(job)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quiet(*paths: str) -> None:

@@ -17,14 +17,6 @@ def msg(mid: str = "") -> Message:
     return Message(id=mid, mail_from="sender@example.com", rcpt_to_send=["rcpt@example.net"])
 
 
-@pytest.fixture
-def sp(tmp_path):
-    s = Spool(tmp_path / "mailq", hostname="mx.example")
-    s.ensure_dirs()
-    yield s
-    s.close()
-
-
 def spares(d: Path) -> list[Path]:
     return [p for p in d.iterdir() if not p.name.startswith(".")]  # not .new/
 

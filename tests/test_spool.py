@@ -31,14 +31,6 @@ def msg(mid: str = "", rcpts=("rcpt@example.net",)) -> Message:
     return Message(id=mid, mail_from="sender@example.com", rcpt_to_send=list(rcpts))
 
 
-@pytest.fixture
-def sp(tmp_path):
-    s = Spool(tmp_path / "mailq", hostname="mx.example")
-    s.ensure_dirs()
-    yield s
-    s.close()
-
-
 def files(root: Path) -> dict[str, list[str]]:
     return {d: sorted(os.listdir(root / d)) for d in DIRS}
 
