@@ -219,6 +219,11 @@ class Engine:
                 msg = self.spool.load(msg_id, where)
             except (OSError, InfError) as e:
                 log.warning("intake worker stored %s, but it cannot be read: %s", msg_id, e)
+                if where == "working":  # nothing looks in working/ before the next start
+                    try:
+                        self.spool.move(msg_id, "working", "retry")  # the drop-in scan does
+                    except OSError:
+                        pass
                 return
             self.stored(msg, False, where)
 

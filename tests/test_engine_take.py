@@ -42,6 +42,21 @@ def test_mail_stored_into_working_then_offloaded_is_taken_in_again(tmp_path):
     asyncio.run(main())
 
 
+def test_a_worker_message_that_cannot_be_read_in_working_waits_in_retry(tmp_path):
+    async def main():
+        eng = _engine(tmp_path)
+        m = _msg("b@dest.test")
+        await eng.spool.store(m, b"Subject: 1\r\n\r\nx\r\n", "working")
+        inf = tmp_path / "mailq" / "working" / f"{m.id}.inf"
+        inf.write_bytes(b"this is not an inf file\n")  # as if damaged between store and notice
+        eng.worker_stored(f"W {m.id}")
+        assert m.id not in eng.delivery.messages
+        assert (tmp_path / "mailq" / "retry" / f"{m.id}.inf").exists()  # scanned, reported there
+        assert not inf.exists()
+        eng.spool.close()
+    asyncio.run(main())
+
+
 def test_housekeeping_loops_survive_file_system_errors(tmp_path, monkeypatch):
     """The scan and expiry loops run in the engine's TaskGroup: an OSError there (EMFILE under
     load, an odd entry in done/) must be logged, not end the whole engine."""
