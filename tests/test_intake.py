@@ -331,6 +331,29 @@ def test_settings_changed_while_running_reach_new_intake_processes(tmp_path):
                 time.sleep(0.1)
 
 
+def test_a_replacement_worker_that_cannot_start_leaves_the_old_one_serving(tmp_path):
+    """A certificate broken on disk (a renewal gone wrong) after the workers loaded it: the new
+    workers of a settings change die before listening, and the old ones keep the port."""
+    from mailengine import control
+    with RunningEngine(tmp_path, {"network.intake_workers": 2}) as eng:
+        old = worker_pids(eng, 2)
+        (tmp_path / "tls" / "key.pem").write_text("not a key\n")
+        a = control.request(tmp_path / "mailengine.sock", "config.set",
+                            name="limits.max_recipients", value=2)
+        assert a["applied"]
+        deadline = time.monotonic() + 20
+        while "did not start listening" not in eng.read_output():
+            assert time.monotonic() < deadline, eng.read_output()
+            time.sleep(0.1)
+        for pid in old:
+            os.kill(pid, 0)  # still running: not retired
+        for _ in range(4):  # and still taking mail, with the settings they had
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.ehlo()
+                s.mail("a@src.test")
+                assert [s.rcpt(f"r{i}@x.test")[0] for i in range(3)] == [250, 250, 250]
+
+
 def test_a_delivery_setting_changed_while_running_leaves_the_intake_processes_alone(tmp_path):
     from mailengine import control
     with RunningEngine(tmp_path, {"network.intake_workers": 2}) as eng:
