@@ -197,9 +197,7 @@ class Engine:
     def inbound_counts(self) -> dict:
         """Open SMTP sessions and totals, whichever processes take SMTP."""
         if self.inbound is not None:
-            srv = self.inbound
-            return {"open": len(srv.connections), "sessions_total": srv.sessions_total,
-                    "refused_busy": srv.refused_busy, "processes": 1}
+            return {**self.inbound.counts(), "processes": 1}
         if self.workers is not None:
             return self.workers.inbound_counts()
         return {"open": 0, "sessions_total": 0, "refused_busy": 0, "processes": 0}

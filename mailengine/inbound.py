@@ -121,6 +121,11 @@ class InboundServer:
         for server in self.servers:
             await server.wait_closed()
 
+    def counts(self) -> dict:
+        """Open sessions, sessions since start, sessions refused at the connection cap."""
+        return {"open": len(self.connections), "sessions_total": self.sessions_total,
+                "refused_busy": self.refused_busy}
+
     async def retire(self, max_seconds: float = 600.0) -> None:
         """Stop accepting, and let the sessions in progress end as they would (the idle timeout
         still applies); those still open after `max_seconds` are closed as by stop()."""

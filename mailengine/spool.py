@@ -293,7 +293,7 @@ class Spool:
         for _ in range(100):
             dat = f"{d}/{msg.id}.dat"
             try:
-                fd = self._open_new(dat, "dat")
+                fd, reused = self._open_new(dat, "dat")
                 break
             except FileExistsError:
                 msg.id = self.new_id()
@@ -305,14 +305,16 @@ class Spool:
         fds = [fd]
         try:
             _write_all(fd, data)
-            os.ftruncate(fd, len(data))  # a spare file may have been longer
+            if reused:
+                os.ftruncate(fd, len(data))  # the spare file may have been longer
             try:
-                fd2 = self._open_new(tmp, "inf")
+                fd2, reused = self._open_new(tmp, "inf")
             except FileExistsError:  # left by a failed update: replace it
-                fd2 = os.open(tmp, _O_TRUNC, 0o644)
+                fd2, reused = os.open(tmp, _O_TRUNC, 0o644), False
             fds.append(fd2)
             _write_all(fd2, inf)
-            os.ftruncate(fd2, len(inf))
+            if reused:
+                os.ftruncate(fd2, len(inf))
             if not self.durable:
                 os.rename(tmp, final)
         except BaseException:
@@ -326,16 +328,17 @@ class Spool:
             fds = []
         return dat, tmp, final, fds
 
-    def _open_new(self, path: str, kind: str) -> int:
-        """Open `path` for writing as a new file: a spare file renamed to it, else a file created
-        with O_EXCL. FileExistsError when `path` exists (never overwritten)."""
+    def _open_new(self, path: str, kind: str) -> tuple[int, bool]:
+        """Open `path` for writing as a new file: a spare file renamed to it (True: to be cut
+        to length once written), else a file created with O_EXCL. FileExistsError when `path`
+        exists (never overwritten)."""
         if self.spare.take(path, kind):
             try:
-                return os.open(path, _O_REUSE)
+                return os.open(path, _O_REUSE), True
             except BaseException:
                 _unlink_quiet(path)
                 raise
-        return os.open(path, _O_NEW, 0o644)
+        return os.open(path, _O_NEW, 0o644), False
 
     def _write_job(self, job: _Job) -> None:
         """Writer thread: create a store job's files (the flusher syncs them afterwards)."""
@@ -402,12 +405,9 @@ class Spool:
             except FileNotFoundError:
                 pass
 
-    def remove(self, msg_id: str, where: str, recycle: bool = False) -> None:
+    def remove(self, msg_id: str, where: str) -> None:
         """Delete a message: `.inf` first (the message is gone), then `.dat` (and side files).
-        With `recycle` (delivered mail), its files become spare files for later stores."""
-        if recycle and self.spare.enabled:
-            self.recycle([msg_id], where)
-            return
+        Delivered mail goes through `recycle` instead."""
         _unlink_quiet(self.inf_path(msg_id, where))
         _unlink_quiet(self.dat_path(msg_id, where))
         for suffix in self.side_files:

@@ -317,7 +317,8 @@ async def _report_connections(server, notify) -> None:
     engine's status, admin and metrics count this process's sessions."""
     last = None
     while True:
-        now = (len(server.connections), server.sessions_total, server.refused_busy)
+        c = server.counts()
+        now = (c["open"], c["sessions_total"], c["refused_busy"])
         if now != last:
             try:
                 notify.write("C %d %d %d\n" % now)

@@ -45,7 +45,7 @@ def test_delivered_files_are_reused_by_the_next_store_and_cut_to_size(sp):
     store(sp, big, b"X" * 9000 + b"\r\n")
     old_dat = (sp.root / "working" / f"{big.id}.dat").stat().st_ino
     old_inf = (sp.root / "working" / f"{big.id}.inf").stat().st_ino
-    sp.remove(big.id, "working", recycle=True)
+    sp.recycle([big.id], "working")
     assert not list((sp.root / "working").iterdir())
     assert len(spares(spare)) == 2
     kept = inodes(spare)
@@ -140,7 +140,7 @@ def test_spool_unlinks_what_the_pool_will_not_keep(sp):
     inf = sp.root / "working" / f"{m.id}.inf"
     kept = inf.stat().st_ino
     sp.spare.max_bytes = inf.stat().st_size  # the .inf fits, the 5000-byte .dat does not
-    sp.remove(m.id, "working", recycle=True)
+    sp.recycle([m.id], "working")
     assert inodes(sp.root / "spare") == {kept}
     assert not list((sp.root / "working").iterdir())
 
@@ -161,7 +161,7 @@ def test_store_on_a_taken_id_gets_a_new_id_not_the_old_file(sp):
     first, filler = msg(), msg()
     store(sp, first, b"first\r\n", "retry")
     store(sp, filler, b"filler\r\n")
-    sp.remove(filler.id, "working", recycle=True)  # two spares ready
+    sp.recycle([filler.id], "working")  # two spares ready
     second = msg(first.id)  # the same id: must not replace retry/ID.dat
     store(sp, second, b"second\r\n", "retry")
     assert second.id != first.id
@@ -186,7 +186,7 @@ def test_other_processes_find_spares_and_skip_names_taken_meanwhile(tmp_path):
 def test_recovery_leaves_spare_files_alone(sp):
     m = msg()
     store(sp, m, b"x\r\n")
-    sp.remove(m.id, "working", recycle=True)
+    sp.recycle([m.id], "working")
     rep = sp.recover()
     assert rep.messages == [] and rep.warnings == []
     assert len(spares(sp.root / "spare")) == 2
@@ -198,7 +198,7 @@ def test_switched_off_with_zero_files(tmp_path, monkeypatch):
     sp.ensure_dirs()
     m = msg()
     store(sp, m, b"x\r\n")
-    sp.remove(m.id, "working", recycle=True)
+    sp.recycle([m.id], "working")
     sp.close()
     assert not spares(tmp_path / "mailq" / "spare")
     assert not list((tmp_path / "mailq" / "working").iterdir())
@@ -209,7 +209,7 @@ def test_memory_mode_reuses_spares_too(tmp_path):
     sp.ensure_dirs()
     a = msg()
     store(sp, a, b"a" * 100)
-    sp.remove(a.id, "working", recycle=True)
+    sp.recycle([a.id], "working")
     b = msg()
     store(sp, b, b"b\r\n")
     assert (tmp_path / "mailq" / "working" / f"{b.id}.dat").read_bytes() == b"b\r\n"

@@ -81,19 +81,11 @@ class OutcomeCounter(logging.Handler):
         logging.getLogger("mailengine.delivery").removeHandler(self)
 
 
-def _inbound_counts(inbound) -> dict:
-    if inbound is None:
-        return {"open": 0, "sessions_total": 0, "refused_busy": 0}
-    return {"open": len(inbound.connections), "sessions_total": inbound.sessions_total,
-            "refused_busy": inbound.refused_busy}
-
-
 def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False) -> dict:
     """The numbers of now; `cheap` skips those that walk the queue (recipients left)."""
     st = engine.stats
     delivery = getattr(engine, "delivery", None)
-    counts = getattr(engine, "inbound_counts", None)  # the intake workers' sessions too
-    ins = counts() if counts is not None else _inbound_counts(getattr(engine, "inbound", None))
+    ins = engine.inbound_counts()  # this process's sessions, or the intake workers'
     snap = {
         "time": time.time(),
         "received": st.recv.total,
