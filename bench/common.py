@@ -6,6 +6,7 @@ benchmarks (`bench/intake.py`, later `bench/relay.py`) put the pieces together.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -342,3 +343,45 @@ def make_workdir(prefix: str, parent: Path | None) -> tuple[Path, str]:
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(workdir)], capture_output=True,
                         text=True).stdout.strip()
     return workdir, fs
+
+
+def add_run_arguments(ap) -> None:
+    """--workdir, --keep and --no-save, which every benchmark takes."""
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the engine homes and the Postfix instances live (default: the "
+                         "system temp dir; use a real disk, not tmpfs, or durability is free)")
+    ap.add_argument("--keep", action="store_true", help="keep engine homes and Postfix dirs")
+    ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+
+
+@contextlib.contextmanager
+def run_workdir(prefix: str, args):
+    """make_workdir() for the run, removed at its end (unless --keep); yields (path, fs type)."""
+    workdir, fs = make_workdir(prefix, args.workdir)
+    try:
+        yield workdir, fs
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def note_machine(info: dict, fs: str = "") -> None:
+    """The warnings that go under every benchmark's header line."""
+    if info["load_average_at_start"][0] > 0.5:
+        print("note: the machine is not idle; other work skews the figures", flush=True)
+    if fs in ("tmpfs", "ramfs"):
+        print("warning: the workdir is in memory: fsync costs nothing there", flush=True)
+
+
+def run_rounds(cases: list[str], repeat: int, labels: dict[str, str], run_case,
+               unit: str = "msg/s") -> dict[str, list[Case]]:
+    """Every case `repeat` times, interleaved (a b c a b c ...), each result printed."""
+    runs: dict[str, list[Case]] = {c: [] for c in cases}
+    for r in range(repeat):
+        for c in cases:
+            print(f"  run {r + 1}/{repeat} ({c}) {labels[c]} ...", end=" ", flush=True)
+            res = run_case(c)
+            runs[c].append(res)
+            note = res.check if res.ok else (res.error or res.check or "?").splitlines()[0]
+            print(f"{res.rate:,.0f} {unit}" if res.ok else "FAILED", f"({note})", flush=True)
+    return runs

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import smtplib
 import subprocess
@@ -35,8 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (Case, machine_info, make_workdir, print_table, ratio, tool,  # noqa: E402
-                    wait_for_port, write_results)
+from common import (Case, add_run_arguments, machine_info, note_machine,  # noqa: E402
+                    print_table, ratio, run_rounds, run_workdir, tool, wait_for_port,
+                    write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
@@ -228,29 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--postfix-concurrency", type=int, default=20,
                     help="Postfix's per-destination concurrency (its default: 20)")
     ap.add_argument("--timeout", type=float, default=900.0)
-    ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--no-save", action="store_true")
+    add_run_arguments(ap)
     args = ap.parse_args(argv)
     cases = [c for c in "ab" if c in args.cases]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    workdir, _ = make_workdir("bench-fanout-", args.workdir)
     info = machine_info()
-    print(f"bench/fanout: one message to {args.recipients} recipients over {args.domains} "
-          f"domains, {args.sinks} MX hosts (smtp-sink); {info['cores']} cores; load "
-          f"{info['load_average_at_start'][0]}", flush=True)
-    runs: dict[str, Case] = {}
-    try:
-        for c in cases:
-            print(f"  ({c}) {CASES[c]} ...", end=" ", flush=True)
-            res = run_engine(args, workdir) if c == "a" else run_postfix(args, workdir)
-            runs[c] = res
-            note = res.check if res.ok else (res.error or res.check or "?").splitlines()[0]
-            print(f"{res.rate:,.0f} recipients/s" if res.ok else "FAILED", f"({note})",
-                  flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with run_workdir("bench-fanout-", args) as (workdir, fs):
+        print(f"bench/fanout: one message to {args.recipients} recipients over {args.domains} "
+              f"domains, {args.sinks} MX hosts (smtp-sink); {info['cores']} cores; load "
+              f"{info['load_average_at_start'][0]}", flush=True)
+        note_machine(info, fs)
+        rounds = run_rounds(cases, 1, CASES, lambda c: run_engine(args, workdir) if c == "a"
+                            else run_postfix(args, workdir), unit="recipients/s")
+    runs = {c: rs[0] for c, rs in rounds.items()}
     rows = [{"case": f"({c}) {CASES[c]}", "rate": f"{r.rate:,.0f}" if r.ok else "FAILED",
              "seconds": f"{r.seconds:.1f}" if r.ok else "",
              "cpu": f"{r.extra.get('relay_cpu_percent', 0):.0f}%" if r.ok else ""}

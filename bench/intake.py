@@ -41,9 +41,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (ENGINE_DEFAULTS, Case, SmtpSink, add_load_arguments, jsonable,  # noqa: E402
-                    machine_info, make_workdir, print_table, ratio, run_smtp_source,
-                    write_results)
+from common import (ENGINE_DEFAULTS, Case, SmtpSink, add_load_arguments,  # noqa: E402
+                    add_run_arguments, jsonable, machine_info, note_machine, print_table,
+                    ratio, run_rounds, run_smtp_source, run_workdir, write_results)
 from postfix import PostfixInstance  # noqa: E402
 
 CASES = {
@@ -417,11 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="afterwards, run (b) under py-spy (or cProfile) and print top functions")
     ap.add_argument("--top", type=int, default=15, help="functions shown by --profile")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="where the engine homes and the Postfix instance live (default: the "
-                         "system temp dir; use a real disk, not tmpfs, or durability is free)")
-    ap.add_argument("--keep", action="store_true", help="keep engine homes and Postfix dirs")
-    ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    add_run_arguments(ap)
     ap.add_argument("--json", type=Path, help="write the results to this file instead")
     args = ap.parse_args(argv)
     cases = [c for c in "abcd" if c in args.cases]
@@ -429,40 +425,25 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--cases takes letters from abcd")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # clean up on SIGTERM too
 
-    workdir, fs = make_workdir("bench-intake-", args.workdir)
     info = machine_info()
-    print(f"bench/intake: {args.messages} messages of {args.size} bytes over {args.sessions} "
-          f"sessions; {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}, "
-          f"Postfix {info['postfix']}; load {info['load_average_at_start'][0]}; "
-          f"workdir {workdir} ({fs})", flush=True)
-    if info["load_average_at_start"][0] > 0.5:
-        print("note: the machine is not idle; other work skews the figures", flush=True)
-    if fs in ("tmpfs", "ramfs"):
-        print("warning: the workdir is in memory: fsync costs nothing there", flush=True)
+    with run_workdir("bench-intake-", args) as (workdir, fs):
+        print(f"bench/intake: {args.messages} messages of {args.size} bytes over "
+              f"{args.sessions} sessions; {info['cores']} cores, {info['memory_gib']} GiB, "
+              f"Python {info['python']}, Postfix {info['postfix']}; load "
+              f"{info['load_average_at_start'][0]}; workdir {workdir} ({fs})", flush=True)
+        note_machine(info, fs)
 
-    runs: dict[str, list[Case]] = {c: [] for c in cases}
-    try:
-        for r in range(args.repeat):
-            for c in cases:
-                print(f"  run {r + 1}/{args.repeat} ({c}) {CASES[c]} ...", end=" ", flush=True)
-                if c in "ab":
-                    res = run_engine_case(c, args, workdir)
-                elif c == "c":
-                    res = run_postfix_case(args, workdir)
-                else:
-                    res = run_sink_case(args, workdir)
-                runs[c].append(res)
-                note = res.check if res.ok else (res.error or res.check or "?").splitlines()[0]
-                print(f"{res.rate:,.0f} msg/s" if res.ok else "FAILED", f"({note})", flush=True)
+        def run_case(c: str) -> Case:
+            if c in "ab":
+                return run_engine_case(c, args, workdir)
+            return run_postfix_case(args, workdir) if c == "c" else run_sink_case(args, workdir)
+        runs = run_rounds(cases, args.repeat, CASES, run_case)
         profile = None
         if args.profile:
             print("  profiling (b) ...", flush=True)
             prof_case = run_profile(args, workdir)
             profile = prof_case.extra.get("profile") or {"error": prof_case.error or "none"}
             profile["rate_while_profiled"] = prof_case.rate
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
 
     summary = []
     for c in cases:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import signal
 import statistics
 import sys
@@ -33,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (ENGINE_DEFAULTS, RECIPIENT, Case, SmtpSink, add_load_arguments,  # noqa: E402
-                    machine_info, make_workdir, print_table, ratio, run_smtp_source,
-                    write_results)
+                    add_run_arguments, machine_info, note_machine, print_table, ratio,
+                    run_rounds, run_smtp_source, run_workdir, write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
@@ -167,39 +166,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="Postfix's in_flow_delay (its default, 1s)")
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="seconds to wait for the sink after smtp-source is done")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="where the engine home and the Postfix instance live (default: the "
-                         "system temp dir; use a real disk, not tmpfs, or durability is free)")
-    ap.add_argument("--keep", action="store_true", help="keep engine homes and Postfix dirs")
-    ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    add_run_arguments(ap)
     args = ap.parse_args(argv)
     cases = [c for c in "abc" if c in args.cases]
     if not cases or set(args.cases) - set("abc"):
         ap.error("--cases takes letters from abc")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    workdir, fs = make_workdir("bench-relay-", args.workdir)
     info = machine_info()
-    print(f"bench/relay: {args.messages} messages of {args.size} bytes over {args.sessions} "
-          f"sessions, end to end; {info['cores']} cores, Python {info['python']}, "
-          f"Postfix {info['postfix']}; load {info['load_average_at_start'][0]}; "
-          f"workdir {workdir} ({fs})", flush=True)
-    if info["load_average_at_start"][0] > 0.5:
-        print("note: the machine is not idle; other work skews the figures", flush=True)
-
-    runs: dict[str, list[Case]] = {c: [] for c in cases}
-    try:
-        for r in range(args.repeat):
-            for c in cases:
-                print(f"  run {r + 1}/{args.repeat} ({c}) {CASES[c]} ...", end=" ", flush=True)
-                fn = {"a": run_engine_case, "b": run_postfix_case, "c": run_direct_case}[c]
-                res = fn(args, workdir)
-                runs[c].append(res)
-                note = res.check if res.ok else (res.error or res.check or "?").splitlines()[0]
-                print(f"{res.rate:,.0f} msg/s" if res.ok else "FAILED", f"({note})", flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with run_workdir("bench-relay-", args) as (workdir, fs):
+        print(f"bench/relay: {args.messages} messages of {args.size} bytes over {args.sessions} "
+              f"sessions, end to end; {info['cores']} cores, Python {info['python']}, "
+              f"Postfix {info['postfix']}; load {info['load_average_at_start'][0]}; "
+              f"workdir {workdir} ({fs})", flush=True)
+        note_machine(info, fs)
+        run = {"a": run_engine_case, "b": run_postfix_case, "c": run_direct_case}
+        runs = run_rounds(cases, args.repeat, CASES, lambda c: run[c](args, workdir))
 
     summary = []
     rates = {}
