@@ -30,34 +30,62 @@ def verify_password(stored: str, password: str) -> bool:
     return hmac.compare_digest(stored.encode(), password.encode())
 
 
-class PasswordFile:
-    """Reads password.txt again whenever it changes, so edits need no restart."""
+class NameSecretFile:
+    """A file of `name:secret` lines (comments and blank lines allowed and kept), read again
+    whenever it changes, so edits need no restart. Shared by password.txt and api-tokens.txt."""
+
+    header: tuple[str, ...] = ()  # comment lines a new file starts with
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._stamp: tuple[float, int] | None = None
-        self._users: dict[str, str] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._entries: dict[str, str] = {}
 
     def _load(self) -> dict[str, str]:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self._users, self._stamp = {}, None
-            return self._users
-        stamp = (st.st_mtime, st.st_size)
+            self._entries, self._stamp = {}, None
+            return self._entries
+        stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
-            users = {}
+            entries = {}
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 line = line.strip()
                 if not line or line.startswith("#") or ":" not in line:
                     continue
-                user, _, secret = line.partition(":")
-                users[user.strip()] = secret.strip()
-            self._users, self._stamp = users, stamp
-        return self._users
+                name, _, secret = line.partition(":")
+                if name.strip() and secret.strip():
+                    entries[name.strip()] = secret.strip()
+            self._entries, self._stamp = entries, stamp
+        return self._entries
 
     def __bool__(self) -> bool:
         return bool(self._load())
+
+    def _replace(self, name: str, new_line: str | None) -> None:
+        """Put `new_line` where `name`'s line is (or at the end), or drop that line (None);
+        every other line stays as it is. Written to a 0600 temporary file, then renamed."""
+        lines = self.path.read_text().splitlines() if self.path.exists() else list(self.header)
+        out, found = [], False
+        for line in lines:
+            if not line.lstrip().startswith("#") and line.partition(":")[0].strip() == name:
+                if new_line is not None and not found:
+                    out.append(new_line)
+                found = True
+            else:
+                out.append(line)
+        if new_line is not None and not found:
+            out.append(new_line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(out) + "\n")
+        tmp.replace(self.path)
+
+
+class PasswordFile(NameSecretFile):
+    """password.txt: `user:password` lines."""
 
     def users(self) -> list[str]:
         return sorted(self._load())
@@ -68,17 +96,4 @@ class PasswordFile:
 
     def set_password(self, user: str, password: str) -> None:
         """Store (hashed) a new password for user, keeping the other lines as they are."""
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        out, found = [], False
-        for line in lines:
-            if line.partition(":")[0].strip() == user and not line.lstrip().startswith("#"):
-                out.append(f"{user}:{hash_password(password)}")
-                found = True
-            else:
-                out.append(line)
-        if not found:
-            out.append(f"{user}:{hash_password(password)}")
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("\n".join(out) + "\n")
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.path)
+        self._replace(user, f"{user}:{hash_password(password)}")

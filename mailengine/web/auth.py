@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from ..users import NameSecretFile
 
 SESSION_COOKIE = "mailengine_session"
 LOGIN_COOKIE = "mailengine_login"
@@ -139,38 +139,15 @@ def hash_token(token: str) -> str:
     return "sha256$" + hashlib.sha256(token.encode()).hexdigest()
 
 
-class ApiTokens:
+class ApiTokens(NameSecretFile):
     """The tokens of HOME/api-tokens.txt: `name:secret` or `name:sha256$HEX` lines."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._stamp: tuple[float, int] | None = None
-        self._tokens: dict[str, str] = {}
-
-    def _load(self) -> dict[str, str]:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            self._tokens, self._stamp = {}, None
-            return self._tokens
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
-            tokens = {}
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                line = line.strip()
-                if not line or line.startswith("#") or ":" not in line:
-                    continue
-                name, _, secret = line.partition(":")
-                if name.strip() and secret.strip():
-                    tokens[name.strip()] = secret.strip()
-            self._tokens, self._stamp = tokens, stamp
-        return self._tokens
+    header = ("# API tokens of the MailEngine HTTP API: one 'name:token' line each",
+              "# ('name:sha256$HEX' when made by the web admin).",
+              "# Clients send 'Authorization: Bearer TOKEN'.")
 
     def names(self) -> list[str]:
         return sorted(self._load())
-
-    def __bool__(self) -> bool:
-        return bool(self._load())
 
     def check(self, token: str) -> str | None:
         """The name of the token, or None."""
@@ -187,23 +164,9 @@ class ApiTokens:
     def create(self, name: str) -> str:
         """A new token stored hashed under `name` (replacing one of that name); returns it."""
         token = "me_" + secrets.token_urlsafe(32)
-        self._rewrite(name, f"{name}:{hash_token(token)}")
+        self._replace(name, f"{name}:{hash_token(token)}")
         return token
 
     def revoke(self, name: str) -> None:
-        self._rewrite(name, None)
+        self._replace(name, None)
 
-    def _rewrite(self, name: str, new_line: str | None) -> None:
-        lines = self.path.read_text().splitlines() if self.path.exists() else [
-            "# API tokens of the MailEngine HTTP API: one 'name:token' line each",
-            "# ('name:sha256$HEX' when made by the web admin).",
-            "# Clients send 'Authorization: Bearer TOKEN'."]
-        out = [ln for ln in lines
-               if ln.lstrip().startswith("#") or ln.partition(":")[0].strip() != name]
-        if new_line:
-            out.append(new_line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(out) + "\n")
-        tmp.replace(self.path)
