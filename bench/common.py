@@ -365,8 +365,11 @@ def run_workdir(prefix: str, args):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def note_machine(info: dict, fs: str = "") -> None:
-    """The warnings that go under every benchmark's header line."""
+def announce(what: str, info: dict, workdir: Path, fs: str) -> None:
+    """Every benchmark's header line (`what` it runs, then the machine) and its warnings."""
+    print(f"{what}; {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}, "
+          f"Postfix {info['postfix']}; load {info['load_average_at_start'][0]}; "
+          f"workdir {workdir} ({fs})", flush=True)
     if info["load_average_at_start"][0] > 0.5:
         print("note: the machine is not idle; other work skews the figures", flush=True)
     if fs in ("tmpfs", "ramfs"):

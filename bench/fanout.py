@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (Case, add_run_arguments, machine_info, note_machine,  # noqa: E402
+from common import (Case, add_run_arguments, announce, machine_info,  # noqa: E402
                     print_table, ratio, run_rounds, run_workdir, tool, wait_for_port,
                     write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
@@ -234,10 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     info = machine_info()
     with run_workdir("bench-fanout-", args) as (workdir, fs):
-        print(f"bench/fanout: one message to {args.recipients} recipients over {args.domains} "
-              f"domains, {args.sinks} MX hosts (smtp-sink); {info['cores']} cores; load "
-              f"{info['load_average_at_start'][0]}", flush=True)
-        note_machine(info, fs)
+        announce(f"bench/fanout: one message to {args.recipients} recipients over "
+                 f"{args.domains} domains, {args.sinks} MX hosts (smtp-sink)", info, workdir, fs)
         rounds = run_rounds(cases, 1, CASES, lambda c: run_engine(args, workdir) if c == "a"
                             else run_postfix(args, workdir), unit="recipients/s")
     runs = {c: rs[0] for c, rs in rounds.items()}

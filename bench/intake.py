@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (ENGINE_DEFAULTS, Case, SmtpSink, add_load_arguments,  # noqa: E402
-                    add_run_arguments, jsonable, machine_info, note_machine, print_table,
+                    add_run_arguments, jsonable, announce, machine_info, print_table,
                     ratio, run_rounds, run_smtp_source, run_workdir, write_results)
 from postfix import PostfixInstance  # noqa: E402
 
@@ -427,11 +427,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     with run_workdir("bench-intake-", args) as (workdir, fs):
-        print(f"bench/intake: {args.messages} messages of {args.size} bytes over "
-              f"{args.sessions} sessions; {info['cores']} cores, {info['memory_gib']} GiB, "
-              f"Python {info['python']}, Postfix {info['postfix']}; load "
-              f"{info['load_average_at_start'][0]}; workdir {workdir} ({fs})", flush=True)
-        note_machine(info, fs)
+        announce(f"bench/intake: {args.messages} messages of {args.size} bytes over "
+                 f"{args.sessions} sessions", info, workdir, fs)
 
         def run_case(c: str) -> Case:
             if c in "ab":

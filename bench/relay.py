@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (ENGINE_DEFAULTS, RECIPIENT, Case, SmtpSink, add_load_arguments,  # noqa: E402
-                    add_run_arguments, machine_info, note_machine, print_table, ratio,
+                    add_run_arguments, announce, machine_info, print_table, ratio,
                     run_rounds, run_smtp_source, run_workdir, write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
@@ -175,11 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     with run_workdir("bench-relay-", args) as (workdir, fs):
-        print(f"bench/relay: {args.messages} messages of {args.size} bytes over {args.sessions} "
-              f"sessions, end to end; {info['cores']} cores, Python {info['python']}, "
-              f"Postfix {info['postfix']}; load {info['load_average_at_start'][0]}; "
-              f"workdir {workdir} ({fs})", flush=True)
-        note_machine(info, fs)
+        announce(f"bench/relay: {args.messages} messages of {args.size} bytes over "
+                 f"{args.sessions} sessions, end to end", info, workdir, fs)
         run = {"a": run_engine_case, "b": run_postfix_case, "c": run_direct_case}
         runs = run_rounds(cases, args.repeat, CASES, lambda c: run[c](args, workdir))
 

@@ -262,11 +262,13 @@ def test_stats_line_in_the_manuals_format(tmp_path):
 
 
 def worker_pids(eng: RunningEngine, n: int) -> list[int]:
-    """The pids of the `n` intake workers serving now (the latest started per index)."""
+    """The pids of the `n` intake workers serving now (the latest started per index), once
+    they all listen (the engine says so when its start is done)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        found = dict(re.findall(r"intake worker (\d+) started, pid (\d+)", eng.read_output()))
-        if len(found) == n:
+        out = eng.read_output()
+        found = dict(re.findall(r"intake worker (\d+) started, pid (\d+)", out))
+        if len(found) == n and f"in {n} intake processes" in out:
             return [int(found[str(i)]) for i in range(n)]
         time.sleep(0.1)
     raise AssertionError(f"not {n} intake workers in:\n{eng.read_output()}")
