@@ -348,8 +348,14 @@ def main() -> None:
     spec = json.loads(sys.stdin.read())
     values = spec["values"]
     logs.setup(Path(spec["home"]) / "log", values["logging.log_retention_days"])
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(worker_main(spec))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(worker_main(spec))
+    except (OSError, ValueError, RuntimeError) as e:  # e.g. a broken key file, a taken port
+        # one line for the engine's console and log, not a traceback; the engine keeps or
+        # restarts the worker this one was to replace
+        log.error("intake worker (pid %d) cannot serve: %s", os.getpid(), e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

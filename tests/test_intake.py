@@ -349,6 +349,8 @@ def test_a_replacement_worker_that_cannot_start_leaves_the_old_one_serving(tmp_p
             time.sleep(0.1)
         for pid in old:
             os.kill(pid, 0)  # still running: not retired
+        out = eng.read_output()  # the new ones said why in one line each, not a traceback
+        assert "cannot serve:" in out and "Traceback" not in out, out
         for _ in range(4):  # and still taking mail, with the settings they had
             with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
                 s.ehlo()
