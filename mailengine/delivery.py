@@ -37,6 +37,7 @@ says RSET and QUIT where DATA would go.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import email.utils
 import logging
 import os
@@ -104,7 +105,7 @@ class Pool:
         self.per_host: dict[tuple[str, int], int] = {}
         self.idle: dict[tuple[str, int], list[SMTPSession]] = {}
         # acquire() calls waiting: per server at its per-host cap, or (None) for the total cap
-        self._waiters: dict[tuple[str, int] | None, list[asyncio.Future]] = {}
+        self._waiters: dict[tuple[str, int] | None, deque[asyncio.Future]] = {}
         self._closing: set[asyncio.Task] = set()
         self.closed = False
 
@@ -124,22 +125,40 @@ class Pool:
                 or self.total - len(self._closing) > self.max_total)
 
     def _notify(self, key: tuple[str, int] | None = None) -> None:
-        """A connection slot freed (of server `key`; None: caps changed, wake everyone). Only
-        the waiters it can concern wake: not every unit waiting for any busy server."""
+        """A connection of server `key` closed or went idle: one slot (or one idle session) is
+        free, so one unit waiting for that server and one waiting for the total cap wake, not
+        all of them (hundreds may wait for one MX that many domains share). None: the caps
+        changed, so everyone wakes."""
         if key is None:
             groups = list(self._waiters.values())
             self._waiters = {}
-        else:
-            groups = [self._waiters.pop(key, []), self._waiters.pop(None, [])]
-        for waiters in groups:
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+            for waiters in groups:
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+            return
+        self._wake_one(key)
+        self._wake_one(None)
+
+    def _wake_one(self, key: tuple[str, int] | None) -> None:
+        waiters = self._waiters.get(key)
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                break
+        if not waiters:
+            self._waiters.pop(key, None)
 
     async def _wait(self, key: tuple[str, int] | None) -> None:
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(key, []).append(fut)
-        await fut
+        self._waiters.setdefault(key, deque()).append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._wake_one(key)  # woken, then cancelled: the slot goes to the next one
+            raise
 
     def _take_idle(self, key) -> SMTPSession | None:
         idle = self.idle.get(key)
@@ -203,6 +222,7 @@ class Pool:
             for s in self.idle.pop(key, []):
                 self._forget(key, s)
         waiting = False
+        woken_for_total = False
         try:
             while True:
                 if self.closed:
@@ -216,8 +236,11 @@ class Pool:
                         break
                     if self.total - len(self._closing) >= self.max_total:
                         self._evict_one_idle()  # its slot frees when its QUIT is done
+                elif woken_for_total and self.total < self.max_total:
+                    self._wake_one(None)  # the free slot this unit cannot use: the next one's
                 if host_wait is not None and host_busy and not waiting:
                     waiting = host_wait(True)  # False: too many wait so already; keep the place
+                woken_for_total = not host_busy
                 await self._wait(key if host_busy else None)
         finally:
             if waiting and host_wait is not None:
