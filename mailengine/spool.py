@@ -7,10 +7,10 @@ can be in, the commit point (a `250` is sent only after `store()` returns), and 
 does in each state. The spool knows nothing of SMTP or scheduling, so intake and delivery can run
 in separate processes sharing one spool.
 
-Group commit. `store()` hands the message to a few writer threads, which create `ID.dat` and
-`ID.inf.tmp` (page cache only; not on the event loop, because creating a file can take
-hundreds of µs, see spare.py, and that stalled every session; spare files make it cheap once
-mail is being delivered) and queue it for the one flusher thread; the store awaits the
+Group commit. `store()` hands the message to a writer thread (more start while stores wait:
+`_Writers`), which creates `ID.dat` and `ID.inf.tmp` (page cache only; not on the event loop,
+because creating a file can take hundreds of µs, see spare.py, and that stalled every session;
+spare files make it cheap once mail is being delivered) and queues it for the one flusher thread; the store awaits the
 flusher. The flusher takes everything queued and makes it durable in two pipelined phases
 (docs/QUEUE.md says why two): sync #1 makes the batch's data durable, the batch's `.inf.tmp`
 files are renamed, and sync #2 makes the renames durable. Sync #2 of
@@ -48,19 +48,24 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import os
 import shutil
 import socket
 import threading
+from collections import deque
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .envelope import InfError, Message, format_inf, parse_inf
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
 from .spare import fsync_dir as _fsync_dir
+
+log = logging.getLogger("mailengine.spool")
 
 DIRS = ("retry", "working", "done", "incoming")
 SHUTDOWN_FILE = "shutdown.txt"
@@ -145,10 +150,74 @@ def _load_syncfs():
 
 
 _syncfs = _load_syncfs()
-WRITER_THREADS = int(os.environ.get("MAILENGINE_SPOOL_WRITERS", "4"))  # 16 measured no better
+WRITER_THREADS = int(os.environ.get("MAILENGINE_SPOOL_WRITERS", "4"))  # at most; see _Writers
+WRITER_SLOW = 0.010  # s a store waited for a writer thread before another one starts
 STRATEGIES = ("syncfs", "fdatasync")
 DEFAULT_STRATEGY = os.environ.get("MAILENGINE_SPOOL_SYNC") or (
     "syncfs" if _syncfs is not None else "fdatasync")  # the variable: for measuring, see bench/
+
+
+class _Writers:
+    """The threads that create stores' files. One while it keeps up; when the oldest waiting
+    store has waited WRITER_SLOW, one more (up to `max_threads`), e.g. while creating a file
+    takes hundreds of µs (spare.py); an extra thread ends once the stores no longer wait. Not a
+    fixed pool: threads busy at once compete for the interpreter lock, and bench/intake (b) was
+    14 % faster with one writer than with four always there (five interleaved pairs: 2,805,
+    2,622, 2,780, 2,801, 2,743 against 2,344, 2,359, 2,419, 2,416, 2,458 msg/s)."""
+
+    def __init__(self, max_threads: int) -> None:
+        self._cv = threading.Condition()
+        self._jobs: deque = deque()  # (time queued, function, arguments)
+        self._max = max(1, max_threads)
+        self._running = 0
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self.most = 0  # the most threads at once, for tests
+
+    def submit(self, fn: Callable, *args) -> None:
+        now = time.monotonic()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the spool's writer threads are shut down")
+            self._jobs.append((now, fn, args))
+            if self._running == 0:
+                self._start(first=True)
+            elif self._running < self._max and now - self._jobs[0][0] > WRITER_SLOW:
+                self._start(first=False)
+            else:
+                self._cv.notify()  # only the first thread ever waits for work
+
+    def _start(self, first: bool) -> None:
+        self._running += 1
+        self.most = max(self.most, self._running)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        t = threading.Thread(target=self._run, args=(first,), name="spool-writer", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _run(self, first: bool) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs or not first and not self._closed and \
+                        time.monotonic() - self._jobs[0][0] < WRITER_SLOW / 4:
+                    if self._closed or not first:  # an extra thread: the backlog is gone
+                        self._running -= 1
+                        return
+                    self._cv.wait()
+                _, fn, args = self._jobs.popleft()
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - a job reports its own errors; keep serving
+                log.exception("spool writer job failed")
+
+    def shutdown(self) -> None:
+        """Run what was submitted, then end the threads."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            threads = list(self._threads)
+        for t in threads:
+            t.join()
 
 
 class _Job:
@@ -156,7 +225,7 @@ class _Job:
     nothing but a barrier (`sync()`)."""
 
     __slots__ = ("loop", "fut", "tmp", "final", "dat", "fds", "dir", "msg_id", "error",
-                 "msg", "data", "renamed")
+                 "msg", "data")
 
     def __init__(self, tmp: str | None, final: str | None, dat: str | None, fds: list[int],
                  dir: str | None, msg_id: str | None):
@@ -165,7 +234,6 @@ class _Job:
         self.error: BaseException | None = None
         self.msg: Message | None = None  # a store whose files the flusher's writers create
         self.data: bytes | None = None
-        self.renamed = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fut: asyncio.Future | None = None
 
@@ -219,7 +287,7 @@ class Spool:
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}  # not yet kicked
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._writers: ThreadPoolExecutor | None = None
+        self._writers: _Writers | None = None
         self._root_fd = -1
         self._closing = False
         # Files kept beside ID.dat that go where it goes (".dkim": the DKIM signature made at
@@ -718,7 +786,8 @@ class Spool:
                         return
                     self._cond.wait()
                 batch, self._queue = self._queue, []
-            _rename_all(renaming, self._writers)  # the pool: None once closing
+            for job in renaming:
+                _rename_job(job)
             try:
                 self._sync(batch, renaming)
                 err = None
@@ -746,10 +815,9 @@ class Spool:
                     job.error = job.error or err
             self._resolve(finished)
 
-    def _writers_pool(self) -> ThreadPoolExecutor:
-        # Several threads: slow file creations (spare.py) then overlap with the rest.
+    def _writers_pool(self) -> _Writers:
         if self._writers is None:
-            self._writers = ThreadPoolExecutor(WRITER_THREADS, "spool-writer")
+            self._writers = _Writers(WRITER_THREADS)
         return self._writers
 
     def _sync(self, batch: list[_Job], renamed: list[_Job]) -> None:
@@ -812,26 +880,10 @@ class Spool:
 
 
 def _rename_job(job: _Job) -> None:
-    if job.renamed:
-        return
     try:
         os.rename(job.tmp, job.final)
-        job.renamed = True
     except OSError as e:
         job.error = e
-
-
-def _rename_all(jobs: list[_Job], writers: ThreadPoolExecutor | None) -> None:
-    """Rename a batch's `.inf.tmp` files into place; many at once in the writer threads (renames
-    wait on the directory lock too), one by one when few or when the pool is gone."""
-    if len(jobs) > 8 and writers is not None:
-        try:
-            list(writers.map(_rename_job, jobs))
-            return
-        except RuntimeError:  # close() shut the pool down meanwhile: finish here, once each
-            writers.shutdown(wait=True)
-    for job in jobs:
-        _rename_job(job)
 
 
 def _unlink_quiet(*paths: str) -> None:

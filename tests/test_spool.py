@@ -485,21 +485,41 @@ def test_usage_counts_messages_and_bytes(sp):
     assert u["retry"] == (1, 5) and u["done"] == (1, 3) and u["working"] == (0, 0)
 
 
-def test_renames_finish_when_the_writer_pool_is_shut_down_meanwhile(tmp_path):
-    """close() may shut the writer pool down while the flusher renames a batch: every
-    .inf.tmp still ends up renamed exactly once, and no job gets an error."""
-    from concurrent.futures import ThreadPoolExecutor
-    from mailengine.spool import _Job, _rename_all
+def test_one_writer_thread_while_it_keeps_up_more_while_stores_wait():
+    """Fast stores one after another need one thread; slow ones (file creation after mass
+    deletions, spare.py) that keep stores waiting start more, up to the maximum, which end
+    once caught up."""
+    import threading
+    from mailengine.spool import _Writers
 
-    jobs = []
-    for i in range(20):
-        tmp, final = tmp_path / f"m{i}.inf.tmp", tmp_path / f"m{i}.inf"
-        tmp.write_bytes(b"mailfrom=a@b\n")
-        jobs.append(_Job(str(tmp), str(final), None, [], str(tmp_path), f"m{i}"))
-    jobs[0].renamed = True  # already done in an earlier pass: not tried again
-    os.rename(jobs[0].tmp, jobs[0].final)
-    pool = ThreadPoolExecutor(2)
-    pool.shutdown()
-    _rename_all(jobs, pool)
-    assert all(j.error is None for j in jobs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"m{i}.inf" for i in range(20))
+    w = _Writers(4)
+    done = []
+    for i in range(50):  # each finishes before the next comes
+        ev = threading.Event()
+        w.submit(lambda i=i, ev=ev: (done.append(i), ev.set()))
+        assert ev.wait(5)
+    assert w.most == 1 and len(done) == 50
+
+    for i in range(40):  # stores keep coming while each takes 20 ms
+        w.submit(lambda i=i: (time.sleep(0.02), done.append(i)))
+        time.sleep(0.002)
+    deadline = time.monotonic() + 5
+    while len(done) < 90 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(done) == 90 and 1 < w.most <= 4
+    time.sleep(0.05)
+    assert w._running == 1  # the extra threads ended with the backlog
+    w.shutdown()
+    with pytest.raises(RuntimeError):
+        w.submit(done.append, 0)
+
+
+def test_writer_threads_shutdown_runs_what_was_submitted():
+    from mailengine.spool import _Writers
+
+    w = _Writers(2)
+    got = []
+    for i in range(30):
+        w.submit(lambda i=i: (time.sleep(0.001), got.append(i)))
+    w.shutdown()
+    assert sorted(got) == list(range(30))
