@@ -12,7 +12,7 @@ import resource
 import signal
 import socket
 
-from . import NAME, __version__, diskwatch, logs, tls
+from . import NAME, __version__, diskwatch, logs, shared, tls
 from .config import Config
 from .envelope import InfError, Message
 from .inbound import InboundServer
@@ -403,6 +403,7 @@ class Engine:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         self.spool.close()  # finishes pending flushes, stops the flusher thread
+        shared.close_list_mirrors()  # the bounce lines not yet in Redis (for at most 2 s)
         log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / "retry")
 
 

@@ -238,8 +238,11 @@ SECTION_TITLES = {
 # Settings of other parts, defined beside the code that uses them (their checks live there).
 from .dkim import DKIM_SECTION_TITLE, DKIM_SETTINGS  # noqa: E402
 
-SETTINGS += DKIM_SETTINGS
+from .shared import SHARED_SECTION_TITLE, SHARED_SETTINGS  # noqa: E402
+
+SETTINGS += DKIM_SETTINGS + SHARED_SETTINGS
 SECTION_TITLES[DKIM_SECTION_TITLE[0]] = DKIM_SECTION_TITLE[1]
+SECTION_TITLES[SHARED_SECTION_TITLE[0]] = SHARED_SECTION_TITLE[1]
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 

@@ -96,10 +96,13 @@ class Pool:
     Every connection counts from the moment it is being opened until it is closed, idle ones
     included, so the remote side never sees more than the caps allow."""
 
-    def __init__(self, max_total: int, max_per_host: int, make) -> None:
+    def __init__(self, max_total: int, max_per_host: int, make, shared=None) -> None:
         self.max_total = max_total
         self.max_per_host = max_per_host
         self.make = make  # (Target) -> SMTPSession
+        # shared.SharedLimits: the per-host cap held with the other engines, or None
+        self.shared = shared
+        self.leases: dict[int, str] = {}  # id(session) -> its lease in Redis
         self.total = 0
         self.peak = 0
         self.per_host: dict[tuple[str, int], int] = {}
@@ -171,9 +174,13 @@ class Pool:
 
     def _forget(self, key, s: SMTPSession) -> None:
         s.abort()
-        self._count_closed(key)
+        self._count_closed(key, s)
 
-    def _count_closed(self, key) -> None:
+    def _count_closed(self, key, s: SMTPSession | None = None) -> None:
+        if s is not None and self.leases:
+            lease = self.leases.pop(id(s), None)
+            if lease is not None:
+                self.shared.host_release(lease)
         self.total -= 1
         n = self.per_host.get(key, 1) - 1
         if n:
@@ -205,7 +212,7 @@ class Pool:
             except BaseException:
                 s.abort()
             finally:
-                self._count_closed(key)
+                self._count_closed(key, s)
         t = asyncio.get_running_loop().create_task(close())
         self._closing.add(t)
         t.add_done_callback(self._closing.discard)
@@ -248,12 +255,21 @@ class Pool:
         self.total += 1
         self.peak = max(self.peak, self.total)
         self.per_host[key] = self.per_host.get(key, 0) + 1
+        lease = None
+        if self.shared is not None:
+            try:  # a place among every engine's connections to this server (waits for one)
+                lease = await self.shared.host_lease(target.ip, target.port, self.max_per_host)
+            except BaseException:
+                self._count_closed(key)
+                raise
         s = self.make(target)
+        if lease is not None:
+            self.leases[id(s)] = lease
         try:
             await s.connect()
         except BaseException:
             s.abort()
-            self._count_closed(key)
+            self._count_closed(key, s)
             raise
         return s
 
@@ -325,8 +341,12 @@ class DeliveryEngine:
         self.sched = Scheduler(time.time, limit=self.windows.limit,
                                max_active=lim.max_outbound_connections)
         self.sched.paused = cfg.queue.pause_sending
+        self.shared = None
+        if cfg.shared.redis_url:
+            from .shared import SharedLimits
+            self.shared = SharedLimits(cfg.shared.redis_url, cfg.shared.key_prefix)
         self.pool = Pool(lim.max_outbound_connections, lim.max_connections_per_host,
-                         self._new_session)
+                         self._new_session, self.shared)
         self.rate = send_rate_bucket(lim.max_send_rate)
         self.bandwidth = bandwidth_bucket(lim.max_bandwidth)
         self.rate_notice = HourlyNotice()
@@ -471,6 +491,8 @@ class DeliveryEngine:
                 log.warning("%s: cannot move it back to retry/: %s", mid, e)
         self._in_working.clear()
         await self.pool.close_all()
+        if self.shared is not None:
+            await self.shared.close()
         await self.resolver.aclose()
         if self._remover is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._remover.shutdown)
@@ -709,7 +731,11 @@ class DeliveryEngine:
             stats.sent.add(time.time(), n)
 
     async def _limit_rate(self, size: int) -> None:
-        delay = self.rate.wait(1)
+        delay = None
+        if self.shared is not None and self.cfg.limits.max_send_rate > 0:
+            delay = await self.shared.send_delay(self.cfg.limits.max_send_rate)  # every engine's
+        if delay is None:
+            delay = self.rate.wait(1)
         if delay > 0:
             if self.rate_notice.due():
                 log.warning("Sending is held back by limits.max_send_rate = %d messages per "

@@ -43,7 +43,10 @@ class Intake:
         self.on_stored = on_stored
         if bounces is None:
             from .bounces import BounceLog
-            bounces = BounceLog(cfg.home, log_dir=cfg.log_dir)
+            from .lists import AddressLists
+            from .shared import list_mirror
+            bounces = BounceLog(cfg.home, AddressLists(cfg.home, mirror=list_mirror(cfg)),
+                                log_dir=cfg.log_dir)
         self.bounces = bounces  # mail to mailengine-bounce-USER%DOMAIN@... (SPEC 2.3)
 
     async def on_message(self, ev: MessageReceived) -> Reply:

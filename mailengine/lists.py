@@ -106,28 +106,30 @@ def _one_line(text: str) -> str:
 class AddressLists:
     """The four address lists of a home directory."""
 
-    def __init__(self, home: Path | str) -> None:
+    def __init__(self, home: Path | str, mirror=None) -> None:
         home = Path(home)
         self.hard_undeliverable = AppendFile(home / HARD_UNDELIVERABLE)
         self.soft_undeliverable = AppendFile(home / SOFT_UNDELIVERABLE)
         self.hard_bounces = AppendFile(home / HARD_BOUNCES)
         self.soft_bounces = AppendFile(home / SOFT_BOUNCES)
+        self.mirror = mirror  # shared.ListMirror: the same lines onto Redis lists, or None
 
     def undeliverable(self, hard: list[str], soft: list[str]) -> None:
         """Failed addresses of one attempt: hard (5xx) and soft (given up after the last retry)."""
         for f, addrs in ((self.hard_undeliverable, hard), (self.soft_undeliverable, soft)):
             if addrs:
-                try:
-                    f.append_lines([a.strip() for a in addrs])
-                except OSError as e:
-                    log.warning("cannot append to %s: %s", f.path, e)
+                self._append(f, [a.strip() for a in addrs])
 
     def bounce(self, address: str, hard: bool) -> None:
-        f = self.hard_bounces if hard else self.soft_bounces
+        self._append(self.hard_bounces if hard else self.soft_bounces, [address.strip()])
+
+    def _append(self, f: AppendFile, lines: list[str]) -> None:
         try:
-            f.append_lines([address.strip()])
+            f.append_lines(lines)
         except OSError as e:
             log.warning("cannot append to %s: %s", f.path, e)
+        if self.mirror is not None:
+            self.mirror.push(f.path.name, lines)
 
     def close(self) -> None:
         for f in (self.hard_undeliverable, self.soft_undeliverable, self.hard_bounces,

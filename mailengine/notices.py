@@ -18,6 +18,7 @@ from .envelope import Message
 from .events import EventLog
 from .lists import AddressLists
 from .outcome import AttemptResult, RcptOutcome
+from .shared import list_mirror
 
 if TYPE_CHECKING:
     from .app import Engine
@@ -29,7 +30,7 @@ class Notices:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.cfg = engine.cfg
-        self.lists = AddressLists(self.cfg.home)
+        self.lists = AddressLists(self.cfg.home, mirror=list_mirror(self.cfg))
         self.events = EventLog(self.cfg.log_dir)
         self.generated = 0  # messages of its own this engine has queued
 

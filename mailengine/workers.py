@@ -255,6 +255,7 @@ async def worker_main(spec: dict) -> None:
     from .inbound import InboundServer
     from .intake import Intake
     from .policy import Policy
+    from .shared import close_list_mirrors
     from .spool import Spool
     from .users import PasswordFile
 
@@ -310,6 +311,7 @@ async def worker_main(spec: dict) -> None:
     reporting.cancel()
     await server.stop()
     spool.close()
+    close_list_mirrors()
 
 
 async def _report_connections(server, notify) -> None:

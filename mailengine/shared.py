@@ -1,0 +1,319 @@
+"""Several engines, one set of limits: sharing through Redis (SPEC 9).
+
+When one machine is not enough, several engines send the same mail stream. Each alone would
+allow every remote server `max_connections_per_host` connections and send `max_send_rate`
+messages an hour, so N engines would together hit a server N times as hard as configured.
+With `shared.redis_url` set, engines naming the same Redis and `shared.key_prefix` share:
+
+- **the hourly cap** (`limits.max_send_rate`): one token bucket in Redis, updated by a Lua script
+  (atomic, on the Redis server's clock), so all engines together send at most the cap;
+- **the per-server cap** (`limits.max_connections_per_host`): every open connection holds a
+  lease in a sorted set per server address (`ip:port`), renewed while it lives; the leases of an
+  engine that died expire after LEASE_MS;
+- **the bounce and undeliverable lists**: every line an engine appends to its four list files
+  is also pushed onto a Redis list of the same name (`PREFIX` `list:hard-bounces`, ...), so one
+  reader sees every engine's bounces. The files stay as they are.
+
+When Redis cannot be reached, an engine goes on alone with its own limits (a warning, and a line
+when Redis is back): mail is never held up because the shared store is down. The per-destination
+concurrency feedback (throttle.Window) stays each engine's own.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+
+from .setting import Setting
+
+log = logging.getLogger("mailengine.shared")
+
+LEASE_MS = 30_000  # a connection's lease in Redis; renewed every third of it while it lives
+OFFLINE_RETRY = 5.0  # s: after Redis failed, local limits only for this long, then try again
+FULL_POLL = (0.05, 0.5)  # s between tries while other engines fill a server's cap (doubling)
+LIST_BACKLOG = 100_000  # list lines kept while Redis is down; older ones are dropped
+TIMEOUT = 1.0  # s for a Redis reply or connection
+
+
+def _check_url(value: str) -> str | None:
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        return "must be empty or a redis://, rediss:// or unix:// URL"
+    return None
+
+
+SHARED_SECTION_TITLE = ("shared", "Several engines, one set of limits (Redis)")
+SHARED_SETTINGS = [
+    Setting("shared", "redis_url", "", "str",
+            "Redis that engines share their hourly cap, per-server connection cap and bounce "
+            "lists through, e.g. 'redis://127.0.0.1:6379/0'. Empty: this engine shares nothing.",
+            check=_check_url, restart=True),
+    Setting("shared", "key_prefix", "mailengine:", "str",
+            "Start of every key used in that Redis: engines with the same prefix share.",
+            restart=True),
+]
+
+# KEYS[1]: the bucket (hash tokens, stamp). ARGV: tokens per ms, burst, tokens taken.
+# Returns the ms to wait before using them, as a string (Lua numbers become integers).
+_TAKE_TOKENS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local speed, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens, stamp = tonumber(b[1]) or burst, tonumber(b[2]) or now
+tokens = math.min(burst, tokens + (now - stamp) * speed) - n
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], 7200000)
+if tokens >= 0 then return '0' end
+return tostring(-tokens / speed)
+"""
+
+# KEYS[1]: a server's leases (sorted set, score = expiry ms). ARGV: cap, member, lease ms.
+# 1: granted; 0: the cap is full.
+_TAKE_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: servers' lease sets; ARGV: lease ms, then one member per key. Pushes their expiry on.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + lease, ARGV[i + 1])
+  redis.call('PEXPIRE', key, 2 * lease)
+end
+return #KEYS
+"""
+
+
+class _Health:
+    """Whether Redis answered lately; says so in the log when that changes."""
+
+    def __init__(self, url: str, what: str) -> None:
+        self.url, self.what = url, what
+        self.down_until = 0.0
+        self.down = False
+
+    def usable(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def failed(self, e: BaseException) -> None:
+        self.down_until = time.monotonic() + OFFLINE_RETRY
+        if not self.down:
+            self.down = True
+            log.warning("shared %s: Redis at %s cannot be reached (%s); this engine goes on "
+                        "with its own limits and tries again every %g s",
+                        self.what, self.url, str(e) or type(e).__name__, OFFLINE_RETRY)
+
+    def worked(self) -> None:
+        if self.down:
+            self.down = False
+            log.info("shared %s: Redis at %s answers again", self.what, self.url)
+
+
+class SharedLimits:
+    """The hourly cap and the per-server connection cap, shared (the engine's event loop)."""
+
+    def __init__(self, url: str, prefix: str, lease_ms: int = LEASE_MS) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+        self._errors = (RedisError, OSError, asyncio.TimeoutError)
+        self.r = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT,
+                                         socket_connect_timeout=TIMEOUT)
+        self.prefix = prefix
+        self.lease_ms = lease_ms
+        self.health = _Health(url, "limits")
+        self.me = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._n = 0
+        self.held: dict[str, str] = {}  # lease member -> its server's key
+        self._take_tokens = self.r.register_script(_TAKE_TOKENS)
+        self._take_lease = self.r.register_script(_TAKE_LEASE)
+        self._renew = self.r.register_script(_RENEW)
+        self._renewer: asyncio.Task | None = None
+        self._releasing: set[asyncio.Task] = set()
+
+    def host_key(self, ip: str, port: int) -> str:
+        return f"{self.prefix}conns:{ip}:{port}"
+
+    async def _call(self, fn, *args, **kw):
+        """fn's answer, or None when Redis is down (then for OFFLINE_RETRY s without trying)."""
+        if not self.health.usable():
+            return None
+        try:
+            async with asyncio.timeout(TIMEOUT * 2):
+                out = await fn(*args, **kw)
+        except self._errors as e:
+            self.health.failed(e)
+            return None
+        self.health.worked()
+        return out
+
+    async def send_delay(self, per_hour: int, n: int = 1) -> float | None:
+        """Take `n` of the hourly cap shared by every engine: seconds to wait before sending
+        (a minute's worth may go at once, as with the local bucket). None: Redis is down."""
+        burst = max(1.0, per_hour / 60)
+        ms = await self._call(self._take_tokens, keys=[f"{self.prefix}rate"],
+                              args=[repr(per_hour / 3_600_000), repr(burst), n])
+        return None if ms is None else float(ms) / 1000
+
+    async def host_lease(self, ip: str, port: int, cap: int) -> str | None:
+        """A place among the `cap` connections all engines may have to one server; waits while
+        others hold them all. The lease's name, or None when Redis is down (go on alone)."""
+        key = self.host_key(ip, port)
+        self._n += 1
+        member = f"{self.me}:{self._n}"
+        pause = FULL_POLL[0]
+        while True:
+            got = await self._call(self._take_lease, keys=[key],
+                                   args=[cap, member, self.lease_ms])
+            if got is None:
+                return None
+            if int(got) == 1:
+                self.held[member] = key
+                if self._renewer is None:
+                    self._renewer = asyncio.create_task(self._renew_leases())
+                return member
+            await asyncio.sleep(pause)
+            pause = min(FULL_POLL[1], pause * 2)
+
+    def host_release(self, member: str | None) -> None:
+        """The connection holding `member` is closed (in the background; were it lost, the
+        lease expires)."""
+        key = self.held.pop(member, None) if member else None
+        if key is None:
+            return
+        t = asyncio.get_running_loop().create_task(self._call(self.r.zrem, key, member))
+        self._releasing.add(t)
+        t.add_done_callback(self._releasing.discard)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            if self.held:
+                members = list(self.held)
+                await self._call(self._renew, keys=[self.held[m] for m in members],
+                                 args=[self.lease_ms, *members])
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+        if self.held and self.health.usable():
+            pipe = self.r.pipeline(transaction=False)
+            for member, key in self.held.items():
+                pipe.zrem(key, member)
+            await self._call(pipe.execute)
+        self.held.clear()
+        try:
+            await self.r.aclose()
+        except self._errors:
+            pass
+
+
+class ListMirror:
+    """Pushes the list files' lines onto Redis lists too, from a thread of its own (the lists
+    are written from the event loop, worker threads and the intake processes alike)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis
+        from redis.exceptions import RedisError
+        self._errors = (RedisError, OSError)
+        self.r = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+        self.prefix = prefix
+        self.health = _Health(url, "lists")
+        self._lines: deque[tuple[str, str]] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._run, name="redis-lists", daemon=True)
+        self._thread.start()
+
+    def push(self, file_name: str, lines: list[str]) -> None:
+        """`lines` were appended to `file_name` (e.g. hard-bounces.txt)."""
+        name = f"{self.prefix}list:{file_name.removesuffix('.txt')}"
+        with self._cv:
+            for line in lines:
+                if len(self._lines) >= LIST_BACKLOG:  # Redis down for long: drop the oldest
+                    self._lines.popleft()
+                    self._dropped += 1
+                self._lines.append((name, line))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._lines and not self._closed:
+                    self._cv.wait()
+                if not self._lines:
+                    return
+                batch = list(self._lines)
+                self._lines.clear()
+            if self._send(batch):
+                continue
+            with self._cv:  # back in front of newer lines, the oldest dropped beyond the bound
+                room = max(0, LIST_BACKLOG - len(self._lines))
+                keep = batch[len(batch) - room:] if room < len(batch) else batch
+                self._dropped += len(batch) - len(keep)
+                self._lines.extendleft(reversed(keep))
+                if self._closed:
+                    return  # the lines are in the list files all the same
+                self._cv.wait(OFFLINE_RETRY)
+
+    def _send(self, batch: list[tuple[str, str]]) -> bool:
+        pipe = self.r.pipeline(transaction=False)
+        for name, line in batch:
+            pipe.rpush(name, line)
+        try:
+            pipe.execute()
+        except self._errors as e:
+            self.health.failed(e)
+            return False
+        self.health.worked()
+        if self._dropped:
+            log.warning("shared lists: %d lines were dropped while Redis was down (they are in "
+                        "the list files)", self._dropped)
+            self._dropped = 0
+        return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is pending (for at most `timeout` s), then stop."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        self.r.close()
+
+
+_mirrors: dict[tuple[str, str], ListMirror] = {}
+_mirrors_lock = threading.Lock()
+
+
+def list_mirror(cfg) -> ListMirror | None:
+    """This process's mirror of the list files into `cfg`'s Redis; None when not shared."""
+    url = cfg.shared.redis_url
+    if not url:
+        return None
+    with _mirrors_lock:
+        key = (url, cfg.shared.key_prefix)
+        if key not in _mirrors:
+            _mirrors[key] = ListMirror(url, cfg.shared.key_prefix)
+        return _mirrors[key]
+
+
+def close_list_mirrors() -> None:
+    with _mirrors_lock:
+        mirrors = list(_mirrors.values())
+        _mirrors.clear()
+    for m in mirrors:
+        m.close()

@@ -1,0 +1,217 @@
+"""Several engines sharing limits and lists through a real Redis server (SPEC 9, shared.py).
+
+Each test starts its own `redis-server` on a free loopback port (no disk persistence) and stops
+it; two engines, or two SharedLimits standing for two engines, talk to it."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import smtplib
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mailengine import shared
+from mailengine.shared import ListMirror, SharedLimits
+from mailengine.testing.engine import RunningEngine, free_port, wait_until as wait
+from mailengine.testing.sink import SinkScript, ThreadedSink
+
+pytestmark = pytest.mark.skipif(not shutil.which("redis-server"),
+                                reason="redis-server is installed by .ci/run")
+
+
+class RedisServer:
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+        r = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        r.close()
+        return self
+
+    def client(self):
+        import redis
+        return redis.Redis(port=self.port, decode_responses=True)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server():
+    srv = RedisServer().start()
+    yield srv
+    srv.stop()
+
+
+def test_engines_share_one_servers_connection_cap(redis_server):
+    async def main():
+        a = SharedLimits(redis_server.url, "t:")
+        b = SharedLimits(redis_server.url, "t:")
+        la = await a.host_lease("127.0.0.9", 25, 2)
+        lb = await b.host_lease("127.0.0.9", 25, 2)
+        third = asyncio.create_task(a.host_lease("127.0.0.9", 25, 2))
+        await asyncio.sleep(0.3)
+        waited = not third.done()  # both places taken, one by each engine
+        other = await asyncio.wait_for(b.host_lease("127.0.0.10", 25, 2), 2)  # another server
+        b.host_release(lb)
+        lc = await asyncio.wait_for(third, 3)
+        held = redis_server.client().zrange("t:conns:127.0.0.9:25", 0, -1)
+        await a.close()
+        await b.close()
+        left = redis_server.client().keys("t:conns:*")
+        return la, lb, lc, other, waited, held, left
+
+    la, lb, lc, other, waited, held, left = asyncio.run(main())
+    assert waited and all((la, lb, lc, other))
+    assert sorted(held) == sorted([la, lc])
+    assert left == []  # closing an engine gives its places back
+
+
+def test_a_dead_engines_places_expire_a_live_ones_are_renewed(redis_server):
+    async def main():
+        live = SharedLimits(redis_server.url, "t:", lease_ms=300)
+        dead = SharedLimits(redis_server.url, "t:", lease_ms=300)
+        await live.host_lease("127.0.0.9", 25, 2)
+        await dead.host_lease("127.0.0.9", 25, 2)
+        dead._renewer.cancel()  # it "dies": no renewal, no release
+        other = SharedLimits(redis_server.url, "t:", lease_ms=300)
+        t0 = time.monotonic()
+        got = await asyncio.wait_for(other.host_lease("127.0.0.9", 25, 2), 5)
+        took = time.monotonic() - t0
+        # the live engine's place survived well past its lease time: renewed
+        await asyncio.sleep(0.7)
+        third = asyncio.create_task(other.host_lease("127.0.0.9", 25, 2))
+        await asyncio.sleep(0.5)
+        still_full = not third.done()
+        third.cancel()
+        for s in (live, other):
+            await s.close()
+        return got, took, still_full
+
+    got, took, still_full = asyncio.run(main())
+    assert got and 0.1 < took < 2.0
+    assert still_full
+
+
+def test_the_hourly_cap_is_one_bucket_for_all_engines(redis_server):
+    async def main():
+        a = SharedLimits(redis_server.url, "t:")
+        b = SharedLimits(redis_server.url, "t:")
+        # 3,600 an hour: a minute's worth (60) at once, then one a second, for both together
+        first = [await a.send_delay(3600) for _ in range(40)]
+        second = [await b.send_delay(3600) for _ in range(20)]
+        over = await b.send_delay(3600)
+        await a.close()
+        await b.close()
+        return first, second, over
+
+    first, second, over = asyncio.run(main())
+    assert first == [0.0] * 40 and second == [0.0] * 20
+    assert 0.5 < over <= 1.5  # alone, b would still have had 40 of its own
+
+
+def test_without_redis_an_engine_goes_on_alone(caplog):
+    async def main():
+        s = SharedLimits(f"redis://127.0.0.1:{free_port()}/0", "t:")
+        t0 = time.monotonic()
+        out = [await s.send_delay(3600), await s.host_lease("127.0.0.9", 25, 2),
+               await s.send_delay(3600)]
+        took = time.monotonic() - t0
+        await s.close()
+        return out, took
+
+    with caplog.at_level(logging.WARNING, logger="mailengine.shared"):
+        out, took = asyncio.run(main())
+    assert out == [None, None, None] and took < 3.0  # local limits, at once
+    warnings = [r for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_list_lines_reach_redis_also_when_it_starts_late(monkeypatch):
+    monkeypatch.setattr(shared, "OFFLINE_RETRY", 0.2)
+    srv = RedisServer()  # not started yet
+    mirror = ListMirror(srv.url, "t:")
+    try:
+        mirror.push("hard-bounces.txt", ["a@x.test", "b@x.test"])
+        time.sleep(0.3)  # tried and failed: kept
+        srv.start()
+        mirror.push("soft-undeliverable.txt", ["c@y.test"])
+        r = srv.client()
+        wait(lambda: r.llen("t:list:soft-undeliverable") == 1, 10, "the lines in Redis")
+        assert r.lrange("t:list:hard-bounces", 0, -1) == ["a@x.test", "b@x.test"]
+    finally:
+        mirror.close()
+        srv.stop()
+
+
+def relay_settings(redis_url: str, sink_port: int, prefix: str) -> dict:
+    return {"queue.pause_sending": False, "queue.save_done": False,
+            "queue.queue_check_interval": 0.5, "queue.retry_intervals": [0.05],
+            "policy.relay_ips": ["127.0.0.1"],
+            "limits.max_connections_per_host": 2,
+            "basic.dns_servers": [f"dest.test,mx.dest.test,MX,127.0.0.1:{sink_port}"],
+            "shared.redis_url": redis_url, "shared.key_prefix": prefix}
+
+
+def send_each(engines: list[RunningEngine], n: int, rcpt: str = "user{i}@dest.test") -> None:
+    for eng in engines:
+        for i in range(n):
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("list@src.test", [rcpt.format(i=i)], b"Subject: t\r\n\r\nhi\r\n")
+
+
+@pytest.mark.parametrize("shared_on", [False, True])
+def test_two_engines_together_keep_one_servers_connection_cap(tmp_path, redis_server, shared_on):
+    """Two engines, one slow server, max_connections_per_host = 2: sharing, the server never sees
+    more than 2 connections from both; alone, each allows itself 2 (the case that shows the
+    test can tell)."""
+    sink = ThreadedSink(script=SinkScript(delays={"BODY": 0.3})).start()
+    url = redis_server.url if shared_on else ""
+    try:
+        with RunningEngine(tmp_path / "a", relay_settings(url, sink.port, "e2e:")) as a, \
+                RunningEngine(tmp_path / "b", relay_settings(url, sink.port, "e2e:")) as b:
+            send_each([a, b], 8)
+            wait(lambda: len(sink.messages) == 16, 60, "16 messages at the sink")
+    finally:
+        sink.stop()
+    if shared_on:
+        assert sink.peak_connections <= 2
+        assert redis_server.client().keys("e2e:conns:*") == []  # places given back at stop
+    else:
+        assert sink.peak_connections > 2
+
+
+def test_hard_failures_reach_the_shared_list_and_the_file(tmp_path, redis_server):
+    sink = ThreadedSink(script=SinkScript(rcpt={"gone@dest.test": "550 5.1.1 No such user"})
+                        ).start()
+    try:
+        settings = relay_settings(redis_server.url, sink.port, "lists:")
+        with RunningEngine(tmp_path, settings) as eng:
+            send_each([eng], 1, rcpt="gone@dest.test")
+            r = redis_server.client()
+            wait(lambda: r.lrange("lists:list:hard-undeliverable", 0, -1) == ["gone@dest.test"],
+                 30, "the address in the shared list")
+    finally:
+        sink.stop()
+    assert (Path(tmp_path) / "hard-undeliverable.txt").read_text() == "gone@dest.test\n"
