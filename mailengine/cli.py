@@ -421,6 +421,11 @@ def format_status(st: dict) -> str:
     lines.append("connections " + "; ".join(conn or ["-"]))
     if c.get("outbound_hosts"):
         lines.append("busiest    " + ", ".join(f"{h} {n}" for h, n in c["outbound_hosts"]))
+    sh = st.get("shared")
+    if sh:
+        lines.append(f"shared    limits and lists through {sh['redis']} (keys {sh['prefix']}*): "
+                     + (f"reachable, {sh['connections_held']} connections leased"
+                        if sh["reachable"] else "NOT REACHABLE, using this engine's own limits"))
     return "\n".join(lines)
 
 

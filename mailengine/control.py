@@ -283,6 +283,8 @@ class ControlServer:
                           "outbound_max": eng.cfg.limits.max_outbound_connections,
                           "outbound_hosts": [[f"{ip}:{port}", n] for (ip, port), n in hosts]})
         out["connections"] = conns
+        if d is not None and d.shared is not None:
+            out["shared"] = d.shared.state()
         return out
 
     def op_queue_list(self, req: dict) -> dict:

@@ -96,11 +96,22 @@ return #KEYS
 """
 
 
+def _shown(url: str) -> str:
+    """The URL without its password."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + host).geturl()
+
+
 class _Health:
     """Whether Redis answered lately; says so in the log when that changes."""
 
     def __init__(self, url: str, what: str) -> None:
-        self.url, self.what = url, what
+        self.url, self.what = _shown(url), what
         self.down_until = 0.0
         self.down = False
 
@@ -141,6 +152,11 @@ class SharedLimits:
         self._renew = self.r.register_script(_RENEW)
         self._renewer: asyncio.Task | None = None
         self._releasing: set[asyncio.Task] = set()
+
+    def state(self) -> dict:
+        """For `mailengine status` and /metrics."""
+        return {"redis": _shown(self.health.url), "prefix": self.prefix,
+                "reachable": not self.health.down, "connections_held": len(self.held)}
 
     def host_key(self, ip: str, port: int) -> str:
         return f"{self.prefix}conns:{ip}:{port}"

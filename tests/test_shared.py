@@ -10,11 +10,13 @@ import shutil
 import smtplib
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from mailengine import shared
+from mailengine import control, shared
+from mailengine.cli import format_status
 from mailengine.shared import ListMirror, SharedLimits
 from mailengine.testing.engine import RunningEngine, free_port, wait_until as wait
 from mailengine.testing.sink import SinkScript, ThreadedSink
@@ -193,13 +195,17 @@ def test_two_engines_together_keep_one_servers_connection_cap(tmp_path, redis_se
                 RunningEngine(tmp_path / "b", relay_settings(url, sink.port, "e2e:")) as b:
             send_each([a, b], 8)
             wait(lambda: len(sink.messages) == 16, 60, "16 messages at the sink")
+            st = control.request(a.home / "mailengine.sock", "status")
     finally:
         sink.stop()
     if shared_on:
         assert sink.peak_connections <= 2
         assert redis_server.client().keys("e2e:conns:*") == []  # places given back at stop
+        assert st["shared"]["reachable"] and st["shared"]["prefix"] == "e2e:"
+        assert "reachable," in format_status(st)
     else:
-        assert sink.peak_connections > 2
+        assert sink.peak_connections > 2 and "shared" not in st
+
 
 
 def test_hard_failures_reach_the_shared_list_and_the_file(tmp_path, redis_server):
@@ -215,3 +221,25 @@ def test_hard_failures_reach_the_shared_list_and_the_file(tmp_path, redis_server
     finally:
         sink.stop()
     assert (Path(tmp_path) / "hard-undeliverable.txt").read_text() == "gone@dest.test\n"
+
+
+def test_an_engine_whose_redis_is_down_still_delivers_on_its_own_limits(tmp_path):
+    sink = ThreadedSink().start()
+    dead = f"redis://:pw@127.0.0.1:{free_port()}/0"
+    try:
+        web = free_port()
+        settings = {**relay_settings(dead, sink.port, "down:"), "limits.max_send_rate": 3600,
+                    "network.web_port": web, "network.web_ip": "127.0.0.1"}
+        with RunningEngine(tmp_path, settings) as eng:
+            send_each([eng], 3)
+            wait(lambda: len(sink.messages) == 3, 30, "3 messages at the sink")
+            st = control.request(tmp_path / "mailengine.sock", "status")
+            with urllib.request.urlopen(f"http://127.0.0.1:{web}/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+            out = eng.read_output()
+    finally:
+        sink.stop()
+    assert st["shared"]["reachable"] is False and "pw" not in st["shared"]["redis"]
+    assert "NOT REACHABLE" in format_status(st)
+    assert out.count("cannot be reached") == 1 and ":pw@" not in out
+    assert "\nmailengine_shared_redis_up 0\n" in metrics

@@ -103,7 +103,11 @@ def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False)
         "spool_stores": engine.spool.stores,
         "spool_flushes": engine.spool.flushes,
         "paused": bool(engine.cfg.queue.pause_sending),
+        "shared_up": None,  # None: not shared
     }
+    shared = getattr(delivery, "shared", None)
+    if shared is not None:
+        snap["shared_up"] = int(not shared.health.down)
     if delivery is not None:
         msgs = delivery.messages
         snap["queue_messages"] = len(msgs)
@@ -199,4 +203,6 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
           int(s["paused"]))
     _line(out, "mailengine_resident_memory_bytes", "gauge", "Resident memory of the engine.",
           s["memory_bytes"])
+    _line(out, "mailengine_shared_redis_up", "gauge",
+          "1 when the Redis of shared.redis_url answers (absent when not shared).", s["shared_up"])
     return "\n".join(out) + "\n"
