@@ -58,6 +58,7 @@ from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
 from .scheduler import Scheduler, Unit
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
+from .shared import CUT_POLL
 from .throttle import HourlyNotice, Windows, bandwidth_bucket, send_rate_bucket
 
 if TYPE_CHECKING:
@@ -439,7 +440,13 @@ class DeliveryEngine:
             self._spawn(self.resolver.preload(self.cfg.basic.preload_domains))
         next_sweep = loop.time() + 1
         next_tidy = loop.time() + 60
+        next_cuts = loop.time()
+        polling: asyncio.Task | None = None
         while not self._stopping:
+            if self.shared is not None and loop.time() >= next_cuts and \
+                    (polling is None or polling.done()):
+                polling = self._spawn(self._adopt_cuts())
+                next_cuts = loop.time() + CUT_POLL
             self.sched.release_due()
             while (u := self.sched.next_unit()) is not None:
                 self._start_unit(u)
@@ -591,8 +598,18 @@ class DeliveryEngine:
             w.success()
         elif any(o.kind is Kind.SOFT and o.stage != "dns" for o in outcomes):
             site = any(o.code == 421 or o.stage in ("connect", "connection") for o in outcomes)
-            if w.failure(site) and self.debug_loop:
-                log.info("%s: temporary failures, concurrency lowered to %d", dest, w.limit)
+            if w.failure(site):
+                if self.shared is not None:
+                    self.shared.publish_cut(dest, w.limit)  # the other engines follow
+                if self.debug_loop:
+                    log.info("%s: temporary failures, concurrency lowered to %d", dest, w.limit)
+
+    async def _adopt_cuts(self) -> None:
+        """Destinations whose concurrency another engine cut (shared.py): cut ours too."""
+        for dest, limit in await self.shared.poll_cuts():
+            if self.windows.get(dest).lower_to(limit):
+                log.info("%s: another engine met temporary failures there; concurrency lowered "
+                         "to %d here too", dest, limit)
 
     async def _deliver(self, u: Unit, att: Attempt) -> list[RcptOutcome]:
         """One unit's outcomes, each with the attempt's duration and, in front of its

@@ -10,13 +10,16 @@ With `shared.redis_url` set, engines naming the same Redis and `shared.key_prefi
 - **the per-server cap** (`limits.max_connections_per_host`): every open connection holds a
   lease in a sorted set per server address (`ip:port`), renewed while it lives; the leases of an
   engine that died expire after LEASE_MS;
+- **cuts in a destination's concurrency**: when a server's 421s (or a run of 4xx) make one
+  engine halve its concurrency for that destination (throttle.Window), it posts the new limit
+  on a board in Redis; every other engine lowers its own window to it once, within CUT_POLL
+  seconds, and then climbs back on its own successes, as after a cut of its own;
 - **the bounce and undeliverable lists**: every line an engine appends to its four list files
   is also pushed onto a Redis list of the same name (`PREFIX` `list:hard-bounces`, ...), so one
   reader sees every engine's bounces. The files stay as they are.
 
 When Redis cannot be reached, an engine goes on alone with its own limits (a warning, and a line
-when Redis is back): mail is never held up because the shared store is down. The per-destination
-concurrency feedback (throttle.Window) stays each engine's own.
+when Redis is back): mail is never held up because the shared store is down.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ log = logging.getLogger("mailengine.shared")
 LEASE_MS = 30_000  # a connection's lease in Redis; renewed every third of it while it lives
 OFFLINE_RETRY = 5.0  # s: after Redis failed, local limits only for this long, then try again
 FULL_POLL = (0.05, 0.5)  # s between tries while other engines fill a server's cap (doubling)
+CUT_NOTICE_MS = 120_000  # a destination's cut stays on the board this long for other engines
+CUT_POLL = 2.0  # s between looks at the board
 LIST_BACKLOG = 100_000  # list lines kept while Redis is down; older ones are dropped
 TIMEOUT = 1.0  # s for a Redis reply or connection
 
@@ -152,6 +157,7 @@ class SharedLimits:
         self._renew = self.r.register_script(_RENEW)
         self._renewer: asyncio.Task | None = None
         self._releasing: set[asyncio.Task] = set()
+        self._seen_cuts: dict[str, int] = {}  # destination -> time (ms) of the last cut adopted
 
     def state(self) -> dict:
         """For `mailengine status` and /metrics."""
@@ -206,9 +212,39 @@ class SharedLimits:
         """The connection holding `member` is closed (in the background; were it lost, the
         lease expires)."""
         key = self.held.pop(member, None) if member else None
-        if key is None:
-            return
-        t = asyncio.get_running_loop().create_task(self._call(self.r.zrem, key, member))
+        if key is not None:
+            self._background(self._call(self.r.zrem, key, member))
+
+    def publish_cut(self, dest: str, limit: int) -> None:
+        """This engine lowered `dest`'s concurrency to `limit`: tell the others (background)."""
+        key = f"{self.prefix}cuts"
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(key, dest, f"{limit}:{int(time.time() * 1000)}:{self.me}")
+        pipe.pexpire(key, 2 * CUT_NOTICE_MS)  # the board goes away when nobody is cut
+        self._background(self._call(pipe.execute))
+
+    async def poll_cuts(self) -> list[tuple[str, int]]:
+        """Cuts other engines posted since the last look, each once: [(destination, limit)]."""
+        board = await self._call(self.r.hgetall, f"{self.prefix}cuts")
+        new = []
+        now = time.time() * 1000
+        for dest_b, value_b in (board or {}).items():
+            try:
+                limit, stamp, who = value_b.decode().split(":", 2)
+                dest, limit, stamp = dest_b.decode(), int(limit), int(stamp)
+            except (UnicodeDecodeError, ValueError):
+                continue  # not ours
+            if who == self.me or now - stamp > CUT_NOTICE_MS or \
+                    self._seen_cuts.get(dest, 0) >= stamp:
+                continue
+            self._seen_cuts[dest] = stamp
+            new.append((dest, limit))
+        if len(self._seen_cuts) > 10_000:  # only recent ones matter
+            self._seen_cuts = {d: t for d, t in self._seen_cuts.items() if now - t < CUT_NOTICE_MS}
+        return new
+
+    def _background(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
         self._releasing.add(t)
         t.add_done_callback(self._releasing.discard)
 

@@ -62,6 +62,18 @@ class Window:
         return self.limit < before
 
 
+    def lower_to(self, limit: int) -> bool:
+        """Another engine cut this destination to `limit` (shared.py): do the same, as for a
+        cut of our own. True when the limit fell."""
+        if self.limit <= limit:
+            return False
+        self.value = float(max(1, limit))
+        self._last_cut = self.clock()
+        self._fails = 0
+        self.cuts += 1
+        return True
+
+
 class Windows:
     """The windows of every destination, made on first use."""
 

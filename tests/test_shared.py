@@ -133,6 +133,35 @@ def test_the_hourly_cap_is_one_bucket_for_all_engines(redis_server):
     assert 0.5 < over <= 1.5  # alone, b would still have had 40 of its own
 
 
+def test_a_cut_in_a_destinations_concurrency_reaches_the_other_engines_once(redis_server):
+    async def main():
+        a = SharedLimits(redis_server.url, "t:")
+        b = SharedLimits(redis_server.url, "t:")
+        a.publish_cut("busy.test", 2)
+        await asyncio.sleep(0.2)
+        seen = [await b.poll_cuts(), await b.poll_cuts(), await a.poll_cuts()]
+        await asyncio.sleep(0.01)
+        a.publish_cut("busy.test", 1)  # cut again later: news again
+        await asyncio.sleep(0.2)
+        seen.append(await b.poll_cuts())
+        await a.close()
+        await b.close()
+        return seen
+
+    first, again, own, later = asyncio.run(main())
+    assert first == [("busy.test", 2)] and again == [] and own == [] and later == [("busy.test", 1)]
+
+
+def test_a_window_lowered_by_another_engine_climbs_back_on_its_own():
+    from mailengine.throttle import Window
+    w = Window(5, 10)
+    assert w.lower_to(2) and w.limit == 2 and w.cuts == 1
+    assert not w.lower_to(3) and w.limit == 2
+    for _ in range(4):
+        w.success()
+    assert w.limit > 2
+
+
 def test_without_redis_an_engine_goes_on_alone(caplog):
     async def main():
         s = SharedLimits(f"redis://127.0.0.1:{free_port()}/0", "t:")
@@ -243,3 +272,39 @@ def test_an_engine_whose_redis_is_down_still_delivers_on_its_own_limits(tmp_path
     assert "NOT REACHABLE" in format_status(st)
     assert out.count("cannot be reached") == 1 and ":pw@" not in out
     assert "\nmailengine_shared_redis_up 0\n" in metrics
+
+
+@pytest.mark.parametrize("shared_on", [False, True])
+def test_an_engine_slows_down_for_a_server_that_troubles_another_engine(tmp_path, redis_server,
+                                                                         shared_on):
+    """Engine A meets '421' at busy.test and halves its concurrency there (5 -> 2). Sharing,
+    engine B does the same before it sends there; alone, B opens its usual 5 at once."""
+    refusing = ThreadedSink(script=SinkScript(greeting="421 4.7.0 Too busy, try later")).start()
+    slow = ThreadedSink(script=SinkScript(delays={"BODY": 0.4})).start()
+    url = redis_server.url if shared_on else ""
+
+    def settings(port):
+        return {**relay_settings(url, port, "cuts:"), "limits.max_connections_per_host": 10,
+                "basic.dns_servers": [f"busy.test,mx.busy.test,MX,127.0.0.1:{port}"]}
+    try:
+        with RunningEngine(tmp_path / "a", settings(refusing.port)) as a, \
+                RunningEngine(tmp_path / "b", settings(slow.port)) as b:
+            send_each([a], 1, rcpt="x@busy.test")
+            events = tmp_path / "a" / "log" / "events.jsonl"
+            wait(lambda: events.exists() and events.stat().st_size > 0, 20, "A's attempt")
+            if shared_on:
+                wait(lambda: "concurrency lowered to 2 here too" in b.read_output(), 10,
+                     "B to follow A's cut")
+            else:
+                time.sleep(2.5)
+            send_each([b], 8, rcpt="u{i}@busy.test")
+            wait(lambda: len(slow.messages) == 8, 60, "B's 8 messages")
+    finally:
+        refusing.stop()
+        slow.stop()
+    # B starts at 2 and climbs by one per window's worth of successes: of 8 messages, the last
+    # 3 go out at 3 at once; alone it opens 5 at once
+    if shared_on:
+        assert slow.peak_connections <= 3
+    else:
+        assert slow.peak_connections >= 4
