@@ -259,18 +259,28 @@ class Pool:
         lease = None
         if self.shared is not None:
             try:  # a place among every engine's connections to this server (waits for one)
-                lease = await self.shared.host_lease(target.ip, target.port, self.max_per_host)
+                lease, _ = await self.shared.host_lease(target.ip, target.port, self.max_per_host)
+            except TimeoutError:
+                self._count_closed(key)
+                raise ConnectError(_local(451, "4.4.5", f"{target.ip}:{target.port} is at its "
+                                          "connection limit shared with other engines"), [])
             except BaseException:
                 self._count_closed(key)
                 raise
-        s = self.make(target)
-        if lease is not None:
-            self.leases[id(s)] = lease
+        s = None
         try:
+            s = self.make(target)
+            if lease is not None:
+                self.leases[id(s)] = lease
             await s.connect()
         except BaseException:
-            s.abort()
-            self._count_closed(key, s)
+            if s is not None:
+                s.abort()
+                self._count_closed(key, s)
+            else:
+                if lease is not None:
+                    self.shared.host_release(lease)
+                self._count_closed(key)
             raise
         return s
 
@@ -748,20 +758,28 @@ class DeliveryEngine:
             stats.sent.add(time.time(), n)
 
     async def _limit_rate(self, size: int) -> None:
-        delay = None
-        if self.shared is not None and self.cfg.limits.max_send_rate > 0:
-            delay = await self.shared.send_delay(self.cfg.limits.max_send_rate)  # every engine's
-        if delay is None:
+        rate = self.cfg.limits.max_send_rate
+        taken = False
+        if self.shared is not None and rate > 0:
+            # every engine's cap (shared.py): nothing is taken until it may go now
+            while (delay := await self.shared.send_delay(rate)) is not None and delay > 0:
+                self._rate_held()
+                await asyncio.sleep(delay)
+            taken = delay is not None  # else Redis is down: this engine's own bucket
+        if not taken:
             delay = self.rate.wait(1)
-        if delay > 0:
-            if self.rate_notice.due():
-                log.warning("Sending is held back by limits.max_send_rate = %d messages per "
-                            "hour; mail waits in the queue (this is said once an hour)",
-                            self.cfg.limits.max_send_rate)
-            await asyncio.sleep(delay)
+            if delay > 0:
+                self._rate_held()
+                await asyncio.sleep(delay)
         need = self.bandwidth.wait(size)  # limits.max_bandwidth: bytes per minute
         if need > 0:
             await asyncio.sleep(need)
+
+    def _rate_held(self) -> None:
+        if self.rate_notice.due():
+            log.warning("Sending is held back by limits.max_send_rate = %d messages per hour; "
+                        "mail waits in the queue (this is said once an hour)",
+                        self.cfg.limits.max_send_rate)
 
     def _new_session(self, target: Target) -> SMTPSession:
         lim = self.cfg.limits

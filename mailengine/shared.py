@@ -3,23 +3,29 @@
 When one machine is not enough, several engines send the same mail stream. Each alone would
 allow every remote server `max_connections_per_host` connections and send `max_send_rate`
 messages an hour, so N engines would together hit a server N times as hard as configured.
-With `shared.redis_url` set, engines naming the same Redis and `shared.key_prefix` share:
+With `shared.redis_url` set, engines naming the same Redis and `shared.key_prefix` share (give
+them the same limits: each checks the shared count against its own):
 
 - **the hourly cap** (`limits.max_send_rate`): one token bucket in Redis, updated by a Lua script
-  (atomic, on the Redis server's clock), so all engines together send at most the cap;
+  (atomic, on the Redis server's clock), so all engines together send at most the cap. A token
+  is taken only when it may be used at once (no debt: a sender that stops holds nobody back);
 - **the per-server cap** (`limits.max_connections_per_host`): every open connection holds a
-  lease in a sorted set per server address (`ip:port`), renewed while it lives; the leases of an
-  engine that died expire after LEASE_MS;
+  lease in a sorted set per server address (`ip:port`), renewed while it lives; renewals put
+  back leases Redis lost (a restart) or never saw (opened while it was down); the leases of an
+  engine that died expire after LEASE_MS. A unit that finds the server full waits for a place
+  at most FULL_WAIT seconds, then gets a temporary failure and its retry;
 - **cuts in a destination's concurrency**: when a server's 421s (or a run of 4xx) make one
   engine halve its concurrency for that destination (throttle.Window), it posts the new limit
   on a board in Redis; every other engine lowers its own window to it once, within CUT_POLL
   seconds, and then climbs back on its own successes, as after a cut of its own;
 - **the bounce and undeliverable lists**: every line an engine appends to its four list files
   is also pushed onto a Redis list of the same name (`PREFIX` `list:hard-bounces`, ...), so one
-  reader sees every engine's bounces. The files stay as they are.
+  reader sees every engine's bounces (it takes them with LPOP/LMPOP; each list keeps its newest
+  LIST_MAX lines). The files stay as they are.
 
 When Redis cannot be reached, an engine goes on alone with its own limits (a warning, and a line
-when Redis is back): mail is never held up because the shared store is down.
+when Redis is back; meanwhile one call at a time tries it again): mail is never held up because
+the shared store is down.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ log = logging.getLogger("mailengine.shared")
 LEASE_MS = 30_000  # a connection's lease in Redis; renewed every third of it while it lives
 OFFLINE_RETRY = 5.0  # s: after Redis failed, local limits only for this long, then try again
 FULL_POLL = (0.05, 0.5)  # s between tries while other engines fill a server's cap (doubling)
+FULL_WAIT = 60.0  # s a unit waits for a place at a server other engines fill; then 451, retry
+POOL_SIZE = 16  # connections to Redis (calls beyond wait for one)
+LIST_MAX = 1_000_000  # lines kept per Redis list (the oldest go); readers pop them (LPOP/LMPOP)
 CUT_NOTICE_MS = 120_000  # a destination's cut stays on the board this long for other engines
 CUT_POLL = 2.0  # s between looks at the board
 LIST_BACKLOG = 100_000  # list lines kept while Redis is down; older ones are dropped
@@ -45,8 +54,15 @@ TIMEOUT = 1.0  # s for a Redis reply or connection
 
 
 def _check_url(value: str) -> str | None:
-    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+    if not value:
+        return None
+    if not value.startswith(("redis://", "rediss://", "unix://")):
         return "must be empty or a redis://, rediss:// or unix:// URL"
+    from redis.connection import parse_url
+    try:
+        parse_url(value)
+    except ValueError as e:
+        return f"not a valid Redis URL: {e}"
     return None
 
 
@@ -61,19 +77,22 @@ SHARED_SETTINGS = [
             restart=True),
 ]
 
-# KEYS[1]: the bucket (hash tokens, stamp). ARGV: tokens per ms, burst, tokens taken.
-# Returns the ms to wait before using them, as a string (Lua numbers become integers).
+# KEYS[1]: the bucket (hash tokens, stamp). ARGV: tokens per ms, burst, tokens wanted.
+# Takes them when there are enough and returns '0'; else takes nothing (no debt: a waiter that
+# gives up, e.g. at a stop, holds nobody back) and returns the ms until there will be, as a
+# string (Lua numbers become integers).
 _TAKE_TOKENS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local speed, burst, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
 local tokens, stamp = tonumber(b[1]) or burst, tonumber(b[2]) or now
-tokens = math.min(burst, tokens + (now - stamp) * speed) - n
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * speed)
+local wait = '0'
+if tokens >= n then tokens = tokens - n else wait = tostring((n - tokens) / speed) end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 7200000)
-if tokens >= 0 then return '0' end
-return tostring(-tokens / speed)
+return wait
 """
 
 # KEYS[1]: a server's leases (sorted set, score = expiry ms). ARGV: cap, member, lease ms.
@@ -88,13 +107,14 @@ redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
 return 1
 """
 
-# KEYS: servers' lease sets; ARGV: lease ms, then one member per key. Pushes their expiry on.
+# KEYS: servers' lease sets; ARGV: lease ms, then one member per key. Pushes their expiry on,
+# and puts back leases Redis lost (a restart, an outage) or never had (opened while it was down).
 _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + lease, ARGV[i + 1])
+  redis.call('ZADD', key, now + lease, ARGV[i + 1])
   redis.call('PEXPIRE', key, 2 * lease)
 end
 return #KEYS
@@ -112,6 +132,20 @@ def _shown(url: str) -> str:
     return parts._replace(netloc=user + host).geturl()
 
 
+# KEYS[1]: this batch's marker. ARGV: list name, line, list name, line, ... Pushes the batch
+# once, however often it is sent (a reply lost to a timeout), and keeps each list bounded.
+_PUSH_LINES = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 3600) then return 0 end
+local touched = {}
+for i = 1, #ARGV, 2 do
+  redis.call('RPUSH', ARGV[i], ARGV[i + 1])
+  touched[ARGV[i]] = true
+end
+for name in pairs(touched) do redis.call('LTRIM', name, -%d, -1) end
+return 1
+""" % LIST_MAX
+
+
 class _Health:
     """Whether Redis answered lately; says so in the log when that changes."""
 
@@ -119,9 +153,10 @@ class _Health:
         self.url, self.what = _shown(url), what
         self.down_until = 0.0
         self.down = False
+        self.probing = False  # down, and one call is trying it again: the others do not
 
     def usable(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return time.monotonic() >= self.down_until and not (self.down and self.probing)
 
     def failed(self, e: BaseException) -> None:
         self.down_until = time.monotonic() + OFFLINE_RETRY
@@ -144,8 +179,10 @@ class SharedLimits:
         import redis.asyncio as aioredis
         from redis.exceptions import RedisError
         self._errors = (RedisError, OSError, asyncio.TimeoutError)
-        self.r = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT,
-                                         socket_connect_timeout=TIMEOUT)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=TIMEOUT, socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT)
+        self.r = aioredis.Redis(connection_pool=pool)
         self.prefix = prefix
         self.lease_ms = lease_ms
         self.health = _Health(url, "limits")
@@ -158,6 +195,7 @@ class SharedLimits:
         self._renewer: asyncio.Task | None = None
         self._releasing: set[asyncio.Task] = set()
         self._seen_cuts: dict[str, int] = {}  # destination -> time (ms) of the last cut adopted
+        self._leases_lock = asyncio.Lock()  # a renewal never puts back a lease being released
 
     def state(self) -> dict:
         """For `mailengine status` and /metrics."""
@@ -168,52 +206,74 @@ class SharedLimits:
         return f"{self.prefix}conns:{ip}:{port}"
 
     async def _call(self, fn, *args, **kw):
-        """fn's answer, or None when Redis is down (then for OFFLINE_RETRY s without trying)."""
+        """fn's answer, or None when Redis is down (then for OFFLINE_RETRY s without trying,
+        and after that one call tries while the others still get None)."""
         if not self.health.usable():
             return None
+        probe = self.health.down
+        if probe:
+            self.health.probing = True
         try:
             async with asyncio.timeout(TIMEOUT * 2):
                 out = await fn(*args, **kw)
         except self._errors as e:
             self.health.failed(e)
             return None
+        finally:
+            if probe:
+                self.health.probing = False
         self.health.worked()
         return out
 
     async def send_delay(self, per_hour: int, n: int = 1) -> float | None:
-        """Take `n` of the hourly cap shared by every engine: seconds to wait before sending
-        (a minute's worth may go at once, as with the local bucket). None: Redis is down."""
+        """Take `n` of the hourly cap shared by every engine, when there are (a minute's worth
+        may go at once, as with the local bucket): 0. Else nothing is taken and the answer is
+        the seconds until there will be: ask again then. None: Redis is down."""
         burst = max(1.0, per_hour / 60)
         ms = await self._call(self._take_tokens, keys=[f"{self.prefix}rate"],
                               args=[repr(per_hour / 3_600_000), repr(burst), n])
         return None if ms is None else float(ms) / 1000
 
-    async def host_lease(self, ip: str, port: int, cap: int) -> str | None:
+    async def host_lease(self, ip: str, port: int, cap: int) -> tuple[str, bool]:
         """A place among the `cap` connections all engines may have to one server; waits while
-        others hold them all. The lease's name, or None when Redis is down (go on alone)."""
+        others hold them all (TimeoutError after FULL_WAIT s). Returns (lease, shared): shared
+        False when Redis is down and this engine goes on alone; the lease is kept all the same
+        and registered by the renewals once Redis answers again."""
         key = self.host_key(ip, port)
         self._n += 1
         member = f"{self.me}:{self._n}"
         pause = FULL_POLL[0]
-        while True:
-            got = await self._call(self._take_lease, keys=[key],
-                                   args=[cap, member, self.lease_ms])
-            if got is None:
-                return None
-            if int(got) == 1:
-                self.held[member] = key
-                if self._renewer is None:
-                    self._renewer = asyncio.create_task(self._renew_leases())
-                return member
-            await asyncio.sleep(pause)
-            pause = min(FULL_POLL[1], pause * 2)
+        deadline = time.monotonic() + FULL_WAIT
+        try:
+            while True:
+                got = await self._call(self._take_lease, keys=[key],
+                                       args=[cap, member, self.lease_ms])
+                if got is None or int(got) == 1:
+                    self._hold(member, key)
+                    return member, got is not None
+                if time.monotonic() + pause > deadline:
+                    raise TimeoutError(f"{ip}:{port} at its shared connection cap")
+                await asyncio.sleep(pause)
+                pause = min(FULL_POLL[1], pause * 2)
+        except asyncio.CancelledError:  # Redis may have granted it as the call was cancelled
+            self._background(self._call(self.r.zrem, key, member))
+            raise
+
+    def _hold(self, member: str, key: str) -> None:
+        self.held[member] = key
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_leases())
 
     def host_release(self, member: str | None) -> None:
         """The connection holding `member` is closed (in the background; were it lost, the
         lease expires)."""
         key = self.held.pop(member, None) if member else None
         if key is not None:
-            self._background(self._call(self.r.zrem, key, member))
+            self._background(self._release(key, member))
+
+    async def _release(self, key: str, member: str) -> None:
+        async with self._leases_lock:
+            await self._call(self.r.zrem, key, member)
 
     def publish_cut(self, dest: str, limit: int) -> None:
         """This engine lowered `dest`'s concurrency to `limit`: tell the others (background)."""
@@ -251,10 +311,11 @@ class SharedLimits:
     async def _renew_leases(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
-            if self.held:
-                members = list(self.held)
-                await self._call(self._renew, keys=[self.held[m] for m in members],
-                                 args=[self.lease_ms, *members])
+            async with self._leases_lock:
+                if self.held:
+                    members = list(self.held)
+                    await self._call(self._renew, keys=[self.held[m] for m in members],
+                                     args=[self.lease_ms, *members])
 
     async def close(self) -> None:
         if self._renewer is not None:
@@ -275,13 +336,16 @@ class SharedLimits:
 
 class ListMirror:
     """Pushes the list files' lines onto Redis lists too, from a thread of its own (the lists
-    are written from the event loop, worker threads and the intake processes alike)."""
+    are written from the event loop, worker threads and the intake processes alike). Each batch
+    goes in once even when a reply is lost and it is sent again; each list keeps its newest
+    LIST_MAX lines (a reader takes them with LPOP or LMPOP)."""
 
     def __init__(self, url: str, prefix: str) -> None:
         import redis
         from redis.exceptions import RedisError
         self._errors = (RedisError, OSError)
         self.r = redis.Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+        self._push = self.r.register_script(_PUSH_LINES)
         self.prefix = prefix
         self.health = _Health(url, "lists")
         self._lines: deque[tuple[str, str]] = deque()
@@ -303,31 +367,29 @@ class ListMirror:
             self._cv.notify()
 
     def _run(self) -> None:
+        batch: list[tuple[str, str]] = []  # sent as one, under one id, until Redis took it
+        batch_id = ""
         while True:
             with self._cv:
-                while not self._lines and not self._closed:
+                while not batch and not self._lines and not self._closed:
                     self._cv.wait()
-                if not self._lines:
-                    return
-                batch = list(self._lines)
-                self._lines.clear()
-            if self._send(batch):
+                if not batch:
+                    if not self._lines:
+                        return  # closed, nothing left
+                    batch = [self._lines.popleft() for _ in range(min(len(self._lines), 1000))]
+                    batch_id = os.urandom(8).hex()
+            if self._send(batch_id, batch):
+                batch = []
                 continue
-            with self._cv:  # back in front of newer lines, the oldest dropped beyond the bound
-                room = max(0, LIST_BACKLOG - len(self._lines))
-                keep = batch[len(batch) - room:] if room < len(batch) else batch
-                self._dropped += len(batch) - len(keep)
-                self._lines.extendleft(reversed(keep))
+            with self._cv:
                 if self._closed:
                     return  # the lines are in the list files all the same
                 self._cv.wait(OFFLINE_RETRY)
 
-    def _send(self, batch: list[tuple[str, str]]) -> bool:
-        pipe = self.r.pipeline(transaction=False)
-        for name, line in batch:
-            pipe.rpush(name, line)
+    def _send(self, batch_id: str, batch: list[tuple[str, str]]) -> bool:
+        args = [x for pair in batch for x in pair]
         try:
-            pipe.execute()
+            self._push(keys=[f"{self.prefix}batch:{batch_id}"], args=args)
         except self._errors as e:
             self.health.failed(e)
             return False

@@ -70,41 +70,41 @@ def test_engines_share_one_servers_connection_cap(redis_server):
     async def main():
         a = SharedLimits(redis_server.url, "t:")
         b = SharedLimits(redis_server.url, "t:")
-        la = await a.host_lease("127.0.0.9", 25, 2)
-        lb = await b.host_lease("127.0.0.9", 25, 2)
+        la, shared_a = await a.host_lease("127.0.0.9", 25, 2)
+        lb, _ = await b.host_lease("127.0.0.9", 25, 2)
         third = asyncio.create_task(a.host_lease("127.0.0.9", 25, 2))
         await asyncio.sleep(0.3)
         waited = not third.done()  # both places taken, one by each engine
-        other = await asyncio.wait_for(b.host_lease("127.0.0.10", 25, 2), 2)  # another server
+        other, _ = await asyncio.wait_for(b.host_lease("127.0.0.10", 25, 2), 2)  # another one
         b.host_release(lb)
-        lc = await asyncio.wait_for(third, 3)
+        lc, _ = await asyncio.wait_for(third, 3)
         held = redis_server.client().zrange("t:conns:127.0.0.9:25", 0, -1)
         await a.close()
         await b.close()
         left = redis_server.client().keys("t:conns:*")
-        return la, lb, lc, other, waited, held, left
+        return la, lb, lc, other, waited, held, left, shared_a
 
-    la, lb, lc, other, waited, held, left = asyncio.run(main())
-    assert waited and all((la, lb, lc, other))
+    la, lb, lc, other, waited, held, left, shared_a = asyncio.run(main())
+    assert waited and all((la, lb, lc, other)) and shared_a
     assert sorted(held) == sorted([la, lc])
     assert left == []  # closing an engine gives its places back
 
 
 def test_a_dead_engines_places_expire_a_live_ones_are_renewed(redis_server):
     async def main():
-        live = SharedLimits(redis_server.url, "t:", lease_ms=300)
-        dead = SharedLimits(redis_server.url, "t:", lease_ms=300)
+        live = SharedLimits(redis_server.url, "t:", lease_ms=1500)  # renewed every 0.5 s
+        dead = SharedLimits(redis_server.url, "t:", lease_ms=1500)
         await live.host_lease("127.0.0.9", 25, 2)
         await dead.host_lease("127.0.0.9", 25, 2)
         dead._renewer.cancel()  # it "dies": no renewal, no release
-        other = SharedLimits(redis_server.url, "t:", lease_ms=300)
+        other = SharedLimits(redis_server.url, "t:", lease_ms=1500)
         t0 = time.monotonic()
-        got = await asyncio.wait_for(other.host_lease("127.0.0.9", 25, 2), 5)
+        got, _ = await asyncio.wait_for(other.host_lease("127.0.0.9", 25, 2), 10)
         took = time.monotonic() - t0
         # the live engine's place survived well past its lease time: renewed
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(2.0)
         third = asyncio.create_task(other.host_lease("127.0.0.9", 25, 2))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         still_full = not third.done()
         third.cancel()
         for s in (live, other):
@@ -112,8 +112,56 @@ def test_a_dead_engines_places_expire_a_live_ones_are_renewed(redis_server):
         return got, took, still_full
 
     got, took, still_full = asyncio.run(main())
-    assert got and 0.1 < took < 2.0
+    assert got and 1.0 < took < 5.0
     assert still_full
+
+
+def test_places_held_survive_a_redis_restart(monkeypatch):
+    """Redis restarted (or lost its data): the renewals put the leases back, so a second engine
+    still finds the server full."""
+    monkeypatch.setattr(shared, "OFFLINE_RETRY", 0.2)
+    srv = RedisServer().start()
+
+    async def main():
+        a = SharedLimits(srv.url, "t:", lease_ms=1500)
+        await a.host_lease("127.0.0.9", 25, 2)
+        await a.host_lease("127.0.0.9", 25, 2)
+        srv.stop()
+        srv.start()  # same port, empty
+        wait_back = time.monotonic() + 10
+        while srv.client().zcard("t:conns:127.0.0.9:25") < 2:
+            assert time.monotonic() < wait_back, "leases not put back"
+            await asyncio.sleep(0.1)
+        b = SharedLimits(srv.url, "t:", lease_ms=1500)
+        third = asyncio.create_task(b.host_lease("127.0.0.9", 25, 2))
+        await asyncio.sleep(0.8)
+        full = not third.done()
+        third.cancel()
+        await a.close()
+        await b.close()
+        return full
+
+    try:
+        assert asyncio.run(main())
+    finally:
+        srv.stop()
+
+
+def test_a_unit_gives_up_waiting_for_a_server_other_engines_fill(redis_server, monkeypatch):
+    monkeypatch.setattr(shared, "FULL_WAIT", 0.5)
+
+    async def main():
+        a = SharedLimits(redis_server.url, "t:")
+        b = SharedLimits(redis_server.url, "t:")
+        await a.host_lease("127.0.0.9", 25, 1)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(b.host_lease("127.0.0.9", 25, 1), 5)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
 
 
 def test_the_hourly_cap_is_one_bucket_for_all_engines(redis_server):
@@ -166,17 +214,38 @@ def test_without_redis_an_engine_goes_on_alone(caplog):
     async def main():
         s = SharedLimits(f"redis://127.0.0.1:{free_port()}/0", "t:")
         t0 = time.monotonic()
-        out = [await s.send_delay(3600), await s.host_lease("127.0.0.9", 25, 2),
-               await s.send_delay(3600)]
+        lease, shared_ok = await s.host_lease("127.0.0.9", 25, 2)
+        out = [await s.send_delay(3600), shared_ok, await s.send_delay(3600)]
         took = time.monotonic() - t0
         await s.close()
         return out, took
 
     with caplog.at_level(logging.WARNING, logger="mailengine.shared"):
         out, took = asyncio.run(main())
-    assert out == [None, None, None] and took < 3.0  # local limits, at once
+    assert out == [None, False, None] and took < 3.0  # local limits, at once
     warnings = [r for r in caplog.records if "cannot be reached" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_a_list_batch_sent_twice_goes_in_once(redis_server):
+    mirror = ListMirror(redis_server.url, "t:")
+    try:
+        batch = [("t:list:hard-bounces", "a@x.test"), ("t:list:hard-bounces", "b@x.test")]
+        assert mirror._send("b1", batch) and mirror._send("b1", batch)  # reply lost, sent again
+        assert redis_server.client().lrange("t:list:hard-bounces", 0, -1) == ["a@x.test",
+                                                                             "b@x.test"]
+    finally:
+        mirror.close()
+
+
+def test_a_malformed_redis_url_is_refused_with_the_reason(tmp_path):
+    from mailengine.config import Config, ConfigError
+    cfg = Config(home=tmp_path)
+    with pytest.raises(ConfigError, match="redis_url"):
+        cfg.set("shared.redis_url", "redis://host:abc/0")
+    with pytest.raises(ConfigError, match="redis_url"):
+        cfg.set("shared.redis_url", "http://host:6379")
+    cfg.set("shared.redis_url", "redis://:pw@127.0.0.1:6379/2")
 
 
 def test_list_lines_reach_redis_also_when_it_starts_late(monkeypatch):
@@ -308,3 +377,28 @@ def test_an_engine_slows_down_for_a_server_that_troubles_another_engine(tmp_path
         assert slow.peak_connections <= 3
     else:
         assert slow.peak_connections >= 4
+
+
+@pytest.mark.parametrize("shared_on", [False, True])
+def test_two_engines_together_keep_the_hourly_cap(tmp_path, redis_server, shared_on):
+    """max_send_rate = 3,600 an hour: a minute's worth (60) may go at once. Two engines with 40
+    messages each: sharing, about 60 go out at once and the rest one a second; alone, each
+    engine's own 60 lets all 80 go."""
+    sink = ThreadedSink().start()
+    url = redis_server.url if shared_on else ""
+    try:
+        settings = {**relay_settings(url, sink.port, "rate:"), "limits.max_send_rate": 3600}
+        with RunningEngine(tmp_path / "a", settings) as a, \
+                RunningEngine(tmp_path / "b", settings) as b:
+            t0 = time.monotonic()
+            send_each([a, b], 40)
+            if shared_on:
+                wait(lambda: len(sink.messages) >= 60, 30, "60 messages at the sink")
+                time.sleep(1.0)
+            else:  # sharing, the last 20 would take 20 s
+                wait(lambda: len(sink.messages) == 80, 15, "all 80 at the sink")
+            got, took = len(sink.messages), time.monotonic() - t0
+    finally:
+        sink.stop()
+    if shared_on:
+        assert got <= 60 + took + 2, (got, took)  # the minute's worth, then one a second
