@@ -114,6 +114,9 @@ SETTINGS: list[Setting] = [
     Setting("network", "web_port", 81, "int",
             "Web admin port. 0 disables it.", minimum=0, restart=True,
             check=lambda v: None if v <= 65535 else "must be at most 65535"),
+    Setting("network", "web_tls", False, "bool",
+            "Serve the web admin, the API and /metrics over HTTPS, with tls_cert and tls_key (or "
+            "the self-signed pair); its cookies are then sent over HTTPS only.", restart=True),
     Setting("network", "tls_cert", "", "str",
             "PEM certificate for STARTTLS. Empty: a self-signed pair is made in HOME/tls/ on first "
             "start.", restart=True),

@@ -125,6 +125,34 @@ def running(tmp_path):
 
 # --- the admin: login, sessions, CSRF -------------------------------------------------------------
 
+def test_web_tls_serves_the_admin_over_https_with_secure_cookies(tmp_path):
+    import ssl
+    with engine(tmp_path, {"network.web_tls": True}) as eng:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the self-signed pair
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn = http.client.HTTPSConnection("127.0.0.1", eng.web_port, timeout=10,
+                                                   context=ctx)
+                conn.request("GET", "/gui/login")
+                r = conn.getresponse()
+                body = r.read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        cert = conn.sock.getpeercert(binary_form=True)
+        conn.close()
+        with pytest.raises((OSError, http.client.HTTPException)):
+            Client(eng.web_port).get("/gui/login")  # plain HTTP is not answered
+        out = eng.read_output()
+    assert r.status == 200 and b"password" in body.lower()
+    assert "Secure" in r.headers["Set-Cookie"] and "HttpOnly" in r.headers["Set-Cookie"]
+    assert cert == ssl.PEM_cert_to_DER_cert((tmp_path / "tls" / "cert.pem").read_text())
+    assert "https://127.0.0.1:" in out
+
+
 def test_root_leads_to_admin_and_admin_to_login(running):
     c = Client(running.web_port)
     r = c.get("/")

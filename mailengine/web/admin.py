@@ -101,7 +101,7 @@ def _login_form(request, status: int = 200, error: str = "", wait: float = 0.0):
     resp = w.render(request, "login.html", status=status, login_csrf=token, error=error,
                     wait=wait, next=_safe_next(request.query.get("next")),
                     no_users=not w.engine.users, password_file=str(w.cfg.password_file))
-    resp.set_cookie(LOGIN_COOKIE, token, max_age=3600, **COOKIE)
+    resp.set_cookie(LOGIN_COOKIE, token, max_age=3600, secure=request.secure, **COOKIE)
     return resp
 
 
@@ -137,7 +137,7 @@ async def login_post(request: web.Request) -> web.Response:
     w.login_throttle.succeeded(ip)
     session = w.sessions.create(user)
     resp = web.HTTPSeeOther(_safe_next(form.get("next")))
-    resp.set_cookie(SESSION_COOKIE, session.id, **COOKIE)
+    resp.set_cookie(SESSION_COOKIE, session.id, secure=request.secure, **COOKIE)
     resp.del_cookie(LOGIN_COOKIE, path="/")
     raise resp
 

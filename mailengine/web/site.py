@@ -153,10 +153,15 @@ class WebSite:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
         hosts = bind_hosts(net.web_ip)
+        ssl_ctx = None
+        if net.web_tls:  # the SMTP certificate (tls.py), so there is one pair to renew
+            from .. import tls
+            ssl_ctx = tls.server_context(self.cfg.home, net.tls_cert, net.tls_key,
+                                         self.engine.hostname)
         try:
             for host in hosts or [None]:
                 site = web.TCPSite(self.runner, host, net.web_port, reuse_address=True,
-                                   shutdown_timeout=2.0)
+                                   shutdown_timeout=2.0, ssl_context=ssl_ctx)
                 await site.start()
                 for sock in site._server.sockets:  # the addresses really bound
                     self.bound.append(sock.getsockname()[:2])
@@ -175,8 +180,8 @@ class WebSite:
         self.outcomes.attach()
         self.history.start()
         where = ", ".join(f"{h} port {p}" for h, p in self.bound)
-        log.info("web admin on %s: http://%s:%d/gui/admin%s", where,
-                 hosts[0] if hosts else "127.0.0.1", net.web_port,
+        log.info("web admin on %s: %s://%s:%d/gui/admin%s", where,
+                 "https" if ssl_ctx else "http", hosts[0] if hosts else "127.0.0.1", net.web_port,
                  f" (clients: {net.web_ip})" if net.web_ip else "")
         if not self.engine.users:
             log.warning("web admin: no users: %s is missing or empty; add a line such as "
