@@ -296,8 +296,9 @@ def _field_blocks(part: EmailMessage) -> list[dict[str, str]]:
     if isinstance(payload, list):
         if part.get_content_type() == "message/delivery-status":
             return [{k.lower(): " ".join(str(v).split()) for k, v in m.items()} for m in payload]
-        # other message/* types were parsed as one enclosed message: read its text again
-        return _parse_blocks("".join(m.as_string() for m in payload))
+        # other message/* types were parsed as one enclosed message: read its text again (as
+        # bytes: message/global-delivery-status carries UTF-8 addresses, RFC 6533)
+        return _parse_blocks(b"".join(m.as_bytes() for m in payload).decode("utf-8", "replace"))
     text = payload if isinstance(payload, str) else _text_of(part)
     return _parse_blocks(text)
 

@@ -21,6 +21,12 @@ cannot happen, so no loop can form).
    Remote-MTA, Diagnostic-Code, Last-Attempt-Date, Will-Retry-Until (delayed);
 3. the returned message: `message/rfc822` for RET=FULL (and by default, when it fits in
    FULL_LIMIT bytes and is plain 7-bit text), `text/rfc822-headers` for RET=HDRS or otherwise.
+
+Internationalized mail (RFC 6533): when an address the notice names (sender, recipients,
+ORCPT) is not ASCII, part 2 is `message/global-delivery-status` (8bit, the UTF-8 addresses as
+`utf-8;` address types); when the original's headers are not ASCII, it comes back as
+`message/global` or `message/global-headers`. The notice itself then goes out with SMTPUTF8
+(delivery adds it for a non-ASCII address).
 """
 from __future__ import annotations
 
@@ -130,6 +136,17 @@ def _human(msg: Message, notice: Notice, retry_until: datetime | None, returned:
     return "\n".join(lines) + "\n"
 
 
+def _international(msg: Message, notice: Notice) -> bool:
+    """RFC 6533: does the delivery status name a non-ASCII address?"""
+    addrs = [msg.mail_from] + [o.address for o in notice.outcomes] + [
+        msg.dsn_rcpt.get(o.address, {}).get("orcpt", "") for o in notice.outcomes]
+    return not all(a.isascii() for a in addrs)
+
+
+def _addr_type(addr: str) -> str:
+    return "rfc822" if addr.isascii() else "utf-8"
+
+
 def _delivery_status(msg: Message, notice: Notice, reporting_mta: str,
                      retry_until: datetime | None) -> str:
     head = [f"Reporting-MTA: dns; {reporting_mta}"]
@@ -148,7 +165,7 @@ def _delivery_status(msg: Message, notice: Notice, reporting_mta: str,
             kind, semi, addr = orcpt.partition(";")
             b.append(f"Original-Recipient: {kind.strip() if semi else 'rfc822'};"
                      f"{_clean(addr if semi else orcpt)}")
-        b.append(f"Final-Recipient: rfc822; {o.address}")
+        b.append(f"Final-Recipient: {_addr_type(o.address)}; {o.address}")
         b.append(f"Action: {notice.action}")
         b.append(f"Status: {_status(o, notice.action)}")
         if o.host:
@@ -179,6 +196,8 @@ def _returned(msg: Message, data: bytes | None) -> str:
     ret = msg.dsn_ret.upper()
     if ret == "HDRS":
         return "headers"
+    if not _headers_of(data).isascii():  # message/global carries it as it is (RFC 6533)
+        return "full" if ret == "FULL" or len(data) <= FULL_LIMIT else "headers"
     plain = data.isascii()
     if ret == "FULL":
         return "full" if plain or not _headers_of(data).isascii() else "headers"
@@ -208,17 +227,25 @@ def build(msg: Message, notice: Notice, reporting_mta: str, data: bytes | None =
                       "Content-Transfer-Encoding: quoted-printable\n\n").encode() + \
             _crlf(quopri.encodestring(human.encode("utf-8")))
     status = _delivery_status(msg, notice, reporting_mta, retry_until)
+    international = _international(msg, notice)
+    status_type = ("message/global-delivery-status\nContent-Transfer-Encoding: 8bit"
+                   if international else "message/delivery-status")
     parts = [
         _crlf("Content-Description: Notification\n") + _crlf(human_part),
-        _crlf("Content-Description: Delivery report\nContent-Type: message/delivery-status\n\n"
+        _crlf(f"Content-Description: Delivery report\nContent-Type: {status_type}\n\n"
               + status),
     ]
+    utf8_headers = data is not None and not _headers_of(data).isascii()
     if returned == "full":
-        parts.append(_crlf("Content-Description: Undelivered Message\n"
-                           "Content-Type: message/rfc822\n\n") + _crlf(data))
+        kind = "message/global\nContent-Transfer-Encoding: 8bit" if utf8_headers \
+            else "message/rfc822"
+        parts.append(_crlf(f"Content-Description: Undelivered Message\nContent-Type: {kind}\n\n")
+                     + _crlf(data))
     elif returned == "headers":
-        parts.append(_crlf("Content-Description: Undelivered Message Headers\n"
-                           "Content-Type: text/rfc822-headers\n\n") + _crlf(_headers_of(data)))
+        kind = "message/global-headers\nContent-Transfer-Encoding: 8bit" if utf8_headers \
+            else "text/rfc822-headers"
+        parts.append(_crlf(f"Content-Description: Undelivered Message Headers\n"
+                           f"Content-Type: {kind}\n\n") + _crlf(_headers_of(data)))
     top = "\n".join([
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{msg.mail_from}>",
@@ -227,7 +254,9 @@ def build(msg: Message, notice: Notice, reporting_mta: str, data: bytes | None =
         f"Message-ID: <{uuid.uuid4().hex}.dsn@{reporting_mta}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        "Content-Type: multipart/report; report-type=delivery-status;",
+        # RFC 6522: report-type names the subtype of the second part
+        "Content-Type: multipart/report; report-type="
+        f"{'global-delivery-status' if international else 'delivery-status'};",
         f'\tboundary="{boundary}"',
         "",
         "This is a MIME-encapsulated delivery status notification.",

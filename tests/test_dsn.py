@@ -310,3 +310,42 @@ def test_no_dsn_without_queue_dsn(tmp_path):
     finally:
         dest.stop()
         home.stop()
+
+
+# ------------------------------------------------------------------- internationalized (RFC 6533)
+
+def test_a_notice_naming_utf8_addresses_is_a_global_delivery_status():
+    sender, rcpt = "ニュース@送信.example", "受信者@宛先.example"
+    original = ("From: ニュース@送信.example\r\nTo: 受信者@宛先.example\r\nSubject: お知らせ\r\n"
+                "Message-ID: <g.1@src.test>\r\n\r\nこんにちは\r\n").encode()
+    msg = message(mail_from=sender, dsn_rcpt={rcpt: {"orcpt": f"utf-8;{rcpt}"}})
+    out = dsn.build(msg, dsn.Notice("failed", [hard(rcpt)]), "engine.test", original)
+    top = email.message_from_bytes(out, policy=email.policy.SMTPUTF8)
+    assert top.get_content_type() == "multipart/report"
+    assert top.get_param("report-type") == "global-delivery-status"
+    assert f"\r\nTo: <{sender}>\r\n" in out.decode("utf-8")  # raw UTF-8 (RFC 6532)
+    human, status, returned = top.get_payload()
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert status["Content-Transfer-Encoding"] == "8bit"
+    text = out.decode("utf-8")
+    assert f"Final-Recipient: utf-8; {rcpt}\r\n" in text
+    assert f"Original-Recipient: utf-8;{rcpt}\r\n" in text
+    assert returned.get_content_type() == "message/global"
+    assert "Subject: お知らせ\r\n" in text  # the original comes back as it was
+    # and the engine's own bounce intake understands it
+    rep = parse_report(out)
+    b, = rep.bounces
+    assert (b.address, b.status, b.kind) == (rcpt, "5.1.1", "hard")
+
+
+def test_ascii_addresses_with_utf8_headers_return_the_original_as_message_global():
+    original = ("From: news@src.test\r\nTo: bad@dest.test\r\nSubject: Grüße\r\n\r\n"
+                "Hallo\r\n").encode()
+    out = dsn.build(message(), dsn.Notice("failed", [hard()]), "engine.test", original)
+    top, parts = report_parts(out)
+    assert parts[1].get_content_type() == "message/delivery-status"  # nothing non-ASCII in it
+    assert parts[2].get_content_type() == "message/global"
+    hdrs = dsn.build(message(dsn_ret="HDRS"), dsn.Notice("failed", [hard()]), "engine.test",
+                     original)
+    assert report_parts(hdrs)[1][2].get_content_type() == "message/global-headers"
+    assert b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n" in hdrs and b"Hallo" not in hdrs
