@@ -349,3 +349,28 @@ def test_ascii_addresses_with_utf8_headers_return_the_original_as_message_global
                      original)
     assert report_parts(hdrs)[1][2].get_content_type() == "message/global-headers"
     assert b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n" in hdrs and b"Hallo" not in hdrs
+
+
+def test_a_notice_to_a_utf8_sender_goes_out_with_smtputf8(tmp_path):
+    dest = ThreadedSink(script=SinkScript(rcpt={"@dest7.test": "550 5.1.1 no such user"})).start()
+    home = ThreadedSink().start()
+    sender, rcpt = "ニュース@src7.test", "受信者@dest7.test"
+    try:
+        with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+                f"dest7.test,mx.dest7.test,MX,127.0.0.1:{dest.port}",
+                f"src7.test,mx.src7.test,MX,127.0.0.1:{home.port}"]}) as eng:
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.ehlo("app.src.test")
+                s.sendmail(sender, [rcpt], ORIGINAL, mail_options=["SMTPUTF8"])
+            home.wait_messages(1, timeout=30)
+        m, = home.messages
+        mail = [c for sess in home.sessions for c in sess.commands if c.startswith("MAIL")]
+    finally:
+        dest.stop()
+        home.stop()
+    assert m.mail_from == "" and m.rcpts == [sender]
+    assert "SMTPUTF8" in mail[0].split()
+    top = email.message_from_bytes(m.data, policy=email.policy.SMTPUTF8)
+    assert top.get_param("report-type") == "global-delivery-status"
+    assert top.get_payload()[1].get_content_type() == "message/global-delivery-status"
+    assert f"Final-Recipient: utf-8; {rcpt}\r\n".encode() in m.data
