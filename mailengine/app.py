@@ -131,6 +131,9 @@ class Engine:
                data: bytes | None = None) -> None:
         """A message is safely in the spool (stored by this process or an intake worker)."""
         if relayed is not None:
+            if logs.tracing():
+                logs.PROGRAM.debug("stored %s in %s/: %d recipients, %d bytes", relayed.id, where,
+                                   len(relayed.rcpt_to_send), relayed.size)
             self.take(relayed, where, data)
         self.stats.received(local=relayed is None)
 
@@ -145,6 +148,7 @@ class Engine:
         if self.delivery is not None:
             self.delivery.apply(cfg)
         logging.getLogger("mailengine").setLevel(logging.DEBUG if debug_any(cfg) else logging.INFO)
+        logs.program_trace(cfg.debug.program)
         if self.workers and self.workers.apply(cfg):
             return ["the intake processes are restarted with the new settings; sessions in "
                     "progress finish under the old ones"]
@@ -175,6 +179,8 @@ class Engine:
                 log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
                          "on disk in retry/ until there is room", len(self.delivery.messages))
             self.offloaded.add(msg.id)
+            if logs.tracing():
+                logs.PROGRAM.debug("%s waits on disk only (memory full)", msg.id)
             return False
         self.offloaded.discard(msg.id)
         self.known.add(msg.id)
@@ -410,7 +416,7 @@ class Engine:
 def run(cfg: Config, test_mode: bool = False) -> None:
     """Run the engine in the foreground until it is stopped."""
     logs.setup(cfg.log_dir, cfg.logging.log_retention_days,
-               debug_any=debug_any(cfg))
+               debug_any=debug_any(cfg), program=cfg.debug.program)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(Engine(cfg, test_mode).run())
 

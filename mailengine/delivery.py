@@ -58,6 +58,7 @@ from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
 from .scheduler import Scheduler, Unit
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
+from . import logs
 from .shared import CUT_POLL
 from .throttle import HourlyNotice, Windows, bandwidth_bucket, send_rate_bucket
 
@@ -556,6 +557,9 @@ class DeliveryEngine:
             except OSError as e:
                 log.error("%s: cannot move it to working/: %s; it stays in retry/", msg.id, e)
                 att.gone = True
+        if logs.tracing():
+            logs.PROGRAM.debug("sending %s to %s: %d recipients, priority %d, try %d", u.msg_id,
+                               u.dest, len(u.rcpts), u.priority, att.msg.send_tries + 1)
         self._spawn(self._run_unit(u, att))
 
     async def _run_unit(self, u: Unit, att: Attempt) -> None:
@@ -902,6 +906,11 @@ class DeliveryEngine:
         now = datetime.now()
         res = record_attempt(msg, att.outcomes, self.cfg.queue.retry_intervals, now,
                              att.interrupted)
+        if logs.tracing():
+            logs.PROGRAM.debug("%s attempt over: %d sent, %d failed, %d to retry%s", msg.id,
+                               len(res.sent), len(res.failed) + len(res.gave_up),
+                               len(res.deferred), "" if res.done or msg.retry_time is None
+                               else f" at {msg.retry_time:%Y/%m/%d %H:%M:%S}")
         if att.dkim_hold is not None and not res.done:
             self._held_for_dkim(msg, att.dkim_hold, now)
         self._note(msg, res, att)

@@ -2,8 +2,11 @@
 
 A new file is opened when the day changes (by the time of the record); old files are pruned then,
 at start, and hourly by the engine (`prune`), so a quiet engine keeps no more than it should.
-`debug.program` turns on the DEBUG level (internal steps); the other `debug.*` switches log their
-traces at INFO level where they happen (inbound, delivery, dns, app).
+`debug.program` traces the program's internal steps on the logger `mailengine.program` (PROGRAM):
+each message stored or picked up, taken into memory or left on disk, every unit handed to
+delivery and every attempt's end with its next try; `program_trace()` turns it on and off. The
+other `debug.*` switches log their traces at INFO level where they happen (inbound, delivery,
+dns, app).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+PROGRAM = logging.getLogger("mailengine.program")  # debug.program: PROGRAM.debug(...) lines
 FORMAT = "%(asctime)s %(message)s"
 DATEFMT = "%Y/%m/%d %H:%M:%S"
 
@@ -76,8 +80,19 @@ def prune(directory: Path, retention_days: int, now: float | None = None,
     return gone
 
 
+def program_trace(on: bool) -> None:
+    """`debug.program`: the internal-step lines are written (or not), whatever the others say."""
+    PROGRAM.setLevel(logging.DEBUG if on else logging.INFO)
+
+
+def tracing() -> bool:
+    """Cheap check for hot paths: is `debug.program` on?"""
+    return PROGRAM.isEnabledFor(logging.DEBUG)
+
+
 def setup(log_dir: Path, retention_days: int, debug_any: bool = False,
-          console=sys.stderr) -> None:
+          console=sys.stderr, program: bool = False) -> None:
+    program_trace(program)
     root = logging.getLogger("mailengine")
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import time
-from pathlib import Path
 
 from mailengine import logs
 from mailengine.testing.engine import RunningEngine
@@ -65,3 +65,32 @@ def test_no_log_files_with_zero_retention(tmp_path):
     with RunningEngine(tmp_path, {"logging.log_retention_days": 0}):
         pass
     assert not list((tmp_path / "log").glob("mailengine-*.log"))
+
+
+def test_debug_program_traces_each_message_through_the_engine(tmp_path):
+    """debug.program: stored, handed to delivery, attempt over, with ids; off: none of it."""
+    from mailengine.testing.engine import wait_until
+    from mailengine.testing.sink import ThreadedSink
+    sink = ThreadedSink().start()
+    outs = {}
+    try:
+        for on in (True, False):
+            home = tmp_path / str(on)
+            with RunningEngine(home, {
+                    "debug.program": on, "queue.pause_sending": False,
+                    "policy.relay_ips": ["127.0.0.1"],
+                    "basic.dns_servers": [f"dest.test,mx.dest.test,MX,127.0.0.1:{sink.port}"]}
+                    ) as eng:
+                with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                    s.sendmail("a@src.test", ["x@dest.test", "y@dest.test"], b"Subject: t\r\n\r\nhi\r\n")
+                n = 1 if on else 2
+                wait_until(lambda: len(sink.messages) == n, 20, "delivery")
+                time.sleep(0.3)
+                outs[on] = eng.read_output()
+    finally:
+        sink.stop()
+    on = outs[True]
+    mid = re.search(r"stored (\S+) in working/: 2 recipients, \d+ bytes", on).group(1)
+    assert f"sending {mid} to dest.test: 2 recipients, priority 0, try 1" in on
+    assert f"{mid} attempt over: 2 sent, 0 failed, 0 to retry" in on
+    assert "stored " not in outs[False] and "attempt over" not in outs[False]
