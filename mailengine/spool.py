@@ -152,6 +152,7 @@ def _load_syncfs():
 _syncfs = _load_syncfs()
 WRITER_THREADS = int(os.environ.get("MAILENGINE_SPOOL_WRITERS", "4"))  # at most; see _Writers
 WRITER_SLOW = 0.010  # s a store waited for a writer thread before another one starts
+WRITER_PARK = 0.2  # s an extra writer thread waits for more slow work before it ends
 STRATEGIES = ("syncfs", "fdatasync")
 DEFAULT_STRATEGY = os.environ.get("MAILENGINE_SPOOL_SYNC") or (
     "syncfs" if _syncfs is not None else "fdatasync")  # the variable: for measuring, see bench/
@@ -160,51 +161,85 @@ DEFAULT_STRATEGY = os.environ.get("MAILENGINE_SPOOL_SYNC") or (
 class _Writers:
     """The threads that create stores' files. One while it keeps up; when the oldest waiting
     store has waited WRITER_SLOW, one more (up to `max_threads`), e.g. while creating a file
-    takes hundreds of µs (spare.py); an extra thread ends once the stores no longer wait. Not a
-    fixed pool: threads busy at once compete for the interpreter lock, and bench/intake (b) was
-    14 % faster with one writer than with four always there (five interleaved pairs: 2,805,
-    2,622, 2,780, 2,801, 2,743 against 2,344, 2,359, 2,419, 2,416, 2,458 msg/s)."""
+    takes hundreds of µs (spare.py). An extra thread helps while stores wait over a quarter of
+    that, then parks WRITER_PARK s for more slow work before it ends. Not a fixed pool: threads
+    busy at once compete for the interpreter lock, and bench/intake (b) was 14 % faster with one
+    writer than with four always there (five interleaved pairs: 2,805, 2,622, 2,780, 2,801,
+    2,743 against 2,344, 2,359, 2,419, 2,416, 2,458 msg/s)."""
 
     def __init__(self, max_threads: int) -> None:
-        self._cv = threading.Condition()
+        lock = threading.Lock()
+        self._work = threading.Condition(lock)  # the first thread waits here for any store
+        self._help = threading.Condition(lock)  # parked extra threads wait here for slow ones
         self._jobs: deque = deque()  # (time queued, function, arguments)
         self._max = max(1, max_threads)
         self._running = 0
+        self._parked = 0
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.most = 0  # the most threads at once, for tests
 
     def submit(self, fn: Callable, *args) -> None:
         now = time.monotonic()
-        with self._cv:
+        with self._work:
             if self._closed:
                 raise RuntimeError("the spool's writer threads are shut down")
             self._jobs.append((now, fn, args))
             if self._running == 0:
-                self._start(first=True)
-            elif self._running < self._max and now - self._jobs[0][0] > WRITER_SLOW:
-                self._start(first=False)
-            else:
-                self._cv.notify()  # only the first thread ever waits for work
+                if not self._start(first=True):
+                    self._jobs.pop()  # refused to the caller: it must never be written later
+                    raise RuntimeError("cannot start a spool writer thread")
+                return
+            self._work.notify()
+            self._more_help(now)
 
-    def _start(self, first: bool) -> None:
-        self._running += 1
-        self.most = max(self.most, self._running)
+    def _behind(self, now: float, limit: float) -> bool:
+        return bool(self._jobs) and now - self._jobs[0][0] > limit
+
+    def _more_help(self, now: float) -> None:
+        """With the lock held: stores wait too long, so a parked thread or a new one helps."""
+        if self._behind(now, WRITER_SLOW):
+            if self._parked:
+                self._help.notify()
+            elif self._running < self._max:
+                self._start(first=False)
+
+    def _start(self, first: bool) -> bool:
         self._threads = [t for t in self._threads if t.is_alive()]
         t = threading.Thread(target=self._run, args=(first,), name="spool-writer", daemon=True)
+        try:
+            t.start()
+        except RuntimeError as e:  # "can't start new thread": the ones running go on
+            log.error("cannot start a spool writer thread: %s", e)
+            return False
+        self._running += 1
+        self.most = max(self.most, self._running)
         self._threads.append(t)
-        t.start()
+        return True
 
     def _run(self, first: bool) -> None:
         while True:
-            with self._cv:
-                while not self._jobs or not first and not self._closed and \
-                        time.monotonic() - self._jobs[0][0] < WRITER_SLOW / 4:
-                    if self._closed or not first:  # an extra thread: the backlog is gone
-                        self._running -= 1
-                        return
-                    self._cv.wait()
+            with self._work:
+                if first:
+                    while not self._jobs:
+                        if self._closed:
+                            self._running -= 1
+                            return
+                        self._work.wait()
+                else:
+                    while not (self._jobs and (self._closed or
+                                               self._behind(time.monotonic(), WRITER_SLOW / 4))):
+                        if self._closed:
+                            self._running -= 1
+                            return
+                        self._parked += 1
+                        woken = self._help.wait(WRITER_PARK)
+                        self._parked -= 1
+                        if not woken and not self._behind(time.monotonic(), WRITER_SLOW / 4):
+                            self._running -= 1  # nothing slow for a while: end
+                            return
                 _, fn, args = self._jobs.popleft()
+                self._more_help(time.monotonic())
             try:
                 fn(*args)
             except BaseException:  # noqa: BLE001 - a job reports its own errors; keep serving
@@ -212,12 +247,17 @@ class _Writers:
 
     def shutdown(self) -> None:
         """Run what was submitted, then end the threads."""
-        with self._cv:
+        with self._work:
             self._closed = True
-            self._cv.notify_all()
-            threads = list(self._threads)
-        for t in threads:
-            t.join()
+            self._work.notify_all()
+            self._help.notify_all()
+        while True:  # including helpers started while the last stores were written
+            with self._work:
+                threads = [t for t in self._threads if t.is_alive()]
+            if not threads:
+                return
+            for t in threads:
+                t.join()
 
 
 class _Job:
@@ -424,11 +464,18 @@ class Spool:
         if job.error is not None:
             self._resolve([job])
             return
-        with self._cond:  # written: the flusher makes it durable with the next sync
-            if self._thread is None:
-                self._start_flusher()
-            self._queue.append(job)
-            self._cond.notify()
+        try:
+            with self._cond:  # written: the flusher makes it durable with the next sync
+                if self._thread is None:
+                    self._start_flusher()
+                self._queue.append(job)
+                self._cond.notify()
+        except BaseException as e:  # noqa: BLE001 - e.g. EMFILE starting the flusher
+            for f in job.fds:
+                os.close(f)
+            job.fds, job.error = [], e
+            _unlink_quiet(job.tmp, job.dat)  # not acknowledged: leave nothing
+            self._resolve([job])
 
     async def update_inf(self, msg: Message, where: str, flush: bool = False) -> None:
         """Replace `ID.inf` atomically (write `.inf.tmp`, rename over). With `flush` (and a
