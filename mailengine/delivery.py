@@ -71,6 +71,7 @@ STOP_GRACE = 5.0          # s: transactions in flight at a stop get this long to
 IDLE_CLOSE = 5.0          # s: an idle connection kept for reuse longer than this is closed
 HOST_DOWN = 10.0          # s: a host that refused a connection is tried last for this long
 MAX_SLEEP = 1.0           # s: the send loop looks at its timers at least this often
+WAKE_SCAN = 64  # waiters for the total cap looked through for one that wants an idle session
 INITIAL_WINDOW = 5        # connections a new destination starts with (slow start)
 MX_MEMO = 1.0             # s: a destination's MX answer is reused this long without asking
 DKIM_HOLD_RETRY = 30.0    # s: a message held for a missing DKIM key is looked at again after
@@ -110,7 +111,8 @@ class Pool:
         self.per_host: dict[tuple[str, int], int] = {}
         self.idle: dict[tuple[str, int], list[SMTPSession]] = {}
         # acquire() calls waiting: per server at its per-host cap, or (None) for the total cap
-        self._waiters: dict[tuple[str, int] | None, deque[asyncio.Future]] = {}
+        # (future, the server the unit wants) per queue
+        self._waiters: dict[tuple[str, int] | None, deque[tuple[asyncio.Future, tuple]]] = {}
         self._closing: set[asyncio.Task] = set()
         self.closed = False
 
@@ -129,40 +131,64 @@ class Pool:
         return (self.per_host.get(key, 0) > self.max_per_host
                 or self.total - len(self._closing) > self.max_total)
 
-    def _notify(self, key: tuple[str, int] | None = None) -> None:
-        """A connection of server `key` closed or went idle: one slot (or one idle session) is
-        free, so one unit waiting for that server and one waiting for the total cap wake, not
-        all of them (hundreds may wait for one MX that many domains share). None: the caps
-        changed, so everyone wakes."""
+    def _notify(self, key: tuple[str, int] | None = None, freed: bool = True) -> None:
+        """A connection of server `key` closed (`freed`: a place of that server and one of the
+        total) or went idle (a session to reuse). Only the units that can use it wake, not all
+        (hundreds may wait for one MX that many domains share): for a place, one waiting for
+        that server and one waiting for the total cap; for an idle session, one that wants that
+        server (from either queue), else the first waiting for the total cap (it may close the
+        idle session to make room). None: the caps changed, so everyone wakes."""
         if key is None:
             groups = list(self._waiters.values())
             self._waiters = {}
             for waiters in groups:
-                for w in waiters:
+                for w, _ in waiters:
                     if not w.done():
                         w.set_result(None)
             return
-        self._wake_one(key)
-        self._wake_one(None)
+        if freed:
+            self._wake_one(key)
+            self._wake_one(None)
+        elif not self._wake_one(key) and not self._wake_one(None, wants=key):
+            self._wake_one(None)
 
-    def _wake_one(self, key: tuple[str, int] | None) -> None:
-        waiters = self._waiters.get(key)
-        while waiters:
-            w = waiters.popleft()
-            if not w.done():
-                w.set_result(None)
-                break
+    def _wake_one(self, queue: tuple[str, int] | None, wants=None) -> bool:
+        """Wake the first live waiter of `queue` (with `wants`: the first, among the first
+        WAKE_SCAN, whose unit wants that server). True when one was woken."""
+        waiters = self._waiters.get(queue)
+        woken = False
+        if waiters and wants is not None:
+            for i, (w, k) in enumerate(waiters):
+                if i >= WAKE_SCAN:
+                    break
+                if k == wants and not w.done():
+                    del waiters[i]
+                    w.set_result(None)
+                    woken = True
+                    break
+        else:
+            while waiters:
+                w, _ = waiters.popleft()
+                if not w.done():
+                    w.set_result(None)
+                    woken = True
+                    break
         if not waiters:
-            self._waiters.pop(key, None)
+            self._waiters.pop(queue, None)
+        return woken
 
-    async def _wait(self, key: tuple[str, int] | None) -> None:
+    async def _wait(self, queue: tuple[str, int] | None, key: tuple[str, int],
+                    front: bool = False) -> None:
+        """Wait in `queue` (a server's, or None: the total cap's) for the unit wanting `key`;
+        `front`: it was woken for nothing, so it keeps its turn."""
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(key, deque()).append(fut)
+        waiters = self._waiters.setdefault(queue, deque())
+        (waiters.appendleft if front else waiters.append)((fut, key))
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self._wake_one(key)  # woken, then cancelled: the slot goes to the next one
+                self._wake_one(queue)  # woken, then cancelled: the slot goes to the next one
             raise
 
     def _take_idle(self, key) -> SMTPSession | None:
@@ -214,6 +240,7 @@ class Pool:
             except BaseException:
                 s.abort()
             finally:
+                self._closing.discard(asyncio.current_task())  # before the waiters it wakes look
                 self._count_closed(key, s)
         t = asyncio.get_running_loop().create_task(close())
         self._closing.add(t)
@@ -232,12 +259,15 @@ class Pool:
                 self._forget(key, s)
         waiting = False
         woken_for_total = False
+        woken = False
         try:
             while True:
                 if self.closed:
                     raise ConnectError(_local(451, "4.3.2", "Shutting down"), [])
                 s = self._take_idle(key)
                 if s is not None:
+                    if woken_for_total and self.total < self.max_total:
+                        self._wake_one(None)  # the free place it was woken for: the next one's
                     return s
                 host_busy = self.per_host.get(key, 0) >= self.max_per_host
                 if not host_busy:
@@ -250,7 +280,8 @@ class Pool:
                 if host_wait is not None and host_busy and not waiting:
                     waiting = host_wait(True)  # False: too many wait so already; keep the place
                 woken_for_total = not host_busy
-                await self._wait(key if host_busy else None)
+                await self._wait(key if host_busy else None, key, front=woken)
+                woken = True
         finally:
             if waiting and host_wait is not None:
                 host_wait(False)
@@ -289,7 +320,7 @@ class Pool:
         key = (s.ip, s.port)
         if s.is_reusable and not self.closed and not self._over_caps(key):
             self.idle.setdefault(key, []).append(s)
-            self._notify(key)
+            self._notify(key, freed=False)
         elif s.is_reusable:
             self._close_later(key, s)
         else:
