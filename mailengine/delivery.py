@@ -103,9 +103,7 @@ class Pool:
         self.max_total = max_total
         self.max_per_host = max_per_host
         self.make = make  # (Target) -> SMTPSession
-        # shared.SharedLimits: the per-host cap held with the other engines, or None
-        self.shared = shared
-        self.leases: dict[int, str] = {}  # id(session) -> its lease in Redis
+        self.shared = shared  # shared.SharedLimits: the per-host cap held with other engines
         self.total = 0
         self.peak = 0
         self.per_host: dict[tuple[str, int], int] = {}
@@ -205,10 +203,9 @@ class Pool:
         self._count_closed(key, s)
 
     def _count_closed(self, key, s: SMTPSession | None = None) -> None:
-        if s is not None and self.leases:
-            lease = self.leases.pop(id(s), None)
-            if lease is not None:
-                self.shared.host_release(lease)
+        if s is not None and getattr(s, "lease", None) is not None:
+            self.shared.host_release(s.lease)
+            s.lease = None
         self.total -= 1
         n = self.per_host.get(key, 1) - 1
         if n:
@@ -291,28 +288,27 @@ class Pool:
         lease = None
         if self.shared is not None:
             try:  # a place among every engine's connections to this server (waits for one)
-                lease, _ = await self.shared.host_lease(target.ip, target.port, self.max_per_host)
-            except TimeoutError:
+                lease = await self.shared.host_lease(target.ip, target.port, self.max_per_host)
+            except BaseException as e:
                 self._count_closed(key)
-                raise ConnectError(_local(451, "4.4.5", f"{target.ip}:{target.port} is at its "
-                                          "connection limit shared with other engines"), [])
-            except BaseException:
-                self._count_closed(key)
+                if isinstance(e, TimeoutError):
+                    raise ConnectError(_local(451, "4.4.5", f"{target.ip}:{target.port} is at "
+                                              "its connection limit shared with other engines"),
+                                       []) from None
                 raise
-        s = None
         try:
             s = self.make(target)
+        except BaseException:
             if lease is not None:
-                self.leases[id(s)] = lease
+                self.shared.host_release(lease)
+            self._count_closed(key)
+            raise
+        s.lease = lease
+        try:
             await s.connect()
         except BaseException:
-            if s is not None:
-                s.abort()
-                self._count_closed(key, s)
-            else:
-                if lease is not None:
-                    self.shared.host_release(lease)
-                self._count_closed(key)
+            s.abort()
+            self._count_closed(key, s)
             raise
         return s
 

@@ -193,13 +193,13 @@ class SharedLimits:
         self._take_lease = self.r.register_script(_TAKE_LEASE)
         self._renew = self.r.register_script(_RENEW)
         self._renewer: asyncio.Task | None = None
-        self._releasing: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # releases, cut notices: in the background
         self._seen_cuts: dict[str, int] = {}  # destination -> time (ms) of the last cut adopted
         self._leases_lock = asyncio.Lock()  # a renewal never puts back a lease being released
 
     def state(self) -> dict:
         """For `mailengine status` and /metrics."""
-        return {"redis": _shown(self.health.url), "prefix": self.prefix,
+        return {"redis": self.health.url, "prefix": self.prefix,
                 "reachable": not self.health.down, "connections_held": len(self.held)}
 
     def host_key(self, ip: str, port: int) -> str:
@@ -234,11 +234,11 @@ class SharedLimits:
                               args=[repr(per_hour / 3_600_000), repr(burst), n])
         return None if ms is None else float(ms) / 1000
 
-    async def host_lease(self, ip: str, port: int, cap: int) -> tuple[str, bool]:
+    async def host_lease(self, ip: str, port: int, cap: int) -> str:
         """A place among the `cap` connections all engines may have to one server; waits while
-        others hold them all (TimeoutError after FULL_WAIT s). Returns (lease, shared): shared
-        False when Redis is down and this engine goes on alone; the lease is kept all the same
-        and registered by the renewals once Redis answers again."""
+        others hold them all (TimeoutError after FULL_WAIT s). Returns the lease's name. When
+        Redis is down this engine goes on alone: the lease is kept all the same, and the
+        renewals register it once Redis answers again."""
         key = self.host_key(ip, port)
         self._n += 1
         member = f"{self.me}:{self._n}"
@@ -250,7 +250,7 @@ class SharedLimits:
                                        args=[cap, member, self.lease_ms])
                 if got is None or int(got) == 1:
                     self._hold(member, key)
-                    return member, got is not None
+                    return member
                 if time.monotonic() + pause > deadline:
                     raise TimeoutError(f"{ip}:{port} at its shared connection cap")
                 await asyncio.sleep(pause)
@@ -305,8 +305,8 @@ class SharedLimits:
 
     def _background(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
-        self._releasing.add(t)
-        t.add_done_callback(self._releasing.discard)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def _renew_leases(self) -> None:
         while True:
@@ -320,8 +320,8 @@ class SharedLimits:
     async def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
-        if self._releasing:
-            await asyncio.gather(*self._releasing, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.held and self.health.usable():
             pipe = self.r.pipeline(transaction=False)
             for member, key in self.held.items():

@@ -126,6 +126,7 @@ class SMTPSession:
         self.messages_sent = 0  # transactions run on this connection
         self.bytes_sent = 0
         self.last_used = 0.0  # loop time of the last transaction's end (for idle eviction)
+        self.lease: str | None = None  # its place in the engines' shared per-host cap (shared.py)
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False

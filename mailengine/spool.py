@@ -10,10 +10,10 @@ in separate processes sharing one spool.
 Group commit. `store()` hands the message to a writer thread (more start while stores wait:
 `_Writers`), which creates `ID.dat` and `ID.inf.tmp` (page cache only; not on the event loop,
 because creating a file can take hundreds of µs, see spare.py, and that stalled every session;
-spare files make it cheap once mail is being delivered) and queues it for the one flusher thread; the store awaits the
-flusher. The flusher takes everything queued and makes it durable in two pipelined phases
-(docs/QUEUE.md says why two): sync #1 makes the batch's data durable, the batch's `.inf.tmp`
-files are renamed, and sync #2 makes the renames durable. Sync #2 of
+spare files make it cheap once mail is being delivered) and queues it for the one flusher
+thread; the store awaits the flusher. The flusher takes everything queued and makes it durable
+in two pipelined phases (docs/QUEUE.md says why two): sync #1 makes the batch's data durable,
+the batch's `.inf.tmp` files are renamed, and sync #2 makes the renames durable. Sync #2 of
 batch N is the same system call as sync #1 of batch N+1, so under load there is one sync per
 batch, and while it runs the writers fill the next one. (`update_inf(flush=True)` and `sync()`
 hand their jobs over once per event-loop pass, so one pass's jobs share a sync.)

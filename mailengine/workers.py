@@ -38,6 +38,7 @@ RETIRE_SIGNAL = signal.SIGUSR1  # "stop accepting, finish your sessions, exit" (
 
 # Settings only the delivering engine reads: changing them does not restart the intake processes.
 DELIVERY_ONLY = ("dkim.", "reports.", "debug.smtp_out", "debug.send_loop", "debug.dns",
+                 "debug.program",
                  "limits.smtp_connect_timeout", "limits.smtp_write_timeout",
                  "limits.smtp_body_timeout", "limits.smtp_read_timeout",
                  "limits.max_connections_per_host", "limits.max_send_rate",

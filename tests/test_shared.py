@@ -70,14 +70,15 @@ def test_engines_share_one_servers_connection_cap(redis_server):
     async def main():
         a = SharedLimits(redis_server.url, "t:")
         b = SharedLimits(redis_server.url, "t:")
-        la, shared_a = await a.host_lease("127.0.0.9", 25, 2)
-        lb, _ = await b.host_lease("127.0.0.9", 25, 2)
+        la = await a.host_lease("127.0.0.9", 25, 2)
+        shared_a = not a.health.down
+        lb = await b.host_lease("127.0.0.9", 25, 2)
         third = asyncio.create_task(a.host_lease("127.0.0.9", 25, 2))
         await asyncio.sleep(0.3)
         waited = not third.done()  # both places taken, one by each engine
-        other, _ = await asyncio.wait_for(b.host_lease("127.0.0.10", 25, 2), 2)  # another one
+        other = await asyncio.wait_for(b.host_lease("127.0.0.10", 25, 2), 2)  # another one
         b.host_release(lb)
-        lc, _ = await asyncio.wait_for(third, 3)
+        lc = await asyncio.wait_for(third, 3)
         held = redis_server.client().zrange("t:conns:127.0.0.9:25", 0, -1)
         await a.close()
         await b.close()
@@ -99,7 +100,7 @@ def test_a_dead_engines_places_expire_a_live_ones_are_renewed(redis_server):
         dead._renewer.cancel()  # it "dies": no renewal, no release
         other = SharedLimits(redis_server.url, "t:", lease_ms=1500)
         t0 = time.monotonic()
-        got, _ = await asyncio.wait_for(other.host_lease("127.0.0.9", 25, 2), 10)
+        got = await asyncio.wait_for(other.host_lease("127.0.0.9", 25, 2), 10)
         took = time.monotonic() - t0
         # the live engine's place survived well past its lease time: renewed
         await asyncio.sleep(2.0)
@@ -214,7 +215,8 @@ def test_without_redis_an_engine_goes_on_alone(caplog):
     async def main():
         s = SharedLimits(f"redis://127.0.0.1:{free_port()}/0", "t:")
         t0 = time.monotonic()
-        lease, shared_ok = await s.host_lease("127.0.0.9", 25, 2)
+        await s.host_lease("127.0.0.9", 25, 2)
+        shared_ok = not s.health.down
         out = [await s.send_delay(3600), shared_ok, await s.send_delay(3600)]
         took = time.monotonic() - t0
         await s.close()
