@@ -124,7 +124,8 @@ SETTINGS: list[Setting] = [
             "PEM private key for tls_cert.", restart=True),
     Setting("network", "intake_workers", 0, "int",
             "Processes accepting SMTP on the same port (SO_REUSEPORT), so intake uses several "
-            "cores; max_inbound_connections is shared out among them. 0 = one per CPU core. "
+            "cores; max_inbound_connections counts the sessions of all of them together. "
+            "0 = one per CPU core. "
             "With 2 or more, the engine process itself takes no SMTP and only delivers.",
             minimum=0, restart=True, check=lambda v: None if v <= 64 else "must be at most 64"),
     # policy (許可と制限)

@@ -49,8 +49,11 @@ def listen_addresses(entries: list[str]) -> list[str]:
 class InboundServer:
     def __init__(self, cfg: Config, hooks, on_message: MessageHandler,
                  ssl_context: ssl.SSLContext | None = None, auth_available: bool = False,
-                 hostname: str = "localhost", reuse_port: bool = False):
+                 hostname: str = "localhost", reuse_port: bool = False, shared_count=None):
         self.hooks = hooks
+        # SharedSessionCount (session_slots.py) in an intake process: the cap counts the
+        # sessions of every intake process; None: this process's own sessions only.
+        self.shared_count = shared_count
         self.on_message = on_message
         self.ssl_context = ssl_context
         self.reuse_port = reuse_port
@@ -70,8 +73,10 @@ class InboundServer:
         self.options.max_recipients = lim.max_recipients
         self.options.max_command_line = lim.max_command_line
         self.options.max_errors = lim.max_errors
-        # Each intake process takes its share of the cap (the kernel spreads connections evenly).
-        self.max_connections = max(1, -(-lim.max_inbound_connections // cfg.intake_processes))
+        self.max_connections = lim.max_inbound_connections
+        if self.shared_count is None and cfg.intake_processes > 1:
+            # no shared count (not Linux): each intake process takes an equal share of the cap
+            self.max_connections = max(1, -(-lim.max_inbound_connections // cfg.intake_processes))
         self.priority_ips = AddressSet(lim.inbound_priority_ips)
         self.timeout = lim.smtp_receive_timeout
         self.debug = cfg.debug.smtp_in
@@ -148,7 +153,19 @@ class InboundServer:
                     conn.shutdown(b"421 4.4.2 Idle too long, closing connection\r\n")
 
     def admit(self, peer_ip: str) -> bool:
-        return len(self.connections) < self.max_connections or peer_ip in self.priority_ips
+        shared = self.shared_count
+        if shared is None:
+            return len(self.connections) < self.max_connections or peer_ip in self.priority_ips
+        if shared.try_admit(self.max_connections):
+            return True
+        if peer_ip in self.priority_ips:
+            shared.add_exempt()
+            return True
+        return False
+
+    def session_ended(self) -> None:
+        if self.shared_count is not None:
+            self.shared_count.release()
 
 
 class SMTPProtocol(asyncio.Protocol):
@@ -160,6 +177,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.paused_writing = False
         self.tls_switching = False  # between our 220 to STARTTLS and the start of the handshake
         self.closed = False
+        self.admitted = False  # counted against max_inbound_connections until it ends
         self.last_active = 0.0
 
     # --- asyncio callbacks -----------------------------------------------------------------------
@@ -180,6 +198,7 @@ class SMTPProtocol(asyncio.Protocol):
             transport.close()
             self.closed = True
             return
+        self.admitted = True
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -193,6 +212,9 @@ class SMTPProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.server.session_ended()
 
     def data_received(self, data: bytes) -> None:
         if self.machine is None or self.closed or self.tls_switching:

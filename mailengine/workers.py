@@ -9,7 +9,8 @@ pipe, `W <id>` (relayed, in mailq/working: the engine is sending), `R <id>` (rel
 mailq/retry: sending is paused) or `L` (local only), so the engine can schedule it and count it.
 A line lost to a crash costs nothing: the message is on disk and the next start's recovery, or
 the drop-in scan, finds it. `C open total refused` reports its SMTP sessions (once a second, when
-they change) for the engine's status, admin page and metrics.
+they change) for the engine's status, admin page and metrics. `max_inbound_connections` counts
+the sessions of all workers together, through a shared counter (session_slots.py).
 
 A worker is started as `python -m mailengine.workers` (a fresh interpreter, not a fork of a
 running event loop); it reads the engine's effective settings as JSON on stdin, so command-line
@@ -29,6 +30,8 @@ import signal
 import sys
 from pathlib import Path
 from typing import Callable
+
+from .session_slots import SessionSlots
 
 log = logging.getLogger("mailengine.workers")
 
@@ -76,6 +79,10 @@ class WorkerPool:
         self._replacing: asyncio.Task | None = None
         self._conns: dict[int, tuple[int, int, int]] = {}  # pid -> open, total, refused (C lines)
         self._ended_totals = [0, 0]  # sessions and refusals of workers that have ended
+        # the engine-wide inbound session count; room for the workers that overlap while old
+        # ones, replaced after a settings change, finish their sessions
+        self.session_slots = SessionSlots.make(4 * count + 2)
+        self._slot_of: dict[int, int] = {}  # pid -> its slot in session_slots
 
     async def start(self) -> None:
         for i in range(self.count):
@@ -164,14 +171,27 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         values = copy.deepcopy(self.cfg.values)
-        settings = json.dumps({"home": str(self.cfg.home), "values": values,
-                               "test_mode": self.test_mode, "notify_fd": write_fd})
+        slots = self.session_slots
+        slot = slots.take() if slots is not None else None
+        spec = {"home": str(self.cfg.home), "values": values, "test_mode": self.test_mode,
+                "notify_fd": write_fd}
+        pass_fds = [write_fd]
+        if slot is not None:
+            spec |= {"sessions_fd": slots.fd, "sessions_slot": slot}
+            pass_fds.append(slots.fd)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "mailengine.workers", stdin=asyncio.subprocess.PIPE,
-                pass_fds=(write_fd,))
+                pass_fds=pass_fds)
+        except BaseException:
+            if slot is not None:
+                slots.give_back(slot)
+            raise
         finally:
             os.close(write_fd)
+        settings = json.dumps(spec)
+        if slot is not None:
+            self._slot_of[proc.pid] = slot
         self.procs.append(proc)
         self._spawned[proc.pid] = worker_values(values)
         self._up[proc.pid] = loop.create_future()
@@ -205,6 +225,9 @@ class WorkerPool:
         fut = self._up.pop(pid, None)
         if fut is not None and not fut.done():
             fut.set_result(False)  # it ended before listening
+        slot = self._slot_of.pop(pid, None)
+        if slot is not None:  # its pipe closed: it has ended, and its sessions with it
+            self.session_slots.give_back(slot)
         ended = self._conns.pop(pid, None)
         if ended is not None:
             self._ended_totals[0] += ended[1]
@@ -244,6 +267,9 @@ class WorkerPool:
         except TimeoutError:
             for t in self._readers:
                 t.cancel()
+        if self.session_slots is not None:
+            self.session_slots.close()
+            self.session_slots = None
 
 
 # --- the worker process ---------------------------------------------------------------------------
@@ -256,6 +282,7 @@ async def worker_main(spec: dict) -> None:
     from .inbound import InboundServer
     from .intake import Intake
     from .policy import Policy
+    from .session_slots import SharedSessionCount
     from .shared import close_list_mirrors
     from .spool import Spool
     from .users import PasswordFile
@@ -284,8 +311,11 @@ async def worker_main(spec: dict) -> None:
     # its own low-disk watcher (the engine's logs and alerts): 452 4.3.1 while space is low
     watch = DiskWatch(spool.root, policy, cfg.basic.min_free_disk_mb, quiet=True)
     watch.check()
-    server = InboundServer(cfg, policy, intake.on_message,
-                           ctx, auth_available=True, hostname=hostname, reuse_port=True)
+    shared_count = None
+    if "sessions_fd" in spec:
+        shared_count = SharedSessionCount(spec["sessions_fd"], spec["sessions_slot"])
+    server = InboundServer(cfg, policy, intake.on_message, ctx, auth_available=True,
+                           hostname=hostname, reuse_port=True, shared_count=shared_count)
     stop = asyncio.Event()
     retire = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mailengine.envelope import parse_inf
-from mailengine.testing.engine import RunningEngine, free_port
+from mailengine.testing.engine import RunningEngine, free_port, wait_until
 
 MSG = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hello\r\n\r\n"
        b"line one\r\n.leading dot\r\nlast line\r\n")
@@ -431,3 +431,53 @@ def test_intake_worker_does_not_outlive_a_killed_engine(tmp_path):
     else:
         os.kill(worker_pid, 9)
         pytest.fail("the intake worker survived its engine")
+
+
+def _greeting(s: socket.socket) -> bytes:
+    s.settimeout(10)
+    return s.recv(100)
+
+
+def test_the_inbound_cap_counts_the_sessions_of_every_intake_process(tmp_path):
+    """max_inbound_connections = 8 over 4 processes admits 8 sessions whichever processes the
+    kernel picks (an equal share of 2 each refused most such spreads), and not a ninth; a
+    worker killed with SIGKILL takes its sessions with it, and their places come free."""
+    settings = {"network.intake_workers": 4, "limits.max_inbound_connections": 8}
+    with RunningEngine(tmp_path, settings) as eng:
+        pids = worker_pids(eng, 4)
+        held = [socket.create_connection(("127.0.0.1", eng.smtp_port)) for _ in range(8)]
+        assert [_greeting(s)[:3] for s in held] == [b"220"] * 8
+        with socket.create_connection(("127.0.0.1", eng.smtp_port)) as extra:
+            assert _greeting(extra).startswith(b"421 4.7.0 Too many connections")
+        victim = pids[0]
+        os.kill(victim, 9)
+        wait_until(lambda: f"(pid {victim}) exited" in eng.read_output(), what="the restart")
+        alive = []
+        for s in held:
+            s.settimeout(0.5)
+            try:
+                if s.recv(100) == b"":
+                    s.close()
+                    continue
+            except TimeoutError:
+                pass
+            except OSError:
+                s.close()
+                continue
+            alive.append(s)
+        room = 8 - len(alive)
+        # the killed worker's places are free again (its replacement may take some of them)
+        more = []
+        deadline = time.monotonic() + 10
+        while len(more) < room:
+            assert time.monotonic() < deadline, f"{len(more)} of {room} places came free"
+            s = socket.create_connection(("127.0.0.1", eng.smtp_port))
+            if _greeting(s).startswith(b"220"):
+                more.append(s)
+            else:
+                s.close()
+                time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", eng.smtp_port)) as extra:
+            assert _greeting(extra).startswith(b"421 4.7.0")
+        for s in alive + more:
+            s.close()
