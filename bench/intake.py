@@ -41,9 +41,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (ENGINE_DEFAULTS, Case, SmtpSink, add_load_arguments,  # noqa: E402
+from common import (ENGINE_DEFAULTS, Case, SinkGroup, add_load_arguments,  # noqa: E402
                     add_run_arguments, jsonable, announce, machine_info, print_table,
-                    ratio, run_rounds, run_smtp_source, run_workdir, write_results)
+                    ratio, run_rounds, run_smtp_sources, run_workdir, write_results)
 from postfix import PostfixInstance  # noqa: E402
 
 CASES = {
@@ -153,7 +153,8 @@ def run_engine_case(case: str, args, workdir: Path, profiler: str | None = None)
         os.sync()
         cpu0, src0 = tree_cpu(eng.proc.pid), children_cpu()
         try:
-            run = run_smtp_source(eng.smtp_port, args.messages, args.sessions, args.size)
+            run = run_smtp_sources([eng.smtp_port], args.messages, args.sessions, args.size,
+                                   args.sources)
         except Exception as e:
             result.error = f"{e}\n{_tail(home / 'engine-output.txt')}"
             return result
@@ -220,7 +221,8 @@ def run_postfix_case(args, workdir: Path) -> Case:
                              in_flow_delay=args.postfix_in_flow_delay) as pf:
             os.sync()
             cpu0, src0 = tree_cpu(pf.master_pid), children_cpu()
-            run = run_smtp_source(pf.port, args.messages, args.sessions, args.size)
+            run = run_smtp_sources([pf.port], args.messages, args.sessions, args.size,
+                                   args.sources)
             cpu1, src1 = tree_cpu(pf.master_pid), children_cpu()
             result.extra["smtp_source_cpu_percent"] = 100 * (src1 - src0) / run.seconds
             now = pf.queue_count()
@@ -240,10 +242,12 @@ def run_postfix_case(args, workdir: Path) -> Case:
 def run_sink_case(args, workdir: Path) -> Case:
     result = Case("d", CASES["d"], messages=args.messages)
     try:
-        with SmtpSink(workdir=workdir) as sink:
-            cpu0, src0 = tree_cpu(sink.proc.pid), children_cpu()
-            run = run_smtp_source(sink.port, args.messages, args.sessions, args.size)
-            cpu1, src1 = tree_cpu(sink.proc.pid), children_cpu()
+        with SinkGroup(args.sinks, workdir=workdir) as sink:
+            pids = [s.proc.pid for s in sink.sinks]
+            cpu0, src0 = sum(map(tree_cpu, pids)), children_cpu()
+            run = run_smtp_sources(sink.ports, args.messages, args.sessions, args.size,
+                                   max(args.sources, args.sinks))
+            cpu1, src1 = sum(map(tree_cpu, pids)), children_cpu()
             result.extra["smtp_source_cpu_percent"] = 100 * (src1 - src0) / run.seconds
             got = sink.wait_messages(args.messages, timeout=10)
             result.rate, result.seconds = run.rate, run.seconds

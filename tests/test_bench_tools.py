@@ -103,3 +103,39 @@ def test_intake_benchmark_runs_end_to_end_in_tiny_mode(tmp_path):
     assert "ratios: b/c = " in text
     workdir = Path(re.search(r"workdir (\S+)", text).group(1))
     assert not workdir.exists()                               # engine homes, Postfix: gone
+
+
+def run_bench(script: str, *args: str, timeout: float = 120) -> str:
+    proc = subprocess.Popen([sys.executable, str(BENCH / script), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the benchmarks stop their engines and Postfix
+        text, _ = proc.communicate(timeout=30)
+        pytest.fail(f"bench/{script} took too long:\n{text}")
+    assert proc.returncode == 0, text
+    return text
+
+
+@needs_postfix
+def test_drain_benchmark_delivers_a_held_queue_to_two_sinks_in_both_relays():
+    text = run_bench("drain.py", "--messages", "200", "--sessions", "5", "--sinks", "2",
+                     "--no-save")
+    # each relay released a full queue, and each sink (its own recipient domain) got half
+    assert re.search(r"\(a\) MailEngine drain \.\.\. [\d,]+ msg/s \(sinks counted 100\+100, "
+                     r"queue empty", text), text
+    assert re.search(r"\(b\) Postfix drain \.\.\. [\d,]+ msg/s \(sinks counted 100\+100", text), text
+    assert re.search(r"ratio: engine/postfix \d+\.\d\d", text), text
+    workdir = Path(re.search(r"workdir (\S+)", text).group(1))
+    assert not workdir.exists()
+
+
+@needs_postfix
+def test_relay_benchmark_spreads_over_several_sources_and_sinks():
+    text = run_bench("relay.py", "--messages", "200", "--sessions", "8", "--sources", "4",
+                     "--sinks", "2", "--cases", "ac", "--no-save")
+    assert re.search(r"\(a\) MailEngine relay, durable \.\.\. [\d,]+ msg/s \(sinks counted "
+                     r"100\+100, queue empty", text), text
+    assert re.search(r"\(c\) smtp-source -> smtp-sink \(ceiling\) \.\.\. [\d,]+ msg/s \(sinks "
+                     r"counted 100\+100\)", text), text
