@@ -11,8 +11,10 @@ import logging
 import resource
 import signal
 import socket
+import time
 
 from . import NAME, __version__, diskwatch, logs, shared, tls
+from .backlog import Backlog, due_time
 from .config import Config
 from .envelope import InfError, Message
 from .inbound import InboundServer
@@ -28,7 +30,11 @@ log = logging.getLogger("mailengine")
 
 SHUTDOWN_FILE = "shutdown.txt"
 SHUTDOWN_POLL_SECONDS = 0.5
-OFFLOAD_CHECK_SECONDS = 2.0  # how soon offloaded mail is taken back once memory has room  # `mailengine shutdown` must be noticed within seconds
+BACKLOG_CHECK_SECONDS = 0.5  # how often the backlog is looked at for mail due and room for it
+BACKLOG_BATCH = 500  # messages loaded (or put back on disk) between two looks at the event loop
+# A message waiting in memory for a retry further away than this gives its place to backlog mail
+# that is due now when memory is full.
+EVICT_HORIZON = 60.0
 FD_WARNING = ("Warning: you are out of file descriptors. Performance may be very poor until you "
               "increase them. Try lowering the number of mail sends.")
 
@@ -112,7 +118,8 @@ class Engine:
         self.policy = Policy(cfg, self.users)
         self.stats = Stats()
         self.known: set[str] = set()  # ids of queued messages this engine knows (not drop-ins)
-        self.offloaded: set[str] = set()  # ids left on disk only, for want of room in memory
+        # queued messages kept on disk only (limits.messages_in_memory), by when they are due
+        self.backlog = Backlog()
         self.stopping = asyncio.Event()
         self.inbound: InboundServer | None = None
         self.workers: WorkerPool | None = None
@@ -161,38 +168,94 @@ class Engine:
             len(self.delivery.messages) < self.cfg.limits.messages_in_memory
 
     def take(self, msg: Message, where: str, data: bytes | None = None) -> bool:
-        """Hand a queued message to delivery, or leave it only on disk when memory holds
-        `messages_in_memory` already (SPEC 3): it is taken in again when room frees up."""
+        """Hand a queued message to delivery, or keep it on disk only (the backlog) when memory
+        holds `messages_in_memory` already: it is loaded when it is due and there is room."""
         if self.delivery is None:
             self.known.add(msg.id)
             return True
         if not self.has_room() and where == "working":
-            # Stored into working/ while there was room (relay_dir), full since: offloaded mail
-            # is found again by the retry/ scan only, so it must wait there.
+            # Stored into working/ while there was room (relay_dir), full since: backlog mail
+            # waits in retry/ (nothing looks in working/ before the next start).
             try:
                 self.spool.move(msg.id, "working", "retry")
                 where = "retry"
             except OSError as e:
                 log.warning("%s: cannot move it back to retry/ (%s); kept in memory", msg.id, e)
         if not self.has_room() and where == "retry":
-            if not self.offloaded:
+            if not self.backlog:
                 log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
-                         "on disk in retry/ until there is room", len(self.delivery.messages))
-            self.offloaded.add(msg.id)
+                         "on disk in retry/ until it is due and there is room",
+                         len(self.delivery.messages))
+            self.backlog.add(msg.id, due_time(msg))
+            self.known.discard(msg.id)
             if logs.tracing():
                 logs.PROGRAM.debug("%s waits on disk only (memory full)", msg.id)
             return False
-        self.offloaded.discard(msg.id)
+        self.backlog.discard(msg.id)
         self.known.add(msg.id)
         self.delivery.submit(msg, where, data)
         return True
 
-    async def _take_offloaded(self) -> None:
-        # Offloaded mail is found again by the same scan as drop-ins (it is not in `known`).
+    def queued_count(self) -> int:
+        """Messages in the queue: in memory and in the backlog."""
+        return len(self.known) + len(self.backlog)
+
+    async def _load_backlog(self) -> None:
+        """Backlog mail that is due comes into memory while there is room, earliest first; when
+        memory is full, messages waiting there for a later retry make room for it."""
         while True:
-            await asyncio.sleep(OFFLOAD_CHECK_SECONDS)
-            if self.offloaded and self.has_room():
-                self._scan_quietly()
+            try:
+                while await self._load_backlog_batch():
+                    await asyncio.sleep(0)  # SMTP and delivery go on between batches
+            except OSError as e:  # a loop of the TaskGroup: never a reason to stop the engine
+                log.error("cannot load queued mail from %s: %s", self.spool.root / "retry", e)
+            await asyncio.sleep(BACKLOG_CHECK_SECONDS)
+
+    def backlog_messages(self):
+        """(id, Message) of each backlog message, read from its files (queue commands); those
+        gone or unreadable meanwhile are left out."""
+        for mid in self.backlog:
+            try:
+                yield mid, self.spool.load(mid, "retry")
+            except (OSError, InfError):
+                continue
+
+    def withdraw_from_backlog(self, mid: str) -> None:
+        """A queue command changes a backlog message: known (so no scan takes it meanwhile)
+        until take() puts it back, or it is deleted."""
+        self.backlog.discard(mid)
+        self.known.add(mid)
+
+    async def _load_backlog_batch(self) -> bool:
+        """One batch; True when there may be more to do at once."""
+        d = self.delivery
+        if d is None or not self.backlog:
+            return False
+        now = time.time()
+        first = self.backlog.next_due()
+        if first is None or first > now:
+            return False
+        room = self.cfg.limits.messages_in_memory - len(d.messages)
+        if room <= 0:
+            moved = d.evict(BACKLOG_BATCH, now + EVICT_HORIZON)
+            for mid, due in moved:
+                self.known.discard(mid)
+                self.backlog.add(mid, due)
+            if not moved:
+                return False
+            room = len(moved)
+        ids = self.backlog.pop_due(now, min(room, BACKLOG_BATCH))
+        for mid in ids:
+            if mid in self.known:
+                continue
+            try:
+                msg = self.spool.load(mid, "retry")
+            except FileNotFoundError:
+                continue  # removed by hand (or by a queue command) meanwhile
+            except (InfError, OSError):
+                continue  # broken: the drop-in scan reports it and leaves it in place
+            self.take(msg, "retry")
+        return bool(ids)
 
     def relay_dir(self) -> str:
         """Relayed mail goes straight to working/ when this engine will send it at once."""
@@ -231,6 +294,21 @@ class Engine:
                 return
             self.stored(msg, False, where)
 
+    def save_backlog_index(self) -> None:
+        """At a clean stop: when each queued message is due (backlog.py), so that the next
+        start reads no .inf before it delivers."""
+        d = self.delivery
+        if d is None:
+            return
+        entries = [(mid, self.backlog.due(mid)) for mid in self.backlog]
+        entries += [(mid, due_time(m)) for mid, m in d.messages.items()]
+        try:
+            n = Backlog.save(self.spool.root, entries)
+        except OSError as e:
+            log.warning("cannot write the queue index (the next start reads every .inf): %s", e)
+            return
+        log.debug("queue index: %d messages", n)
+
     # --- housekeeping loops ----------------------------------------------------------------------
 
     async def _watch_shutdown_file(self) -> None:
@@ -265,18 +343,15 @@ class Engine:
             log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / "retry", e)
 
     def scan_dropins(self) -> int:
-        found, warnings = self.spool.scan_dropins(self.known)
+        found, warnings = self.spool.scan_dropins(QueuedIds(self.known, self.backlog))
         for w in warnings:
             log.warning("%s", w)
         taken = 0
         for msg in found:
-            was_offloaded = msg.id in self.offloaded
-            if not self.take(msg, "retry"):
-                continue
-            taken += 1
-            if not was_offloaded:
-                log.info("picked up dropped-in message %s for %d recipients", msg.id,
-                         len(msg.rcpt_to_send))
+            log.info("picked up dropped-in message %s for %d recipients", msg.id,
+                     len(msg.rcpt_to_send))
+            if self.take(msg, "retry"):
+                taken += 1
         return taken
 
     async def _expire(self) -> None:
@@ -349,12 +424,18 @@ class Engine:
         self.diskwatch.check()  # refuse from the first connection if the disk is already low
         # A request left over from a stop that happened otherwise must not stop this run.
         (self.spool.root / "retry" / SHUTDOWN_FILE).unlink(missing_ok=True)
-        report = self.spool.recover()
+        # No .inf is read here: the messages in retry/ go to the backlog, due when the index of
+        # the last clean stop says (else now), and are loaded as memory allows once SMTP answers.
+        index = Backlog.take_index(self.spool.root)  # before recovery changes retry/
+        report = self.spool.recover(load=self.delivery is None)
         for w in report.warnings:
             log.warning("%s", w)
         for msg in report.messages:
             self.take(msg, "retry")
-        log.info("queue: %d messages waiting in %s", len(report.messages), self.spool.root / "retry")
+        for mid in report.ids:
+            self.backlog.add(mid, index.get(mid, 0.0))
+        log.info("queue: %d messages waiting in %s", len(report.messages) + len(report.ids),
+                 self.spool.root / "retry")
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -387,7 +468,7 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,
-                self.diskwatch.run, self._log_queue, self._take_offloaded)]
+                self.diskwatch.run, self._log_queue, self._load_backlog)]
             if self.delivery is not None:
                 tasks.append(tg.create_task(self.delivery.run()))
             if ready is not None:
@@ -409,8 +490,19 @@ class Engine:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         self.spool.close()  # finishes pending flushes, stops the flusher thread
+        self.save_backlog_index()  # last: it holds while nothing changes retry/ after it
         shared.close_list_mirrors()  # the bounce lines not yet in Redis (for at most 2 s)
         log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / "retry")
+
+
+class QueuedIds:
+    """`id in queued`: in memory or in the backlog (what the drop-in scan must not take)."""
+
+    def __init__(self, known: set[str], backlog: Backlog):
+        self.known, self.backlog = known, backlog
+
+    def __contains__(self, mid: object) -> bool:
+        return mid in self.known or mid in self.backlog
 
 
 def run(cfg: Config, test_mode: bool = False) -> None:

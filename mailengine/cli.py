@@ -402,8 +402,10 @@ def format_status(st: dict) -> str:
              f"last 5 minutes {rates['5m']['sent_per_hour']}/h, average {snt['avg_per_hour']}/h"]
     qline = f"queue     {q['messages']} messages"
     if "recipients" in q:
-        qline += (f" ({q['recipients']} recipients to send), {q['held']} held, "
-                  f"{q['sending']} being sent")
+        memory = (f"{q['in_memory']} in memory ({q['recipients']} recipients to send), "
+                  f"{q['on_disk_only']} on disk only" if q.get("on_disk_only") else
+                  f"{q['recipients']} recipients to send")
+        qline += f" ({memory}), {q['held']} held, {q['sending']} being sent"
     lines.append(qline)
     disk = q.get("on_disk", {})
     lines.append("on disk   " + ", ".join(f"{d} {v['messages']} ({_size(v['bytes'])})"

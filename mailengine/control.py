@@ -259,8 +259,12 @@ class ControlServer:
         d = getattr(eng, "delivery", None)
         q = {"messages": len(eng.known)}
         if d is not None:
-            held = sum(1 for m in d.messages.values() if m.held)
-            q = {"messages": len(d.messages), "held": held, "sending": len(d.attempts),
+            backlog = eng.backlog
+            held = sum(1 for m in d.messages.values() if m.held) + backlog.held()
+            # recipients: of the messages in memory (the backlog's are on disk only)
+            q = {"messages": len(d.messages) + len(backlog), "held": held,
+                 "in_memory": len(d.messages), "on_disk_only": len(backlog),
+                 "sending": len(d.attempts),
                  "recipients": sum(len(m.rcpt_to_send) for m in d.messages.values()),
                  "ready_units": d.sched.ready, "paused": bool(d.sched.paused)}
         loop = asyncio.get_running_loop()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 import email.utils
+import heapq
 import logging
 import os
 import threading
@@ -49,6 +50,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .backlog import due_time
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
 from .dns import MXResolver, Target
@@ -1062,6 +1064,34 @@ class DeliveryEngine:
         due = msg.retry_time.timestamp() if msg.retry_time is not None else None
         self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
         self._kick()
+
+    def evict(self, limit: int, not_before: float) -> list[tuple[str, float]]:
+        """Make room in memory (app.Engine._load_backlog): up to `limit` messages that wait for a
+        retry later than `not_before` (held ones first, then the latest due) leave the schedule
+        and memory; their files are in retry/ already. Returns their (id, due) for the backlog."""
+        held, later = [], []
+        for mid, msg in self.messages.items():
+            if mid in self.attempts or mid in self._in_working:
+                continue
+            if msg.held:
+                held.append(mid)
+                continue
+            due = self.sched.due(mid)
+            if due is not None and due > not_before:
+                later.append((due, mid))
+        chosen = held[:limit]
+        if len(chosen) < limit:
+            chosen += [mid for _, mid in heapq.nlargest(limit - len(chosen), later)]
+        scheduled = [mid for mid in chosen if mid in self.sched]
+        self.sched.withdraw(scheduled)
+        out = []
+        for mid in chosen:
+            if mid in self.sched:
+                continue  # released meanwhile, a unit running: it stays
+            msg = self.messages.pop(mid)
+            self._drop_data(mid)
+            out.append((mid, due_time(msg)))
+        return out
 
     def forget_message(self, msg_id: str) -> None:
         """A message taken by take_for_change whose files are gone (deleted)."""

@@ -217,15 +217,20 @@ def _delivery(engine):
 
 
 def engine_records(engine, tracker: ReplyTracker | None = None) -> list[dict]:
+    """Every queued message: those in memory, and those in the backlog (read from disk)."""
     d = _delivery(engine)
+    backlog = list(engine.backlog_messages())
     if tracker is not None:
-        tracker.prune(d.messages)
+        tracker.prune(set(d.messages) | {mid for mid, _ in backlog})
     out = []
     files_in = getattr(d, "files_in", lambda mid: "retry")
     for mid, msg in list(d.messages.items()):
         state, due = d.queue_state(mid)
         reps = tracker.replies.get(mid) if tracker is not None else None
         out.append(record(msg, files_in(mid), state or "waiting", due, reps))
+    for mid, msg in backlog:
+        reps = tracker.replies.get(mid) if tracker is not None else None
+        out.append(record(msg, "retry", "held" if msg.held else "waiting", None, reps))
     return out
 
 
@@ -234,7 +239,7 @@ def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) -> dic
     engine.scan_dropins()
     msg = d.messages.get(msg_id)
     if msg is None:
-        # Not known to the engine: perhaps a broken drop-in, shown from its files.
+        # In the backlog, or not known to the engine (perhaps a broken drop-in): from its files.
         return FileQueue(engine.spool.root).show(msg_id)
     state, due = d.queue_state(msg_id)
     where = getattr(d, "files_in", lambda mid: "retry")(msg_id)
@@ -253,8 +258,18 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     if action == "flush":
         action, targets = "retry", ["all"]
     ids: dict[str, str] = {}  # id -> the target that chose it
+    on_disk: dict[str, Message] = {}  # backlog messages the targets choose, read from disk
+    if any(is_group(t) for t in targets):
+        on_disk = {mid: m for mid, m in engine.backlog_messages()
+                   if any(matches(m, t) for t in targets)}
     for t in targets:
+        if not is_group(t) and t in engine.backlog and t not in on_disk:
+            try:
+                on_disk[t] = engine.spool.load(t, "retry")
+            except (OSError, InfError):
+                pass
         found = [mid for mid, m in list(d.messages.items()) if matches(m, t)]
+        found += [mid for mid, m in on_disk.items() if matches(m, t)]
         if not found and not is_group(t):
             if action == "delete" and _remove_unknown(engine.spool, t):
                 res["done"].append(t)  # a broken drop-in the engine never took
@@ -262,7 +277,12 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
                 res["not_found"].append(t)
         for mid in found:
             ids.setdefault(mid, t)
-    taken, skipped = d.take_for_change(list(ids))
+    # Backlog messages are on disk only: nothing delivers them, so they are taken as they are.
+    for mid in ids:
+        if mid in on_disk:
+            engine.withdraw_from_backlog(mid)
+    taken, skipped = d.take_for_change([mid for mid in ids if mid not in on_disk])
+    taken += [on_disk[mid] for mid in ids if mid in on_disk]
     res["skipped"].update(skipped)
     now = datetime.now().replace(microsecond=0)
     spool = engine.spool
@@ -296,7 +316,10 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
             except (OSError, InfError):
                 d.forget_message(msg.id)
                 continue
-        d.put_back(msg)
+        if msg.id in on_disk:
+            engine.take(msg, "retry")  # into memory when there is room, else the backlog
+        else:
+            d.put_back(msg)
     res["paused"] = bool(getattr(d.sched, "paused", False))
     return res
 

@@ -290,6 +290,7 @@ def _write_all(fd: int, data: bytes) -> None:
 @dataclass
 class RecoveryReport:
     messages: list[Message] = field(default_factory=list)  # valid messages now in retry/
+    ids: list[str] = field(default_factory=list)  # with load=False: the ids in retry/, unread
     warnings: list[str] = field(default_factory=list)  # broken files, all left in place
     moved_from_working: int = 0
     finished_moves: int = 0
@@ -599,8 +600,10 @@ class Spool:
                 new.append(msg)
         return new, warnings
 
-    def recover(self) -> RecoveryReport:
-        """Start-up recovery, per the state table of docs/QUEUE.md. Run once, before intake."""
+    def recover(self, load: bool = True) -> RecoveryReport:
+        """Start-up recovery, per the state table of docs/QUEUE.md. Run once, before intake.
+        `load=False` reads no `.inf`: the ids now in retry/ are listed instead (the engine reads
+        them as their turn comes, backlog.py), so a start with a long queue is quick."""
         self.ensure_dirs()
         self.spare.adopt_new()  # spare files given just before the last stop
         rep = RecoveryReport()
@@ -625,7 +628,10 @@ class Spool:
                 else:
                     continue
                 index.setdefault(mid, {}).setdefault(d, set()).add(kind)
+        whole = {"dat", "inf"}
         for mid, where in index.items():
+            if len(where) == 1 and where.get("retry") == whole:
+                continue  # the common case, nothing to repair: whole in retry/
             self._recover_one(mid, where, rep, now)
         self._remove_orphan_side_files(side)
         # what is now in retry/: valid messages, or warnings
@@ -633,6 +639,9 @@ class Spool:
             if name.startswith(".") or not name.endswith(".inf"):
                 continue
             mid = name[:-4]
+            if not load:
+                rep.ids.append(mid)
+                continue
             try:
                 rep.messages.append(self.load(mid, "retry"))
             except (InfError, OSError) as ex:

@@ -23,7 +23,7 @@ def _msg(rcpt):
                    retry_time=now)
 
 
-def test_mail_stored_into_working_then_offloaded_is_taken_in_again(tmp_path):
+def test_mail_stored_into_working_then_put_in_the_backlog_is_taken_in_again(tmp_path):
     async def main():
         eng = _engine(tmp_path)
         assert eng.relay_dir() == "working"  # room: intake stores both into working/
@@ -31,13 +31,15 @@ def test_mail_stored_into_working_then_offloaded_is_taken_in_again(tmp_path):
         await eng.spool.store(first, b"Subject: 1\r\n\r\nx\r\n", "working")
         await eng.spool.store(second, b"Subject: 2\r\n\r\nx\r\n", "working")
         eng.stored(first, False, "working", b"x")
-        eng.stored(second, False, "working", b"x")  # memory is full by now: offloaded
-        assert second.id in eng.offloaded
+        eng.stored(second, False, "working", b"x")  # memory is full by now: the backlog
+        assert second.id in eng.backlog and second.id not in eng.known
         assert (tmp_path / "mailq" / "retry" / f"{second.id}.inf").exists()  # waits in retry/
         assert not (tmp_path / "mailq" / "working" / f"{second.id}.inf").exists()
-        eng.delivery.messages.pop(first.id)  # room again: the offload check finds it
-        assert eng.scan_dropins() == 1
-        assert second.id in eng.delivery.messages and not eng.offloaded
+        assert eng.scan_dropins() == 0  # the drop-in scan leaves backlog mail alone
+        assert not await eng._load_backlog_batch()  # due, but no room and nothing to evict
+        eng.delivery.messages.pop(first.id)  # room again: the backlog loads it
+        assert await eng._load_backlog_batch()
+        assert second.id in eng.delivery.messages and not eng.backlog
         eng.spool.close()
     asyncio.run(main())
 

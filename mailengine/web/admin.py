@@ -162,7 +162,7 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
     need a walk over the queue, done only while it is small (the Queue page always does it)."""
     delivery = getattr(engine, "delivery", None)
     msgs = queue_view.queued_messages(engine) if delivery is None or \
-        len(delivery.messages) <= STATUS_SCAN_LIMIT else []
+        len(delivery.messages) + len(engine.backlog) <= STATUS_SCAN_LIMIT else []
     rows = {r.domain: r for r in queue_view.by_domain(engine, msgs)}
     out = []
     active = delivery.sched.destinations() if delivery is not None else {}

@@ -110,7 +110,7 @@ def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False)
         snap["shared_up"] = int(not shared.health.down)
     if delivery is not None:
         msgs = delivery.messages
-        snap["queue_messages"] = len(msgs)
+        snap["queue_messages"] = len(msgs) + len(engine.backlog)  # recipients: in memory
         snap["queue_recipients"] = None if cheap else sum(
             len(m.rcpt_to_send) for m in list(msgs.values()))
         snap["queue_sending"] = len(delivery.attempts)

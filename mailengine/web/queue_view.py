@@ -8,6 +8,7 @@ Actions (delete, hold, release, retry now) go through mailengine.queueops when i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import datetime as dt
 import os
 from dataclasses import dataclass, field
@@ -26,17 +27,25 @@ async def off_loop(fn, *args):
 
 
 async def messages(engine) -> list[Message]:
-    """Every queued message: a copy of the delivery engine's table, or read from retry/."""
+    """Every queued message: a copy of the delivery engine's table and the backlog's messages
+    (read from disk, at most SCAN_LIMIT), or read from retry/."""
     delivery = getattr(engine, "delivery", None)
     if delivery is not None:
-        return list(delivery.messages.values())
+        in_memory = list(delivery.messages.values())
+        if not len(engine.backlog):
+            return in_memory
+        return in_memory + await off_loop(backlog_messages, engine)
     return await off_loop(queued_messages, engine)
+
+
+def backlog_messages(engine) -> list[Message]:
+    return [m for _, m in itertools.islice(engine.backlog_messages(), SCAN_LIMIT)]
 
 
 def queued_messages(engine) -> list[Message]:
     delivery = getattr(engine, "delivery", None)
     if delivery is not None:
-        return list(delivery.messages.values())
+        return list(delivery.messages.values()) + backlog_messages(engine)
     out = []
     d = engine.spool.dir("retry")
     try:
