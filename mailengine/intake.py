@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Callable
 
 from .config import Config
-from .envelope import Message
+from .envelope import Message, format_address_list
 from .policy import BOUNCE_PREFIX
 from .smtp.server import MessageReceived, Reply
 from .spool import Spool
@@ -86,7 +86,7 @@ class Intake:
         if local and self.cfg.queue.save_incoming:
             kept = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=[],
                            time_created=now, received=received, size=len(data),
-                           extra={"rcptto": ",".join(local)})
+                           extra={"rcptto": format_address_list(local)})
             try:
                 await self.spool.store(kept, data, "incoming")
             except Exception:
