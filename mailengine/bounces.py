@@ -3,7 +3,8 @@
 VERP: with `logging.bounce_host` set, outbound mail for `user@domain` goes out with
 MAIL FROM `mailengine-bounce-user%domain@bounce_host`, so whatever comes back to that address is
 a bounce for `user@domain`, whatever shape the report has. Mail to such an address is taken as a
-bounce whether `bounce_host` is set or not (an earlier run, another engine).
+bounce at `bounce_host` or at a local domain (policy.on_rcpt): at any other domain it is an
+ordinary address, relayed only for a client that may relay.
 
 Bounce intake: `parse_report(data)` reads one returned mail and says whether it is a failure
 report at all (an out-of-office reply or a success notice is not) and, for each failed recipient

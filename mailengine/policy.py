@@ -38,6 +38,9 @@ class Policy:
         # RFC 5321 4.5.1: postmaster of this host is always accepted (and kept local).
         host = cfg.network.helo_text or socket.gethostname()
         self.postmaster = f"postmaster@{host}".lower()
+        # VERP addresses (mailengine-bounce-USER%DOMAIN@...) are taken as bounces only at the
+        # bounce host: elsewhere they are ordinary addresses, relayed only for who may relay.
+        self.bounce_host = cfg.logging.bounce_host.strip().lower().rstrip(".")
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
                         "relay mail for anyone on the internet. Restrict it unless this is a test.")
@@ -65,7 +68,7 @@ class Policy:
         domain = wire.domain_of(address)
         lowered = address.lower()
         if self.all_local or domain in self.local_domains or lowered == self.postmaster \
-                or lowered.startswith(BOUNCE_PREFIX):
+                or (domain == self.bounce_host and lowered.startswith(BOUNCE_PREFIX)):
             txn.local.add(address)
             return None
         if self.may_relay(session) or domain in self.relay_domains:

@@ -211,9 +211,11 @@ def test_garbage_is_not_a_bounce_and_does_not_raise(tmp_path):
 # ------------------------------------------------------------------------------------- end to end
 
 def test_bounce_by_smtp_lands_in_the_lists(tmp_path):
-    """A real engine: bounces to VERP addresses arrive by SMTP (bounce_host unset: still taken),
-    an autoreply is not counted, ordinary local mail is untouched."""
+    """A real engine: bounces to VERP addresses arrive by SMTP, at a local domain or at the
+    bounce host (which need not be a local domain), an autoreply is not counted, ordinary local
+    mail is untouched."""
     with RunningEngine(tmp_path, {"basic.local_domains": ["sender.test"],
+                                  "logging.bounce_host": "bounces.other.test",
                                   "queue.save_incoming": True}) as eng:
         with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
             for name, rcpt in [
@@ -234,6 +236,30 @@ def test_bounce_by_smtp_lands_in_the_lists(tmp_path):
     assert lines[0]["bounce_id"]  # the id it was stored under in mailq/incoming
     assert len(list((eng.mailq / "incoming").glob("*.dat"))) == 4
     assert "bounce: kim@gmail.test hard 5.1.1 550" in eng.output.decode()
+
+
+def test_verp_addresses_are_bounces_only_at_the_bounce_host_or_a_local_domain(tmp_path):
+    """Issue 14 item 7: a VERP-shaped address at another domain is an ordinary address, so a
+    client that may not relay gets 554 for it, and nothing is queued or recorded."""
+    notice = (CORPUS / "qmail_permanent.eml").read_bytes().replace(b"\n", b"\r\n")
+    with RunningEngine(tmp_path, {"policy.relay_ips": ["10.9.9.9"],  # 127.0.0.1 may not relay
+                                  "basic.local_domains": ["sender.test"],
+                                  "logging.bounce_host": "bounces.sender.test",
+                                  "queue.save_incoming": True}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.ehlo("client.test")
+            s.mail("")
+            for rcpt in ["mailengine-bounce-user%x@evil.example",
+                         "MAILENGINE-BOUNCE-user%x@Evil.Example",
+                         "mailengine-bounce-user%x@bounces.sender.test.evil.example"]:
+                assert s.rcpt(rcpt) == (554, b"5.7.1 relay not approved"), rcpt
+            assert s.rcpt("mailengine-bounce-ann%x.test@bounces.sender.test")[0] == 250
+            assert s.rcpt("mailengine-bounce-bob%x.test@Sender.Test")[0] == 250
+            assert s.data(notice)[0] == 250
+        assert not list((eng.mailq / "retry").glob("*.inf"))  # nothing relayed
+        assert len(list((eng.mailq / "incoming").glob("*.inf"))) == 1
+    assert [x["address"] for x in read_jsonl(tmp_path / "log" / "bounces.jsonl")] == [
+        "ann@x.test", "bob@x.test"]
 
 
 def test_verp_loop_end_to_end(tmp_path):
