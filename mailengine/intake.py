@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .config import Config
 from .envelope import Message, format_address_list
-from .policy import BOUNCE_PREFIX
+from .policy import is_verp
 from .smtp.server import MessageReceived, Reply
 from .spool import Spool
 
@@ -97,7 +97,7 @@ class Intake:
                 raise
             msg_id = kept.id
         # --- bounce intake (bounces.py): parsed once stored, recorded before the 250 ---
-        verp = [r for r in local if r.lower().startswith(BOUNCE_PREFIX)]
+        verp = [r for r in local if is_verp(r)]
         if verp:
             try:
                 await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)

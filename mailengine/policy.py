@@ -20,6 +20,13 @@ BOUNCE_PREFIX = "mailengine-bounce-"
 RELAY_DENIED = Reply(554, "5.7.1", "relay not approved")
 
 
+def is_verp(address: str) -> bool:
+    """Shaped like a VERP bounce address: the local part, quoted or not, starts with the prefix
+    (bounces.verp_encode quotes it when the recipient's own local part needed quotes)."""
+    lowered = address.lower()
+    return lowered.startswith(BOUNCE_PREFIX) or lowered.startswith('"' + BOUNCE_PREFIX)
+
+
 class Policy:
     def __init__(self, cfg: Config, users: PasswordFile | None = None):
         self.users = users
@@ -68,7 +75,7 @@ class Policy:
         domain = wire.domain_of(address)
         lowered = address.lower()
         if self.all_local or domain in self.local_domains or lowered == self.postmaster \
-                or (domain == self.bounce_host and lowered.startswith(BOUNCE_PREFIX)):
+                or (domain == self.bounce_host and is_verp(address)):
             txn.local.add(address)
             return None
         if self.may_relay(session) or domain in self.relay_domains:

@@ -17,6 +17,7 @@ import pytest
 
 from mailengine.bounces import (BounceLog, Report, bounce_for, classify_reply, parse_report,
                                 verp_decode, verp_encode)
+from mailengine.smtp import wire
 from mailengine.testing.engine import RunningEngine
 
 CORPUS = Path(__file__).parent / "bounce_corpus"
@@ -142,6 +143,19 @@ def test_verp_round_trip():
     # a '%' in the user part survives: the domain is after the last '%'
     assert verp_decode(verp_encode("a%b@c.test", "h.test")) == "a%b@c.test"
     assert verp_decode("MAILENGINE-BOUNCE-x%y.test@h.test") == "x@y.test"
+
+
+@pytest.mark.parametrize("addr, verp", [
+    ('"john doe"@d.test', '"mailengine-bounce-john doe%d.test"@h.test'),
+    ('"doe,john"@d.test', '"mailengine-bounce-doe,john%d.test"@h.test'),
+    ('"a\\"b"@d.test', '"mailengine-bounce-a\\"b%d.test"@h.test'),
+    ("x@[192.0.2.1]", '"mailengine-bounce-x%[192.0.2.1]"@h.test'),  # '[' is no atext
+])
+def test_verp_of_a_quoted_local_part_is_a_valid_quoted_address(addr, verp):
+    v = verp_encode(addr, "h.test")
+    assert v == verp
+    wire.parse_mailbox(f"<{v}>")  # a valid address, not mailengine-bounce-"john doe"%d@h
+    assert verp_decode(v) == addr
 
 
 @pytest.mark.parametrize("addr", ["", "nobody", "@x.test"])
@@ -289,3 +303,30 @@ def test_verp_loop_end_to_end(tmp_path):
         sink.stop()
     line, = read_jsonl(tmp_path / "log" / "bounces.jsonl")
     assert line["reported_recipient"] == "pat@q.test" and line["kind"] == "hard"
+
+
+def test_verp_loop_for_a_quoted_local_part(tmp_path):
+    """A recipient with a quoted local part gets a quoted VERP sender (a valid address), and the
+    bounce sent back to it is taken at the bounce host and recorded under the recipient."""
+    from mailengine.testing.sink import ThreadedSink
+    sink = ThreadedSink("127.0.0.141", 0).start()
+    rcpt = '"doe, john"@verp.test'
+    try:
+        with RunningEngine(tmp_path, {
+                "queue.pause_sending": False, "network.helo_text": "engine.test",
+                "logging.bounce_host": "bounces.sender.test",
+                "policy.relay_ips": ["10.9.9.9"],  # the bounce comes from a client that may not relay
+                "queue.queue_check_interval": 0.5,  # the drop-in is picked up at once
+                "basic.dns_servers": [f"verp.test,mx.verp.test,MX,127.0.0.141:{sink.port}"]}) as eng:
+            from mailengine.client import enqueue
+            enqueue(eng.mailq, "news@sender.test", [rcpt], "Subject: t", "hi")
+            sink.wait_messages(1, timeout=20)
+            m, = sink.messages
+            assert m.rcpts == [rcpt]
+            assert m.mail_from == '"mailengine-bounce-doe, john%verp.test"@bounces.sender.test'
+            notice = (CORPUS / "qmail_permanent.eml").read_bytes().replace(b"\n", b"\r\n")
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("", [m.mail_from], notice)
+            assert (tmp_path / "hard-bounces.txt").read_text() == rcpt + "\n"
+    finally:
+        sink.stop()
