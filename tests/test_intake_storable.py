@@ -91,6 +91,16 @@ def test_quoted_local_parts_are_stored_and_round_trip(engine):
     assert_no_traceback(engine)
 
 
+def test_local_mail_kept_in_incoming_lists_quoted_recipients_unambiguously(tmp_path):
+    with RunningEngine(tmp_path, {"basic.local_domains": ["here.test"],
+                                  "queue.save_incoming": True}) as eng:
+        with client(eng) as s:
+            s.sendmail("a@example.org", ['"doe,john"@here.test', "a@here.test"], MSG)
+        inf, = (eng.mailq / "incoming").glob("*.inf")
+        assert b'rcptto=<"doe%2Cjohn"@here.test>,a@here.test\n' in inf.read_bytes()
+        assert_no_traceback(eng)
+
+
 def test_quoted_local_part_is_delivered_intact(tmp_path):
     sink = ThreadedSink("127.0.0.140", 0).start()
     try:
