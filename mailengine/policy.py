@@ -46,7 +46,8 @@ class Policy:
         host = cfg.network.helo_text or socket.gethostname()
         self.postmaster = f"postmaster@{host}".lower()
         # VERP addresses (mailengine-bounce-USER%DOMAIN@...) are taken as bounces only at the
-        # bounce host: elsewhere they are ordinary addresses, relayed only for who may relay.
+        # bounce host and at local domains (where all mail is local): elsewhere they are
+        # ordinary addresses, relayed only for a client that may relay.
         self.bounce_host = cfg.logging.bounce_host.strip().lower().rstrip(".")
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "

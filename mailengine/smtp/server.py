@@ -124,6 +124,7 @@ def _is_number(text: str) -> bool:
 def _printable(text: str) -> bool:
     return text.isprintable()
 
+
 _OK = Reply(250, "2.0.0", "OK")
 
 
