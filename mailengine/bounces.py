@@ -3,7 +3,8 @@
 VERP: with `logging.bounce_host` set, outbound mail for `user@domain` goes out with
 MAIL FROM `mailengine-bounce-user%domain@bounce_host`, so whatever comes back to that address is
 a bounce for `user@domain`, whatever shape the report has. Mail to such an address is taken as a
-bounce whether `bounce_host` is set or not (an earlier run, another engine).
+bounce at `bounce_host` or at a local domain (policy.on_rcpt): at any other domain it is an
+ordinary address, relayed only for a client that may relay.
 
 Bounce intake: `parse_report(data)` reads one returned mail and says whether it is a failure
 report at all (an out-of-office reply or a success notice is not) and, for each failed recipient
@@ -36,7 +37,8 @@ from pathlib import Path
 
 from .lists import AddressLists, AppendFile
 from .outcome import Kind, bounce_class, classify
-from .policy import BOUNCE_PREFIX
+from .policy import BOUNCE_PREFIX, is_verp
+from .smtp.wire import quote_local_part, unquote_local_part
 
 log = logging.getLogger("mailengine.bounces")
 
@@ -48,29 +50,30 @@ MAX_SCAN = 64 * 1024  # characters of report text searched for addresses and cod
 
 def verp_encode(address: str, bounce_host: str) -> str:
     """The VERP return path for mail to `address`; unchanged when there is no bounce host or
-    the address is the null sender or has no '@'."""
+    the address is the null sender or has no '@'. A recipient whose local part is quoted
+    (`"john doe"@d`) gets a quoted one too (`"mailengine-bounce-john doe%d"@host`), so the
+    return path is itself a valid address."""
     if not bounce_host or not address:
         return address
     user, at, domain = address.rpartition("@")
     if not at or not user or not domain:
         return address
-    return f"{BOUNCE_PREFIX}{user}%{domain}@{bounce_host}"
-
-
-def is_verp(address: str) -> bool:
-    return address.lower().startswith(BOUNCE_PREFIX)
+    local = quote_local_part(f"{BOUNCE_PREFIX}{unquote_local_part(user)}%{domain}")
+    return f"{local}@{bounce_host}"
 
 
 def verp_decode(address: str) -> str | None:
-    """`mailengine-bounce-user%domain@host` -> `user@domain`; None for any other address."""
+    """`mailengine-bounce-user%domain@host` -> `user@domain` (quoted forms too); None for any
+    other address."""
     local, at, _host = address.rpartition("@")
+    local = unquote_local_part(local)
     if not at or not local.lower().startswith(BOUNCE_PREFIX):
         return None
     inner = local[len(BOUNCE_PREFIX):]
     user, pct, domain = inner.rpartition("%")
     if not pct or not user or not domain or "@" in domain:
         return None
-    return f"{user}@{domain}"
+    return f"{quote_local_part(user)}@{domain}"
 
 
 # ----------------------------------------------------------------------------------------- results

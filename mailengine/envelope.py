@@ -114,11 +114,37 @@ def _check_value(key: str, v: str) -> str:
     return v
 
 
+# Addresses in comma lists. One that cannot stand in a comma list as it is (a quoted local part
+# with a comma or a space, `"doe,john"@example.com`, or any character that is not printable) is
+# written `<` percent-encoded UTF-8 `>`. A mailbox starts with atext or `"`, never with `<`, so
+# the two kinds cannot be confused, and every address written before this encoding existed is
+# still written byte for byte as it was. Older readers parse such an item as an address too.
+_ITEM_SAFE = "".join(chr(c) for c in range(0x21, 0x7f) if chr(c) not in "%,<>")
+
+
+def _fmt_item(key: str, a: str) -> str:
+    if not a:
+        raise InfError(f"{key}: an empty address cannot be written in a comma list")
+    if "," in a or " " in a or a[0] == "<" or not a.isprintable():
+        return "<" + quote(a, safe=_ITEM_SAFE, errors="surrogateescape") + ">"
+    return a
+
+
+def _parse_item(a: str) -> tuple[str, bool]:
+    """(the address, whether it was encoded)."""
+    if len(a) > 1 and a[0] == "<" and a[-1] == ">":
+        return unquote(a[1:-1], errors="surrogateescape"), True
+    return a, False
+
+
 def _fmt_list(key: str, items: list[str]) -> str:
-    for a in items:
-        if "," in a or not a or a != a.strip():
-            raise InfError(f"{key}: {a!r} cannot be written in a comma list")
-    return _check_value(key, ",".join(items))
+    return _check_value(key, ",".join([_fmt_item(key, a) for a in items]))
+
+
+def format_address_list(items: list[str]) -> str:
+    """A comma list of addresses as the `.inf` writes them (for keys outside `Message`, such as
+    the `rcptto` of mail kept in `incoming/`)."""
+    return _fmt_list("rcptto", items)
 
 
 _DSN_SAFE = "@.+-_"
@@ -208,16 +234,22 @@ def _parse_int(key: str, v: str) -> int:
 
 
 def _parse_list(key: str, v: str) -> list[str]:
-    items = [a.strip() for a in v.split(",")]
-    return [a for a in items if a]
+    return [_parse_item(a)[0] for a in (a.strip() for a in v.split(",")) if a]
 
 
 def _parse_rcpt_to_send(key: str, v: str) -> list[str]:
-    items = _parse_list(key, v)
-    for a in items:
+    items = []
+    for raw in v.split(","):
+        raw = raw.strip()
+        if not raw:
+            continue
+        a, encoded = _parse_item(raw)
         at = a.rfind("@")
-        if at <= 0 or at == len(a) - 1 or " " in a or not a.isprintable():
-            raise InfError(f"{key}: {a!r} is not an address")
+        # A plain space means a hand-written list without its commas; an encoded one is part
+        # of a quoted local part.
+        if at <= 0 or at == len(a) - 1 or (" " in a and not encoded) or not a.isprintable():
+            raise InfError(f"{key}: {raw!r} is not an address")
+        items.append(a)
     return items
 
 

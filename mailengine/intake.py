@@ -15,8 +15,8 @@ import logging
 from typing import TYPE_CHECKING, Callable
 
 from .config import Config
-from .envelope import Message
-from .policy import BOUNCE_PREFIX
+from .envelope import Message, format_address_list
+from .policy import is_verp
 from .smtp.server import MessageReceived, Reply
 from .spool import Spool
 
@@ -86,7 +86,7 @@ class Intake:
         if local and self.cfg.queue.save_incoming:
             kept = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=[],
                            time_created=now, received=received, size=len(data),
-                           extra={"rcptto": ",".join(local)})
+                           extra={"rcptto": format_address_list(local)})
             try:
                 await self.spool.store(kept, data, "incoming")
             except Exception:
@@ -97,7 +97,7 @@ class Intake:
                 raise
             msg_id = kept.id
         # --- bounce intake (bounces.py): parsed once stored, recorded before the 250 ---
-        verp = [r for r in local if r.lower().startswith(BOUNCE_PREFIX)]
+        verp = [r for r in local if is_verp(r)]
         if verp:
             try:
                 await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)

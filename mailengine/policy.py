@@ -20,6 +20,13 @@ BOUNCE_PREFIX = "mailengine-bounce-"
 RELAY_DENIED = Reply(554, "5.7.1", "relay not approved")
 
 
+def is_verp(address: str) -> bool:
+    """Shaped like a VERP bounce address: the local part, quoted or not, starts with the prefix
+    (bounces.verp_encode quotes it when the recipient's own local part needed quotes)."""
+    lowered = address.lower()
+    return lowered.startswith(BOUNCE_PREFIX) or lowered.startswith('"' + BOUNCE_PREFIX)
+
+
 class Policy:
     def __init__(self, cfg: Config, users: PasswordFile | None = None):
         self.users = users
@@ -38,6 +45,10 @@ class Policy:
         # RFC 5321 4.5.1: postmaster of this host is always accepted (and kept local).
         host = cfg.network.helo_text or socket.gethostname()
         self.postmaster = f"postmaster@{host}".lower()
+        # VERP addresses (mailengine-bounce-USER%DOMAIN@...) are taken as bounces only at the
+        # bounce host and at local domains (where all mail is local): elsewhere they are
+        # ordinary addresses, relayed only for a client that may relay.
+        self.bounce_host = cfg.logging.bounce_host.strip().lower().rstrip(".")
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
                         "relay mail for anyone on the internet. Restrict it unless this is a test.")
@@ -65,7 +76,7 @@ class Policy:
         domain = wire.domain_of(address)
         lowered = address.lower()
         if self.all_local or domain in self.local_domains or lowered == self.postmaster \
-                or lowered.startswith(BOUNCE_PREFIX):
+                or (domain == self.bounce_host and is_verp(address)):
             txn.local.add(address)
             return None
         if self.may_relay(session) or domain in self.relay_domains:

@@ -17,6 +17,7 @@ import pytest
 
 from mailengine.bounces import (BounceLog, Report, bounce_for, classify_reply, parse_report,
                                 verp_decode, verp_encode)
+from mailengine.smtp import wire
 from mailengine.testing.engine import RunningEngine
 
 CORPUS = Path(__file__).parent / "bounce_corpus"
@@ -144,6 +145,19 @@ def test_verp_round_trip():
     assert verp_decode("MAILENGINE-BOUNCE-x%y.test@h.test") == "x@y.test"
 
 
+@pytest.mark.parametrize("addr, verp", [
+    ('"john doe"@d.test', '"mailengine-bounce-john doe%d.test"@h.test'),
+    ('"doe,john"@d.test', '"mailengine-bounce-doe,john%d.test"@h.test'),
+    ('"a\\"b"@d.test', '"mailengine-bounce-a\\"b%d.test"@h.test'),
+    ("x@[192.0.2.1]", '"mailengine-bounce-x%[192.0.2.1]"@h.test'),  # '[' is no atext
+])
+def test_verp_of_a_quoted_local_part_is_a_valid_quoted_address(addr, verp):
+    v = verp_encode(addr, "h.test")
+    assert v == verp
+    wire.parse_mailbox(f"<{v}>")  # a valid address, not mailengine-bounce-"john doe"%d@h
+    assert verp_decode(v) == addr
+
+
 @pytest.mark.parametrize("addr", ["", "nobody", "@x.test"])
 def test_verp_leaves_null_and_odd_senders_alone(addr):
     assert verp_encode(addr, "h.test") == addr
@@ -211,9 +225,11 @@ def test_garbage_is_not_a_bounce_and_does_not_raise(tmp_path):
 # ------------------------------------------------------------------------------------- end to end
 
 def test_bounce_by_smtp_lands_in_the_lists(tmp_path):
-    """A real engine: bounces to VERP addresses arrive by SMTP (bounce_host unset: still taken),
-    an autoreply is not counted, ordinary local mail is untouched."""
+    """A real engine: bounces to VERP addresses arrive by SMTP, at a local domain or at the
+    bounce host (which need not be a local domain), an autoreply is not counted, ordinary local
+    mail is untouched."""
     with RunningEngine(tmp_path, {"basic.local_domains": ["sender.test"],
+                                  "logging.bounce_host": "bounces.other.test",
                                   "queue.save_incoming": True}) as eng:
         with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
             for name, rcpt in [
@@ -234,6 +250,30 @@ def test_bounce_by_smtp_lands_in_the_lists(tmp_path):
     assert lines[0]["bounce_id"]  # the id it was stored under in mailq/incoming
     assert len(list((eng.mailq / "incoming").glob("*.dat"))) == 4
     assert "bounce: kim@gmail.test hard 5.1.1 550" in eng.output.decode()
+
+
+def test_verp_addresses_are_bounces_only_at_the_bounce_host_or_a_local_domain(tmp_path):
+    """Issue 14 item 7: a VERP-shaped address at another domain is an ordinary address, so a
+    client that may not relay gets 554 for it, and nothing is queued or recorded."""
+    notice = (CORPUS / "qmail_permanent.eml").read_bytes().replace(b"\n", b"\r\n")
+    with RunningEngine(tmp_path, {"policy.relay_ips": ["10.9.9.9"],  # 127.0.0.1 may not relay
+                                  "basic.local_domains": ["sender.test"],
+                                  "logging.bounce_host": "bounces.sender.test",
+                                  "queue.save_incoming": True}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.ehlo("client.test")
+            s.mail("")
+            for rcpt in ["mailengine-bounce-user%x@evil.example",
+                         "MAILENGINE-BOUNCE-user%x@Evil.Example",
+                         "mailengine-bounce-user%x@bounces.sender.test.evil.example"]:
+                assert s.rcpt(rcpt) == (554, b"5.7.1 relay not approved"), rcpt
+            assert s.rcpt("mailengine-bounce-ann%x.test@bounces.sender.test")[0] == 250
+            assert s.rcpt("mailengine-bounce-bob%x.test@Sender.Test")[0] == 250
+            assert s.data(notice)[0] == 250
+        assert not list((eng.mailq / "retry").glob("*.inf"))  # nothing relayed
+        assert len(list((eng.mailq / "incoming").glob("*.inf"))) == 1
+    assert [x["address"] for x in read_jsonl(tmp_path / "log" / "bounces.jsonl")] == [
+        "ann@x.test", "bob@x.test"]
 
 
 def test_verp_loop_end_to_end(tmp_path):
@@ -263,3 +303,30 @@ def test_verp_loop_end_to_end(tmp_path):
         sink.stop()
     line, = read_jsonl(tmp_path / "log" / "bounces.jsonl")
     assert line["reported_recipient"] == "pat@q.test" and line["kind"] == "hard"
+
+
+def test_verp_loop_for_a_quoted_local_part(tmp_path):
+    """A recipient with a quoted local part gets a quoted VERP sender (a valid address), and the
+    bounce sent back to it is taken at the bounce host and recorded under the recipient."""
+    from mailengine.testing.sink import ThreadedSink
+    sink = ThreadedSink("127.0.0.141", 0).start()
+    rcpt = '"doe, john"@verp.test'
+    try:
+        with RunningEngine(tmp_path, {
+                "queue.pause_sending": False, "network.helo_text": "engine.test",
+                "logging.bounce_host": "bounces.sender.test",
+                "policy.relay_ips": ["10.9.9.9"],  # the bounce comes from a client that may not relay
+                "queue.queue_check_interval": 0.5,  # the drop-in is picked up at once
+                "basic.dns_servers": [f"verp.test,mx.verp.test,MX,127.0.0.141:{sink.port}"]}) as eng:
+            from mailengine.client import enqueue
+            enqueue(eng.mailq, "news@sender.test", [rcpt], "Subject: t", "hi")
+            sink.wait_messages(1, timeout=20)
+            m, = sink.messages
+            assert m.rcpts == [rcpt]
+            assert m.mail_from == '"mailengine-bounce-doe, john%verp.test"@bounces.sender.test'
+            notice = (CORPUS / "qmail_permanent.eml").read_bytes().replace(b"\n", b"\r\n")
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("", [m.mail_from], notice)
+            assert (tmp_path / "hard-bounces.txt").read_text() == rcpt + "\n"
+    finally:
+        sink.stop()

@@ -60,12 +60,19 @@ def test_present_date_and_message_id_are_not_duplicated(tmp_path):
     assert head.count(b"Date:") == 1 and head.lower().count(b"message-id:") == 1
 
 
-@pytest.mark.parametrize("rcpts", ["", " , ", [], ["not-an-address"], ['"a,b"@c.example']])
+@pytest.mark.parametrize("rcpts", ["", " , ", [], ["not-an-address"], ["a\x00b@c.example"]])
 def test_bad_recipients_queue_nothing(tmp_path, rcpts):
     with pytest.raises(ValueError):
         client.enqueue(tmp_path, "a@b.example", rcpts, "Subject: x", "x")
     assert os.listdir(tmp_path / "retry") == []
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")] == []
+
+
+def test_quoted_local_parts_with_a_comma_or_space_are_queued(tmp_path):
+    rcpts = ['"a,b"@c.example', '"john doe"@c.example']  # a list: a comma string would split them
+    mid = client.enqueue(tmp_path, "a@b.example", rcpts, "Subject: x", "x")
+    inf = parse_inf((tmp_path / "retry" / f"{mid}.inf").read_bytes(), mid)
+    assert inf.rcpt_to_send == rcpts
 
 
 def test_an_id_already_in_retry_is_never_overwritten(tmp_path, monkeypatch):

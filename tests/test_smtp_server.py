@@ -270,6 +270,14 @@ COMMANDS = [
     ("helo-no-arg", b"HELO\r\n", ["501 5.5.4"]),
     ("helo-blank-arg", b"HELO   \r\n", ["501 5.5.4"]),
     ("ehlo-no-arg", b"EHLO\r\n", ["501 5.5.4"]),
+    # a name that could not be stored in the .inf or written into a Received: header
+    ("ehlo-nul", b"EHLO a\x00b\r\nMAIL FROM:<a@b.example>\r\n", ["501 5.5.2", "503 5.5.1"]),
+    ("helo-nul", b"HELO a\x00b\r\n", ["501 5.5.2"]),
+    ("ehlo-control", b"EHLO a\x1bb\r\n", ["501 5.5.2"]),
+    ("ehlo-tab", b"EHLO a\tb\r\n", ["501 5.5.2"]),
+    ("ehlo-line-separator", "EHLO a\u2028b\r\n".encode(), ["501 5.5.2"]),
+    ("ehlo-utf8-name", "EHLO bücher.example\r\n".encode(), ["250"]),
+    ("ehlo-after-refused-ehlo", b"EHLO a\x00\r\nEHLO c\r\n" + MAIL, ["501 5.5.2", "250", "250 2.1.0"]),
     ("lower-case-verbs", b"ehlo c\r\nmail from:<a@b.example>\r\nrcpt to:<c@d.example>\r\nrset\r\n",
      ["250", "250 2.1.0", "250 2.1.5", "250 2.0.0"]),
     # MAIL
@@ -285,6 +293,9 @@ COMMANDS = [
     ("mail-no-arg", EHLO + b"MAIL\r\n", ["250", "501 5.5.4"]),
     ("mail-no-domain", EHLO + b"MAIL FROM:<user>\r\n", ["250", "501 5.5.4"]),
     ("mail-space-in-local", EHLO + b"MAIL FROM:<a b@c.example>\r\n", ["250", "501 5.5.4"]),
+    ("mail-quoted-local", EHLO + b'MAIL FROM:<"doe, john"@c.example>\r\n', ["250", "250 2.1.0"]),
+    ("mail-non-printable", EHLO + "MAIL FROM:<a\u0085b@c.example> SMTPUTF8\r\n".encode(),
+     ["250", "553 5.1.7"]),
     ("mail-bad-domain", EHLO + b"MAIL FROM:<a@-b.example>\r\n", ["250", "501 5.5.4"]),
     ("mail-unknown-param", EHLO + b"MAIL FROM:<a@b.example> FOO=1\r\n", ["250", "555 5.5.4"]),
     ("mail-bad-param", EHLO + b"MAIL FROM:<a@b.example> SIZE=\r\n", ["250", "501 5.5.4"]),
@@ -323,6 +334,11 @@ COMMANDS = [
     ("rcpt-postmaster", EHLO + MAIL + b"RCPT TO:<postmaster>\r\n", ["250", "250 2.1.0", "250 2.1.5"]),
     ("rcpt-Postmaster", EHLO + MAIL + b"RCPT TO:<PostMaster>\r\n", ["250", "250 2.1.0", "250 2.1.5"]),
     ("rcpt-user-without-domain", EHLO + MAIL + b"RCPT TO:<root>\r\n", ["250", "250 2.1.0", "501 5.5.4"]),
+    ("rcpt-quoted-space-comma", EHLO + MAIL + b'RCPT TO:<"john doe"@x.example>\r\n'
+     b'RCPT TO:<"doe,john"@x.example>\r\n', ["250", "250 2.1.0", "250 2.1.5", "250 2.1.5"]),
+    ("rcpt-non-printable", EHLO + b"MAIL FROM:<a@b.example> SMTPUTF8\r\n"
+     + "RCPT TO:<a\u00a0b@x.example>\r\nRCPT TO:<\"a\u2028\"@x.example>\r\n".encode(),
+     ["250", "250 2.1.0", "553 5.1.3", "553 5.1.3"]),
     ("rcpt-refused-by-policy", EHLO + MAIL + b"RCPT TO:<x@elsewhere.example>\r\n" + b"DATA\r\n",
      ["250", "250 2.1.0", "554 5.7.1", "554 5.5.1"]),
     ("rcpt-params-after-helo", b"HELO c\r\n" + MAIL + b"RCPT TO:<b@example.com> NOTIFY=NEVER\r\n",
@@ -484,6 +500,10 @@ def test_dsn_parameters_parsed_into_the_transaction():
     (b"MAIL FROM:<a@b.example> ENVID", "501 5.5.4"),
     (b"MAIL FROM:<a@b.example> ENVID=" + b"x" * 101, "501 5.5.4"),
     ("MAIL FROM:<a@b.example> ENVID=\u00e9".encode(), "501 5.5.4"),
+    (b"MAIL FROM:<a@b.example> ENVID=+00", "501 5.5.4"),  # NUL
+    (b"MAIL FROM:<a@b.example> ENVID=a+0Ab", "501 5.5.4"),  # a line break
+    (b"MAIL FROM:<a@b.example> ENVID=a+7Fb", "501 5.5.4"),  # DEL
+    (b"MAIL FROM:<a@b.example> ENVID=a+20b+2C", "250 2.1.0"),  # space and comma are fine
     (b"MAIL FROM:<a@b.example> BODY=7BIT", "250 2.1.0"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_mail_dsn_and_body_params(line, expect):
@@ -502,6 +522,8 @@ def test_mail_dsn_and_body_params(line, expect):
     (b"ORCPT=;x@y", "501 5.5.4"),
     (b"ORCPT=rfc822;", "501 5.5.4"),
     (b"ORCPT=rfc822;x+4", "501 5.5.4"),
+    (b"ORCPT=rfc822;x+00@y", "501 5.5.4"),
+    (b"ORCPT=rfc822;x+0D+0A@y", "501 5.5.4"),
     (b"RET=FULL", "555 5.5.4"),
 ])
 def test_rcpt_dsn_params(param, expect):

@@ -492,6 +492,8 @@ def test_inject_raw_and_refusals(running):
         ({"to": ["x@dest.test"], "body": "x"}, "from: required"),
         ({"from": "a@src.test", "to": [], "body": "x"}, "to: required"),
         ({"from": "a@src.test", "to": ["not an address"], "body": "x"}, "to[0]"),
+        ({"from": "a@src.test", "to": ["a\u0085b@dest.test"], "body": "x"}, "cannot be stored"),
+        ({"from": "a\u2028b@src.test", "to": ["x@dest.test"], "body": "x"}, "cannot be stored"),
         ({"from": "a@src.test", "to": ["x@dest.test"]}, "give headers and body"),
         ({"from": "a@src.test", "to": ["x@dest.test"], "raw": "x", "body": "y"}, "not both"),
         ({"from": "a@src.test", "to": ["x@dest.test"], "headers": {"Bad Name": "v"},
@@ -517,6 +519,14 @@ def test_inject_raw_and_refusals(running):
                                               "body": "x"})
     assert r.status == 403 and "550" in r.json["error"]
     assert len(list((running.mailq / "retry").glob("*.inf"))) == 2
+
+
+def test_inject_stores_quoted_local_parts(running):
+    r = Client(running.web_port).api("POST", "/api/v1/messages", js={
+        "from": "a@src.test", "to": ['"doe,john"@dest.test', '"john doe"@dest.test'], "raw": "x"})
+    assert r.status == 202, r.json
+    inf = parse_inf((running.mailq / "retry" / f"{r.json['ids'][0]}.inf").read_bytes())
+    assert inf.rcpt_to_send == ['"doe,john"@dest.test', '"john doe"@dest.test']
 
 
 def test_inject_too_many_recipients_and_too_big(tmp_path):

@@ -117,6 +117,14 @@ def _is_number(text: str) -> bool:
     """ASCII digits only: str.isdigit() also accepts '²' (int() fails) and '١' (int() gives 1)."""
     return text.isascii() and text.isdigit()
 
+
+# What the session keeps (HELO name, addresses, ENVID, ORCPT) ends up in the queue's `.inf`, in
+# Received: headers and in the commands of the next hop: a NUL, a control character or a line or
+# format separator there is refused at the command that carries it, never after DATA.
+def _printable(text: str) -> bool:
+    return text.isprintable()
+
+
 _OK = Reply(250, "2.0.0", "OK")
 
 
@@ -268,6 +276,8 @@ class ServerConnection:
         arg = arg.strip()
         if not arg:
             return self._error(501, "5.5.4", "Syntax: HELO hostname")
+        if not _printable(arg):
+            return self._error(501, "5.5.2", "HELO hostname has a character that is not printable")
         self.session.helo, self.session.esmtp, self.txn = arg, False, None
         self._reply(250, "", f"{self.opt.hostname} Hello {arg}")
 
@@ -275,6 +285,8 @@ class ServerConnection:
         arg = arg.strip()
         if not arg:
             return self._error(501, "5.5.4", "Syntax: EHLO hostname")
+        if not _printable(arg):
+            return self._error(501, "5.5.2", "EHLO hostname has a character that is not printable")
         self.session.helo, self.session.esmtp, self.txn = arg, True, None
         lines = [f"{self.opt.hostname} Hello {arg}", "PIPELINING"]
         size = self.opt.max_message_size
@@ -327,12 +339,16 @@ class ServerConnection:
                     return self._error(501, "5.5.4", f"ENVID: {e}")
                 if not txn.envid or len(txn.envid) > 100:
                     return self._error(501, "5.5.4", "ENVID must be 1 to 100 characters")
+                if not _printable(txn.envid):
+                    return self._error(501, "5.5.4", "ENVID has a character that is not printable")
             elif key == "AUTH":
                 pass  # RFC 4954 5: informational; we record who authenticated ourselves
             else:
                 return self._error(555, "5.5.4", f"Unsupported parameter {key}")
         if not address.isascii() and not txn.smtputf8:
             return self._error(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+        if not _printable(address):
+            return self._error(553, "5.1.7", "Sender address has a character that cannot be stored")
         refusal = self.hooks.on_mail(self.session, txn, address)
         if refusal is not None and refusal.code >= 400:
             self._out.append(refusal.encode())
@@ -371,11 +387,15 @@ class ServerConnection:
                     return self._error(501, "5.5.4", f"ORCPT: {e}")
                 if not semi or not atype or not decoded:
                     return self._error(501, "5.5.4", "ORCPT must be addr-type;address")
+                if not _printable(decoded):
+                    return self._error(501, "5.5.4", "ORCPT has a character that is not printable")
                 dsn["orcpt"] = f"{atype};{decoded}"
             else:
                 return self._error(555, "5.5.4", f"Unsupported parameter {key}")
         if not address.isascii() and not txn.smtputf8:
             return self._error(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+        if not _printable(address):
+            return self._error(553, "5.1.3", "Address has a character that cannot be stored")
         if len(txn.rcpts) >= self.opt.max_recipients:
             return self._reply(452, "4.5.3", "Too many recipients")
         refusal = self.hooks.on_rcpt(self.session, txn, address)

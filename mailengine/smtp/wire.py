@@ -93,6 +93,20 @@ def parse_mailbox(path: str, allow_empty: bool = False) -> str:
     return f"{local}@{domain}"
 
 
+def unquote_local_part(local: str) -> str:
+    """'"john doe"' -> 'john doe' (quoted pairs undone); a Dot-string comes back as it is."""
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local
+
+
+def quote_local_part(text: str) -> str:
+    """The local part that stands for `text`: itself when it is a Dot-string, else quoted."""
+    if _DOT_STRING.match(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def domain_of(address: str) -> str:
     """The domain of a mailbox, lower-cased, trailing dot removed."""
     return address.rpartition("@")[2].rstrip(".").lower()

@@ -55,9 +55,12 @@ def _address(value, field: str, allow_empty: bool = False) -> str:
     if v.startswith("<") and v.endswith(">"):
         v = v[1:-1]
     try:
-        return wire.parse_mailbox(f"<{v}>", allow_empty=allow_empty)
+        address = wire.parse_mailbox(f"<{v}>", allow_empty=allow_empty)
     except wire.SyntaxProblem as e:
         raise InjectError(f"{field}: {value!r}: {e}") from None
+    if not address.isprintable():  # as SMTP refuses it (smtp/server.py): the .inf cannot hold it
+        raise InjectError(f"{field}: {value!r} has a character that cannot be stored")
+    return address
 
 
 def _crlf(text: str) -> str:
