@@ -13,7 +13,7 @@ import resource
 import signal
 import socket
 
-from . import NAME, __version__, diskwatch, logs, shared, tls
+from . import NAME, __version__, diskwatch, filemodes, logs, shared, tls
 from .config import Config
 from .envelope import InfError, Message
 from .homelock import HomeLock
@@ -424,6 +424,7 @@ def run(cfg: Config, test_mode: bool = False, lock: HomeLock | None = None) -> N
     engine runs on the same queue (`lock`: the lock when the caller took it already)."""
     if lock is None:
         lock = HomeLock.acquire(cfg.home, test_mode)
+    filemodes.restrict(cfg, test_mode)  # the queue and the logs: the engine's user only
     logs.setup(cfg.log_dir, cfg.logging.log_retention_days,
                debug_any=debug_any(cfg), program=cfg.debug.program)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             print(e, file=sys.stderr)
             return 1
         if command == "daemon":
+            from . import filemodes
+            filemodes.restrict(cfg, test_mode)  # daemon.out is made private too
             daemonize(cfg)
             lock.write_pid()  # the daemon's pid, not the parent's
         try:
@@ -338,6 +340,11 @@ def cmd_queue(cfg: config.Config, ns) -> int:
             print(queueops.format_domains(records, header))
         return 0
     if args.action == "show":
+        try:
+            queueops.check_id(args.id)
+        except ValueError as e:
+            print(f"mailengine queue show: {e}", file=sys.stderr)
+            return 2
         if alive:
             info = ask(cfg, "queue.show", test, id=args.id)
         else:

@@ -96,6 +96,9 @@ SETTINGS: list[Setting] = [
             minimum=0),
     Setting("basic", "pid_file", "", "str",
             "Pid file of the background daemon (-bd). Empty: HOME/mailengine.pid.", restart=True),
+    Setting("basic", "group_readable", False, "bool",
+            "Let the engine's group read the queue (mailq/) and the logs (log/): directories "
+            "0750, new files 0640. False: the engine's user only (0700, 0600).", restart=True),
     # network (TCP/IP とポート)
     Setting("network", "helo_text", "", "str",
             "Name sent in HELO/EHLO and the SMTP greeting. Empty: the host name."),
