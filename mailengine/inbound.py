@@ -70,6 +70,7 @@ class InboundServer:
         self.options.max_recipients = lim.max_recipients
         self.options.max_command_line = lim.max_command_line
         self.options.max_errors = lim.max_errors
+        self.options.max_hops = lim.max_hops
         # Each intake process takes its share of the cap (the kernel spreads connections evenly).
         self.max_connections = max(1, -(-lim.max_inbound_connections // cfg.intake_processes))
         self.priority_ips = AddressSet(lim.inbound_priority_ips)
