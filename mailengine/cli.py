@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         except homelock.Held as e:
             print(e, file=sys.stderr)
             return 1
+        except OSError as e:
+            print(f"Cannot lock {homelock.lock_path(cfg.home, test_mode)}: {e.strerror}",
+                  file=sys.stderr)
+            return 1
         if command == "daemon":
             from . import filemodes
             filemodes.restrict(cfg, test_mode)  # daemon.out is made private too
