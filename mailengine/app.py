@@ -1,6 +1,7 @@
 """The running engine: wires settings, spool, SMTP intake and housekeeping under one event loop.
 
-Start-up: check file descriptors, recover the spool (working/ back to retry/), bind the SMTP port,
+Start-up: lock the queue (homelock.py: one engine per queue), check file descriptors, recover
+the spool (working/ back to retry/), make sure nothing else listens on the SMTP port, bind it,
 then run until SIGTERM, Ctrl-C or `mailengine shutdown` (mailq/retry/shutdown.txt). A clean stop
 stops accepting, lets messages being stored finish, and leaves every unfinished message in retry/.
 """
@@ -13,10 +14,11 @@ import signal
 import socket
 import time
 
-from . import NAME, __version__, diskwatch, logs, shared, tls
+from . import NAME, __version__, diskwatch, filemodes, logs, shared, tls
 from .backlog import Backlog, due_time
 from .config import Config
 from .envelope import InfError, Message
+from .homelock import HomeLock
 from .inbound import InboundServer
 from .intake import Intake
 from .notices import Notices
@@ -107,9 +109,10 @@ def make_services(engine: "Engine") -> list:
 
 
 class Engine:
-    def __init__(self, cfg: Config, test_mode: bool = False):
+    def __init__(self, cfg: Config, test_mode: bool = False, lock: HomeLock | None = None):
         self.cfg = cfg
         self.test_mode = test_mode
+        self.lock = lock  # this queue's lock (taken by run() when the caller did not)
         self.hostname = host_name(cfg)
         self.spool = Spool(cfg.mailq(test_mode), durable=cfg.queue.relay_via_disk,
                            hostname=self.hostname)
@@ -409,6 +412,8 @@ class Engine:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         cfg = self.cfg
+        if self.lock is None:  # before anything touches the queue; raises homelock.Held
+            self.lock = HomeLock.acquire(cfg.home, self.test_mode)
         for w in cfg.warnings:
             log.warning("config: %s", w)
         log.info("%s %s starting in %s%s", NAME, __version__, cfg.home,
@@ -493,6 +498,7 @@ class Engine:
         self.save_backlog_index()  # last: it holds while nothing changes retry/ after it
         shared.close_list_mirrors()  # the bounce lines not yet in Redis (for at most 2 s)
         log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / "retry")
+        self.lock.release()
 
 
 class QueuedIds:
@@ -505,12 +511,16 @@ class QueuedIds:
         return mid in self.known or mid in self.backlog
 
 
-def run(cfg: Config, test_mode: bool = False) -> None:
-    """Run the engine in the foreground until it is stopped."""
+def run(cfg: Config, test_mode: bool = False, lock: HomeLock | None = None) -> None:
+    """Run the engine in the foreground until it is stopped. Raises homelock.Held when another
+    engine runs on the same queue (`lock`: the lock when the caller took it already)."""
+    if lock is None:
+        lock = HomeLock.acquire(cfg.home, test_mode)
+    filemodes.restrict(cfg, test_mode)  # the queue and the logs: the engine's user only
     logs.setup(cfg.log_dir, cfg.logging.log_retention_days,
                debug_any=debug_any(cfg), program=cfg.debug.program)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        runner.run(Engine(cfg, test_mode).run())
+        runner.run(Engine(cfg, test_mode, lock).run())
 
 
 def loop_factory():

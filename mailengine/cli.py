@@ -217,11 +217,24 @@ def main(argv: list[str] | None = None) -> int:
     if command in OPERATOR_COMMANDS:
         return OPERATOR_COMMANDS[command](cfg, ns)
     if command in ("start", "test", "daemon"):
-        from . import app
+        from . import app, homelock
+        test_mode = command == "test"
+        try:  # before anything touches the queue, and before -bd forks (its parent says why)
+            lock = homelock.HomeLock.acquire(cfg.home, test_mode)
+        except homelock.Held as e:
+            print(e, file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"Cannot lock {homelock.lock_path(cfg.home, test_mode)}: {e.strerror}",
+                  file=sys.stderr)
+            return 1
         if command == "daemon":
+            from . import filemodes
+            filemodes.restrict(cfg, test_mode)  # daemon.out is made private too
             daemonize(cfg)
+            lock.write_pid()  # the daemon's pid, not the parent's
         try:
-            app.run(cfg, test_mode=command == "test")
+            app.run(cfg, test_mode=test_mode, lock=lock)
         finally:
             if command == "daemon" and read_pid(cfg.pid_file) == os.getpid():
                 cfg.pid_file.unlink(missing_ok=True)
@@ -270,6 +283,12 @@ def ask(cfg: config.Config, op: str, test_mode: bool = False, **args) -> dict:
 
 def refuse_if_alive_without_socket(cfg: config.Config, test_mode: bool) -> None:
     """Working on the files is safe only with the engine stopped."""
+    from . import homelock
+    holder = homelock.holder(cfg.home, test_mode)
+    if holder is not None:
+        raise SystemExit(f"MailEngine ({f'pid {holder}' if holder > 0 else 'another process'}) "
+                         f"holds {homelock.lock_path(cfg.home, test_mode)} but does not answer "
+                         f"on {control_path(cfg, test_mode)}; try again in a moment, or stop it")
     pid = read_pid(cfg.pid_file)
     if pid and pid != os.getpid() and pid_alive(pid) and not test_mode:
         raise SystemExit(f"MailEngine (pid {pid}, {cfg.pid_file}) is running but does not answer "
@@ -325,6 +344,11 @@ def cmd_queue(cfg: config.Config, ns) -> int:
             print(queueops.format_domains(records, header))
         return 0
     if args.action == "show":
+        try:
+            queueops.check_id(args.id)
+        except ValueError as e:
+            print(f"mailengine queue show: {e}", file=sys.stderr)
+            return 2
         if alive:
             info = ask(cfg, "queue.show", test, id=args.id)
         else:

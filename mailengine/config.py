@@ -96,6 +96,9 @@ SETTINGS: list[Setting] = [
             minimum=0),
     Setting("basic", "pid_file", "", "str",
             "Pid file of the background daemon (-bd). Empty: HOME/mailengine.pid.", restart=True),
+    Setting("basic", "group_readable", False, "bool",
+            "Let the engine's group read the queue (mailq/) and the logs (log/): directories "
+            "0750, new files 0640. False: the engine's user only (0700, 0600).", restart=True),
     # network (TCP/IP とポート)
     Setting("network", "helo_text", "", "str",
             "Name sent in HELO/EHLO and the SMTP greeting. Empty: the host name."),
@@ -138,7 +141,8 @@ SETTINGS: list[Setting] = [
     Setting("policy", "refused_mail_from", [], "list[str]",
             "Substrings: MAIL FROM containing one is refused."),
     Setting("policy", "refused_mail_servers", [], "list[str]",
-            "IP addresses never delivered to (put the engine's own addresses here: no loops).",
+            "IP addresses never delivered to. The engine's own SMTP addresses never are (mail "
+            "for them 'loops back to myself'); list here others that reach it, as a NAT's.",
             check=_check_addresses),
     # queue (キュー)
     Setting("queue", "dsn", False, "bool",
@@ -211,6 +215,10 @@ SETTINGS: list[Setting] = [
             "Longest SMTP command line in bytes (RFC 5321 says at least 512).", minimum=512),
     Setting("limits", "max_errors", 20, "int",
             "Protocol errors in one session before '421' and disconnect.", minimum=1),
+    Setting("limits", "max_hops", 50, "int",
+            "Received: header fields a message may carry; with more it is a mail loop and is "
+            "refused after DATA with '554 5.4.6 Too many hops' (Postfix's hopcount_limit). "
+            "0 = no limit.", minimum=0),
     # debug (トラブルシューティング)
     Setting("debug", "dns", False, "bool", "Trace DNS lookups on the console."),
     Setting("debug", "smtp_out", False, "bool", "Trace outbound SMTP sessions on the console."),

@@ -13,7 +13,8 @@ The flow of one send attempt of one message:
    window (throttle.py), nothing while `queue.pause_sending`.
 2. When its first unit starts, the message moves `retry/` -> `working/` (it stays there, whole,
    while any part of it is being delivered; a crash leaves it to start-up recovery).
-3. Each unit resolves its domain (dns.py: bypass entries, MX, implicit MX, null MX), takes a
+3. Each unit resolves its domain (dns.py: bypass entries, MX, implicit MX, null MX; never this
+   engine's own SMTP address nor hosts it prefers less: "loops back to myself", loops.py), takes a
    connection to the best host from the pool (kept and reused per host; at most
    `max_connections_per_host` per server and `max_outbound_connections` in all, idle ones
    included), and runs one transaction for all its recipients (smtp_session.py). A connection
@@ -55,6 +56,7 @@ from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
 from .dns import MXResolver, Target
 from .envelope import Message
+from .loops import Listeners
 from .bounces import verp_encode
 from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
 from .scheduler import Scheduler, Unit
@@ -377,6 +379,7 @@ class DeliveryEngine:
         lim = cfg.limits
         self.resolver = MXResolver.from_config(cfg)
         self.refused = AddressSet(cfg.policy.refused_mail_servers)
+        self.listeners = Listeners(cfg)  # our own SMTP addresses: never delivered to (loops.py)
         self.windows = Windows(lim.max_connections_per_host,
                                min(INITIAL_WINDOW, lim.max_connections_per_host))
         self.sched = Scheduler(time.time, limit=self.windows.limit,
@@ -676,6 +679,12 @@ class DeliveryEngine:
         if not targets:
             return failure_outcomes(u.rcpts, 550, "5.4.6", f"all mail servers of {u.dest} are "
                                     "in policy.refused_mail_servers", "dns"), ""
+        ours = [t.preference for t in targets if self.listeners.is_me(t.ip, t.port)]
+        if ours:  # we are one of its mail servers: only those it prefers to us (loops.py)
+            targets = [t for t in targets if t.preference < min(ours)]
+            if not targets:
+                return failure_outcomes(u.rcpts, 554, "5.4.6",
+                                        f"mail for {u.dest} loops back to myself", "dns"), ""
         now = time.monotonic()
         up = [t for t in targets if self.host_down.get((t.ip, t.port), 0) < now]
         targets = up + [t for t in targets if t not in up]  # recently dead hosts last

@@ -73,6 +73,7 @@ class InboundServer:
         self.options.max_recipients = lim.max_recipients
         self.options.max_command_line = lim.max_command_line
         self.options.max_errors = lim.max_errors
+        self.options.max_hops = lim.max_hops
         self.max_connections = lim.max_inbound_connections
         if self.shared_count is None and cfg.intake_processes > 1:
             # no shared count (not Linux): each intake process takes an equal share of the cap
@@ -84,7 +85,11 @@ class InboundServer:
 
     async def start(self, serve: bool = True) -> list[tuple[str, int]]:
         """Bind every listen address; returns the (address, port) pairs bound. `serve=False`
-        only checks that they can be bound (clear errors at start) and closes them again."""
+        only checks that they can be bound (clear errors at start) and closes them again.
+
+        That check binds without SO_REUSEPORT, even for a server that will share the port with
+        its intake workers: SO_REUSEPORT would also share it with any other program of this
+        user that set it (another engine, from another home), and both would take mail."""
         loop = asyncio.get_running_loop()
         port = self.cfg.network.smtp_port
         bound = []
@@ -92,8 +97,8 @@ class InboundServer:
             try:
                 server = await loop.create_server(
                     lambda: SMTPProtocol(self), host=host or None, port=port,
-                    reuse_address=True, reuse_port=self.reuse_port or None, backlog=1024,
-                    start_serving=serve)  # not serving: bound, never listening
+                    reuse_address=True, reuse_port=(self.reuse_port and serve) or None,
+                    backlog=1024, start_serving=serve)  # not serving: bound, never listening
             except PermissionError:
                 raise SystemExit(
                     f"Cannot listen on port {port}: binding a port below 1024 needs root or "

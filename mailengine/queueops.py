@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .envelope import InfError, Message, format_log_entry
-from .spool import Spool
+from .spool import Spool, is_message_id
 
 ACTIONS = ("delete", "hold", "release", "retry")
 TIME_FMT = "%Y/%m/%d %H:%M:%S"
@@ -46,8 +46,17 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+def check_id(text: str) -> str:
+    """A message id as given, or ValueError when it is not well formed (spool.is_message_id):
+    a name such as `../../x` must never reach a path."""
+    if not is_message_id(text):
+        raise ValueError(f"{text!r} is not a message id (such as P123T1700000000C1@host)")
+    return text
+
+
 def parse_target(text: str) -> str:
-    """'all', '@domain' (lowercased) or a message id; ValueError for an empty one."""
+    """'all', '@domain' (lowercased), 'from:ADDRESS' or a well-formed message id; ValueError
+    for anything else."""
     text = text.strip()
     if not text:
         raise ValueError("an empty target")
@@ -59,7 +68,7 @@ def parse_target(text: str) -> str:
         return text.lower()
     if text[:5].lower() == "from:":
         return "from:" + text[5:].strip().strip("<>").lower()
-    return text
+    return check_id(text)
 
 
 def is_group(target: str) -> bool:
@@ -235,6 +244,7 @@ def engine_records(engine, tracker: ReplyTracker | None = None) -> list[dict]:
 
 
 def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) -> dict:
+    check_id(msg_id)
     d = _delivery(engine)
     engine.scan_dropins()
     msg = d.messages.get(msg_id)
@@ -391,6 +401,7 @@ class FileQueue:
         return out
 
     def show(self, msg_id: str) -> dict:
+        check_id(msg_id)
         for where in self.DIRS:
             if not os.path.exists(self.spool.inf_path(msg_id, where)):
                 continue

@@ -50,6 +50,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -125,6 +126,17 @@ def make_id(hostname: str | None = None) -> str:
     host = _safe_host(hostname) if hostname else _default_host()
     us = _clock.next()
     return f"P{os.getpid()}T{us // 1_000_000}C{us % 1_000_000}@{host}"
+
+
+# What an operator may name as a message id (`mailengine queue show ID`, the control socket,
+# the web admin): the characters of the ids made above (and by the old product), which keep a
+# name inside its directory. Anything else (`../../x`, a NUL, a space) is refused, not looked up.
+_ID_RE = re.compile(r"[A-Za-z0-9_@=+-][A-Za-z0-9._@=+-]{0,199}")
+
+
+def is_message_id(text: str) -> bool:
+    """True when `text` is a well-formed message id: one file name in one queue directory."""
+    return bool(_ID_RE.fullmatch(text))
 
 
 _host_cache: list[str] = []

@@ -39,6 +39,7 @@ class ServerOptions:
     max_recipients: int = 1000
     max_command_line: int = 2048
     max_errors: int = 20
+    max_hops: int = 50  # Received: fields a message may carry (0 = no limit): more is a loop
     tls_available: bool = False
     auth_available: bool = False
 
@@ -454,6 +455,12 @@ class ServerConnection:
             # ambiguous line ends is never passed on to a server that may split it differently.
             self.txn = None
             self._reply(550, "5.6.0", "Message has a bare CR or LF; lines must end with CRLF")
+            return None
+        hops = self.opt.max_hops
+        if hops and wire.hop_count(body, hops + 1) > hops:
+            # A mail loop (Postfix's hopcount_limit): refused, so the loop ends here.
+            self.txn = None
+            self._reply(554, "5.4.6", "Too many hops")
             return None
         self.state = WAIT
         return MessageReceived(self.session, self.txn, body)

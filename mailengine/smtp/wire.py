@@ -169,6 +169,24 @@ def has_bare_line_ending(data: bytes) -> bool:
     return data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def hop_count(data: bytes, stop_at: int) -> int:
+    """The `Received:` fields in the header section of a message (each is one hop it made,
+    RFC 5321 6.3), counted up to `stop_at`: the limit decides, not the exact number."""
+    if data.startswith(b"\r\n"):
+        return 0  # no header section
+    end = data.find(b"\r\n\r\n")
+    end = len(data) if end < 0 else end + 2
+    n = 0
+    for _ in _RECEIVED.finditer(data, 0, end):
+        n += 1
+        if n >= stop_at:
+            break
+    return n
+
+
 def dot_unstuff(data: bytes) -> bytes:
     """Remove the extra leading dot of every line (RFC 5321 4.5.2); data ends with CRLF."""
     if b"\n." not in data and not data.startswith(b"."):

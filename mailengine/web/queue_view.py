@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..envelope import InfError, Message
 from ..scheduler import domain_of
+from ..spool import is_message_id
 
 SCAN_LIMIT = 20000
 WHERE = ("retry", "working")
@@ -119,7 +120,7 @@ def in_domain(msgs: list[Message], domain: str) -> list[Message]:
 
 def find(engine, msg_id: str) -> tuple[Message | None, str | None]:
     """(message, directory) of a queued message, looked up in memory first, then on disk."""
-    if "/" in msg_id or msg_id.startswith(".") or not msg_id:
+    if not is_message_id(msg_id):
         return None, None
     delivery = getattr(engine, "delivery", None)
     msg = delivery.messages.get(msg_id) if delivery is not None else None
