@@ -146,7 +146,7 @@ class PasswordChecks:
         try:
             if self.throttle.wait_left(ip) > 0:
                 return THROTTLED
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             self._broken(e)
         ok = self.verify(session, user, password)
         try:
@@ -155,7 +155,7 @@ class PasswordChecks:
             else:
                 wait = self.throttle.failed(ip)
                 log.info("SMTP AUTH failed for %r from %s; the address waits %g s", user, ip, wait)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             self._broken(e)
         return ok
 

@@ -106,7 +106,7 @@ def test_password_checks_run_off_the_event_loop(tmp_path):
             s.close()
     assert answers == [535] * 24
     # on the event loop, 24 checks of ~35 ms each kept the NOOP waiting for most of a second
-    assert noop < 0.25, noop
+    assert noop < 0.4, noop
 
 
 def test_too_many_password_checks_at_once_get_454(tmp_path):
