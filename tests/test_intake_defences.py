@@ -1,5 +1,6 @@
 """SMTP intake against hostile clients (issue 14): AUTH guessing, slowloris, many sessions from one
 address, sessions that hold big unfinished messages. A real engine, real sockets."""
+import asyncio
 import base64
 import re
 import socket
@@ -8,7 +9,8 @@ import ssl
 import threading
 import time
 
-from mailengine.auth_checks import SharedThrottle
+from mailengine.auth_checks import BUSY, THROTTLED, PasswordChecks, SharedThrottle
+from mailengine.smtp.server import Session
 from mailengine.testing.engine import RunningEngine, wait_until
 from mailengine.users import hash_password
 
@@ -142,6 +144,41 @@ def test_the_shared_throttle_file_is_one_state_for_every_process(tmp_path):
     assert one.failures("192.0.2.3") == 0 and one.failed("192.0.2.3") == 0.5
     one.close()
     two.close()
+
+
+def test_a_throttled_address_gets_454_without_its_password_being_checked(tmp_path):
+    asked = []
+
+    def verify(session, user, password):
+        asked.append(password)
+        return password == "right"
+
+    async def main():
+        checks = PasswordChecks(verify, SharedThrottle(tmp_path / "t.db"), limit=1)
+        guesser, other = Session(peer_ip="192.0.2.7"), Session(peer_ip="192.0.2.8")
+        first = await checks.check(guesser, "alice", "wrong")
+        second = await checks.check(guesser, "alice", "right")
+        elsewhere = await checks.check(other, "alice", "right")
+        both = await asyncio.gather(checks.check(other, "alice", "a"),
+                                    checks.check(other, "alice", "b"))
+        checks.close()
+        return first, second, elsewhere, both
+
+    first, second, elsewhere, both = asyncio.run(main())
+    assert (first, second, elsewhere) == (False, THROTTLED, True)
+    assert BUSY in both  # one check at a time: the other was refused, not queued
+    # the throttled "right" was never looked at: only the other address's was
+    assert asked[:2] == ["wrong", "right"] and len(asked) == 3
+
+
+def test_an_unusable_failure_file_still_lets_passwords_be_checked(tmp_path, caplog):
+    checks = PasswordChecks(lambda s, u, p: p == "right",
+                            SharedThrottle(tmp_path / "missing-dir" / "t.db"))
+    guesser = Session(peer_ip="192.0.2.7")
+    assert asyncio.run(checks.check(guesser, "alice", "wrong")) is False
+    assert asyncio.run(checks.check(guesser, "alice", "right")) is True
+    checks.close()
+    assert "failed SMTP AUTH is not slowed down" in caplog.text
 
 
 # --- slowloris -----------------------------------------------------------------------------------
