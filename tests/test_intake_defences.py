@@ -6,7 +6,6 @@ import re
 import socket
 import smtplib
 import ssl
-import threading
 import time
 
 from mailengine.auth_checks import BUSY, THROTTLED, PasswordChecks, SharedThrottle
