@@ -219,6 +219,25 @@ SETTINGS: list[Setting] = [
             "Received: header fields a message may carry; with more it is a mail loop and is "
             "refused after DATA with '554 5.4.6 Too many hops' (Postfix's hopcount_limit). "
             "0 = no limit.", minimum=0),
+    Setting("limits", "smtp_command_deadline", 300, "float",
+            "Seconds a client has to send one whole command line, counted from its first byte "
+            "(bytes trickled in do not extend it); also the grace a message has before "
+            "smtp_min_data_rate counts. Beyond it: '421 4.4.2' and disconnect.", minimum=1),
+    Setting("limits", "smtp_min_data_rate", 500, "int",
+            "Bytes per second a message (DATA, BDAT) must keep up after the grace of "
+            "smtp_command_deadline (each byte buys 1/rate s, at most that grace ahead); slower "
+            "gets '421 4.4.2' and disconnect. 0 = no minimum.", minimum=0),
+    Setting("limits", "max_connections_per_ip", 50, "int",
+            "Parallel inbound SMTP sessions from one client address; more get '421 4.7.0' at the "
+            "greeting. Shared out among the intake processes like max_inbound_connections. "
+            "relay_ips and inbound_priority_ips are exempt. 0 = no limit.", minimum=0),
+    Setting("limits", "max_intake_memory_mb", 512, "int",
+            "MB that the inbound sessions of one intake process may buffer together (messages "
+            "being received or stored); the session that would go beyond it gets "
+            "'452 4.3.1' for its message and its bytes are dropped.", minimum=1),
+    Setting("limits", "max_auth_checks", 16, "int",
+            "SMTP AUTH password checks waiting or running at once in one intake process (they "
+            "run off the event loop, two at a time); more get '454 4.7.0'.", minimum=1),
     # debug (トラブルシューティング)
     Setting("debug", "dns", False, "bool", "Trace DNS lookups on the console."),
     Setting("debug", "smtp_out", False, "bool", "Trace outbound SMTP sessions on the console."),

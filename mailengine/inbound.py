@@ -5,6 +5,17 @@ This adapter owns everything that touches sockets and time: listening on `smtp_l
 idle timeout `smtp_receive_timeout`, STARTTLS handshakes, and flow control: it stops reading from
 a client while that client's message is being stored or while its replies are not being read, so
 no client can make memory grow without bound.
+
+Against hostile clients (README "Security"):
+- `max_connections_per_ip` sessions per client address (421 4.7.0 at the greeting beyond it).
+- Deadlines that trickled bytes do not extend (slowloris): a command line must be whole within
+  `smtp_command_deadline` of its first byte; a message gets that much time ahead, and each byte
+  received buys 1/`smtp_min_data_rate` s more, never more than the deadline ahead (Postfix's
+  smtpd_per_request_deadline with smtpd_min_data_rate). 421 4.4.2 when one passes.
+- A memory budget for all sessions of the process together (`max_intake_memory_mb`): what the
+  sessions buffer, and the messages being stored, are counted; the session whose message would go
+  beyond it has that message released and answered 452 4.3.1.
+- AUTH passwords are checked in threads, bounded and throttled per address (auth_checks.py).
 """
 from __future__ import annotations
 
@@ -15,9 +26,10 @@ import socket
 import ssl
 from typing import Awaitable, Callable
 
+from .auth_checks import PasswordChecks, SharedThrottle, FILE as AUTH_FAILURES_FILE
 from .config import AddressSet, Config, parse_address_range
-from .smtp.server import (CLOSE, START_TLS, MessageReceived, Reply, ServerConnection,
-                          ServerOptions, Session)
+from .smtp.server import (CLOSE, NO_STORAGE, START_TLS, AuthCheck, MessageReceived, Reply,
+                          ServerConnection, ServerOptions, Session)
 
 log = logging.getLogger("mailengine.inbound")
 trace = logging.getLogger("mailengine.debug.smtp_in")
@@ -59,8 +71,11 @@ class InboundServer:
         self.reuse_port = reuse_port
         self.options = ServerOptions(hostname=hostname, tls_available=ssl_context is not None,
                                      auth_available=auth_available)
+        self.auth = PasswordChecks(hooks.on_auth, SharedThrottle(cfg.home / AUTH_FAILURES_FILE))
         self.apply(cfg)
         self.connections: set[SMTPProtocol] = set()
+        self.per_ip: dict[str, int] = {}  # client address -> its sessions counted against the cap
+        self.held = 0  # bytes all sessions buffer or are storing (the memory budget)
         self.servers: list[asyncio.base_events.Server] = []
         self._sweeper: asyncio.Task | None = None
         self.sessions_total = 0
@@ -74,12 +89,20 @@ class InboundServer:
         self.options.max_command_line = lim.max_command_line
         self.options.max_errors = lim.max_errors
         self.options.max_hops = lim.max_hops
+        n = cfg.intake_processes
         self.max_connections = lim.max_inbound_connections
-        if self.shared_count is None and cfg.intake_processes > 1:
+        if self.shared_count is None and n > 1:
             # no shared count (not Linux): each intake process takes an equal share of the cap
-            self.max_connections = max(1, -(-lim.max_inbound_connections // cfg.intake_processes))
+            self.max_connections = max(1, -(-lim.max_inbound_connections // n))
+        self.max_per_ip = max(1, -(-lim.max_connections_per_ip // n)) \
+            if lim.max_connections_per_ip else 0
         self.priority_ips = AddressSet(lim.inbound_priority_ips)
+        self.per_ip_exempt = [self.priority_ips, AddressSet(cfg.policy.relay_ips)]
         self.timeout = lim.smtp_receive_timeout
+        self.command_deadline = lim.smtp_command_deadline
+        self.min_data_rate = lim.smtp_min_data_rate
+        self.memory_budget = lim.max_intake_memory_mb * 1024 * 1024
+        self.auth.limit = lim.max_auth_checks
         self.debug = cfg.debug.smtp_in
         self.cfg = cfg
 
@@ -130,6 +153,7 @@ class InboundServer:
             conn.shutdown(b"421 4.3.2 Service shutting down, try again later\r\n")
         for server in self.servers:
             await server.wait_closed()
+        self.auth.close()
 
     def counts(self) -> dict:
         """Open sessions, sessions since start, sessions refused at the connection cap."""
@@ -152,10 +176,17 @@ class InboundServer:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
-            cutoff = loop.time() - self.timeout
+            now = loop.time()
+            cutoff = now - self.timeout
             for conn in list(self.connections):
-                if conn.last_active < cutoff and not conn.storing:
+                if conn.storing:
+                    continue  # waiting for us (storing, checking a password, TLS), not the client
+                if conn.last_active < cutoff:
                     conn.shutdown(b"421 4.4.2 Idle too long, closing connection\r\n")
+                elif conn.line_deadline is not None and now > conn.line_deadline:
+                    conn.shutdown(b"421 4.4.2 Command line too slow, closing connection\r\n")
+                elif conn.message_deadline is not None and now > conn.message_deadline:
+                    conn.shutdown(b"421 4.4.2 Message data too slow, closing connection\r\n")
 
     def admit(self, peer_ip: str) -> bool:
         shared = self.shared_count
@@ -172,6 +203,12 @@ class InboundServer:
         if self.shared_count is not None:
             self.shared_count.release()
 
+    def admit_address(self, peer_ip: str) -> bool:
+        """Within max_connections_per_ip, or exempt (relay_ips, inbound_priority_ips)."""
+        if not self.max_per_ip or self.per_ip.get(peer_ip, 0) < self.max_per_ip:
+            return True
+        return any(peer_ip in exempt for exempt in self.per_ip_exempt)
+
 
 class SMTPProtocol(asyncio.Protocol):
     def __init__(self, server: InboundServer):
@@ -184,6 +221,12 @@ class SMTPProtocol(asyncio.Protocol):
         self.closed = False
         self.admitted = False  # counted against max_inbound_connections until it ends
         self.last_active = 0.0
+        self.counted_ip: str | None = None  # the address whose per-IP count this session holds
+        self.held = 0  # bytes of this session in the server's memory budget
+        self.storing_bytes = 0  # the message being stored
+        self.line_deadline: float | None = None  # the unfinished command line must end by then
+        self.message_deadline: float | None = None  # the message must progress by then
+        self._lines_seen = 0
 
     # --- asyncio callbacks -----------------------------------------------------------------------
 
@@ -204,6 +247,14 @@ class SMTPProtocol(asyncio.Protocol):
             self.closed = True
             return
         self.admitted = True
+        if not srv.admit_address(peer_ip):
+            srv.refused_busy += 1
+            transport.write(b"421 4.7.0 Too many connections from your address, try again later\r\n")
+            transport.close()
+            self.closed = True
+            return
+        self.counted_ip = peer_ip
+        srv.per_ip[peer_ip] = srv.per_ip.get(peer_ip, 0) + 1
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -216,10 +267,18 @@ class SMTPProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.server.connections.discard(self)
+        srv = self.server
+        srv.connections.discard(self)
+        if self.counted_ip is not None:
+            left = srv.per_ip.pop(self.counted_ip, 1) - 1
+            if left:
+                srv.per_ip[self.counted_ip] = left
+            self.counted_ip = None
+        srv.held -= self.held
+        self.held = 0
         if self.admitted:
             self.admitted = False
-            self.server.session_ended()
+            srv.session_ended()
 
     def data_received(self, data: bytes) -> None:
         if self.machine is None or self.closed or self.tls_switching:
@@ -231,7 +290,9 @@ class SMTPProtocol(asyncio.Protocol):
         self.last_active = self.loop.time()
         self.machine.receive(data)
         if not self.storing:
+            self._account()  # before the step: a message over the budget is never stored
             self._drive()
+        self._track(len(data))
 
     def pause_writing(self) -> None:
         # The client is not reading our replies: stop reading its commands until it does.
@@ -252,15 +313,22 @@ class SMTPProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     def _drive(self) -> None:
+        srv = self.server
+        self.machine.room = srv.memory_budget - srv.held
         out, event = self.machine.step()
         self._write(out)
         if event is None:
             return
         if isinstance(event, MessageReceived):
             self.storing = True
+            self.storing_bytes = len(event.data)
             self.transport.pause_reading()
             task = self.loop.create_task(self.server.on_message(event))
             task.add_done_callback(self._stored)
+        elif isinstance(event, AuthCheck):
+            self.storing = True  # nothing is read until the password is checked
+            self.transport.pause_reading()
+            self.loop.create_task(self._check_password(event))
         elif event is START_TLS:
             self.storing = True  # nothing is read until the handshake is over
             self.tls_switching = True
@@ -269,8 +337,63 @@ class SMTPProtocol(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def _track(self, received: int) -> None:
+        """After the machine ran: move the deadlines and count this session's memory."""
+        m, srv = self.machine, self.server
+        if m is None or self.closed:
+            return
+        now = self.loop.time()
+        # A command line's deadline runs from its first byte to its end.
+        if m.lines_read != self._lines_seen:
+            self._lines_seen, self.line_deadline = m.lines_read, None
+        if not (m.reading_line and m.pending_input):
+            self.line_deadline = None
+        elif self.line_deadline is None:
+            self.line_deadline = now + srv.command_deadline
+        # A message's: the deadline ahead at its start; each byte buys 1/rate s, up to that.
+        if not (m.receiving_message and srv.min_data_rate):
+            self.message_deadline = None
+        elif self.message_deadline is None:
+            self.message_deadline = now + srv.command_deadline
+        else:
+            self.message_deadline = min(now + srv.command_deadline,
+                                        self.message_deadline + received / srv.min_data_rate)
+        if self._account() and not self.storing:
+            self._drive()  # drop the released bytes now
+            self._account()
+
+    def _account(self) -> bool:
+        """Count what this session holds in the memory budget; beyond the budget, the message it
+        is receiving is released (its bytes go at the next step, which answers it 452)."""
+        m, srv = self.machine, self.server
+        held = m.held + self.storing_bytes
+        srv.held += held - self.held
+        self.held = held
+        if srv.held > srv.memory_budget and m.release_message(NO_STORAGE):
+            log.warning("intake memory budget (%d MB) spent: the message from %s is refused",
+                        srv.memory_budget >> 20, m.session.peer_ip)
+            return True
+        return False
+
+    async def _check_password(self, event: AuthCheck) -> None:
+        try:
+            result = await self.server.auth.check(event.session, event.user, event.password)
+        except Exception:
+            log.exception("checking the password of %r from %s failed", event.user,
+                          event.session.peer_ip)
+            result = Reply(454, "4.7.0", "Temporary authentication failure")
+        self.storing = False
+        self.machine.auth_done(result)
+        if self.closed:
+            return
+        if not self.paused_writing:
+            self.transport.resume_reading()
+        self._drive()
+        self._track(0)
+
     def _stored(self, task: asyncio.Task) -> None:
         self.storing = False
+        self.storing_bytes = 0
         try:
             reply = task.result()
         except Exception:  # the store failed: the client must keep the message (4xx)
@@ -282,6 +405,7 @@ class SMTPProtocol(asyncio.Protocol):
         if not self.paused_writing:
             self.transport.resume_reading()
         self._drive()
+        self._track(0)
 
     async def _start_tls(self) -> None:
         # start_tls swaps the protocol before its first await: from here on bytes are decrypted
@@ -301,6 +425,7 @@ class SMTPProtocol(asyncio.Protocol):
         self.storing = False
         self.last_active = self.loop.time()
         self._drive()
+        self._track(0)
 
     def shutdown(self, farewell: bytes) -> None:
         if not self.closed:

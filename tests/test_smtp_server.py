@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mailengine.smtp import server as S
 from mailengine.smtp import wire
-from mailengine.smtp.server import (CLOSE, AcceptAll, Close, MessageReceived, Reply,
+from mailengine.smtp.server import (CLOSE, AcceptAll, AuthCheck, Close, MessageReceived, Reply,
                                     ServerConnection, ServerOptions, Session, StartTLS)
 
 HOST = "mx.test"
@@ -100,6 +100,9 @@ class Driver:
                 self.events.append("message")
                 self.messages.append(event)
                 self.conn.message_done(self.queued)
+            elif isinstance(event, AuthCheck):
+                self.events.append("auth")
+                self.conn.auth_done(self.hooks.on_auth(event.session, event.user, event.password))
             elif isinstance(event, StartTLS):
                 self.events.append("starttls")
                 self.tls_pending = True
@@ -1131,3 +1134,105 @@ def test_dot_stuffed_message_comes_back_unchanged(lines):
     message = b"".join(line + b"\r\n" for line in lines)
     d = run(ENVELOPE + b"DATA\r\n" + wire.dot_stuff(message))
     assert [m.data for m in d.messages] == [message]
+
+
+# --- what the adapter's defences need from the machine (issue 14) --------------------------------
+
+def test_auth_asks_the_adapter_and_reads_nothing_until_it_answers():
+    conn = ServerConnection(ServerOptions(hostname=HOST, auth_available=True),
+                            Hooks(), Session(tls="TLSv1.3"))
+    conn.receive(EHLO + b"AUTH PLAIN " + PLAIN_OK + b"\r\nNOOP\r\n")
+    out, ev = conn.step()
+    assert isinstance(ev, AuthCheck) and (ev.user, ev.password) == ("alice", "s3cret")
+    assert conn.hooks.calls == []  # the machine checks no password itself
+    assert conn.step() == (b"", None)  # the NOOP waits for the answer
+    conn.auth_done(True)
+    out, ev = conn.step()
+    assert codes(out) == ["235 2.7.0", "250 2.0.0"] and conn.session.auth_user == "alice"
+
+
+def test_auth_refused_unchecked_is_answered_and_counts_as_an_error():
+    throttled = Reply(454, "4.7.0", "Too many failed authentications, try later")
+    conn = ServerConnection(ServerOptions(hostname=HOST, auth_available=True, max_errors=2),
+                            Hooks(), Session(tls="TLSv1.3"))
+    conn.receive(b"AUTH LOGIN " + USER + b"\r\n" + PASSWORD + b"\r\n")
+    out, ev = conn.step()
+    assert codes(out) == ["334"] and isinstance(ev, AuthCheck)
+    conn.auth_done(throttled)
+    conn.receive(b"AUTH PLAIN " + PLAIN_OK + b"\r\n")
+    out, ev = conn.step()
+    assert bytes(out).startswith(b"454 4.7.0 Too many failed")
+    conn.auth_done(False)
+    out, ev = conn.step()
+    assert codes(out) == ["535 5.7.8", "421 4.7.0"] and ev is CLOSE
+    assert conn.session.auth_user == ""
+
+
+def test_release_message_in_data_drops_its_bytes_and_answers_452():
+    d = Driver()
+    d.feed(ENVELOPE + b"DATA\r\n" + b"x" * 5000)
+    assert d.conn.receiving_message and d.conn.held > 5000
+    assert d.conn.release_message(S.NO_STORAGE) and not d.conn.release_message(S.NO_STORAGE)
+    d.pump()
+    assert d.conn.held <= 4
+    d.feed(b"y" * 5000 + b"\r\n.\r\n", 700)
+    assert d.conn.held <= 4 or not d.conn.receiving_message
+    d.feed(MAIL + RCPT + b"DATA\r\nsmall\r\n.\r\n")
+    assert codes(bytes(d.out))[3:] == ["354", "452 4.3.1", "250 2.1.0", "250 2.1.5", "354",
+                                       "250 2.0.0"]
+    assert [m.data for m in d.messages] == [b"small\r\n"]
+    assert not d.conn.receiving_message
+
+
+def test_release_message_in_bdat_refuses_each_chunk_and_the_transaction():
+    d = Driver()
+    d.feed(ENVELOPE + b"BDAT 100\r\n" + b"a" * 60)
+    assert d.conn.release_message(S.NO_STORAGE)
+    assert d.conn.held == 0
+    d.feed(b"a" * 40 + b"BDAT 10\r\n" + b"b" * 10)
+    assert d.conn.receiving_message  # between chunks of the same message
+    d.feed(b"BDAT 3 LAST\r\nend" + MAIL)
+    assert codes(bytes(d.out))[3:] == ["452 4.3.1", "452 4.3.1", "452 4.3.1", "250 2.1.0"]
+    assert d.messages == [] and d.conn.held == 0
+
+
+def test_release_outside_a_message_changes_nothing():
+    d = Driver()
+    d.feed(ENVELOPE + b"NOO")
+    assert not d.conn.release_message(S.NO_STORAGE)
+    d.feed(b"P\r\nDATA\r\nhi\r\n.\r\n")
+    assert codes(bytes(d.out))[3:] == ["250 2.0.0", "354", "250 2.0.0"]
+
+
+def test_no_room_refuses_size_data_and_bdat_with_452():
+    d = Driver()
+    d.conn.room = 1000
+    d.feed(EHLO + b"MAIL FROM:<a@example.org> SIZE=5000\r\nMAIL FROM:<a@example.org> SIZE=900\r\n")
+    assert codes(bytes(d.out))[1:] == ["452 4.3.1", "250 2.1.0"]
+    d.conn.room = 0
+    d.feed(RCPT + b"DATA\r\nBDAT 5 LAST\r\nhello")
+    assert codes(bytes(d.out))[3:] == ["250 2.1.5", "452 4.3.1", "452 4.3.1"]
+    assert d.messages == []
+    d.conn.room = None  # no budget: as before
+    d.feed(MAIL + RCPT + b"DATA\r\nok\r\n.\r\n")
+    assert codes(bytes(d.out))[-1] == "250 2.0.0" and len(d.messages) == 1
+
+
+def test_the_machine_counts_lines_and_says_what_it_reads():
+    d = Driver()
+    assert d.conn.lines_read == 0 and d.conn.reading_line
+    d.feed(ENVELOPE + b"NO")
+    assert d.conn.lines_read == 3 and d.conn.reading_line and d.conn.pending_input == 2
+    d.feed(b"OP\r\nDATA\r\nabc")
+    assert d.conn.lines_read == 5 and d.conn.receiving_message and not d.conn.reading_line
+    d.feed(b"\r\n.\r\n")
+    assert not d.conn.receiving_message and d.conn.reading_line
+
+
+def test_released_data_still_ends_at_a_terminator_already_received():
+    d = Driver()
+    d.feed(ENVELOPE + b"DATA\r\n" + b"x" * 100)
+    d.conn.receive(b"x" * 100 + b"\r\n.\r\nNOOP\r\n")  # the adapter releases before stepping
+    d.conn.release_message(S.NO_STORAGE)
+    d.pump()
+    assert codes(bytes(d.out))[3:] == ["354", "452 4.3.1", "250 2.0.0"] and d.conn.held == 0

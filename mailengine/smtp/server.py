@@ -1,17 +1,23 @@
 """The SMTP server protocol as a sans-IO state machine (RFC 5321 and its ESMTP extensions).
 
 Bytes from the client go in with `receive()`; `step()` returns the reply bytes to send and, when the
-adapter must act, one event: a whole message to store (`MessageReceived`), a TLS handshake to run
-(`StartTLS`) or the end of the session (`Close`). Policy questions (may this sender, this
-recipient, this password?) are asked of a `Hooks` object synchronously: they are pure decisions.
-Nothing here touches a socket, a clock or a file, so every behaviour is tested bytes in, bytes out.
+adapter must act, one event: a whole message to store (`MessageReceived`), a password to check
+(`AuthCheck`: slow and throttled, so the adapter runs it off its event loop and answers with
+`auth_done()`), a TLS handshake to run (`StartTLS`) or the end of the session (`Close`). Policy
+questions (may this sender, this recipient?) are asked of a `Hooks` object synchronously: they are
+pure decisions. Nothing here touches a socket, a clock or a file, so every behaviour is tested
+bytes in, bytes out.
 
 Extensions: PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, CHUNKING, DSN, STARTTLS,
 AUTH PLAIN/LOGIN (only once TLS is on). Every reply carries an RFC 3463 enhanced code.
 
 Memory is bounded per session: a command line is at most `max_command_line` bytes, a message at
 most `max_message_size` (the rest is read and dropped, then refused with 552), and the adapter
-stops reading while a stored message is pending.
+stops reading while a stored message is pending. Across sessions the adapter keeps a memory
+budget: it tells the machine the `room` left (a SIZE beyond it, or DATA/BDAT with none left, gets
+452 4.3.1) and may `release_message()` one being received (its bytes are dropped at once, the rest
+is read and dropped, and the given reply answers it). For the adapter's deadlines the machine
+counts whole lines read (`lines_read`) and says whether a message is being received.
 """
 from __future__ import annotations
 
@@ -74,7 +80,8 @@ class Transaction:
 class Hooks(Protocol):
     def on_mail(self, session: Session, txn: Transaction, address: str) -> Reply | None: ...
     def on_rcpt(self, session: Session, txn: Transaction, address: str) -> Reply | None: ...
-    def on_auth(self, session: Session, user: str, password: str) -> bool: ...
+    def on_auth(self, session: Session, user: str, password: str) -> bool:
+        """Asked by the adapter, not the machine (see AuthCheck)."""
 
 
 class AcceptAll:
@@ -95,6 +102,15 @@ class MessageReceived:
     session: Session
     txn: Transaction
     data: bytes  # as received, dot-stuffing removed, ends with CRLF unless sent by BDAT without
+
+
+@dataclass
+class AuthCheck:
+    """The adapter must check this password (off its event loop: hashes are slow), then call
+    auth_done() with True, False, or a Reply refusing to check (e.g. 454 while throttled)."""
+    session: Session
+    user: str
+    password: str
 
 
 class StartTLS:
@@ -127,6 +143,7 @@ def _printable(text: str) -> bool:
 
 
 _OK = Reply(250, "2.0.0", "OK")
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
 class ServerConnection:
@@ -141,7 +158,11 @@ class ServerConnection:
         self._out: list[bytes] = []
         self._scan = 0  # DATA: where the terminator search resumes
         self._discarding = False  # DATA/BDAT: message over the size limit, bytes are dropped
+        self._refusal: Reply | None = None  # while discarding: the reply instead of 552 (memory)
         self._dropped = 0
+        # Bytes the adapter's memory budget still lets this session buffer (None: no budget).
+        self.room: int | None = None
+        self.lines_read = 0  # whole command (and AUTH) lines taken: the adapter's line deadline
         self._bdat_left = 0  # BDAT: bytes of the current chunk still to read
         self._bdat_last = False
         self._bdat_data = bytearray()
@@ -212,9 +233,46 @@ class ServerConnection:
         self.txn = None
         self.state = CMD
 
+    def auth_done(self, result: bool | Reply) -> None:
+        """The answer to AuthCheck: the password is right, wrong, or was not checked (a Reply)."""
+        self.state = CMD
+        if isinstance(result, Reply):
+            self._error(*result)
+        elif result:
+            self.session.auth_user = self._auth_user
+            self._reply(235, "2.7.0", "Authentication succeeded")
+        else:
+            self._error(535, "5.7.8", "Authentication credentials invalid")
+
+    def release_message(self, reply: Reply) -> bool:
+        """Give up the message being received (the adapter's memory budget is spent): its bytes
+        are dropped (BDAT chunks now, DATA's by the next step(), which first looks for its end),
+        the rest is read and dropped, and `reply` answers it. True if it was not given up yet."""
+        if not self.receiving_message or self._refusal is not None:
+            return False
+        self._discarding, self._refusal = True, reply
+        self._bdat_data = bytearray()
+        return True
+
     @property
     def pending_input(self) -> int:
         return len(self._in)
+
+    @property
+    def held(self) -> int:
+        """Bytes this session buffers: input not yet taken, and BDAT chunks of its message."""
+        return len(self._in) + len(self._bdat_data)
+
+    @property
+    def receiving_message(self) -> bool:
+        """Inside DATA, or inside a BDAT chunk or between the chunks of one message."""
+        return self.state in (DATA, BDAT) or (
+            self.state == CMD and self._bdat_used and self.txn is not None)
+
+    @property
+    def reading_line(self) -> bool:
+        """Waiting for a command line or an AUTH answer."""
+        return self.state in (CMD, AUTH)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -240,6 +298,7 @@ class ServerConnection:
             return None
         line = bytes(buf[:end + 1])
         del buf[:end + 1]
+        self.lines_read += 1
         if self._too_long or len(line) > self.opt.max_command_line:
             self._too_long = False
             self._error(500, "5.5.2", "Line too long")
@@ -321,6 +380,8 @@ class ServerConnection:
                 limit = self.opt.max_message_size
                 if limit and int(value) > limit:
                     return self._reply(552, "5.3.4", f"Message size exceeds the limit of {limit} bytes")
+                if self.room is not None and int(value) > self.room:
+                    return self._reply(*NO_STORAGE)  # RFC 1870 6.1
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     return self._error(555, "5.5.4", "BODY must be 7BIT or 8BITMIME")
@@ -417,11 +478,13 @@ class ServerConnection:
             return self._error(503, "5.5.1", "DATA after BDAT is not allowed")
         if not self.txn.rcpts:
             return self._error(554, "5.5.1", "No valid recipients")
+        if self.room is not None and self.room <= 0:
+            return self._reply(*NO_STORAGE)
         self._reply(354, "", "End data with <CR><LF>.<CR><LF>")
         # A virtual CRLF in front lets one search find a terminator on the very first line.
         self._in[0:0] = b"\r\n"
         self._scan = 0
-        self._discarding = False
+        self._discarding, self._refusal = False, None
         self._dropped = 0
         self.state = DATA
 
@@ -433,10 +496,10 @@ class ServerConnection:
             self._scan = max(0, len(buf) - 4)
             # The body is buf[2:p+2] for a terminator at p >= len(buf) - 4, so it is at least
             # len(buf) - 4 bytes long: only beyond that is it surely over the limit.
-            if limit and len(buf) > limit + 4:
-                # Over the limit: keep only what may be the start of the terminator.
+            if self._discarding or (limit and len(buf) > limit + 4):
+                # Over the limit (or released): keep only what may be the start of the terminator.
                 self._discarding = True
-                self._dropped += len(buf) - 4
+                self._dropped += max(0, len(buf) - 4)
                 del buf[:-4]
                 self._scan = 0
             return False
@@ -445,7 +508,8 @@ class ServerConnection:
         self.state = CMD
         if self._discarding or (limit and len(body) > limit):
             self.txn = None
-            self._reply(552, "5.3.4", f"Message size exceeds the limit of {limit} bytes")
+            self._out.append((self._refusal or Reply(
+                552, "5.3.4", f"Message size exceeds the limit of {limit} bytes")).encode())
             return None
         return self._finish(wire.dot_unstuff(body))
 
@@ -483,7 +547,9 @@ class ServerConnection:
         elif not self._bdat_used:
             self._bdat_used = True
             self._bdat_data = bytearray()
-            self._discarding = False
+            self._discarding, self._refusal = False, None
+            if self.room is not None and self.room <= 0:
+                self._discarding, self._refusal = True, NO_STORAGE
         self.state = BDAT
 
     def _read_bdat(self):
@@ -505,9 +571,12 @@ class ServerConnection:
         if self._discarding:
             if self._bdat_last:
                 self.txn, self._bdat_used = None, False
-                self._reply(552, "5.3.4", f"Message size exceeds the limit of {self.opt.max_message_size} bytes")
+                self._out.append((self._refusal or Reply(
+                    552, "5.3.4",
+                    f"Message size exceeds the limit of {self.opt.max_message_size} bytes")).encode())
             else:  # RFC 3030: refuse each further chunk, the transaction ends at LAST
-                self._reply(552, "5.3.4", "Message size exceeds the limit")
+                self._out.append((self._refusal or Reply(
+                    552, "5.3.4", "Message size exceeds the limit")).encode())
             return None
         if not self._bdat_last:
             self._reply(250, "2.0.0", f"{len(self._bdat_data)} octets received")
@@ -638,8 +707,8 @@ class ServerConnection:
             password = self._b64(password)
             if password is None:
                 return self._error(501, "5.5.2", "Cannot decode password")
-        if user and self.hooks.on_auth(self.session, user, password):
-            self.session.auth_user = user
-            self._reply(235, "2.7.0", "Authentication succeeded")
-        else:
-            self._error(535, "5.7.8", "Authentication credentials invalid")
+        if not user:
+            return self._error(535, "5.7.8", "Authentication credentials invalid")
+        self._auth_user = user
+        self.state = WAIT
+        return AuthCheck(self.session, user, password)
