@@ -17,7 +17,9 @@ The flow of one send attempt of one message:
    connection to the best host from the pool (kept and reused per host; at most
    `max_connections_per_host` per server and `max_outbound_connections` in all, idle ones
    included), and runs one transaction for all its recipients (smtp_session.py). A connection
-   failure, a refused greeting, a 421 or a lost connection moves on to the next MX host.
+   failure, a refused greeting, a 421 or a lost connection moves on to the next MX host; so do
+   the recipients a server refuses with a 4xx at MAIL, RCPT, DATA or the end of data (as
+   Postfix does: they are kept for a retry only when every MX host refused them).
 4. outcome.py classifies every reply. When the message's last unit ends, the attempt is recorded
    in the message; everything done -> `done/` (`save_done`) or deleted; recipients left ->
    `ID.inf` rewritten and the message back in `retry/`, its timer set to the new `retrytime`.
@@ -685,6 +687,7 @@ class DeliveryEngine:
         last: dict[str, RcptOutcome] = {}
         for target in targets:
             fresh = False
+            soft: list[str] = []  # refused with a 4xx here: for the next MX host (Postfix)
             while pending:
                 try:
                     sess = await self.pool.acquire(target, fresh, self._host_wait)
@@ -700,10 +703,11 @@ class DeliveryEngine:
                 self.host_down.pop((target.ip, target.port), None)
                 reused = sess.messages_sent > 0
                 try:
-                    rest, site = await self._transactions(sess, target, msg, pending, body, dsn,
-                                                          final, last)
+                    rest, site, deferred = await self._transactions(
+                        sess, target, msg, pending, body, dsn, final, last)
                 finally:
                     self.pool.release(sess)
+                soft += deferred
                 if site and reused and not fresh and rest == pending:
                     # A kept connection the server had dropped meanwhile (idle timeout): not
                     # the server's verdict on this mail. Once more on a new connection.
@@ -713,6 +717,7 @@ class DeliveryEngine:
                     pending = rest
                     break  # trouble at this host (or no progress): the next MX host
                 pending = rest  # the session ended with work left (test mode...): reconnect
+            pending += soft
             if not pending:
                 break
         for a in pending:  # every host failed: the last word on each recipient stands
@@ -723,20 +728,24 @@ class DeliveryEngine:
     async def _transactions(self, sess: SMTPSession, target: Target, msg: Message,
                             rcpts: list[str], body: Body, dsn: DSNRequest | None,
                             final: dict[str, RcptOutcome], last: dict[str, RcptOutcome]
-                            ) -> tuple[list[str], bool]:
+                            ) -> tuple[list[str], bool, list[str]]:
         """Send to `rcpts` over `sess`; decided recipients go to `final`. Returns the recipients
-        left and whether a site failure (lost connection, 421...) left them: then they go to the
-        next MX host, else to a new connection to this one."""
+        left, whether a site failure (lost connection, 421...) left them (then they go to the
+        next MX host, else to a new connection to this one), and the recipients this server
+        refused with a 4xx (at MAIL, RCPT, DATA or the end of data): these go to the next MX
+        host as well, the others' transactions carrying on here meanwhile."""
         groups = self._envelopes(msg, rcpts)
+        soft: list[str] = []
         while groups:
             sender, todo = groups.pop(0)
-            rest = await self._transaction(sess, target, msg, sender, todo, body, dsn, final,
-                                           last)
+            rest, deferred = await self._transaction(sess, target, msg, sender, todo, body, dsn,
+                                                     final, last)
+            soft += deferred
             if rest:
-                return rest + [a for _, g in groups for a in g], True
+                return rest + [a for _, g in groups for a in g], True, soft
             if groups and not sess.is_reusable:
-                return [a for _, g in groups for a in g], False  # session over: reconnect
-        return [], False
+                return [a for _, g in groups for a in g], False, soft  # session over: reconnect
+        return [], False, soft
 
     def _envelopes(self, msg: Message, rcpts: list[str]) -> list[tuple[str, list[str]]]:
         """(MAIL FROM, recipients) per transaction: one for all, or with `logging.bounce_host`
@@ -750,8 +759,11 @@ class DeliveryEngine:
     async def _transaction(self, sess: SMTPSession, target: Target, msg: Message, sender: str,
                            rcpts: list[str], body: Body, dsn: DSNRequest | None,
                            final: dict[str, RcptOutcome], last: dict[str, RcptOutcome]
-                           ) -> list[str]:
+                           ) -> tuple[list[str], list[str]]:
+        """One envelope over `sess`: (recipients a site failure left, recipients refused with a
+        4xx). Both go to the next MX host; their outcome here is their last word meanwhile."""
         todo = rcpts
+        soft: list[str] = []
         while todo:
             result = await sess.send(sender, todo, body, dsn=dsn, test_mode=self.test_mode)
             if self.debug_out:
@@ -771,14 +783,20 @@ class DeliveryEngine:
                       and len(result.delivered) > 0 and sess.is_reusable):
                     again.append(r.address)  # too many recipients: the rest in another round
                     last[r.address] = o
+                elif 400 <= r.code < 500 and r.stage in ("mail", "rcpt", "data", "body"):
+                    # A 4xx from one server (greylisting, a full spool there) says nothing of
+                    # the others: the next MX host now, the retry only when all refused
+                    # (Postfix smtp_trouble.c). The last host's word stands (final below).
+                    last[r.address] = o
+                    soft.append(r.address)
                 else:
                     final[r.address] = o
                     if o.kind is Kind.SENT:
                         self._count_sent(1)
             if next_mx:
-                return next_mx + again
+                return next_mx + again, soft
             todo = again
-        return []
+        return [], soft
 
     def _count_sent(self, n: int) -> None:
         self.sent += n

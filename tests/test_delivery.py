@@ -185,6 +185,36 @@ def test_next_mx_on_connect_failure_and_4xx_greeting(tmp_path, sinks):
     assert msg.send_tries == 1
 
 
+def test_4xx_at_rcpt_or_mail_goes_to_the_next_mx_in_the_same_attempt(tmp_path, sinks):
+    """Issue 15.2 (Postfix smtp_trouble.c): a primary answering 450 to RCPT (greylisting) or 451
+    to MAIL does not hold the mail for the retry schedule: the secondary MX takes it in the same
+    attempt. Only a recipient every MX host refuses is kept for a retry."""
+    grey = sinks.add("127.0.0.151", script=SinkScript(rcpt={
+        "@grey.test": "450 4.7.1 Greylisted, please try again later"}))
+    busy = sinks.add("127.0.0.153", script=SinkScript(replies={"MAIL": "451 4.3.0 Try later"}))
+    backup = sinks.add("127.0.0.152", script=SinkScript(rcpt={
+        "later@grey.test": "451 4.3.0 Not now either"}))
+    zones = {"grey.test": {"MX": [(10, "mx1.grey.test"), (20, "mx2.grey.test")]},
+             "mx1.grey.test": {"A": ["127.0.0.151"]}, "mx2.grey.test": {"A": ["127.0.0.152"]},
+             "busy.test": {"MX": [(10, "mx1.busy.test"), (20, "mx2.busy.test")]},
+             "mx1.busy.test": {"A": ["127.0.0.153"]}, "mx2.busy.test": {"A": ["127.0.0.152"]}}
+    with TestDNSServer(zones) as dns, RunningEngine(tmp_path, {
+            **FAST, "basic.nameservers": [dns.address]}) as eng:
+        send(eng, ["a@grey.test", "later@grey.test", "b@busy.test"])
+        wait(settled(eng, 1), what="delivery")
+        msg, = infs(eng, "done")
+    assert grey.messages == [] and busy.messages == []
+    assert sorted(r for m in backup.messages for r in m.rcpts) == ["a@grey.test", "b@busy.test"]
+    assert msg.log[1].split(": ", 1)[1].startswith(
+        "Finished send attempt 1, sent to 2 of 3 recipients, 1 failed temporarily")
+    assert sorted(msg.rcpt_sent) == ["a@grey.test", "b@busy.test"]
+    # refused by both hosts at every attempt: kept for the retries, then given up
+    assert msg.send_tries == 3 and msg.rcpt_failed == ["later@grey.test"]
+    assert sum(c.startswith("RCPT TO:<later@grey.test>")
+               for sink in (grey, backup) for se in sink.sessions for c in se.commands) == 6
+    assert (tmp_path / "soft-undeliverable.txt").read_text() == "later@grey.test\n"
+
+
 def test_implicit_mx_null_mx_nxdomain_and_failing_zone_then_final_failure(tmp_path, sinks):
     sink = sinks.add("127.0.0.26")
     zones = {"implicit.test": {"A": ["127.0.0.26"]}, "null.test": {"MX": [(0, ".")]}}
