@@ -668,10 +668,8 @@ class DeliveryEngine:
     async def _deliver_unit(self, u: Unit, att: Attempt) -> tuple[list[RcptOutcome], str]:
         msg = att.msg
         mx = await self._resolve(u.dest)
-        if not mx.ok:
-            if mx.permanent:
-                return failure_outcomes(u.rcpts, 550, "5.1.2", mx.text, "dns"), ""
-            return failure_outcomes(u.rcpts, 451, "4.4.3", mx.text, "dns"), ""
+        if not mx.ok:  # the resolver's status: null MX, no such domain, no such MX host...
+            return failure_outcomes(u.rcpts, mx.code, mx.enhanced, mx.text, "dns"), ""
         targets = [t for t in mx.targets if t.ip not in self.refused]
         if not targets:
             return failure_outcomes(u.rcpts, 550, "5.4.6", f"all mail servers of {u.dest} are "

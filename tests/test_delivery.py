@@ -8,6 +8,7 @@ and what the sinks saw.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import smtplib
 import threading
@@ -239,6 +240,15 @@ def test_implicit_mx_null_mx_nxdomain_and_failing_zone_then_final_failure(tmp_pa
     assert sorted((tmp_path / "hard-undeliverable.txt").read_text().split()) == [
         "b@null.test", "c@nx.test"]
     assert (tmp_path / "soft-undeliverable.txt").read_text() == "d@fail.test\n"
+    # issue 15.5: each DNS failure with its own status (RFC 7505 null MX, RFC 3463)
+    events = [json.loads(line) for line in
+              (tmp_path / "log" / "events.jsonl").read_text().splitlines()]
+    said = {(e["rcpt"], e["code"], e["enhanced"]) for e in events if e["rcpt"] != "a@implicit.test"}
+    assert said == {("b@null.test", 556, "5.1.10"), ("c@nx.test", 550, "5.1.2"),
+                    ("d@fail.test", 451, "4.4.3")}
+    nx_text, = {e["text"] for e in events if e["rcpt"] == "c@nx.test"}
+    assert nx_text.startswith("Host or domain name not found. Name service error for "
+                              "name=nx.test type=MX")
 
 
 def test_4xx_then_accept_and_5xx_for_some_recipients(tmp_path, sinks):
