@@ -457,6 +457,9 @@ class DeliveryEngine:
         self.debug_out = cfg.debug.smtp_out
         self.debug_loop = cfg.debug.send_loop
         self.refused = AddressSet(cfg.policy.refused_mail_servers)
+        # the resolver filters the same list: one left behind would bounce mail for a server
+        # that was just taken off it ("all mail servers ... are in refused_mail_servers")
+        self.resolver.refused_ips = self.refused
         if getattr(self.rate, "rate", None) != cfg.limits.max_send_rate:
             self.rate = send_rate_bucket(cfg.limits.max_send_rate)
         if getattr(self.bandwidth, "rate", None) != cfg.limits.max_bandwidth:

@@ -400,6 +400,24 @@ def test_refused_mail_servers_are_never_contacted(tmp_path, sinks):
     assert msg.rcpt_failed == ["b@self.test"]
 
 
+def test_refused_mail_servers_changed_while_running_reach_the_resolver(tmp_path, sinks):
+    """Issue 15.7: a server taken off policy.refused_mail_servers while running gets mail at
+    once; before, the resolver kept the old list and the mail failed for good."""
+    from mailengine import control
+    sink = sinks.add("127.0.0.154")
+    with RunningEngine(tmp_path, {**FAST, "policy.refused_mail_servers": ["127.0.0.154"],
+                                  "basic.dns_servers": ["back.test,mx.back.test,MX,"
+                                                        "127.0.0.154:25"]}) as eng:
+        reply = control.request(tmp_path / "mailengine.sock", "config.set",
+                                name="policy.refused_mail_servers", value=[])
+        assert reply["applied"]
+        send(eng, ["a@back.test"])
+        wait(settled(eng, 1), what="delivery")
+        msg, = infs(eng, "done")
+    assert msg.rcpt_sent == ["a@back.test"] and msg.rcpt_failed == []
+    assert [m.rcpts for m in sink.messages] == [["a@back.test"]]
+
+
 def test_pause_sending_keeps_mail_in_retry_until_lifted(tmp_path, sinks):
     sink = sinks.add("127.0.0.37")
     settings = {**FAST, "queue.pause_sending": True,
