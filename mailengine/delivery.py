@@ -361,9 +361,12 @@ def received_header(msg: Message, hostname: str) -> bytes:
     by = r.get("localhostname") or hostname
     if r.get("peertcpip"):
         peer = r.get("peerhostname") or r["peertcpip"]
-        head = f"Received: from {r.get('helo') or peer} ({peer} [{r['peertcpip']}])\r\n\tby {by}"
-        return f"{head} (MailEngine) with SMTP id {msg.id};\r\n\t{when}\r\n".encode(
-            "utf-8", "replace")
+        head = f"Received: from {r.get('helo') or peer} ({peer} [{r['peertcpip']}])\r\n"
+        if r.get("tls"):  # as Postfix says it
+            head += f"\t(using {r['tls']})\r\n"
+        # RFC 3848 (ESMTP, ESMTPS, ESMTPA, ESMTPSA), recorded by intake; SMTP for older .infs
+        head += f"\tby {by} (MailEngine) with {r.get('protocol') or 'SMTP'} id {msg.id};"
+        return f"{head}\r\n\t{when}\r\n".encode("utf-8", "replace")
     return f"Received: by {by} (MailEngine) id {msg.id};\r\n\t{when}\r\n".encode("utf-8", "replace")
 
 

@@ -418,6 +418,48 @@ def test_refused_mail_servers_changed_while_running_reach_the_resolver(tmp_path,
     assert [m.rcpts for m in sink.messages] == [["a@back.test"]]
 
 
+def test_received_names_the_protocol_and_the_tls_cipher(tmp_path, sinks):
+    """Issue 15.4: the Received: header says RFC 3848's SMTP (HELO), ESMTP (EHLO), ESMTPS
+    (STARTTLS, with the TLS version and cipher named as Postfix does) and ESMTPSA (and AUTH)."""
+    import ssl
+    from mailengine.intake import with_protocol
+    from mailengine.smtp.server import Session
+    sink = sinks.add("127.0.0.155")
+    (tmp_path / "password.txt").write_text("alice:opensesame\n")
+    body = b"Subject: trace\r\n\r\nhello\r\n"
+    with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+            "trace.test,mx.trace.test,MX,127.0.0.155:25"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.helo("old.client.test")
+            s.sendmail("a@src.test", ["helo@trace.test"], body)
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.ehlo("new.client.test")
+            s.sendmail("a@src.test", ["ehlo@trace.test"], body)
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.starttls(context=ssl._create_unverified_context())
+            s.ehlo("tls.client.test")
+            cipher, version, bits = s.sock.cipher()
+            s.sendmail("a@src.test", ["tls@trace.test"], body)
+            s.rset()
+            s.login("alice", "opensesame")
+            s.sendmail("a@src.test", ["auth@trace.test"], body)
+        wait(lambda: len(sink.messages) == 4, what="four deliveries")
+    heads = {m.rcpts[0]: m.data.split(b"\r\n\r\n", 1)[0].decode() for m in sink.messages}
+    def received(rcpt: str) -> str:
+        return heads[rcpt].split("\r\nSubject:")[0]
+    assert re.search(r"^Received: from old.client.test \(.*\)\r\n\tby engine.test "
+                     r"\(MailEngine\) with SMTP id ", received("helo@trace.test"))
+    assert " with ESMTP id " in received("ehlo@trace.test")
+    using = f"\r\n\t(using {version} with cipher {cipher} ({bits}/{bits} bits))\r\n\tby "
+    assert version.startswith("TLS") and using in received("tls@trace.test")
+    assert " with ESMTPS id " in received("tls@trace.test")
+    assert using in received("auth@trace.test")
+    assert " with ESMTPSA id " in received("auth@trace.test")
+    assert "using" not in received("ehlo@trace.test")
+    # ESMTPA: authenticated without TLS (the web API's sessions; SMTP offers AUTH only in TLS)
+    assert with_protocol(Session(esmtp=True, auth_user="token")) == "ESMTPA"
+
+
 def test_pause_sending_keeps_mail_in_retry_until_lifted(tmp_path, sinks):
     sink = sinks.add("127.0.0.37")
     settings = {**FAST, "queue.pause_sending": True,
