@@ -250,7 +250,7 @@ class Engine:
         while True:
             await asyncio.sleep(interval)
             for line in self.stats.lines():
-                print(line, flush=True)
+                log.info("%s", line)  # console and daily file, stamped by the log format
 
     async def _scan_dropins(self) -> None:
         while True:
@@ -405,7 +405,7 @@ class Engine:
             for t in tasks:
                 t.cancel()
         for line in self.stats.lines():
-            print(line, flush=True)
+            log.info("%s", line)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         self.spool.close()  # finishes pending flushes, stops the flusher thread
