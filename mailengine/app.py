@@ -10,9 +10,8 @@ import asyncio
 import logging
 import resource
 import signal
-import socket
 
-from . import NAME, __version__, diskwatch, logs, shared, tls
+from . import NAME, __version__, diskwatch, hostname, logs, shared, tls
 from .config import Config
 from .envelope import InfError, Message
 from .inbound import InboundServer
@@ -40,7 +39,7 @@ def debug_any(cfg: Config) -> bool:
 
 
 def host_name(cfg: Config) -> str:
-    return cfg.network.helo_text or socket.gethostname()
+    return hostname.host_name(cfg)
 
 
 def check_file_descriptors(cfg: Config) -> int:
@@ -339,6 +338,9 @@ class Engine:
         log.info("%s %s starting in %s%s", NAME, __version__, cfg.home,
                  " (TEST MODE: mailq-test, nothing is really sent)" if self.test_mode else "")
         check_file_descriptors(cfg)
+        unqualified = hostname.unqualified_warning(cfg)
+        if unqualified:
+            log.warning("%s", unqualified)
         if self.dkim is not None:
             for line in self.dkim.problems():
                 log.warning("%s", line)

@@ -98,7 +98,8 @@ SETTINGS: list[Setting] = [
             "Pid file of the background daemon (-bd). Empty: HOME/mailengine.pid.", restart=True),
     # network (TCP/IP とポート)
     Setting("network", "helo_text", "", "str",
-            "Name sent in HELO/EHLO and the SMTP greeting. Empty: the host name."),
+            "Name sent in HELO/EHLO and the SMTP greeting. Empty: the host's fully qualified "
+            "name (a warning at start when it has none)."),
     Setting("network", "smtp_listen_ips", [], "list[str]",
             "Addresses and ranges (a.b.c.d-a.b.c.e) to accept SMTP on, IPv4 or IPv6. Empty: all.",
             check=_check_addresses, restart=True),
