@@ -182,8 +182,6 @@ SETTINGS: list[Setting] = [
             "Seconds to wait for the reply after the message body.", minimum=5),
     Setting("limits", "smtp_read_timeout", 240, "float",
             "Seconds for an outbound read.", minimum=5),
-    Setting("limits", "max_threads", 500, "int",
-            "Worker threads for blocking work.", minimum=1),
     Setting("limits", "max_connections_per_host", 10, "int",
             "Parallel outbound connections to one remote server.", minimum=1),
     Setting("limits", "messages_in_memory", 500000, "int",
@@ -249,6 +247,13 @@ SECTION_TITLES[DKIM_SECTION_TITLE[0]] = DKIM_SECTION_TITLE[1]
 SECTION_TITLES[SHARED_SECTION_TITLE[0]] = SHARED_SECTION_TITLE[1]
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+# Settings of earlier releases that nothing reads any more: a file that still has one loads, with
+# a warning saying why (config set refuses them with the same words).
+OBSOLETE: dict[str, str] = {
+    "limits.max_threads": "the engine runs its connections on asyncio, not one thread each, "
+                          "and sizes its few thread pools itself",
+}
 
 
 # --- address helpers shared by policy, inbound and delivery --------------------------------------
@@ -436,6 +441,10 @@ def from_dict(home: Path, data: dict[str, Any]) -> Config:
             continue
         for key, value in body.items():
             name = f"{sec}.{key}"
+            if name in OBSOLETE:
+                warnings.append(f"{name}: obsolete, ignored ({OBSOLETE[name]}); "
+                                "remove it from the file")
+                continue
             if name not in BY_NAME:
                 warnings.append(f"{name}: unknown setting ignored")
                 continue
