@@ -34,7 +34,8 @@ ext4 creating and deleting it cost more CPU than the signature. Our Received fie
 signing and is not signed (trace fields never are). A domain whose
 key is unusable under `dkim.missing_key = "hold"` leaves the message in retry/, looked at again
 every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode (`mailengine test`)
-says RSET and QUIT where DATA would go.
+says RSET and QUIT where DATA would go. A server without 8BITMIME gets 8-bit MIME mail re-encoded
+in 7 bits (downgrade.py), made once per attempt and signed anew, as it is sent.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Callable
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
 from .dns import MXResolver, Target
+from .downgrade import seven_bit
 from .envelope import Message
 from .bounces import verp_encode
 from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
@@ -93,6 +95,7 @@ class Attempt:
     preparing: asyncio.Future | None = None  # the body being signed, awaited by every unit
     fresh_signature: bytes = b""  # DKIM signature made at this attempt (not kept in ID.dkim yet)
     dkim_hold: DKIMHold | None = None  # its domain's DKIM key is unusable and missing_key = hold
+    seven_bit: asyncio.Future | None = None  # the body for servers without 8BITMIME (or None)
 
 
 class Pool:
@@ -707,8 +710,13 @@ class DeliveryEngine:
                 self.host_down.pop((target.ip, target.port), None)
                 reused = sess.messages_sent > 0
                 try:
+                    sent_body = body
+                    if body.eight_bit and not getattr(sess.capabilities, "eightbitmime", True):
+                        # RFC 6152 3: 8-bit MIME parts re-encoded; refused (5.6.3) only when
+                        # the message cannot be converted
+                        sent_body = await self._seven_bit_body(att) or body
                     rest, site, deferred = await self._transactions(
-                        sess, target, msg, pending, body, dsn, final, last)
+                        sess, target, msg, pending, sent_body, dsn, final, last)
                 finally:
                     self.pool.release(sess)
                 soft += deferred
@@ -895,6 +903,24 @@ class DeliveryEngine:
                 signature = self.signer.sign(data, sender_domain)
         return (Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data),
                 fresh)
+
+    async def _seven_bit_body(self, att: Attempt) -> Body | None:
+        """The attempt's body re-encoded in 7 bits for servers without 8BITMIME (downgrade.py),
+        made once per attempt in a thread and DKIM-signed as sent; None when it cannot be."""
+        if att.seven_bit is None:
+            att.seven_bit = asyncio.get_running_loop().run_in_executor(
+                self._signing, self._downgraded_body, att.msg)
+            att.seven_bit.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(att.seven_bit)
+
+    def _downgraded_body(self, msg: Message) -> Body | None:
+        data = seven_bit(self.spool.read_data(msg.id, "working"))
+        if data is None:
+            return None
+        signature = b""
+        if self.signer is not None:  # the 8-bit original's signature would not verify
+            signature = self.signer.sign(data, msg.mail_from.rpartition("@")[2] or None)
+        return Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data)
 
     async def _keep_signature(self, msg_id: str, signature: bytes) -> None:
         """Write ID.dkim beside ID.dat in working/ (the move to retry/ takes it along), in a

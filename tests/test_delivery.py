@@ -589,13 +589,20 @@ def test_starttls_helo_fallback_8bit_refusal_ipv6_and_source_ip(tmp_path, sinks)
                                       "six.test,mx.six.test,MX,[::1]:25"]}) as eng:
         send(eng, ["a@tls.test", "b@old.test", "c@six.test"])
         send(eng, ["d@old.test"], body="Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode())
-        wait(settled(eng, 2), what="both messages")
+        # issue 15.3: 8-bit MIME text is converted to quoted-printable for the HELO-only server
+        send(eng, ["e@old.test"], body="MIME-Version: 1.0\r\nContent-Type: text/plain; "
+             "charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nd\u00e9j\u00e0 vu\r\n"
+             .encode())
+        wait(settled(eng, 3), what="the three messages")
         done = sorted(infs(eng, "done"), key=lambda m: len(m.rcpt_sent), reverse=True)
     assert tls.messages[0].tls and tls.sessions[0].peer[0] == "127.0.0.99"
     assert old.sessions[0].helo == "engine.test" and not old.sessions[0].esmtp
-    assert [m.rcpts for m in old.messages] == [["b@old.test"]]
+    assert [m.rcpts for m in old.messages] == [["b@old.test"], ["e@old.test"]]
+    assert old.messages[1].data.endswith(b"Content-Transfer-Encoding: quoted-printable\r\n"
+                                         b"\r\nd=C3=A9j=C3=A0 vu\r\n")
     assert [m.rcpts for m in v6.messages] == [["c@six.test"]]
-    first, eight_bit = done
+    first, converted, eight_bit = done
+    assert converted.rcpt_sent == ["e@old.test"] and converted.send_tries == 1
     assert sorted(first.rcpt_sent) == ["a@tls.test", "b@old.test", "c@six.test"]
     assert eight_bit.rcpt_failed == ["d@old.test"] and eight_bit.send_tries == 1
     assert "554 5.6.3" in eng.output.decode()
