@@ -11,10 +11,9 @@ import asyncio
 import logging
 import resource
 import signal
-import socket
 import time
 
-from . import NAME, __version__, diskwatch, filemodes, logs, shared, tls
+from . import NAME, __version__, diskwatch, filemodes, hostname, logs, shared, tls
 from .backlog import Backlog, due_time
 from .config import Config
 from .envelope import InfError, Message
@@ -48,7 +47,7 @@ def debug_any(cfg: Config) -> bool:
 
 
 def host_name(cfg: Config) -> str:
-    return cfg.network.helo_text or socket.gethostname()
+    return hostname.host_name(cfg)
 
 
 def check_file_descriptors(cfg: Config) -> int:
@@ -331,7 +330,7 @@ class Engine:
         while True:
             await asyncio.sleep(interval)
             for line in self.stats.lines():
-                print(line, flush=True)
+                log.info("%s", line)  # console and daily file, stamped by the log format
 
     async def _scan_dropins(self) -> None:
         while True:
@@ -419,6 +418,9 @@ class Engine:
         log.info("%s %s starting in %s%s", NAME, __version__, cfg.home,
                  " (TEST MODE: mailq-test, nothing is really sent)" if self.test_mode else "")
         check_file_descriptors(cfg)
+        unqualified = hostname.unqualified_warning(cfg)
+        if unqualified:
+            log.warning("%s", unqualified)
         if self.dkim is not None:
             for line in self.dkim.problems():
                 log.warning("%s", line)
@@ -491,7 +493,7 @@ class Engine:
             for t in tasks:
                 t.cancel()
         for line in self.stats.lines():
-            print(line, flush=True)
+            log.info("%s", line)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         self.spool.close()  # finishes pending flushes, stops the flusher thread

@@ -35,9 +35,12 @@ COMMANDS = {
     "config": "config show [KEY] | set KEY VALUE | upgrade OLD_HOME_OR_FILE",
     "status": "rates, queue size and connections of the running engine",
     "send": "send --from A --to B[,C] [--subject S] [--body TEXT|-]: inject a test message",
-    "install-service": "install-service [--user U]: write a systemd unit for this home",
-    "remove-service": "remove-service: remove that systemd unit",
+    "install-service": "install-service [--user U]: write a systemd unit for this home "
+                       "(the manual's -install)",
+    "remove-service": "remove-service: remove that systemd unit (the manual's -remove)",
 }
+# The manual's spellings of commands, which argparse would read as options.
+MANUAL_SPELLINGS = {"-bd": "daemon", "-install": "install-service", "-remove": "remove-service"}
 
 
 def option_name(key: str) -> str:
@@ -176,8 +179,9 @@ def daemonize(cfg: config.Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-bd" in argv:  # the manual's spelling; argparse would read it as an option
-        argv[argv.index("-bd")] = "daemon"
+    for spelling, command in MANUAL_SPELLINGS.items():
+        if spelling in argv:
+            argv[argv.index(spelling)] = command
     ns = build_parser().parse_args(argv)
     command = ns.command
     if command in ("help", "-h"):

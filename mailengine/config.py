@@ -101,7 +101,8 @@ SETTINGS: list[Setting] = [
             "0750, new files 0640. False: the engine's user only (0700, 0600).", restart=True),
     # network (TCP/IP とポート)
     Setting("network", "helo_text", "", "str",
-            "Name sent in HELO/EHLO and the SMTP greeting. Empty: the host name."),
+            "Name sent in HELO/EHLO and the SMTP greeting. Empty: the host's fully qualified "
+            "name (a warning at start when it has none)."),
     Setting("network", "smtp_listen_ips", [], "list[str]",
             "Addresses and ranges (a.b.c.d-a.b.c.e) to accept SMTP on, IPv4 or IPv6. Empty: all.",
             check=_check_addresses, restart=True),
@@ -186,8 +187,6 @@ SETTINGS: list[Setting] = [
             "Seconds to wait for the reply after the message body.", minimum=5),
     Setting("limits", "smtp_read_timeout", 240, "float",
             "Seconds for an outbound read.", minimum=5),
-    Setting("limits", "max_threads", 500, "int",
-            "Worker threads for blocking work.", minimum=1),
     Setting("limits", "max_connections_per_host", 10, "int",
             "Parallel outbound connections to one remote server.", minimum=1),
     Setting("limits", "messages_in_memory", 500000, "int",
@@ -276,6 +275,13 @@ SECTION_TITLES[DKIM_SECTION_TITLE[0]] = DKIM_SECTION_TITLE[1]
 SECTION_TITLES[SHARED_SECTION_TITLE[0]] = SHARED_SECTION_TITLE[1]
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+# Settings of earlier releases that nothing reads any more: a file that still has one loads, with
+# a warning saying why (config set refuses them with the same words).
+OBSOLETE: dict[str, str] = {
+    "limits.max_threads": "the engine runs its connections on asyncio, not one thread each, "
+                          "and sizes its few thread pools itself",
+}
 
 
 # --- address helpers shared by policy, inbound and delivery --------------------------------------
@@ -463,6 +469,10 @@ def from_dict(home: Path, data: dict[str, Any]) -> Config:
             continue
         for key, value in body.items():
             name = f"{sec}.{key}"
+            if name in OBSOLETE:
+                warnings.append(f"{name}: obsolete, ignored ({OBSOLETE[name]}); "
+                                "remove it from the file")
+                continue
             if name not in BY_NAME:
                 warnings.append(f"{name}: unknown setting ignored")
                 continue

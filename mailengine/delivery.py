@@ -18,7 +18,9 @@ The flow of one send attempt of one message:
    connection to the best host from the pool (kept and reused per host; at most
    `max_connections_per_host` per server and `max_outbound_connections` in all, idle ones
    included), and runs one transaction for all its recipients (smtp_session.py). A connection
-   failure, a refused greeting, a 421 or a lost connection moves on to the next MX host.
+   failure, a refused greeting, a 421 or a lost connection moves on to the next MX host; so do
+   the recipients a server refuses with a 4xx at MAIL, RCPT, DATA or the end of data (as
+   Postfix does: they are kept for a retry only when every MX host refused them).
 4. outcome.py classifies every reply. When the message's last unit ends, the attempt is recorded
    in the message; everything done -> `done/` (`save_done`) or deleted; recipients left ->
    `ID.inf` rewritten and the message back in `retry/`, its timer set to the new `retrytime`.
@@ -33,7 +35,8 @@ ext4 creating and deleting it cost more CPU than the signature. Our Received fie
 signing and is not signed (trace fields never are). A domain whose
 key is unusable under `dkim.missing_key = "hold"` leaves the message in retry/, looked at again
 every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode (`mailengine test`)
-says RSET and QUIT where DATA would go.
+says RSET and QUIT where DATA would go. A server without 8BITMIME gets 8-bit MIME mail re-encoded
+in 7 bits (downgrade.py), made once per attempt and signed anew, as it is sent.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from .backlog import due_time
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
 from .dns import MXResolver, Target
+from .downgrade import seven_bit
 from .envelope import Message
 from .loops import Listeners
 from .bounces import verp_encode
@@ -95,6 +99,7 @@ class Attempt:
     preparing: asyncio.Future | None = None  # the body being signed, awaited by every unit
     fresh_signature: bytes = b""  # DKIM signature made at this attempt (not kept in ID.dkim yet)
     dkim_hold: DKIMHold | None = None  # its domain's DKIM key is unusable and missing_key = hold
+    seven_bit: asyncio.Future | None = None  # the body for servers without 8BITMIME (or None)
 
 
 class Pool:
@@ -363,9 +368,12 @@ def received_header(msg: Message, hostname: str) -> bytes:
     by = r.get("localhostname") or hostname
     if r.get("peertcpip"):
         peer = r.get("peerhostname") or r["peertcpip"]
-        head = f"Received: from {r.get('helo') or peer} ({peer} [{r['peertcpip']}])\r\n\tby {by}"
-        return f"{head} (MailEngine) with SMTP id {msg.id};\r\n\t{when}\r\n".encode(
-            "utf-8", "replace")
+        head = f"Received: from {r.get('helo') or peer} ({peer} [{r['peertcpip']}])\r\n"
+        if r.get("tls"):  # as Postfix says it
+            head += f"\t(using {r['tls']})\r\n"
+        # RFC 3848 (ESMTP, ESMTPS, ESMTPA, ESMTPSA), recorded by intake; SMTP for older .infs
+        head += f"\tby {by} (MailEngine) with {r.get('protocol') or 'SMTP'} id {msg.id};"
+        return f"{head}\r\n\t{when}\r\n".encode("utf-8", "replace")
     return f"Received: by {by} (MailEngine) id {msg.id};\r\n\t{when}\r\n".encode("utf-8", "replace")
 
 
@@ -460,6 +468,9 @@ class DeliveryEngine:
         self.debug_out = cfg.debug.smtp_out
         self.debug_loop = cfg.debug.send_loop
         self.refused = AddressSet(cfg.policy.refused_mail_servers)
+        # the resolver filters the same list: one left behind would bounce mail for a server
+        # that was just taken off it ("all mail servers ... are in refused_mail_servers")
+        self.resolver.refused_ips = self.refused
         if getattr(self.rate, "rate", None) != cfg.limits.max_send_rate:
             self.rate = send_rate_bucket(cfg.limits.max_send_rate)
         if getattr(self.bandwidth, "rate", None) != cfg.limits.max_bandwidth:
@@ -671,10 +682,8 @@ class DeliveryEngine:
     async def _deliver_unit(self, u: Unit, att: Attempt) -> tuple[list[RcptOutcome], str]:
         msg = att.msg
         mx = await self._resolve(u.dest)
-        if not mx.ok:
-            if mx.permanent:
-                return failure_outcomes(u.rcpts, 550, "5.1.2", mx.text, "dns"), ""
-            return failure_outcomes(u.rcpts, 451, "4.4.3", mx.text, "dns"), ""
+        if not mx.ok:  # the resolver's status: null MX, no such domain, no such MX host...
+            return failure_outcomes(u.rcpts, mx.code, mx.enhanced, mx.text, "dns"), ""
         targets = [t for t in mx.targets if t.ip not in self.refused]
         if not targets:
             return failure_outcomes(u.rcpts, 550, "5.4.6", f"all mail servers of {u.dest} are "
@@ -696,6 +705,7 @@ class DeliveryEngine:
         last: dict[str, RcptOutcome] = {}
         for target in targets:
             fresh = False
+            soft: list[str] = []  # refused with a 4xx here: for the next MX host (Postfix)
             while pending:
                 try:
                     sess = await self.pool.acquire(target, fresh, self._host_wait)
@@ -711,10 +721,16 @@ class DeliveryEngine:
                 self.host_down.pop((target.ip, target.port), None)
                 reused = sess.messages_sent > 0
                 try:
-                    rest, site = await self._transactions(sess, target, msg, pending, body, dsn,
-                                                          final, last)
+                    sent_body = body
+                    if body.eight_bit and not getattr(sess.capabilities, "eightbitmime", True):
+                        # RFC 6152 3: 8-bit MIME parts re-encoded; refused (5.6.3) only when
+                        # the message cannot be converted
+                        sent_body = await self._seven_bit_body(att) or body
+                    rest, site, deferred = await self._transactions(
+                        sess, target, msg, pending, sent_body, dsn, final, last)
                 finally:
                     self.pool.release(sess)
+                soft += deferred
                 if site and reused and not fresh and rest == pending:
                     # A kept connection the server had dropped meanwhile (idle timeout): not
                     # the server's verdict on this mail. Once more on a new connection.
@@ -724,6 +740,7 @@ class DeliveryEngine:
                     pending = rest
                     break  # trouble at this host (or no progress): the next MX host
                 pending = rest  # the session ended with work left (test mode...): reconnect
+            pending += soft
             if not pending:
                 break
         for a in pending:  # every host failed: the last word on each recipient stands
@@ -734,20 +751,24 @@ class DeliveryEngine:
     async def _transactions(self, sess: SMTPSession, target: Target, msg: Message,
                             rcpts: list[str], body: Body, dsn: DSNRequest | None,
                             final: dict[str, RcptOutcome], last: dict[str, RcptOutcome]
-                            ) -> tuple[list[str], bool]:
+                            ) -> tuple[list[str], bool, list[str]]:
         """Send to `rcpts` over `sess`; decided recipients go to `final`. Returns the recipients
-        left and whether a site failure (lost connection, 421...) left them: then they go to the
-        next MX host, else to a new connection to this one."""
+        left, whether a site failure (lost connection, 421...) left them (then they go to the
+        next MX host, else to a new connection to this one), and the recipients this server
+        refused with a 4xx (at MAIL, RCPT, DATA or the end of data): these go to the next MX
+        host as well, the others' transactions carrying on here meanwhile."""
         groups = self._envelopes(msg, rcpts)
+        soft: list[str] = []
         while groups:
             sender, todo = groups.pop(0)
-            rest = await self._transaction(sess, target, msg, sender, todo, body, dsn, final,
-                                           last)
+            rest, deferred = await self._transaction(sess, target, msg, sender, todo, body, dsn,
+                                                     final, last)
+            soft += deferred
             if rest:
-                return rest + [a for _, g in groups for a in g], True
+                return rest + [a for _, g in groups for a in g], True, soft
             if groups and not sess.is_reusable:
-                return [a for _, g in groups for a in g], False  # session over: reconnect
-        return [], False
+                return [a for _, g in groups for a in g], False, soft  # session over: reconnect
+        return [], False, soft
 
     def _envelopes(self, msg: Message, rcpts: list[str]) -> list[tuple[str, list[str]]]:
         """(MAIL FROM, recipients) per transaction: one for all, or with `logging.bounce_host`
@@ -761,8 +782,11 @@ class DeliveryEngine:
     async def _transaction(self, sess: SMTPSession, target: Target, msg: Message, sender: str,
                            rcpts: list[str], body: Body, dsn: DSNRequest | None,
                            final: dict[str, RcptOutcome], last: dict[str, RcptOutcome]
-                           ) -> list[str]:
+                           ) -> tuple[list[str], list[str]]:
+        """One envelope over `sess`: (recipients a site failure left, recipients refused with a
+        4xx). Both go to the next MX host; their outcome here is their last word meanwhile."""
         todo = rcpts
+        soft: list[str] = []
         while todo:
             result = await sess.send(sender, todo, body, dsn=dsn, test_mode=self.test_mode)
             if self.debug_out:
@@ -782,14 +806,20 @@ class DeliveryEngine:
                       and len(result.delivered) > 0 and sess.is_reusable):
                     again.append(r.address)  # too many recipients: the rest in another round
                     last[r.address] = o
+                elif 400 <= r.code < 500 and r.stage in ("mail", "rcpt", "data", "body"):
+                    # A 4xx from one server (greylisting, a full spool there) says nothing of
+                    # the others: the next MX host now, the retry only when all refused
+                    # (Postfix smtp_trouble.c). The last host's word stands (final below).
+                    last[r.address] = o
+                    soft.append(r.address)
                 else:
                     final[r.address] = o
                     if o.kind is Kind.SENT:
                         self._count_sent(1)
             if next_mx:
-                return next_mx + again
+                return next_mx + again, soft
             todo = again
-        return []
+        return [], soft
 
     def _count_sent(self, n: int) -> None:
         self.sent += n
@@ -884,6 +914,24 @@ class DeliveryEngine:
                 signature = self.signer.sign(data, sender_domain)
         return (Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data),
                 fresh)
+
+    async def _seven_bit_body(self, att: Attempt) -> Body | None:
+        """The attempt's body re-encoded in 7 bits for servers without 8BITMIME (downgrade.py),
+        made once per attempt in a thread and DKIM-signed as sent; None when it cannot be."""
+        if att.seven_bit is None:
+            att.seven_bit = asyncio.get_running_loop().run_in_executor(
+                self._signing, self._downgraded_body, att.msg)
+            att.seven_bit.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(att.seven_bit)
+
+    def _downgraded_body(self, msg: Message) -> Body | None:
+        data = seven_bit(self.spool.read_data(msg.id, "working"))
+        if data is None:
+            return None
+        signature = b""
+        if self.signer is not None:  # the 8-bit original's signature would not verify
+            signature = self.signer.sign(data, msg.mail_from.rpartition("@")[2] or None)
+        return Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data)
 
     async def _keep_signature(self, msg_id: str, signature: bytes) -> None:
         """Write ID.dkim beside ID.dat in working/ (the move to retry/ takes it along), in a

@@ -6,7 +6,8 @@ Every CHECK_SECONDS the watcher reads the free space of the file system holding 
 - sets `policy.refuse_new_mail`, so every new MAIL FROM gets `452 4.3.1 Insufficient system
   storage` (a temporary refusal: the client keeps the message and tries again later);
 - logs one warning line;
-- mails `basic.admin_email` once (from `<>`, queued like any mail; the threshold leaves room);
+- mails `basic.admin_email` once (from `<>`, queued like any mail; the threshold leaves room),
+  also when the space is already low at start;
 
 and when the space is back (HYSTERESIS above the threshold, so it does not flap) it clears the
 refusal, logs it, and mails the admin again. Mail already accepted is never at risk: it is on
@@ -85,13 +86,18 @@ class DiskWatch:
         return None
 
     async def run(self) -> None:
+        told = False  # the state the admin last heard of: fine, until told otherwise
         while True:
-            changed = self.check()
-            if changed is not None and self.alert is not None:
+            self.check()
+            # a state change, or a disk already low at start (the engine's first check came
+            # before this loop): the admin is told once per change
+            if self.low != told and self.alert is not None:
                 try:
-                    await self.alert(changed, self.free, self.threshold)
+                    await self.alert(self.low, self.free, self.threshold)
+                    told = self.low
                 except Exception as e:  # no space for the alert itself: the log line stands
                     log.error("cannot queue the disk space alert: %s", e)
+                    told = self.low  # said in the log; not retried every second
             await asyncio.sleep(self.interval)
 
 

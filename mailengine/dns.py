@@ -12,6 +12,13 @@ try, or why there are none and whether that is permanent (bounce) or temporary (
 4. A null MX (`0 .`, RFC 7505) or a domain that does not exist (NXDOMAIN): permanent failure.
    Server failure, timeout or no name server: temporary failure.
 
+Every failure carries its RFC 3463 status for bounces and DSNs, and says which name failed in
+Postfix's words ("Host or domain name not found. Name service error for name=X type=MX: Host not
+found"): 5.1.10 null MX (RFC 7505, reply 556); 5.1.2 the recipient's domain does not exist or
+has neither MX nor address records (X.1.2: the destination system does not exist); 5.4.4 an MX
+host that does not exist or has no address (X.4.4: unable to route, as Postfix says); 5.4.6 every
+server refused by policy.refused_mail_servers (a loop); 4.4.3 a lookup that failed for now.
+
 Answers are cached per (name, type) for their TTL (negative answers for the SOA's negative TTL,
 server failures briefly), the cache is bounded, its clock injectable; concurrent lookups of one
 name share one query. Built on dnspython's asyncio resolver.
@@ -40,6 +47,10 @@ from mailengine.config import AddressSet, split_host_port
 log = logging.getLogger("mailengine.dns")
 
 A, AAAA, MX = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.MX
+NULL_MX = "5.1.10"   # RFC 7505 section 4.2
+NO_ROUTE = "5.4.4"   # an MX host that does not exist or has no address (RFC 3463 X.4.4)
+LOOP = "5.4.6"      # every server is in policy.refused_mail_servers (RFC 3463 X.4.6)
+NOT_FOUND = "Host or domain name not found. Name service error for name={} type={}: {}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,19 @@ class MXResult:
     error: str = ""
     permanent: bool = False
     source: str = "dns"  # dns | implicit (no MX: the domain's address) | bypass | literal
+    status: str = ""  # RFC 3463 code of the error; "" = 5.1.2 when permanent, else 4.4.3
+
+    @property
+    def enhanced(self) -> str:
+        """The error's RFC 3463 status (what the bounce and the DSN say)."""
+        return self.status or ("5.1.2" if self.permanent else "4.4.3")
+
+    @property
+    def code(self) -> int:
+        """The SMTP reply code that goes with `enhanced` (RFC 7505: 556 for a null MX)."""
+        if not self.permanent:
+            return 451
+        return 556 if self.enhanced == NULL_MX else 550
 
     @property
     def ok(self) -> bool:
@@ -266,8 +290,9 @@ class MXResolver:
         if failed:
             return [], failed[0].error, False
         if any(a.status == "nxdomain" for a in answers):
-            return [], f"host {name} does not exist (NXDOMAIN)", True
-        return [], f"host {name} has no address records", True
+            return [], NOT_FOUND.format(name, "A", "Host not found"), True
+        return [], NOT_FOUND.format(name, "A", "Host found but no data record of requested "
+                                    "type"), True
 
     async def preload(self, domains: Iterable[str], concurrency: int = 20) -> dict[str, MXResult]:
         """Resolve `basic.preload_domains` ahead of the first mail, a few at a time."""
@@ -300,20 +325,20 @@ class MXResolver:
         if answer.status == "fail":
             return MXResult(domain, error=answer.error)
         if answer.status == "nxdomain":
-            return MXResult(domain, error=f"domain {domain} does not exist (NXDOMAIN)",
-                            permanent=True)
+            return MXResult(domain, error=NOT_FOUND.format(domain, "MX", "Host not found") +
+                            " (the recipient's domain does not exist)", permanent=True)
         if answer.status == "nodata":  # no MX: the domain itself is the mail host
             ips, error, permanent = await self.resolve_addresses(domain)
             if not ips:
                 if permanent:
-                    error = f"domain {domain} has no MX and no address records"
+                    error += " (the recipient's domain has no MX and no address records)"
                 return MXResult(domain, error=error, permanent=permanent)
             targets = tuple(Target(domain, ip) for ip in ips[:self.max_targets])
             return self._filter(MXResult(domain, targets, source="implicit"))
         records = [(p, h) for p, h in answer.values if h]
         if not records:  # only "0 ." (RFC 7505)
-            return MXResult(domain, error=f"domain {domain} does not accept mail (null MX)",
-                            permanent=True)
+            return MXResult(domain, error=f"Domain {domain} does not accept mail (null MX)",
+                            permanent=True, status=NULL_MX)
         hosts = self._order(records)
         found = await asyncio.gather(*(self.resolve_addresses(h) for _, h in hosts))
         targets = [Target(host, ip, 25, pref)
@@ -324,8 +349,9 @@ class MXResolver:
             if temporary:
                 return MXResult(domain, error=f"cannot resolve the mail servers of {domain}: "
                                               f"{temporary[0]}")
-            return MXResult(domain, error=f"none of the mail servers of {domain} has an "
-                                          f"address ({errors[0][0]})", permanent=True)
+            return MXResult(domain, error=f"{errors[0][0]} (none of the mail servers of "
+                                          f"{domain} has an address)", permanent=True,
+                            status=NO_ROUTE)
         return self._filter(MXResult(domain, tuple(targets[:self.max_targets])))
 
     def _order(self, records: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -349,10 +375,11 @@ class MXResolver:
             return result
         kept = tuple(t for t in result.targets if t.ip not in self.refused_ips)
         if kept or not result.targets:
-            return MXResult(result.domain, kept, result.error, result.permanent, result.source)
+            return MXResult(result.domain, kept, result.error, result.permanent, result.source,
+                            result.status)
         return MXResult(result.domain, error=f"all mail servers of {result.domain} are in "
                         "policy.refused_mail_servers (a mail loop?)", permanent=True,
-                        source=result.source)
+                        source=result.source, status=LOOP)
 
     # -- cached, shared lookups --------------------------------------------------------------
 

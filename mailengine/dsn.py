@@ -4,7 +4,7 @@ After a send attempt, `notices(msg, res, outcomes)` says which notices the sende
 
 - **failed**: recipients that failed for good this attempt (a 5xx, or still failing softly after
   the last of `queue.retry_intervals`), when their NOTIFY asks for FAILURE (the default when the
-  client gave no NOTIFY);
+  client gave no NOTIFY); one given up on keeps its 4.x.x Status (RFC 3463, as Postfix does);
 - **delayed**: recipients deferred for the first time, only when their NOTIFY names DELAY;
 - **relayed**: recipients delivered to a server that did not offer DSN, when NOTIFY names
   SUCCESS (a server that offered DSN got the NOTIFY parameter and reports success itself).
@@ -89,8 +89,9 @@ def _status(o: RcptOutcome, action: str) -> str:
         status = "5.0.0"
     else:
         status = "4.0.0"
-    if action == "failed" and status[0] == "4":
-        status = "5" + status[1:]  # given up: the notice reports a permanent failure
+    # A recipient given up on after the last retry keeps its 4.x.x code (RFC 3463: the class
+    # says what the failure was, Action says what became of the mail; Postfix does the same):
+    # a bounce processor then sees a soft bounce, not an address to remove.
     if action == "delayed" and status[0] == "5":
         status = "4" + status[1:]
     return status

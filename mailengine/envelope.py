@@ -24,7 +24,10 @@ class InfError(ValueError):
         self.reason = reason
 
 
-RECEIVED_KEYS = ("helo", "peertcpip", "peerhostname", "localhostname", "localtcpip", "datasize")
+# `protocol` (RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA) and `tls` ("TLSv1.3 with cipher
+# TLS_AES_256_GCM_SHA384 (256/256 bits)") are what the Received: header says of the session.
+RECEIVED_KEYS = ("helo", "peertcpip", "peerhostname", "localhostname", "localtcpip", "datasize",
+                 "protocol", "tls")
 
 
 def _now() -> datetime:

@@ -421,7 +421,11 @@ class SMTPProtocol(asyncio.Protocol):
             self.transport.abort()
             return
         self.transport = new
-        self.machine.tls_started(new.get_extra_info("ssl_object").version() or "TLS")
+        tls = new.get_extra_info("ssl_object")
+        self.machine.tls_started(tls.version() or "TLS")
+        cipher = tls.cipher()  # (name, protocol, secret bits)
+        if cipher:
+            self.machine.session.tls_cipher = f"{cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
         self.storing = False
         self.last_active = self.loop.time()
         self._drive()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 from .config import Config
 from .envelope import Message, format_address_list
 from .policy import is_verp
-from .smtp.server import MessageReceived, Reply
+from .smtp.server import MessageReceived, Reply, Session
 from .spool import Spool
 
 if TYPE_CHECKING:
@@ -28,6 +28,14 @@ log = logging.getLogger("mailengine.intake")
 # Called once a message is safely stored: (the relayed Message or None, had local recipients,
 # the directory the relayed message is in, its bytes).
 OnStored = Callable[[Message | None, bool, str, bytes], None]
+
+
+def with_protocol(s: Session) -> str:
+    """RFC 3848's word for the session, for the Received: header's `with`: SMTP after HELO,
+    ESMTP after EHLO, S when under TLS, A when the client authenticated."""
+    if not s.esmtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if s.tls else "") + ("A" if s.auth_user else "")
 
 
 class Intake:
@@ -68,7 +76,8 @@ class Intake:
         received = {"helo": s.helo, "peertcpip": s.peer_ip,
                     "peerhostname": s.peer_hostname or s.peer_ip,
                     "localhostname": self.hostname, "localtcpip": s.local_ip,
-                    "datasize": str(len(data))}
+                    "datasize": str(len(data)), "protocol": with_protocol(s),
+                    "tls": f"{s.tls} with cipher {s.tls_cipher}" if s.tls_cipher else s.tls}
         msg_id = self.spool.new_id()
         relayed = None
         where = "retry"

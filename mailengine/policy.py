@@ -6,9 +6,9 @@ the settings of SPEC 3 only. Every refusal is a clear SMTP reply with an enhance
 from __future__ import annotations
 
 import logging
-import socket
 
 from .config import AddressSet, Config
+from .hostname import host_name
 from .smtp import wire
 from .smtp.server import Reply, Session, Transaction
 from .users import PasswordFile
@@ -43,7 +43,7 @@ class Policy:
         self.relay_domains = frozenset(d[1:].lower().rstrip(".") for d in cfg.policy.rcpt_relay_domains)
         self.refused_from = [s.lower() for s in cfg.policy.refused_mail_from if s]
         # RFC 5321 4.5.1: postmaster of this host is always accepted (and kept local).
-        host = cfg.network.helo_text or socket.gethostname()
+        host = host_name(cfg)
         self.postmaster = f"postmaster@{host}".lower()
         # VERP addresses (mailengine-bounce-USER%DOMAIN@...) are taken as bounces only at the
         # bounce host and at local domains (where all mail is local): elsewhere they are

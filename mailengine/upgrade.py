@@ -138,6 +138,9 @@ def read_doc(home: Path) -> tuple[Path, tomlkit.TOMLDocument]:
 def cmd_set(cfg: config.Config, key: str, text: str, engine_answer=None, ask=None) -> int:
     from .cli import parse_override
     setting = config.BY_NAME.get(key)
+    if key in config.OBSOLETE:
+        print(f"{key}: obsolete, nothing reads it ({config.OBSOLETE[key]})", file=sys.stderr)
+        return 2
     if setting is None:
         near = [s.name for s in config.SETTINGS if s.key == key.rpartition(".")[2]]
         print(f"{key}: no such setting" + (f" (did you mean {near[0]}?)" if near else ""),

@@ -377,10 +377,13 @@ def die_with_parent() -> None:
 def main() -> None:
     die_with_parent()
     from . import logs
-    from .app import loop_factory
+    from .app import debug_any, loop_factory
+    from .config import Config
     spec = json.loads(sys.stdin.read())
-    values = spec["values"]
-    logs.setup(Path(spec["home"]) / "log", values["logging.log_retention_days"])
+    cfg = Config(home=Path(spec["home"]), values=spec["values"])
+    # the engine's debug switches hold here too (debug.smtp_in traces at DEBUG level)
+    logs.setup(cfg.log_dir, cfg.logging.log_retention_days, debug_any=debug_any(cfg),
+               program=cfg.debug.program)
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(worker_main(spec))

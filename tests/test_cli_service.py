@@ -163,3 +163,15 @@ def test_remove_service(tmp_path):
     code, out = run_cli(home, "remove-service", "--unit-dir", str(units))
     assert code == 1 and "not written by mailengine install-service" in out
     assert (units / "mailengine.service").exists()
+
+
+def test_the_manuals_install_and_remove_spellings(tmp_path):
+    """Issue 15.9: `mailengine -install` / `-remove` (the manual's words) are install-service and
+    remove-service."""
+    home = make_home(tmp_path)
+    units = tmp_path / "units"
+    code, out = run_cli(home, "-install", "--unit-dir", str(units), "--user", ME)
+    assert code == 0 and f"Wrote {units / 'mailengine.service'}" in out
+    code, out = run_cli(home, "-remove", "--unit-dir", str(units))
+    assert code == 0 and f"Removed {units / 'mailengine.service'}" in out
+    assert not (units / "mailengine.service").exists()

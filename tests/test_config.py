@@ -19,7 +19,7 @@ SPEC_DEFAULTS = {
     "logging.bounce_host": "", "logging.log_retention_days": 10, "logging.log_undeliverable": True,
     "logging.stats_interval": 10, "limits.smtp_receive_timeout": 600,
     "limits.smtp_connect_timeout": 240, "limits.smtp_write_timeout": 240,
-    "limits.smtp_body_timeout": 600, "limits.smtp_read_timeout": 240, "limits.max_threads": 500,
+    "limits.smtp_body_timeout": 600, "limits.smtp_read_timeout": 240,
     "limits.max_connections_per_host": 10, "limits.messages_in_memory": 500000,
     "limits.max_send_rate": 0, "limits.inbound_priority_ips": [],
     "limits.max_message_size": 10485760, "limits.max_outbound_connections": 500,
@@ -85,6 +85,16 @@ def test_unknown_keys_warn_and_bad_toml_is_clear(tmp_path):
     (tmp_path / "mailengine.toml").write_text("[queue\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(tmp_path)
+
+
+def test_obsolete_max_threads_still_loads_with_a_warning(tmp_path):
+    """Issue 15.9: nothing read limits.max_threads; an old file that has it loads, and says so."""
+    (tmp_path / "mailengine.toml").write_text("[limits]\nmax_threads = 500\n")
+    cfg = config.load(tmp_path)
+    warning, = [w for w in cfg.warnings if "max_threads" in w]
+    assert warning.startswith("limits.max_threads: obsolete, ignored (")
+    assert "limits.max_threads" not in cfg.values
+    assert "max_threads" not in config.default_toml()
 
 
 def test_check_interval_longer_than_retry_warns(tmp_path):

@@ -8,6 +8,7 @@ and what the sinks saw.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import smtplib
 import threading
@@ -185,6 +186,36 @@ def test_next_mx_on_connect_failure_and_4xx_greeting(tmp_path, sinks):
     assert msg.send_tries == 1
 
 
+def test_4xx_at_rcpt_or_mail_goes_to_the_next_mx_in_the_same_attempt(tmp_path, sinks):
+    """Issue 15.2 (Postfix smtp_trouble.c): a primary answering 450 to RCPT (greylisting) or 451
+    to MAIL does not hold the mail for the retry schedule: the secondary MX takes it in the same
+    attempt. Only a recipient every MX host refuses is kept for a retry."""
+    grey = sinks.add("127.0.0.151", script=SinkScript(rcpt={
+        "@grey.test": "450 4.7.1 Greylisted, please try again later"}))
+    busy = sinks.add("127.0.0.153", script=SinkScript(replies={"MAIL": "451 4.3.0 Try later"}))
+    backup = sinks.add("127.0.0.152", script=SinkScript(rcpt={
+        "later@grey.test": "451 4.3.0 Not now either"}))
+    zones = {"grey.test": {"MX": [(10, "mx1.grey.test"), (20, "mx2.grey.test")]},
+             "mx1.grey.test": {"A": ["127.0.0.151"]}, "mx2.grey.test": {"A": ["127.0.0.152"]},
+             "busy.test": {"MX": [(10, "mx1.busy.test"), (20, "mx2.busy.test")]},
+             "mx1.busy.test": {"A": ["127.0.0.153"]}, "mx2.busy.test": {"A": ["127.0.0.152"]}}
+    with TestDNSServer(zones) as dns, RunningEngine(tmp_path, {
+            **FAST, "basic.nameservers": [dns.address]}) as eng:
+        send(eng, ["a@grey.test", "later@grey.test", "b@busy.test"])
+        wait(settled(eng, 1), what="delivery")
+        msg, = infs(eng, "done")
+    assert grey.messages == [] and busy.messages == []
+    assert sorted(r for m in backup.messages for r in m.rcpts) == ["a@grey.test", "b@busy.test"]
+    assert msg.log[1].split(": ", 1)[1].startswith(
+        "Finished send attempt 1, sent to 2 of 3 recipients, 1 failed temporarily")
+    assert sorted(msg.rcpt_sent) == ["a@grey.test", "b@busy.test"]
+    # refused by both hosts at every attempt: kept for the retries, then given up
+    assert msg.send_tries == 3 and msg.rcpt_failed == ["later@grey.test"]
+    assert sum(c.startswith("RCPT TO:<later@grey.test>")
+               for sink in (grey, backup) for se in sink.sessions for c in se.commands) == 6
+    assert (tmp_path / "soft-undeliverable.txt").read_text() == "later@grey.test\n"
+
+
 def test_implicit_mx_null_mx_nxdomain_and_failing_zone_then_final_failure(tmp_path, sinks):
     sink = sinks.add("127.0.0.26")
     zones = {"implicit.test": {"A": ["127.0.0.26"]}, "null.test": {"MX": [(0, ".")]}}
@@ -209,6 +240,15 @@ def test_implicit_mx_null_mx_nxdomain_and_failing_zone_then_final_failure(tmp_pa
     assert sorted((tmp_path / "hard-undeliverable.txt").read_text().split()) == [
         "b@null.test", "c@nx.test"]
     assert (tmp_path / "soft-undeliverable.txt").read_text() == "d@fail.test\n"
+    # issue 15.5: each DNS failure with its own status (RFC 7505 null MX, RFC 3463)
+    events = [json.loads(line) for line in
+              (tmp_path / "log" / "events.jsonl").read_text().splitlines()]
+    said = {(e["rcpt"], e["code"], e["enhanced"]) for e in events if e["rcpt"] != "a@implicit.test"}
+    assert said == {("b@null.test", 556, "5.1.10"), ("c@nx.test", 550, "5.1.2"),
+                    ("d@fail.test", 451, "4.4.3")}
+    nx_text, = {e["text"] for e in events if e["rcpt"] == "c@nx.test"}
+    assert nx_text.startswith("Host or domain name not found. Name service error for "
+                              "name=nx.test type=MX")
 
 
 def test_4xx_then_accept_and_5xx_for_some_recipients(tmp_path, sinks):
@@ -360,6 +400,66 @@ def test_refused_mail_servers_are_never_contacted(tmp_path, sinks):
     assert msg.rcpt_failed == ["b@self.test"]
 
 
+def test_refused_mail_servers_changed_while_running_reach_the_resolver(tmp_path, sinks):
+    """Issue 15.7: a server taken off policy.refused_mail_servers while running gets mail at
+    once; before, the resolver kept the old list and the mail failed for good."""
+    from mailengine import control
+    sink = sinks.add("127.0.0.154")
+    with RunningEngine(tmp_path, {**FAST, "policy.refused_mail_servers": ["127.0.0.154"],
+                                  "basic.dns_servers": ["back.test,mx.back.test,MX,"
+                                                        "127.0.0.154:25"]}) as eng:
+        reply = control.request(tmp_path / "mailengine.sock", "config.set",
+                                name="policy.refused_mail_servers", value=[])
+        assert reply["applied"]
+        send(eng, ["a@back.test"])
+        wait(settled(eng, 1), what="delivery")
+        msg, = infs(eng, "done")
+    assert msg.rcpt_sent == ["a@back.test"] and msg.rcpt_failed == []
+    assert [m.rcpts for m in sink.messages] == [["a@back.test"]]
+
+
+def test_received_names_the_protocol_and_the_tls_cipher(tmp_path, sinks):
+    """Issue 15.4: the Received: header says RFC 3848's SMTP (HELO), ESMTP (EHLO), ESMTPS
+    (STARTTLS, with the TLS version and cipher named as Postfix does) and ESMTPSA (and AUTH)."""
+    import ssl
+    from mailengine.intake import with_protocol
+    from mailengine.smtp.server import Session
+    sink = sinks.add("127.0.0.155")
+    (tmp_path / "password.txt").write_text("alice:opensesame\n")
+    body = b"Subject: trace\r\n\r\nhello\r\n"
+    with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+            "trace.test,mx.trace.test,MX,127.0.0.155:25"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.helo("old.client.test")
+            s.sendmail("a@src.test", ["helo@trace.test"], body)
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.ehlo("new.client.test")
+            s.sendmail("a@src.test", ["ehlo@trace.test"], body)
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.starttls(context=ssl._create_unverified_context())
+            s.ehlo("tls.client.test")
+            cipher, version, bits = s.sock.cipher()
+            s.sendmail("a@src.test", ["tls@trace.test"], body)
+            s.rset()
+            s.login("alice", "opensesame")
+            s.sendmail("a@src.test", ["auth@trace.test"], body)
+        wait(lambda: len(sink.messages) == 4, what="four deliveries")
+    heads = {m.rcpts[0]: m.data.split(b"\r\n\r\n", 1)[0].decode() for m in sink.messages}
+    def received(rcpt: str) -> str:
+        return heads[rcpt].split("\r\nSubject:")[0]
+    assert re.search(r"^Received: from old.client.test \(.*\)\r\n\tby engine.test "
+                     r"\(MailEngine\) with SMTP id ", received("helo@trace.test"))
+    assert " with ESMTP id " in received("ehlo@trace.test")
+    using = f"\r\n\t(using {version} with cipher {cipher} ({bits}/{bits} bits))\r\n\tby "
+    assert version.startswith("TLS") and using in received("tls@trace.test")
+    assert " with ESMTPS id " in received("tls@trace.test")
+    assert using in received("auth@trace.test")
+    assert " with ESMTPSA id " in received("auth@trace.test")
+    assert "using" not in received("ehlo@trace.test")
+    # ESMTPA: authenticated without TLS (the web API's sessions; SMTP offers AUTH only in TLS)
+    assert with_protocol(Session(esmtp=True, auth_user="token")) == "ESMTPA"
+
+
 def test_pause_sending_keeps_mail_in_retry_until_lifted(tmp_path, sinks):
     sink = sinks.add("127.0.0.37")
     settings = {**FAST, "queue.pause_sending": True,
@@ -489,13 +589,20 @@ def test_starttls_helo_fallback_8bit_refusal_ipv6_and_source_ip(tmp_path, sinks)
                                       "six.test,mx.six.test,MX,[::1]:25"]}) as eng:
         send(eng, ["a@tls.test", "b@old.test", "c@six.test"])
         send(eng, ["d@old.test"], body="Subject: caf\u00e9\r\n\r\nd\u00e9j\u00e0 vu\r\n".encode())
-        wait(settled(eng, 2), what="both messages")
+        # issue 15.3: 8-bit MIME text is converted to quoted-printable for the HELO-only server
+        send(eng, ["e@old.test"], body="MIME-Version: 1.0\r\nContent-Type: text/plain; "
+             "charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nd\u00e9j\u00e0 vu\r\n"
+             .encode())
+        wait(settled(eng, 3), what="the three messages")
         done = sorted(infs(eng, "done"), key=lambda m: len(m.rcpt_sent), reverse=True)
     assert tls.messages[0].tls and tls.sessions[0].peer[0] == "127.0.0.99"
     assert old.sessions[0].helo == "engine.test" and not old.sessions[0].esmtp
-    assert [m.rcpts for m in old.messages] == [["b@old.test"]]
+    assert [m.rcpts for m in old.messages] == [["b@old.test"], ["e@old.test"]]
+    assert old.messages[1].data.endswith(b"Content-Transfer-Encoding: quoted-printable\r\n"
+                                         b"\r\nd=C3=A9j=C3=A0 vu\r\n")
     assert [m.rcpts for m in v6.messages] == [["c@six.test"]]
-    first, eight_bit = done
+    first, converted, eight_bit = done
+    assert converted.rcpt_sent == ["e@old.test"] and converted.send_tries == 1
     assert sorted(first.rcpt_sent) == ["a@tls.test", "b@old.test", "c@six.test"]
     assert eight_bit.rcpt_failed == ["d@old.test"] and eight_bit.send_tries == 1
     assert "554 5.6.3" in eng.output.decode()

@@ -115,6 +115,22 @@ def test_engine_refuses_while_low_and_tells_the_admin(small_volume):
     assert "LOW DISK SPACE" in out and "accepting new mail again" in out
 
 
+def test_a_disk_already_low_at_start_tells_the_admin(tmp_path):
+    """Issue 15.9: low at start (a threshold above any disk's free space) is a state the admin
+    must hear of, not only a change while running; once, not every second."""
+    with RunningEngine(tmp_path, {"basic.min_free_disk_mb": 10 ** 9,
+                                  "basic.admin_email": "admin@ops.test"}) as eng:
+        assert mail_status(eng.smtp_port)[0] == 452
+
+        def alerts():
+            return [p for p in (eng.mailq / "retry").glob("*.inf")
+                    if parse_inf(p.read_bytes(), p.name[:-4]).extra.get("generated") == "alert"]
+        wait(lambda: alerts(), what="the alert")
+        time.sleep(2.5)  # the watcher looks every second: no second alert
+        alert, = alerts()
+        assert "low disk space" in alert.with_suffix(".dat").read_text()
+
+
 def test_a_disk_that_fills_between_checks_gets_452_not_250(small_volume):
     """No watcher (threshold 0): the store itself fails for lack of space and the client is told
     to try again; nothing half-written is left in the queue."""

@@ -262,3 +262,35 @@ def test_admin_dkim_page_when_signing_is_off(tmp_path):
         assert r.status == 200 and "DKIM signing is off" in r.text
         assert "mailengine dkim genkey" in r.text
         assert json.loads(c.get("/gui/admin/dkim.json").body)["enabled"] is False
+
+
+def test_8bit_mail_to_a_server_without_8bitmime_is_converted_and_signed_as_sent(tmp_path, keys):
+    """Issue 15.3 (RFC 6152 3): the 8-bit MIME text goes out quoted-printable to a server that
+    does not offer 8BITMIME, signed as sent (dkimpy verifies it); only mail that cannot be
+    converted (8-bit without MIME) is still refused with 554 5.6.3."""
+    import email
+    import email.policy
+    dns = keys["dns"]
+    plain = (b"From: sender@src.test\r\nTo: n@d1.test\r\nSubject: no MIME\r\n\r\n"
+             b"Gr\xc3\xbc\xc3\x9fe\r\n")
+    with ThreadedSink("127.0.0.157", script=SinkScript(eightbitmime=False)) as sink, \
+            RunningEngine(engine_home(tmp_path, keys), {
+                **FAST, "queue.save_done": True, "basic.nameservers": [dns.address],
+                "basic.dns_servers": [f"d1.test,mx.d1.test,MX,127.0.0.157:{sink.port}"],
+                "dkim.signing_table": keys["entries"][:1]}) as eng:
+        send(eng, ["x@d1.test"])
+        send(eng, ["n@d1.test"], body=plain)
+        wait(lambda: len(infs(eng, "done")) == 2, what="both finished")
+        done = {m.rcpt_sent[0] if m.rcpt_sent else m.rcpt_failed[0]: m for m in infs(eng, "done")}
+    assert done["n@d1.test"].rcpt_failed == ["n@d1.test"]  # no MIME: not convertible
+    got, = sink.messages
+    assert got.rcpts == ["x@d1.test"] and got.data.isascii()
+    assert "BODY=8BITMIME" not in got.mail_params
+    assert dkimpy_verify(dns, got.data, 0)  # signed as sent
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n" in got.data
+    assert b"Gr=C3=BC=C3=9Fe\r\n" in got.data
+    assert b"\r\n.a line that starts with a dot\r\n" in got.data
+    parsed = email.message_from_bytes(got.data, policy=email.policy.default)
+    assert parsed.get_content().replace("\r\n", "\n") == \
+        "Hello,\n.a line that starts with a dot\nGrüße\n"
+    assert b"Subject: signed  at\r\n\tsend time\r\n" in got.data  # headers as written

@@ -201,25 +201,34 @@ def test_resolver_talks_to_a_name_server_on_ipv6_loopback():
 
 # -- failures ------------------------------------------------------------------------------------
 
-def test_null_mx_is_permanent(server):
+def test_null_mx_is_permanent_with_rfc_7505_status(server):
     result = mx(resolver(server), "null.test")
     assert not result.ok and result.permanent and result.targets == ()
     assert "null MX" in result.error and result.text == result.error
+    assert (result.code, result.enhanced) == (556, "5.1.10")  # RFC 7505, not 5.1.2
 
 
-def test_nxdomain_is_permanent(server):
+def test_nxdomain_is_permanent_and_names_the_domain(server):
     result = mx(resolver(server), "nx.test")
-    assert result.permanent and "NXDOMAIN" in result.error
+    assert result.permanent and (result.code, result.enhanced) == (550, "5.1.2")
+    assert result.error.startswith("Host or domain name not found. Name service error for "
+                                   "name=nx.test type=MX: Host not found")  # Postfix's words
+    assert "recipient's domain does not exist" in result.error
 
 
-def test_mx_host_that_does_not_exist_is_permanent(server):
+def test_mx_host_that_does_not_exist_is_permanent_and_named(server):
+    """Not the domain but its mail server is missing: 5.4.4 (unable to route), as Postfix."""
     result = mx(resolver(server), "nohost.test")
-    assert result.permanent and "missing.nohost.test" in result.error
+    assert result.permanent and (result.code, result.enhanced) == (550, "5.4.4")
+    assert result.error.startswith("Host or domain name not found. Name service error for "
+                                   "name=missing.nohost.test type=A: Host not found")
+    assert "mail servers of nohost.test" in result.error
 
 
 def test_server_failure_and_timeout_are_temporary(server):
     failed = mx(resolver(server), "fail.test")
     assert failed.temporary and not failed.permanent and "REFUSED" in failed.error
+    assert (failed.code, failed.enhanced) == (451, "4.4.3")
     start = time.monotonic()
     slow = mx(resolver(server, timeout=0.3), "slow.test")
     assert slow.temporary and "no answer" in slow.error
@@ -250,6 +259,7 @@ def test_refused_mail_servers_are_left_out(server):
     assert "found 1 acceptable mail servers" in result.text
     looped = mx(resolver(server, refused_ips=AddressSet(["127.0.0.4"])), "amx.test")
     assert looped.permanent and "refused_mail_servers" in looped.error
+    assert looped.enhanced == "5.4.6"
 
 
 # -- cache ---------------------------------------------------------------------------------------

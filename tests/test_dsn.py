@@ -179,13 +179,19 @@ def test_ret_hdrs_returns_headers_only_and_delay_has_will_retry_until():
     assert "will keep trying until 2026/03/03 12:30:00" in human
 
 
-def test_gave_up_soft_failure_reports_a_5_status_and_dns_failures_have_no_smtp_code():
+def test_gave_up_soft_failure_keeps_its_4_status_and_dns_failures_have_no_smtp_code():
+    """Issue 15.1: given up after the last retry, the notice says Action: failed with the 4.x.x
+    code (RFC 3463, Postfix: 4.4.3), so a bounce processor (this engine's own included) counts a
+    soft bounce and keeps the address."""
     msg = message()
     o = RcptOutcome.from_reply("x@nx.test", 451, "4.4.3", "DNS lookup of nx.test failed", "dns")
     n, = dsn.notices(msg, AttemptResult(gave_up=["x@nx.test"]), [o])
-    _, parts = report_parts(dsn.build(msg, n, "engine.test", ORIGINAL))
+    data = dsn.build(msg, n, "engine.test", ORIGINAL)
+    _, parts = report_parts(data)
     _, r = parts[1].get_payload()
-    assert r["Status"] == "5.4.3" and r["Action"] == "failed"
+    assert r["Status"] == "4.4.3" and r["Action"] == "failed"
+    b, = parse_report(data).bounces
+    assert (b.address, b.kind, b.status, b.action) == ("x@nx.test", "soft", "4.4.3", "failed")
     assert r["Diagnostic-Code"].startswith("X-MailEngine; 451 4.4.3 DNS lookup")
     assert r["Remote-MTA"] is None
     assert "<-- 451 4.4.3 DNS lookup of nx.test failed" in parts[0].get_payload()
@@ -261,7 +267,7 @@ def test_dsn_end_to_end_reaches_the_senders_domain(tmp_path):
         _, parts = report_parts(second.data)
         _, full = parts[1].get_payload()
         assert full["Final-Recipient"] == "rfc822; full@dest.test"
-        assert full["Action"] == "failed" and full["Status"] == "5.2.2"  # given up at the end
+        assert full["Action"] == "failed" and full["Status"] == "4.2.2"  # given up at the end
         assert full["Diagnostic-Code"] == "smtp; 452 4.2.2 mailbox full"
         # the lists saw it too
         assert (tmp_path / "hard-undeliverable.txt").read_text() == "bad@dest.test\n"

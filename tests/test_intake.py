@@ -299,6 +299,20 @@ def test_two_intake_processes_share_the_port_and_report_to_the_engine(tmp_path):
             os.kill(pid, 0)  # stopped with the engine
 
 
+def test_debug_smtp_in_traces_the_sessions_of_the_intake_processes(tmp_path):
+    """Issue 15.6: with the default intake processes, debug.smtp_in shows each session on the
+    console and in the daily log (the workers' logging took no debug switch before)."""
+    with RunningEngine(tmp_path, {"network.intake_workers": 2, "debug.smtp_in": True}) as eng:
+        worker_pids(eng, 2)
+        (code, _), _ = send(eng.smtp_port, ["x@dest.test"], sender="trace-me@example.org")
+        assert code == 250
+        wait_until(lambda: "FROM:<trace-me@example.org>" in eng.read_output(), 10,
+                   "the session traced")
+    logged = "".join(p.read_text() for p in (tmp_path / "log").glob("mailengine-*.log"))
+    assert re.search(r"127\.0\.0\.1 <<< b'ehlo client.test", logged, re.I)
+    assert re.search(r"127\.0\.0\.1 >>> b'250 2.0.0 Ok: queued as ", logged)
+
+
 def test_settings_changed_while_running_reach_new_intake_processes(tmp_path):
     from mailengine import control
     with RunningEngine(tmp_path, {"network.intake_workers": 2}) as eng:

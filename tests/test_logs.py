@@ -94,3 +94,43 @@ def test_debug_program_traces_each_message_through_the_engine(tmp_path):
     assert f"sending {mid} to dest.test: 2 recipients, priority 0, try 1" in on
     assert f"{mid} attempt over: 2 sent, 0 failed, 0 to retry" in on
     assert "stored " not in outs[False] and "attempt over" not in outs[False]
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stats_rate_is_over_the_last_interval_as_in_the_manual():
+    """Issue 15.8: the manual's `(N/h avg)` is N over the interval since the last line (773 sent
+    in 7 s = 397542/h; 401 received in 7 s = 206228/h), not the average since the first."""
+    from mailengine.stats import Stats
+    clock = FakeClock(1000.0)
+    st = Stats(clock=clock)
+    clock.now += 60
+    st.delivered(10)  # a slow minute first: it must not drag the next line's rate down
+    assert st.lines() == ["10 sent (600/h avg, 10 total)"]
+    clock.now += 7
+    st.delivered(773)
+    for _ in range(401):
+        st.received(local=True)
+    assert st.lines() == ["401 recv [401 inbound, 0 relay] (206228/h avg, 401 total)",
+                          "773 sent (397542/h avg, 783 total)"]
+    clock.now += 30
+    assert st.lines() == []  # nothing moved: no line
+
+
+def test_stats_lines_reach_the_daily_log_file(tmp_path):
+    """Issue 15.8: README says the statistics lines are in log/mailengine-DAY.log: they are."""
+    with RunningEngine(tmp_path, {"logging.stats_interval": 1}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.sendmail("a@example.org", ["b@relay.test"], b"Subject: s\r\n\r\nx\r\n")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and " recv [" not in eng.read_output():
+            time.sleep(0.1)
+    logged = "".join(p.read_text() for p in (tmp_path / "log").glob("mailengine-*.log"))
+    assert re.search(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d 1 recv \[0 inbound, 1 relay\] "
+                     r"\(\d+/h avg, 1 total\)$", logged, re.M)

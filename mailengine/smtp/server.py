@@ -61,6 +61,7 @@ class Session:
     helo: str = ""
     esmtp: bool = False
     tls: str = ""  # TLS version once encrypted
+    tls_cipher: str = ""  # as Received names it: "TLS_AES_256_GCM_SHA384 (256/256 bits)"
     auth_user: str = ""
 
 

@@ -63,7 +63,7 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
 class RunningEngine:
     def __init__(self, home: Path, settings: dict | None = None, command: str = "start",
                  env: dict | None = None, ready_timeout: float = 20.0,
-                 ready_host: str = "127.0.0.1"):
+                 ready_host: str = "127.0.0.1", wrapper: list[str] | None = None):
         self.home = Path(home)
         self.smtp_port = free_port()
         self.settings = {"network.smtp_port": self.smtp_port,
@@ -80,6 +80,7 @@ class RunningEngine:
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout = ready_timeout
         self.ready_host = ready_host  # an address the engine listens on, to know it is up
+        self.wrapper = wrapper or []  # runs the engine, e.g. unshare (it must exec, not fork)
         self.proc: subprocess.Popen | None = None
         self.output = b""
 
@@ -91,7 +92,8 @@ class RunningEngine:
         write_config(self.home, self.settings)
         self.log = open(self.home / "engine-output.txt", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailengine.cli", "--home", str(self.home), self.command],
+            self.wrapper + [sys.executable, "-m", "mailengine.cli", "--home", str(self.home),
+                            self.command],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         if self.settings["network.smtp_port"] != 1:
             try:
