@@ -24,7 +24,6 @@ Writes bench/results/queue_scale-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import subprocess

@@ -434,7 +434,8 @@ class Engine:
         # No .inf is read here: the messages in retry/ go to the backlog, due when the index of
         # the last clean stop says (else now), and are loaded as memory allows once SMTP answers.
         index = Backlog.take_index(self.spool.root)  # before recovery changes retry/
-        report = self.spool.recover(load=self.delivery is None)
+        report = self.spool.recover(load=self.delivery is None,
+                                    retry_ids=index.keys() if index else None)
         for w in report.warnings:
             log.warning("%s", w)
         for msg in report.messages:

@@ -189,8 +189,11 @@ SETTINGS: list[Setting] = [
             "Seconds for an outbound read.", minimum=5),
     Setting("limits", "max_connections_per_host", 10, "int",
             "Parallel outbound connections to one remote server.", minimum=1),
-    Setting("limits", "messages_in_memory", 500000, "int",
-            "Beyond this many pending messages, new mail is offloaded to disk.", minimum=1),
+    Setting("limits", "messages_in_memory", 20000, "int",
+            "Queued messages held in memory (Postfix's qmgr_message_active_limit). The rest wait "
+            "on disk only, about 200 bytes of memory each, and are loaded when they are due; "
+            "when memory is full, messages waiting for a later retry make room for due ones. "
+            "The manual's default was 500000 (about 1.5 GB).", minimum=1),
     Setting("limits", "max_send_rate", 0, "int",
             "Messages per hour at most. 0 = unlimited.", minimum=0),
     Setting("limits", "inbound_priority_ips", [], "list[str]",

@@ -59,7 +59,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .envelope import InfError, Message, format_inf, parse_inf
 from .spare import NEW as SPARE_NEW
@@ -612,55 +612,75 @@ class Spool:
                 new.append(msg)
         return new, warnings
 
-    def recover(self, load: bool = True) -> RecoveryReport:
+    def recover(self, load: bool = True, retry_ids: Iterable[str] | None = None) -> RecoveryReport:
         """Start-up recovery, per the state table of docs/QUEUE.md. Run once, before intake.
-        `load=False` reads no `.inf`: the ids now in retry/ are listed instead (the engine reads
-        them as their turn comes, backlog.py), so a start with a long queue is quick."""
+
+        `load=False` reads no `.inf`: the ids in retry/ are returned instead (the engine reads
+        them as their turn comes, backlog.py). `retry_ids`: what retry/ holds, known from the
+        index of a clean stop while retry/ is unchanged since (backlog.take_index); retry/ is then
+        not listed (a listing of millions of files takes seconds), only probed for the ids found
+        elsewhere. Everything that needs no repair (a message whole in one directory other than
+        working/) is recognised with set operations, so the cost per message is small."""
         self.ensure_dirs()
         self.spare.adopt_new()  # spare files given just before the last stop
         rep = RecoveryReport()
         now = time.time()
         self._remove_old_tmpdirs(rep, now)
-        # id -> {dir -> set of "dat" / "inf" / "tmp"}
-        index: dict[str, dict[str, set[str]]] = {}
         side: list[tuple[str, str]] = []  # (dir, file name) of side files (ID.dkim)
+        found: dict[str, tuple[set[str], set[str], set[str]]] = {}  # dir -> inf, dat, tmp ids
         for d in DIRS:
-            for name in os.listdir(self._dir[d]):
-                if name.startswith(".") or name == SHUTDOWN_FILE:
-                    continue
-                if name.endswith((".dkim", ".dkim.tmp")):
-                    side.append((d, name))
-                    continue
-                if name.endswith(".inf.tmp"):
-                    mid, kind = name[:-8], "tmp"
-                elif name.endswith(".inf"):
-                    mid, kind = name[:-4], "inf"
-                elif name.endswith(".dat"):
-                    mid, kind = name[:-4], "dat"
-                else:
-                    continue
-                index.setdefault(mid, {}).setdefault(d, set()).add(kind)
-        whole = {"dat", "inf"}
-        for mid, where in index.items():
-            if len(where) == 1 and where.get("retry") == whole:
-                continue  # the common case, nothing to repair: whole in retry/
+            if d == "retry" and retry_ids is not None:
+                continue
+            names = [n for n in os.listdir(self._dir[d])
+                     if n[:1] != "." and n != SHUTDOWN_FILE]
+            side += [(d, n) for n in names if n.endswith((".dkim", ".dkim.tmp"))]
+            found[d] = ({n[:-4] for n in names if n.endswith(".inf")},
+                        {n[:-4] for n in names if n.endswith(".dat")},
+                        {n[:-8] for n in names if n.endswith(".inf.tmp")})
+        # Ids that may need repair: anything in working/, any .inf.tmp, a .dat or .inf alone in
+        # its directory, an id in more than one directory (or, retry/ unlisted, outside it).
+        odd: set[str] = set(found["working"][0] | found["working"][1] | found["working"][2]) \
+            if "working" in found else set()
+        seen: set[str] = set()
+        for d, (inf, dat, tmp) in found.items():
+            here = inf | dat | tmp
+            odd |= tmp | (inf ^ dat) | (here & seen)
+            if retry_ids is not None:
+                odd |= here
+            seen |= here
+        for mid in odd:
+            where: dict[str, set[str]] = {}
+            for d in DIRS:
+                if d in found:
+                    inf, dat, tmp = found[d]
+                    kinds = {k for k, ids in (("inf", inf), ("dat", dat), ("tmp", tmp))
+                             if mid in ids}
+                else:  # retry/ not listed: probe it for this id
+                    kinds = {k for k, path in (("inf", self.inf_path(mid, d)),
+                                               ("dat", self.dat_path(mid, d)),
+                                               ("tmp", self.inf_path(mid, d) + ".tmp"))
+                             if os.path.exists(path)}
+                if kinds:
+                    where[d] = kinds
             self._recover_one(mid, where, rep, now)
         self._remove_orphan_side_files(side)
         # what is now in retry/: valid messages, or warnings
-        for name in sorted(os.listdir(self._dir["retry"])):
-            if name.startswith(".") or not name.endswith(".inf"):
-                continue
-            mid = name[:-4]
-            if not load:
-                rep.ids.append(mid)
-                continue
+        if retry_ids is None:
+            ids = found["retry"][0] - odd
+        else:
+            ids = set(retry_ids) - odd
+        ids |= {mid for mid in odd if os.path.exists(self.inf_path(mid, "retry"))}
+        if not load:
+            rep.ids = list(ids)
+            return rep
+        for mid in sorted(ids):
             try:
                 rep.messages.append(self.load(mid, "retry"))
             except (InfError, OSError) as ex:
-                rep.warnings.append(f"retry/{name}: {_reason(ex)}; skipped, left in place")
+                rep.warnings.append(f"retry/{mid}.inf: {_reason(ex)}; skipped, left in place")
                 try:
                     st = os.stat(self.inf_path(mid, "retry"))
-                    self._warned.add((name, st.st_size, st.st_mtime_ns))  # scans stay quiet
+                    self._warned.add((f"{mid}.inf", st.st_size, st.st_mtime_ns))  # scans quiet
                 except OSError:
                     pass
         return rep

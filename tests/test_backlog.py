@@ -1,6 +1,5 @@
 """backlog.py: the queue beyond limits.messages_in_memory, kept on disk by due time, and the
 index a clean stop leaves so the next start reads no .inf before it delivers."""
-import os
 import random
 import smtplib
 import subprocess
@@ -127,3 +126,24 @@ def test_mail_due_now_is_not_kept_waiting_by_deferred_mail_filling_memory(tmp_pa
     finally:
         slow.stop()
         fast.stop()
+
+
+def test_recovery_with_the_index_lists_every_directory_but_retry(sp):
+    """retry/ known from the index: not listed, only probed for ids found elsewhere; a message
+    left in working/ still goes back to retry/ and is counted, a dead store's files go."""
+    from mailengine.envelope import Message, format_inf
+    import asyncio
+
+    async def store(where):
+        m = Message(id="", mail_from="a@src.test", rcpt_to_send=["b@dest.test"])
+        await sp.store(m, b"Subject: x\r\n\r\nx\r\n", where)
+        return m.id
+    a, b = asyncio.run(store("retry")), asyncio.run(store("working"))
+    dead = sp.root / "retry" / "P9T9C9@dead.inf.tmp"  # a store that never committed...
+    dead.write_bytes(format_inf(Message(id="P9T9C9@dead", mail_from="x@y")))
+    (sp.root / "working" / "P9T9C9@dead.dat").write_bytes(b"x")  # ...with its .dat elsewhere
+    rep = sp.recover(load=False, retry_ids=[a])
+    assert sorted(rep.ids) == sorted([a, b]) and rep.moved_from_working == 1
+    assert (sp.root / "retry" / f"{b}.inf").exists() and not dead.exists()
+    full = sp.recover(load=False)  # the same answer from a full listing
+    assert sorted(full.ids) == sorted([a, b])
