@@ -333,23 +333,30 @@ class Engine:
                 log.info("%s", line)  # console and daily file, stamped by the log format
 
     async def _scan_dropins(self) -> None:
+        # The listing runs in a thread: retry/ of a long queue holds millions of names.
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.cfg.queue.queue_check_interval)
-            self._scan_quietly()
-
-    def _scan_quietly(self) -> None:
-        # A loop of the TaskGroup: an exception would stop the whole engine (EMFILE under load)
-        try:
-            self.scan_dropins()
-        except OSError as e:
-            log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / "retry", e)
+            # A loop of the TaskGroup: an exception would stop the whole engine (EMFILE)
+            try:
+                found = await loop.run_in_executor(
+                    None, self.spool.scan_dropins, QueuedIds(self.known, self.backlog))
+            except OSError as e:
+                log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / "retry", e)
+                continue
+            self._take_dropins(*found)
 
     def scan_dropins(self) -> int:
-        found, warnings = self.spool.scan_dropins(QueuedIds(self.known, self.backlog))
+        """Scan retry/ now (queue commands: mail dropped in since is part of "all")."""
+        return self._take_dropins(*self.spool.scan_dropins(QueuedIds(self.known, self.backlog)))
+
+    def _take_dropins(self, found: list[Message], warnings: list[str]) -> int:
         for w in warnings:
             log.warning("%s", w)
         taken = 0
         for msg in found:
+            if msg.id in self.known or msg.id in self.backlog:
+                continue  # taken meanwhile (the scan ran in a thread)
             log.info("picked up dropped-in message %s for %d recipients", msg.id,
                      len(msg.rcpt_to_send))
             if self.take(msg, "retry"):
