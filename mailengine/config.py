@@ -231,7 +231,7 @@ SETTINGS: list[Setting] = [
             "gets '421 4.4.2' and disconnect. 0 = no minimum.", minimum=0),
     Setting("limits", "max_connections_per_ip", 50, "int",
             "Parallel inbound SMTP sessions from one client address; more get '421 4.7.0' at the "
-            "greeting. Shared out among the intake processes like max_inbound_connections. "
+            "greeting. All intake processes together, like max_inbound_connections. "
             "relay_ips and inbound_priority_ips are exempt. 0 = no limit.", minimum=0),
     Setting("limits", "max_intake_memory_mb", 512, "int",
             "MB that the inbound sessions of one intake process may buffer together (messages "

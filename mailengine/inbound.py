@@ -94,8 +94,9 @@ class InboundServer:
         if self.shared_count is None and n > 1:
             # no shared count (not Linux): each intake process takes an equal share of the cap
             self.max_connections = max(1, -(-lim.max_inbound_connections // n))
-        self.max_per_ip = max(1, -(-lim.max_connections_per_ip // n)) \
-            if lim.max_connections_per_ip else 0
+        self.max_per_ip = lim.max_connections_per_ip
+        if self.shared_count is None and n > 1 and self.max_per_ip:
+            self.max_per_ip = max(1, -(-self.max_per_ip // n))  # an equal share, as above
         self.priority_ips = AddressSet(lim.inbound_priority_ips)
         self.per_ip_exempt = [self.priority_ips, AddressSet(cfg.policy.relay_ips)]
         self.timeout = lim.smtp_receive_timeout
@@ -204,10 +205,29 @@ class InboundServer:
             self.shared_count.release()
 
     def admit_address(self, peer_ip: str) -> bool:
-        """Within max_connections_per_ip, or exempt (relay_ips, inbound_priority_ips)."""
-        if not self.max_per_ip or self.per_ip.get(peer_ip, 0) < self.max_per_ip:
+        """Within max_connections_per_ip (of all intake processes together, when they share a
+        count), or exempt (relay_ips, inbound_priority_ips); counted when True."""
+        shared = self.shared_count
+        if shared is not None:
+            if shared.try_admit_address(peer_ip, self.max_per_ip):
+                return True
+            if not any(peer_ip in exempt for exempt in self.per_ip_exempt):
+                return False
+            shared.try_admit_address(peer_ip, 0)  # exempt: counted all the same
             return True
-        return any(peer_ip in exempt for exempt in self.per_ip_exempt)
+        if self.max_per_ip and self.per_ip.get(peer_ip, 0) >= self.max_per_ip and \
+                not any(peer_ip in exempt for exempt in self.per_ip_exempt):
+            return False
+        self.per_ip[peer_ip] = self.per_ip.get(peer_ip, 0) + 1
+        return True
+
+    def address_ended(self, peer_ip: str) -> None:
+        if self.shared_count is not None:
+            self.shared_count.release_address(peer_ip)
+            return
+        left = self.per_ip.pop(peer_ip, 1) - 1
+        if left:
+            self.per_ip[peer_ip] = left
 
 
 class SMTPProtocol(asyncio.Protocol):
@@ -254,7 +274,6 @@ class SMTPProtocol(asyncio.Protocol):
             self.closed = True
             return
         self.counted_ip = peer_ip
-        srv.per_ip[peer_ip] = srv.per_ip.get(peer_ip, 0) + 1
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -270,9 +289,7 @@ class SMTPProtocol(asyncio.Protocol):
         srv = self.server
         srv.connections.discard(self)
         if self.counted_ip is not None:
-            left = srv.per_ip.pop(self.counted_ip, 1) - 1
-            if left:
-                srv.per_ip[self.counted_ip] = left
+            srv.address_ended(self.counted_ip)
             self.counted_ip = None
         srv.held -= self.held
         self.held = 0

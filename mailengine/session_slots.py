@@ -11,7 +11,12 @@ slot (one writer per slot, an aligned 8-byte store: no lock needed). When a proc
 it ends, the engine zeroes its slot and gives the slot to a later process: the sessions of a
 process killed with SIGKILL are gone with it.
 
-Linux only (memfd); elsewhere each process keeps its equal share, as before.
+`max_connections_per_ip` is counted the same way: each slot also holds ADDRESS_BUCKETS
+counters, one per hash of a client address, and a session is admitted while the sum of its
+address's bucket over all slots is below the limit. Two addresses that share a bucket count
+together, which can only refuse early, never admit more (with 4096 buckets, rarely).
+
+Linux only (memfd); elsewhere each process keeps its equal share of both limits, as before.
 """
 from __future__ import annotations
 
@@ -19,8 +24,19 @@ import fcntl
 import mmap
 import os
 import struct
+import zlib
 
 SLOT = struct.Struct("q")
+BUCKET = struct.Struct("i")
+ADDRESS_BUCKETS = 4096
+# One slot: its session count, then its per-address buckets.
+SLOT_SIZE = SLOT.size + BUCKET.size * ADDRESS_BUCKETS
+
+
+def address_bucket(address: str) -> int:
+    """The same bucket for the same address in every process (str hashes are salted per
+    process, so not hash())."""
+    return zlib.crc32(address.encode()) % ADDRESS_BUCKETS
 
 
 class SessionSlots:
@@ -29,13 +45,13 @@ class SessionSlots:
     def __init__(self, slots: int):
         self.slots = slots
         self.fd = os.memfd_create("mailengine-inbound-sessions")
-        os.ftruncate(self.fd, SLOT.size * slots)
-        self.map = mmap.mmap(self.fd, SLOT.size * slots)
+        os.ftruncate(self.fd, SLOT_SIZE * slots)
+        self.map = mmap.mmap(self.fd, SLOT_SIZE * slots)
         self.free = list(range(slots - 1, -1, -1))  # pop() hands out the lowest first
 
     @classmethod
     def make(cls, slots: int) -> "SessionSlots | None":
-        """None where the system has no memfd (not Linux): processes then share the cap out."""
+        """None where the system has no memfd (not Linux): processes then share the caps out."""
         try:
             return cls(slots)
         except (AttributeError, OSError):
@@ -47,16 +63,19 @@ class SessionSlots:
         if not self.free:
             return None
         slot = self.free.pop()
-        SLOT.pack_into(self.map, slot * SLOT.size, 0)
+        self._zero(slot)
         return slot
 
     def give_back(self, slot: int) -> None:
         """The process holding `slot` has ended: its sessions ended with it."""
-        SLOT.pack_into(self.map, slot * SLOT.size, 0)
+        self._zero(slot)
         self.free.append(slot)
 
+    def _zero(self, slot: int) -> None:
+        self.map[slot * SLOT_SIZE:(slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
+
     def total(self) -> int:
-        return sum(v for (v,) in SLOT.iter_unpack(self.map))
+        return sum(SLOT.unpack_from(self.map, i * SLOT_SIZE)[0] for i in range(self.slots))
 
     def close(self) -> None:
         self.map.close()
@@ -64,30 +83,61 @@ class SessionSlots:
 
 
 class SharedSessionCount:
-    """An intake process's side: admit against the engine-wide count, release at session end."""
+    """An intake process's side: admit against the engine-wide counts, release at session end."""
 
     def __init__(self, fd: int, slot: int):
         self.fd = fd
-        self.offset = slot * SLOT.size
-        self.map = mmap.mmap(fd, os.fstat(fd).st_size)
+        size = os.fstat(fd).st_size
+        self.slots = size // SLOT_SIZE
+        self.offset = slot * SLOT_SIZE
+        self.map = mmap.mmap(fd, size)
 
     def try_admit(self, cap: int) -> bool:
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            if sum(v for (v,) in SLOT.iter_unpack(self.map)) >= cap:
+        with self._locked():
+            if self._sum(0, SLOT) >= cap:
                 return False
-            self._add(1)
+            self._add(0, SLOT, 1)
             return True
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
     def add_exempt(self) -> None:
         """A session admitted past the cap (inbound_priority_ips) still counts for the others."""
-        self._add(1)
+        self._add(0, SLOT, 1)
 
     def release(self) -> None:
-        self._add(-1)
+        self._add(0, SLOT, -1)
 
-    def _add(self, n: int) -> None:
-        (v,) = SLOT.unpack_from(self.map, self.offset)
-        SLOT.pack_into(self.map, self.offset, v + n)
+    def try_admit_address(self, address: str, limit: int) -> bool:
+        """Count a session of `address` unless the engine holds `limit` of its bucket already
+        (limit 0: count it whatever the others hold; exempt addresses)."""
+        at = SLOT.size + BUCKET.size * address_bucket(address)
+        with self._locked():
+            if limit and self._sum(at, BUCKET) >= limit:
+                return False
+            self._add(at, BUCKET, 1)
+            return True
+
+    def release_address(self, address: str) -> None:
+        self._add(SLOT.size + BUCKET.size * address_bucket(address), BUCKET, -1)
+
+    # A slot's counters have one writer (their process), so changes need no lock; the lock
+    # makes a sum and the increment that depends on it one step for all processes.
+    def _locked(self):
+        return _Lock(self.fd)
+
+    def _sum(self, at: int, fmt: struct.Struct) -> int:
+        return sum(fmt.unpack_from(self.map, i * SLOT_SIZE + at)[0] for i in range(self.slots))
+
+    def _add(self, at: int, fmt: struct.Struct, n: int) -> None:
+        (v,) = fmt.unpack_from(self.map, self.offset + at)
+        fmt.pack_into(self.map, self.offset + at, v + n)
+
+
+class _Lock:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)

@@ -314,3 +314,32 @@ def test_unfinished_messages_share_one_memory_budget(tmp_path):
             s.close()
         assert len(list((eng.mailq / "retry").glob("*.inf"))) == 2
         assert "intake memory budget (1 MB) spent" in eng.read_output()
+
+
+def test_sessions_per_address_count_over_every_intake_process(tmp_path):
+    """6 per address over 4 intake processes: 6 are admitted whichever processes the kernel
+    picks (an equal share of 2 each refused most spreads), not a seventh; another address has
+    its own count."""
+    settings = {"limits.max_connections_per_ip": 6, "policy.relay_ips": ["10.1.2.3"],
+                "network.intake_workers": 4}
+    with RunningEngine(tmp_path, settings) as eng:
+        wait_until(lambda: "in 4 intake processes" in eng.read_output(), 20, "4 workers")
+
+        def connect(source="127.0.0.1"):
+            s = socket.create_connection(("127.0.0.1", eng.smtp_port), source_address=(source, 0))
+            s.settimeout(10)
+            return s
+        held = [connect() for _ in range(6)]
+        assert [h.recv(200)[:3] for h in held] == [b"220"] * 6
+        with connect() as extra:
+            assert extra.recv(200).startswith(b"421 4.7.0 Too many connections from your address")
+        with connect("127.0.0.2") as other:
+            assert other.recv(200).startswith(b"220")
+        held.pop().close()
+
+        def admitted():
+            with connect() as s:
+                return s.recv(200).startswith(b"220")
+        wait_until(admitted, 5, "a place for 127.0.0.1 again")
+        for s in held:
+            s.close()
