@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(ns) -> config.Config:
-    cfg = config.load(config.resolve_home(ns.home))
+def load_config(ns, strict: bool = True) -> config.Config:
+    cfg = config.load(config.resolve_home(ns.home), strict)
     for name, text in vars(ns).items():
         if name.startswith("set:") and text is not None:
             setting = config.BY_NAME[name[4:]]
@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"No MailEngine home in {home} (no {config.CONFIG_FILE}): use --home DIR, "
                   "or start the engine once there", file=sys.stderr)
             return 2
+    upgrading = command == "config" and ns.args[:1] == ["upgrade"]
     try:
-        cfg = load_config(ns)
+        cfg = load_config(ns, strict=not upgrading)  # upgrade reports old keys, not refuses
     except config.ConfigError as e:
         print(f"Configuration error: {e}", file=sys.stderr)
         return 2

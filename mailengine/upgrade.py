@@ -198,7 +198,7 @@ def upgrade(home: Path, old: Path, dry_run: bool = False) -> dict:
         raise config.ConfigError(f"{src}: not valid TOML: {e}") from None
     created = not path.exists()
     path, doc = read_doc(home)
-    current = config.from_dict(home, tomllib.loads(tomlkit.dumps(doc)))
+    current = config.from_dict(home, tomllib.loads(tomlkit.dumps(doc)), strict=False)
     rep: dict = {"carried": [], "same": [], "unknown": [], "invalid": [], "not_default": [],
                  "path": str(path), "backup": "", "created": created, "source": str(src)}
     for sec, body in old_data.items():
@@ -224,7 +224,7 @@ def upgrade(home: Path, old: Path, dry_run: bool = False) -> dict:
             set_in_doc(doc, setting, value)
             rep["carried"].append((name, value))
     text = tomlkit.dumps(doc)
-    rep["warnings"] = config.from_dict(home, tomllib.loads(text)).warnings  # raises if bad
+    rep["warnings"] = config.from_dict(home, tomllib.loads(text), strict=False).warnings
     if rep["carried"] and not dry_run:
         backup = path.with_name(path.name + BACKUP_SUFFIX)
         was = path.read_text(encoding="utf-8")
