@@ -83,7 +83,7 @@ SETTINGS: list[Setting] = [
     Setting("basic", "dns_servers", [], "list[str]",
             "DNS bypass entries 'domain,hostname,MX|NS,ip'. MX pins a domain's mail host to an IP "
             "(ip:port allowed: a smart host); NS sends that domain's lookups to a given name server.",
-            check=_check_dns_bypass),
+            check=_check_dns_bypass, comma_entries=True),
     Setting("basic", "preload_domains", [], "list[str]",
             "Domains whose mail servers are looked up at start-up.", restart=True),
     Setting("basic", "local_domains", [], "list[str]",

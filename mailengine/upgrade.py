@@ -37,7 +37,9 @@ def config_parser() -> argparse.ArgumentParser:
     sh.add_argument("--changed", action="store_true", help="only values that are not defaults")
     st = sub.add_parser("set", help="set KEY to VALUE (checked), tell a running engine")
     st.add_argument("key")
-    st.add_argument("value", help="TOML syntax or plain words; lists as a,b,c")
+    st.add_argument("value", help="TOML syntax or plain words; lists as a,b,c or a TOML array "
+                                  "([1, 5, 30]); dns_servers and signing_table entries hold "
+                                  "commas: one entry as written, several as a TOML array")
     up = sub.add_parser("upgrade", help="carry an older config's values into this home's file")
     up.add_argument("old", metavar="OLD_HOME_OR_FILE")
     up.add_argument("--dry-run", action="store_true", help="report, change nothing")
@@ -136,7 +138,7 @@ def read_doc(home: Path) -> tuple[Path, tomlkit.TOMLDocument]:
 # ---------------------------------------------------------------- set
 
 def cmd_set(cfg: config.Config, key: str, text: str, engine_answer=None, ask=None) -> int:
-    from .cli import parse_override
+    from .cli import list_syntax, parse_override
     setting = config.BY_NAME.get(key)
     if setting is None:
         near = [s.name for s in config.SETTINGS if s.key == key.rpartition(".")[2]]
@@ -150,7 +152,10 @@ def cmd_set(cfg: config.Config, key: str, text: str, engine_answer=None, ask=Non
         new_text = tomlkit.dumps(doc)
         checked = config.from_dict(cfg.home, tomllib.loads(new_text))  # the whole file stays valid
     except config.ConfigError as e:
-        print(f"Not changed: {e}", file=sys.stderr)
+        hint = ""
+        if setting.kind.startswith("list") and "; write " not in str(e):
+            hint = f" (write {list_syntax(setting)})"
+        print(f"Not changed: {e}{hint}", file=sys.stderr)
         return 2
     write_atomically(path, new_text)
     print(f"{setting.name} = {config.toml_value(value)}  (written to {path})")

@@ -56,3 +56,33 @@ def test_config_upgrade_still_reports_old_keys_in_the_home_and_the_old_file(tmp_
     assert code == 0, out
     assert "carried 1 value" in out and "network.smtp_prot" in out and "ancient.thing" in out
     assert "warning: queue.old_knob: no such setting" in out
+
+
+# ---------------------------------------------------------------- 3. config set and lists
+
+def test_config_set_takes_plain_lists_and_toml_arrays_and_says_so_when_wrong(tmp_path):
+    config.load(tmp_path)
+    for text in ("1,5,30", "1, 5, 30", "[1, 5, 30]"):
+        code, out = run_cli(tmp_path, "config", "set", "queue.retry_intervals", text)
+        assert code == 0, out
+        assert config.load(tmp_path).queue.retry_intervals == [1.0, 5.0, 30.0]
+    code, out = run_cli(tmp_path, "config", "set", "queue.retry_intervals", "1,soon")
+    assert code == 2 and "must be a list of numbers" in out and "1,5,30 or [1, 5, 30]" in out
+    code, out = run_cli(tmp_path, "config", "set", "queue.retry_intervals", "[1, 5")
+    assert code == 2 and "not a TOML array" in out and out.count("1,5,30") == 1
+    code, out = run_cli(tmp_path, "config", "set", "policy.relay_ips", "127.0.0.1,10.0.0.0/8")
+    assert code == 0 and config.load(tmp_path).policy.relay_ips == ["127.0.0.1", "10.0.0.0/8"]
+    # dns_servers entries hold commas: plain text is one entry, several a TOML array
+    entry = "example.com,mx.example.com,MX,127.0.0.1:2525"
+    code, out = run_cli(tmp_path, "config", "set", "basic.dns_servers", entry)
+    assert code == 0, out
+    assert config.load(tmp_path).basic.dns_servers == [entry]
+    two = '["a.test,mx.a.test,MX,127.0.0.1:5353", "b.test,mx.b.test,MX,127.0.0.1:2526"]'
+    code, out = run_cli(tmp_path, "config", "set", "basic.dns_servers", two)
+    assert code == 0 and len(config.load(tmp_path).basic.dns_servers) == 2
+    code, out = run_cli(tmp_path, "config", "set", "basic.dns_servers", "example.com,mx")
+    assert code == 2 and "must be 'domain,hostname,MX|NS,ip'" in out and "TOML array" in out
+    # the same rules for a one-run override on the command line
+    code, out = run_cli(tmp_path, "--dns-servers", entry, "--retry-intervals", "2,4",
+                        "config", "show", "basic.dns_servers")
+    assert code == 0 and f'["{entry}"]' in out
