@@ -205,6 +205,20 @@ def daemonize(cfg: config.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command, with its output piped into a reader that may go away (`| head`)."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit after main returned
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading: stop quietly, as the Python docs recommend (signal
+        # module, "Note on SIGPIPE"): point stdout at devnull so the exit's flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def run_command(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-bd" in argv:  # the manual's spelling; argparse would read it as an option
         argv[argv.index("-bd")] = "daemon"

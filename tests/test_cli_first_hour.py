@@ -86,3 +86,30 @@ def test_config_set_takes_plain_lists_and_toml_arrays_and_says_so_when_wrong(tmp
     code, out = run_cli(tmp_path, "--dns-servers", entry, "--retry-intervals", "2,4",
                         "config", "show", "basic.dns_servers")
     assert code == 0 and f'["{entry}"]' in out
+
+
+# ---------------------------------------------------------------- 6. output piped into head
+
+def test_output_piped_into_a_reader_that_stops_is_no_traceback(tmp_path):
+    from mailengine.client import enqueue
+    config.load(tmp_path)
+    msg_id = enqueue(tmp_path / "mailq", "a@src.test", ["b@dst.test"], ["Subject: x"], "x\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    commands = (["config", "show"], ["queue", "list"], ["queue", "list", "--messages"],
+                ["queue", "show", msg_id], ["install-service", "--unit-dir", str(tmp_path)])
+    for args in commands:
+        # the reader is gone before the command writes: every write meets a closed pipe
+        proc = subprocess.Popen([sys.executable, "-m", "mailengine.cli", "--home",
+                                 str(tmp_path), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.wait(60)
+        assert "Traceback" not in err and "BrokenPipe" not in err, (args, err)
+        (tmp_path / "mailengine.service").unlink(missing_ok=True)
+    # and the way a user writes it
+    out = subprocess.run(f"{sys.executable} -m mailengine.cli --home {tmp_path} config show "
+                         "| head -1", shell=True, capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.stdout.startswith("basic.nameservers = ") and len(out.stdout.splitlines()) == 1
+    assert out.stderr == ""
