@@ -113,3 +113,80 @@ def test_output_piped_into_a_reader_that_stops_is_no_traceback(tmp_path):
                          timeout=60)
     assert out.stdout.startswith("basic.nameservers = ") and len(out.stdout.splitlines()) == 1
     assert out.stderr == ""
+
+
+# ---------------------------------------------------------------- 5. --help, and test mode
+
+def test_every_help_prints_help_and_does_nothing_else(tmp_path):
+    home = tmp_path / "empty"
+    home.mkdir()
+    for command in ("start", "test", "-bd", "shutdown", "version", "gettcpip", "dkim", "queue",
+                    "config", "status", "send", "install-service", "remove-service", "init"):
+        for flag in ("--help", "-h"):
+            out = cli(home, command, flag, timeout=30)
+            assert out.returncode == 0, (command, out.stdout, out.stderr)
+            assert "usage: mailengine" in out.stdout, (command, out.stdout)
+            assert list(home.iterdir()) == [], (command, list(home.iterdir()))
+    out = cli(home, "test", "--help", timeout=30)
+    assert "test mode" in out.stdout
+
+
+def test_test_mode_is_seen_by_status_and_shutdown_and_its_results_kept_apart(tmp_path):
+    from mailengine.testing.engine import RunningEngine, wait_until
+    from test_cli_queue import Sink, send
+    sink = Sink()
+    (tmp_path / "mailq" / "retry").mkdir(parents=True)  # a normal queue from an earlier run
+    try:
+        eng = RunningEngine(tmp_path, {"queue.pause_sending": False,
+                                       "basic.dns_servers": [sink.pin("dst.test")]},
+                            command="test").start()
+        try:
+            send(eng, ["ann@dst.test"])
+            events = tmp_path / "log" / "events-test.jsonl"
+            wait_until(lambda: events.exists() and "ann@dst.test" in events.read_text(),
+                       what="the test-mode event line")
+            code, out = run_cli(tmp_path, "status")
+            assert code == 0 and "in TEST MODE" in out, out
+            out = cli(tmp_path, "shutdown")
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert "test mode" in out.stdout and "stopped" in out.stdout
+            assert eng.proc.wait(10) == 0
+        finally:
+            eng.stop()
+        assert sink.sink.messages == []  # RSET + QUIT: nothing delivered
+    finally:
+        sink.close()
+    import json
+    rec = json.loads(events.read_text().splitlines()[0])
+    assert rec["test"] is True and rec["result"] == "tested" and rec["rcpt"] == "ann@dst.test"
+    assert not (tmp_path / "log" / "events.jsonl").exists()
+    assert not (tmp_path / "mailq" / "retry" / "shutdown.txt").exists()  # nothing stale
+    out = cli(tmp_path, "shutdown")
+    assert out.returncode == 1 and "not running" in out.stderr
+    assert not (tmp_path / "mailq" / "retry" / "shutdown.txt").exists()
+
+
+# ---------------------------------------------------------------- 8. init, and overrides shown
+
+def test_init_writes_the_home_and_starts_nothing(tmp_path):
+    home = tmp_path / "home"
+    out = cli(home, "--relay-ips", "10.0.0.300", "init")
+    assert out.returncode == 2 and "is not an IP address" in out.stderr
+    assert not (home / "mailengine.toml").exists()
+    port = free_port()
+    out = cli(home, "--smtp-port", str(port), "--web-port", "0", "init")
+    assert out.returncode == 0, out.stderr
+    assert f"network.smtp_port = {port}" in out.stdout
+    text = (home / "mailengine.toml").read_text()
+    assert text.startswith("# MailEngine configuration.") and "# SMTP port." in text
+    cfg = config.load(home)
+    assert cfg.network.smtp_port == port and cfg.network.web_port == 0
+    assert (home / "mailq" / "retry").is_dir() and (home / "log").is_dir()
+    import socket
+    with socket.socket() as s:  # nothing was started on the port
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    out = cli(home, "--smtp-port", "2600", "init")
+    assert out.returncode == 2 and "config set" in out.stderr
+    assert config.load(home).network.smtp_port == port
+    out = cli(home, "init")
+    assert out.returncode == 0 and "left as it is" in out.stdout
