@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Callable
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
 from .dns import MXResolver, Target
-from .envelope import Message
+from .envelope import Message, set_last_replies
 from .bounces import verp_encode
 from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
 from .scheduler import Scheduler, Unit
@@ -940,6 +940,10 @@ class DeliveryEngine:
                                else f" at {msg.retry_time:%Y/%m/%d %H:%M:%S}")
         if att.dkim_hold is not None and not res.done:
             self._held_for_dkim(msg, att.dkim_hold, now)
+        if not res.done:  # `queue list` shows why it waits, after a restart too
+            why = {o.address: o for o in att.outcomes}
+            when = now.strftime("%Y/%m/%d %H:%M:%S")
+            set_last_replies(msg, {a: (when, why[a].reply) for a in res.deferred if a in why})
         self._note(msg, res, att)
         notices = getattr(self.engine, "notices", None)
         if notices is not None:  # lists, event log, DSNs, delivery reports (notices.py)
@@ -1010,8 +1014,16 @@ class DeliveryEngine:
         self.engine.known.discard(msg.id)
 
     def _note(self, msg: Message, res, att: Attempt) -> None:
-        """Log lines (the lists and the event log are written by notices.py)."""
+        """Log lines (the lists and the event log are written by notices.py): one per delivered
+        recipient, as Postfix's `status=sent`, and one per failed or deferred one."""
         text = msg.log[-1].split(": ", 1)[-1] if msg.log else ""
+        if res.sent:
+            status = "tested" if self.test_mode else "sent"  # test mode: RSET, not DATA
+            for o in att.outcomes:
+                if o.kind is Kind.SENT:
+                    log.info("%s: to=<%s>, relay=%s[%s]:%s, delay=%.2f, status=%s (%s)", msg.id,
+                             o.address, o.host or "-", o.ip or "-", o.port, o.duration, status,
+                             o.reply)
         if res.failed or res.gave_up or res.deferred:
             why = {o.address: o for o in att.outcomes}
             for a in res.failed + res.gave_up + res.deferred:

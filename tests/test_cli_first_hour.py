@@ -190,3 +190,146 @@ def test_init_writes_the_home_and_starts_nothing(tmp_path):
     assert config.load(home).network.smtp_port == port
     out = cli(home, "init")
     assert out.returncode == 0 and "left as it is" in out.stdout
+
+
+# ---------------------------------------------------------------- 1, 2. README, from a clone
+
+def readme_block(title: str) -> list[str]:
+    """The shell lines of the first code block after README's `title` heading, continuation
+    lines joined, comments and comment-only lines dropped."""
+    text = (REPO / "README.md").read_text()
+    after = text[text.index(f"\n{title}\n"):]
+    lines, joined, started = [], "", False
+    for line in after.splitlines()[1:]:
+        if line.startswith("    "):
+            started = True
+            code = line[4:]
+            if code.lstrip().startswith("#"):
+                continue
+            code = code.split("  #", 1)[0].rstrip()
+            if code.endswith("\\"):
+                joined += code[:-1] + " "
+                continue
+            lines.append((joined + code).strip())
+            joined = ""
+        elif started and line.strip():
+            break
+    return lines
+
+
+def test_readme_says_make_a_venv_and_points_to_nothing_a_clone_lacks():
+    install = readme_block("## The two commands")
+    venv = next(i for i, c in enumerate(install) if "python3 -m venv .venv" in c)
+    pip = next(i for i, c in enumerate(install) if "pip install -e ." in c)
+    assert venv < pip and ". .venv/bin/activate" in install[venv]
+    import re
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        assert "../shared" not in text, doc
+        assert not re.search(r"\bSPEC( section)? \d", text), (doc, re.findall(r".*SPEC.*", text))
+
+
+def test_the_quick_tour_works_offline_as_written(tmp_path):
+    """Every command of README's quick tour, in a new home, with free ports for 2525/2526: the
+    message waits in the queue, is held, released and delivered to the local sink."""
+    import signal
+    import time
+    from mailengine.testing.engine import wait_for_port
+    smtp, sink = str(free_port()), str(free_port())
+    steps = readme_block("## A quick tour")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    env.pop("MAILENGINE_HOME", None)
+    tour = tmp_path / "mailtour"
+    expect = {"ls mailq/retry/": ".inf", "cat mailq/retry/*.inf": "rcpttosend=someone@example.com",
+              "mailengine queue list --messages": " held ",
+              "mailengine shutdown": "stopped"}
+    lists = iter(["example.com", "Mail queue is empty."])  # queue list: before, after release
+    background: list[subprocess.Popen] = []
+    ran = []
+    try:
+        for step in steps:
+            cmd = step.replace("2525", smtp).replace("2526", sink)
+            cmd = cmd.replace("python3 -m", f"{sys.executable} -m")
+            if cmd.startswith("mailengine "):
+                cmd = f"{sys.executable} -m mailengine.cli " + cmd[len("mailengine "):]
+            if cmd == "kill %1":
+                background[0].send_signal(signal.SIGTERM)
+                background[0].wait(10)
+                ran.append(step)
+                continue
+            if cmd.endswith("&"):
+                proc = subprocess.Popen(cmd[:-1], shell=True, cwd=tour, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+                background.append(proc)
+                wait_for_port("127.0.0.1", int(sink if "sink" in cmd else smtp), 20, proc)
+                ran.append(step)
+                continue
+            want = expect.get(step) or (next(lists) if step == "mailengine queue list" else None)
+            if step.startswith("grep "):
+                want = "status=sent"
+            deadline = time.monotonic() + 15
+            while True:
+                out = subprocess.run(cmd, shell=True, cwd=tour if tour.exists() else tmp_path,
+                                     env=env, capture_output=True, text=True, timeout=60)
+                ok = out.returncode == 0 and (want is None or want in out.stdout)
+                if ok or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)  # delivery after `release` takes a moment
+            assert ok, (step, want, out.stdout, out.stderr)
+            if step.startswith("grep "):
+                assert '"result":"sent"' in out.stdout and f'"port":{sink}' in out.stdout
+            ran.append(step)
+    finally:
+        for proc in background:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert any("queue release all" in s for s in ran) and ran[-1] == "kill %1"
+
+
+# ---------------------------------------------------------------- 7. what was delivered, and why not
+
+def test_the_log_says_what_was_delivered_and_a_deferral_survives_a_restart(tmp_path):
+    import json
+    import re
+    from mailengine.envelope import parse_inf
+    from mailengine.testing.engine import RunningEngine, wait_until
+    from mailengine.testing.sink import SinkScript
+    from test_cli_queue import Sink, send
+    from test_web_api import TOKEN, Client, wait_web
+    sink = Sink(SinkScript(rcpt={"later@slow.test": "451 4.3.0 Mailbox busy, try later"}))
+    (tmp_path / "api-tokens.txt").write_text(f"tests:{TOKEN}\n")
+    web = free_port()
+    settings = {"queue.pause_sending": False, "queue.retry_intervals": [60],
+                "network.web_port": web, "network.web_ip": "127.0.0.1",
+                "basic.dns_servers": [sink.pin("dst.test"), sink.pin("slow.test")]}
+    try:
+        with RunningEngine(tmp_path, settings) as eng:
+            delivered = send(eng, ["ann@dst.test", "bob@dst.test"])
+            deferred = send(eng, ["later@slow.test"])
+            logs = lambda: "".join(p.read_text() for p in (tmp_path / "log").glob("*.log"))  # noqa
+            wait_until(lambda: logs().count("status=sent") == 2 and "later@slow.test deferred"
+                       in logs(), what="two delivered lines and a deferral")
+        for rcpt in ("ann@dst.test", "bob@dst.test"):
+            assert re.search(rf"{re.escape(delivered)}: to=<{rcpt}>, relay=mx\.dst\.test\["
+                             rf"127\.0\.0\.1\]:{sink.sink.port}, delay=\d+\.\d\d, status=sent "
+                             rf"\(250 2\.0\.0 Ok: queued as S\d+\)", logs()), logs()
+        inf = parse_inf((tmp_path / "mailq" / "retry" / f"{deferred}.inf").read_bytes())
+        assert "451 4.3.0 Mailbox busy" in inf.extra["lastreply"]
+        # After a restart the engine has no memory of it: the .inf does.
+        with RunningEngine(tmp_path, settings):
+            code, out = run_cli(tmp_path, "queue", "list")
+            assert "later@slow.test: 451 4.3.0 Mailbox busy, try later" in out, out
+            code, out = run_cli(tmp_path, "queue", "--json", "list")
+            assert json.loads(out)["messages"][0]["replies"]["later@slow.test"][1] == \
+                "451 4.3.0 Mailbox busy, try later"
+            code, out = run_cli(tmp_path, "queue", "show", deferred)
+            assert "last reply for later@slow.test" in out and "451 4.3.0" in out
+            wait_web(type("E", (), {"web_port": web}))
+            r = Client(web).api("GET", f"/api/v1/queue/{deferred}")
+            assert r.status == 200, r.text
+            assert r.json["last_replies"]["later@slow.test"]["reply"] == \
+                "451 4.3.0 Mailbox busy, try later"
+    finally:
+        sink.close()

@@ -340,6 +340,7 @@ async def message(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=f"Message {msg_id} is not in the queue (any more).")
     return w.render(request, "message.html", title=f"Message {msg_id}", msg_id=msg_id, msg=msg,
                     where=where, state=queue_view.state_of(w.engine, msg) if msg else "",
+                    replies=queue_view.last_replies(msg) if msg else {},
                     inf=queue_view.inf_text(w.engine, msg_id, where),
                     headers=queue_view.head_of_data(w.engine, msg_id, where),
                     actions=queue_actions.available(w.engine))
