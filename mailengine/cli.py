@@ -107,6 +107,7 @@ def load_config(ns, strict: bool = True) -> config.Config:
     for name, text in vars(ns).items():
         if name.startswith("set:") and text is not None:
             setting = config.BY_NAME[name[4:]]
+            cfg.overridden.setdefault(setting.name, cfg.values[setting.name])
             cfg.set(setting.name, parse_override(setting, text))
     return cfg
 

@@ -369,6 +369,9 @@ class Config:
     home: Path
     values: dict[str, Any] = field(default_factory=dict)  # "section.key" -> value
     warnings: list[str] = field(default_factory=list)
+    # Settings given on the command line for this run (`--smtp-port 2525`): name -> the value
+    # the file (or the default) holds, so `config show` can say which one is in force.
+    overridden: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for s in SETTINGS:

@@ -1,7 +1,8 @@
 """`mailengine config show|set|upgrade`: read and change HOME/mailengine.toml from the shell.
 
 - `config show [KEY|SECTION] [--changed]`: the effective values (`postconf`-like); one key also
-  shows its meaning, default and whether a change needs a restart.
+  shows its meaning, default and whether a change needs a restart. A value given on the command
+  line for this run (`--smtp-port 2525`) is shown as in force, marked, with the file's value.
 - `config set KEY VALUE`: checked exactly as the engine and the web admin check it
   (config.coerce), written into mailengine.toml with its comments and layout kept (tomlkit); a
   running engine is told through the control socket when the setting allows it.
@@ -58,10 +59,19 @@ def config_main(cfg: config.Config, argv: list[str], engine_answer=None, ask=Non
 
 # ---------------------------------------------------------------- show
 
+def override_note(cfg: config.Config, name: str) -> str:
+    """'  # --smtp-port on the command line (mailengine.toml: 25)' for an overridden setting."""
+    if name not in cfg.overridden:
+        return ""
+    from .cli import option_name
+    return (f"  # {option_name(config.BY_NAME[name].key)} on the command line "
+            f"({config.CONFIG_FILE}: {config.toml_value(cfg.overridden[name])})")
+
+
 def show(cfg: config.Config, key: str | None, changed_only: bool = False) -> int:
     if key and key in config.BY_NAME:
         s = config.BY_NAME[key]
-        print(f"{s.name} = {config.toml_value(cfg.values[s.name])}")
+        print(f"{s.name} = {config.toml_value(cfg.values[s.name])}{override_note(cfg, s.name)}")
         print(f"  {s.doc}")
         print(f"  default: {config.toml_value(s.default)}; "
               + ("a change takes effect after restart" if s.restart else
@@ -74,9 +84,9 @@ def show(cfg: config.Config, key: str | None, changed_only: bool = False) -> int
         return 2
     for s in names:
         value = cfg.values[s.name]
-        if changed_only and value == config.coerce(s, s.default):
+        if changed_only and value == config.coerce(s, s.default) and s.name not in cfg.overridden:
             continue
-        print(f"{s.name} = {config.toml_value(value)}")
+        print(f"{s.name} = {config.toml_value(value)}{override_note(cfg, s.name)}")
     for w in cfg.warnings:
         print(f"# warning: {w}", file=sys.stderr)
     return 0

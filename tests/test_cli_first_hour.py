@@ -192,6 +192,21 @@ def test_init_writes_the_home_and_starts_nothing(tmp_path):
     assert out.returncode == 0 and "left as it is" in out.stdout
 
 
+def test_config_show_marks_a_value_given_on_the_command_line(tmp_path):
+    config.load(tmp_path)
+    code, out = run_cli(tmp_path, "--smtp-port", "2600", "config", "show", "network")
+    assert "network.smtp_port = 2600  # --smtp-port on the command line (mailengine.toml: 25)" \
+        in out.splitlines()
+    assert "network.web_port = 81" in out.splitlines()  # not overridden: not marked
+    code, out = run_cli(tmp_path, "--smtp-port", "2600", "config", "show",
+                        "network.smtp_port")
+    assert out.splitlines()[0].endswith("# --smtp-port on the command line "
+                                        "(mailengine.toml: 25)")
+    code, out = run_cli(tmp_path, "--smtp-port", "25", "config", "show", "--changed")
+    assert out.strip() == "network.smtp_port = 25  # --smtp-port on the command line " \
+        "(mailengine.toml: 25)"
+
+
 # ---------------------------------------------------------------- 1, 2. README, from a clone
 
 def readme_block(title: str) -> list[str]:
