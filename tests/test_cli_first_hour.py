@@ -348,3 +348,46 @@ def test_the_log_says_what_was_delivered_and_a_deferral_survives_a_restart(tmp_p
                 "451 4.3.0 Mailbox busy, try later"
     finally:
         sink.close()
+
+
+# ---------------------------------------------------------------- 12. the original product's config/
+
+def test_config_upgrade_reads_the_original_products_config_directory(tmp_path):
+    old = tmp_path / "old-mailengine"
+    files = {"WebPort.txt": "# Web interface port. 0 disables it.\n8081\n",
+             "WebTcpip.txt": "# the address allowed to use the web interface\n127.0.0.1\n",
+             "SmtpPort.txt": "2525\n",
+             "RelayIps.txt": "# one a line\n127.0.0.1\n192.168.1.0/24\n",
+             "RetryIntervals.txt": "5\n60\n",
+             "SaveDone.txt": "1\n",
+             "HeloText.txt": "mail.example.org\n",
+             "MaxThreads.txt": "0\n",  # refused today (minimum 1)
+             "MysteryKnob.txt": "3\n",
+             "password.txt": "admin:opensesame\n"}
+    (old / "config").mkdir(parents=True)
+    for name, text in files.items():
+        (old / "config" / name).write_text(text)
+    home = tmp_path / "home"
+    config.load(home)
+    before = (home / "mailengine.toml").read_text()
+    code, out = run_cli(home, "config", "upgrade", str(old), "--dry-run")
+    assert code == 0 and "would carry 7 values" in out, out
+    assert (home / "mailengine.toml").read_text() == before
+    assert not (home / "password.txt").exists()
+    code, out = run_cli(home, "config", "upgrade", str(old))
+    assert code == 0, out
+    assert f"{old / 'config'} -> {home / 'mailengine.toml'}" in out
+    assert "carried 7 values" in out
+    assert "config/MysteryKnob.txt" in out and "limits.max_threads = 0: must be at least 1" in out
+    assert f"users: {old / 'config' / 'password.txt'} -> {home / 'password.txt'}" in out
+    cfg = config.load(home)
+    assert cfg.network.web_port == 8081 and cfg.network.web_ip == "127.0.0.1"
+    assert cfg.network.smtp_port == 2525 and cfg.network.helo_text == "mail.example.org"
+    assert cfg.policy.relay_ips == ["127.0.0.1", "192.168.1.0/24"]
+    assert cfg.queue.retry_intervals == [5.0, 60.0] and cfg.queue.save_done is True
+    assert cfg.limits.max_threads == 500
+    assert (home / "password.txt").read_text() == "admin:opensesame\n"
+    assert "# SMTP port. 1 disables SMTP intake." in (home / "mailengine.toml").read_text()
+    # naming the config/ directory itself works too; this home's users are kept
+    code, out = run_cli(home, "config", "upgrade", str(old / "config"))
+    assert code == 0 and "carried 0 values" in out and "kept this home's" in out
