@@ -299,9 +299,13 @@ def command_help(command: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command, with its output piped into a reader that may go away (`| head`)."""
+    return quiet_on_closed_pipe(run_command, argv)
+
+
+def quiet_on_closed_pipe(run, argv: list[str] | None) -> int:
+    """run(argv), with its output piped into a reader that may go away (`| head`)."""
     try:
-        code = run_command(argv)
+        code = run(argv)
         sys.stdout.flush()  # a closed pipe shows here, not at exit after main returned
         return code
     except BrokenPipeError:

@@ -161,7 +161,8 @@ def sendmail_main(argv: list[str] | None = None) -> int:
         return EX_OK if str(e) == "help" else EX_USAGE
     home = resolve_home(opts["C"])
     if opts["bp"]:
-        return print_queue(home)
+        from .cli import quiet_on_closed_pipe
+        return quiet_on_closed_pipe(lambda _: print_queue(home), None)
     if not (home / config.CONFIG_FILE).exists():
         print(f"mailengine-sendmail: no MailEngine home in {home} (no {config.CONFIG_FILE}): "
               "use -C HOME or set MAILENGINE_HOME", file=sys.stderr)
@@ -232,6 +233,11 @@ def tell_engine(home: Path) -> None:
 # ---------------------------------------------------------------- mailq
 
 def mailq_main(argv: list[str] | None = None) -> int:
+    from .cli import quiet_on_closed_pipe
+    return quiet_on_closed_pipe(_mailq, argv)
+
+
+def _mailq(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     home = None
     while argv:

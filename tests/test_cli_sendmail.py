@@ -135,3 +135,17 @@ def test_mailq_prints_the_queue_as_postqueue_does(tmp_path):
         assert next(ln for ln in lines if ln.strip() == "ann@dst.test").index("ann") == \
             sender_col
         assert lines[-1] == "-- 2 Kbytes in 2 Requests."
+
+
+def test_mailq_into_a_reader_that_stops_is_no_traceback(tmp_path):
+    config.load(tmp_path)
+    for _ in range(3):
+        sendmail(tmp_path, "a@dst.test", stdin=b"Subject: x\n\nbody\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from mailengine.sendmail import "
+                             "mailq_main; sys.exit(mailq_main())", "-C", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # gone before mailq writes
+    err = proc.stderr.read().decode()
+    proc.wait(60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
