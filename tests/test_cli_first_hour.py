@@ -315,6 +315,7 @@ def test_the_log_says_what_was_delivered_and_a_deferral_survives_a_restart(tmp_p
     from test_web_api import TOKEN, Client, wait_web
     sink = Sink(SinkScript(rcpt={"later@slow.test": "451 4.3.0 Mailbox busy, try later"}))
     (tmp_path / "api-tokens.txt").write_text(f"tests:{TOKEN}\n")
+    (tmp_path / "password.txt").write_text("admin:opensesame\n")
     web = free_port()
     settings = {"queue.pause_sending": False, "queue.retry_intervals": [60],
                 "network.web_port": web, "network.web_ip": "127.0.0.1",
@@ -346,6 +347,12 @@ def test_the_log_says_what_was_delivered_and_a_deferral_survives_a_restart(tmp_p
             assert r.status == 200, r.text
             assert r.json["last_replies"]["later@slow.test"]["reply"] == \
                 "451 4.3.0 Mailbox busy, try later"
+            client = Client(web)
+            client.login()
+            page = client.get(f"/gui/admin/queue/message/{deferred}")
+            assert page.status == 200
+            assert re.search(r'id="last-reply">later@slow.test \(\d{4}/\d\d/\d\d [\d:]+\): '
+                             r'451 4.3.0 Mailbox busy, try later<', page.text), page.text
     finally:
         sink.close()
 
