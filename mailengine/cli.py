@@ -237,9 +237,27 @@ def cmd_init(ns) -> int:
     else:
         print(f"Wrote {path}: every setting with its default and meaning"
               + "".join(f"\n  {n} = {config.toml_value(cfg.values[n])}" for n in given))
+    first_user(cfg)
     print(f"Made {cfg.mailq()} and {cfg.log_dir}. Start it with: "
           f"mailengine --home {home} start")
     return 0
+
+
+def first_user(cfg: config.Config) -> None:
+    """A home without password.txt gets the web admin's first user, `admin`, with a generated
+    password, stored hashed and shown this once (no well-known password to forget to change)."""
+    import secrets
+
+    from .users import PasswordFile
+    if cfg.password_file.exists():
+        return
+    password = secrets.token_urlsafe(12)
+    PasswordFile(cfg.password_file).set_password("admin", password)
+    where = ("off (network.web_port = 0)" if not cfg.network.web_port else
+             f"http://{cfg.network.web_ip if cfg.network.web_ip not in ('', '0') else '127.0.0.1'}"
+             f":{cfg.network.web_port}/")
+    print(f"Web admin user: admin, password: {password}  (only shown now; stored hashed in "
+          f"{cfg.password_file}; change it on the Account page). The web admin: {where}")
 
 
 def daemonize(cfg: config.Config) -> None:

@@ -109,8 +109,9 @@ SETTINGS: list[Setting] = [
     Setting("network", "smtp_source_ip", "", "str",
             "One local address for outbound connections. Empty: the operating system chooses.",
             check=lambda v: None if not v else _check_addresses([v])),
-    Setting("network", "web_ip", "", "str",
-            "The client address allowed to use the web admin. Empty: any. '0' disables it.",
+    Setting("network", "web_ip", "127.0.0.1", "str",
+            "The client address (or network, or range) allowed to use the web admin; a "
+            "loopback one also binds the port on loopback only. Empty: any. '0' disables it.",
             check=_check_web_ip),
     Setting("network", "web_port", 81, "int",
             "Web admin port. 0 disables it.", minimum=0, restart=True,

@@ -362,7 +362,7 @@ def test_the_log_says_what_was_delivered_and_a_deferral_survives_a_restart(tmp_p
 def test_config_upgrade_reads_the_original_products_config_directory(tmp_path):
     old = tmp_path / "old-mailengine"
     files = {"WebPort.txt": "# Web interface port. 0 disables it.\n8081\n",
-             "WebTcpip.txt": "# the address allowed to use the web interface\n127.0.0.1\n",
+             "WebTcpip.txt": "# the address allowed to use the web interface\n192.168.1.124\n",
              "SmtpPort.txt": "2525\n",
              "RelayIps.txt": "# one a line\n127.0.0.1\n192.168.1.0/24\n",
              "RetryIntervals.txt": "5\n60\n",
@@ -388,7 +388,7 @@ def test_config_upgrade_reads_the_original_products_config_directory(tmp_path):
     assert "config/MysteryKnob.txt" in out and "limits.max_threads = 0: must be at least 1" in out
     assert f"users: {old / 'config' / 'password.txt'} -> {home / 'password.txt'}" in out
     cfg = config.load(home)
-    assert cfg.network.web_port == 8081 and cfg.network.web_ip == "127.0.0.1"
+    assert cfg.network.web_port == 8081 and cfg.network.web_ip == "192.168.1.124"
     assert cfg.network.smtp_port == 2525 and cfg.network.helo_text == "mail.example.org"
     assert cfg.policy.relay_ips == ["127.0.0.1", "192.168.1.0/24"]
     assert cfg.queue.retry_intervals == [5.0, 60.0] and cfg.queue.save_done is True
@@ -398,3 +398,33 @@ def test_config_upgrade_reads_the_original_products_config_directory(tmp_path):
     # naming the config/ directory itself works too; this home's users are kept
     code, out = run_cli(home, "config", "upgrade", str(old / "config"))
     assert code == 0 and "carried 0 values" in out and "kept this home's" in out
+
+
+# ---------------------------------------------------------------- 9. safer web defaults
+
+def test_the_web_admin_is_for_this_machine_and_init_makes_its_first_user(tmp_path):
+    import re
+    from mailengine.testing.engine import RunningEngine
+    from mailengine.users import PasswordFile
+    from test_web_api import Client, wait_web
+    web = free_port()
+    out = cli(tmp_path, "--web-port", str(web), "init")
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"Web admin user: admin, password: (\S+) ", out.stdout)
+    assert m, out.stdout
+    password = m.group(1)
+    stored = (tmp_path / "password.txt").read_text()
+    assert stored.startswith("admin:scrypt$") and password not in stored  # hashed
+    assert PasswordFile(tmp_path / "password.txt").check("admin", password)
+    assert f"http://127.0.0.1:{web}/" in out.stdout
+    assert config.load(tmp_path).network.web_ip == "127.0.0.1"  # the default now
+    with RunningEngine(tmp_path, {"network.web_port": web}) as eng:
+        eng.web_port = web
+        wait_web(eng)
+        assert Client(web, source="127.0.0.2").get("/gui/login").status == 403
+        c = Client(web)
+        r = c.login(password=password)
+        assert r.status in (302, 303) and "/gui/admin" in r.headers.get("Location", "")
+    out = cli(tmp_path, "init")  # a home with users keeps them
+    assert "Web admin user" not in out.stdout
+    assert (tmp_path / "password.txt").read_text() == stored

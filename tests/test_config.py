@@ -10,7 +10,8 @@ SPEC_DEFAULTS = {
     "basic.nameservers": [], "basic.dns_servers": [], "basic.preload_domains": [],
     "basic.local_domains": [], "basic.admin_email": "", "network.helo_text": "",
     "network.smtp_listen_ips": [], "network.smtp_port": 25, "network.smtp_source_ip": "",
-    "network.web_ip": "", "network.web_port": 81, "policy.rcpt_relay_domains": [],
+    "network.web_ip": "127.0.0.1",  # the manual: "" (any); issue 16: this machine only
+    "network.web_port": 81, "policy.rcpt_relay_domains": [],
     "policy.relay_ips": ["127.0.0.1"], "policy.refused_mail_from": [],
     "policy.refused_mail_servers": [], "queue.dsn": False, "queue.queue_check_interval": 600,
     "queue.pause_sending": False, "queue.relay_via_disk": True, "queue.save_done": False,

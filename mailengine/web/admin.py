@@ -100,7 +100,8 @@ def _login_form(request, status: int = 200, error: str = "", wait: float = 0.0):
     token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(32)
     resp = w.render(request, "login.html", status=status, login_csrf=token, error=error,
                     wait=wait, next=_safe_next(request.query.get("next")),
-                    no_users=not w.engine.users, password_file=str(w.cfg.password_file))
+                    no_users=not w.engine.users, password_file=str(w.cfg.password_file),
+                    home=str(w.cfg.home))
     resp.set_cookie(LOGIN_COOKIE, token, max_age=3600, secure=request.secure, **COOKIE)
     return resp
 
@@ -124,7 +125,8 @@ async def login_post(request: web.Request) -> web.Response:
         return _login_form(request, 403, "The login form expired (CSRF check): try again.")
     if not w.engine.users:
         return _login_form(request, 401, f"Nobody can log in: {w.cfg.password_file} is missing "
-                                         f"or has no users. Add a line such as admin:opensesame.")
+                                         f"or has no users: make the first one with "
+                                         f"mailengine --home {w.cfg.home} init.")
     user = str(form.get("user", "")).strip()
     password = str(form.get("password", ""))
     known = user in w.engine.users.users()
