@@ -24,7 +24,8 @@ from . import NAME, __version__, config
 COMMANDS = {
     "start": "run in the foreground; Ctrl-C stops cleanly",
     "-bd": "run as a background daemon with a pid file; kill -15 $(cat PIDFILE) stops it",
-    "shutdown": "stop a running engine (writes mailq/retry/shutdown.txt and waits)",
+    "shutdown": "stop the engine running here, normal or test mode (writes its queue's "
+                "retry/shutdown.txt and waits)",
     "test": "test mode: runs as normal on mailq-test/, sends RSET+QUIT instead of DATA",
     "init": "write this home's mailengine.toml (with any --SETTING VALUE given), mailq/ and "
             "log/; starts nothing",
@@ -253,9 +254,15 @@ def first_user(cfg: config.Config) -> None:
         return
     password = secrets.token_urlsafe(12)
     PasswordFile(cfg.password_file).set_password("admin", password)
-    where = ("off (network.web_port = 0)" if not cfg.network.web_port else
-             f"http://{cfg.network.web_ip if cfg.network.web_ip not in ('', '0') else '127.0.0.1'}"
-             f":{cfg.network.web_port}/")
+    net = cfg.network
+    if not net.web_port or net.web_ip == "0":
+        where = "off (network.web_port, network.web_ip)"
+    elif net.web_ip and "/" not in net.web_ip and "-" not in net.web_ip:
+        where = f"port {net.web_port}, for {net.web_ip} (http://127.0.0.1:{net.web_port}/ " \
+            "from this machine)" if net.web_ip not in ("127.0.0.1", "::1") else \
+            f"http://{'[::1]' if ':' in net.web_ip else net.web_ip}:{net.web_port}/"
+    else:
+        where = f"port {net.web_port}, for clients in {net.web_ip or 'any address'}"
     print(f"Web admin user: admin, password: {password}  (only shown now; stored hashed in "
           f"{cfg.password_file}; change it on the Account page). The web admin: {where}")
 
