@@ -1019,11 +1019,10 @@ class DeliveryEngine:
         text = msg.log[-1].split(": ", 1)[-1] if msg.log else ""
         if res.sent:
             status = "tested" if self.test_mode else "sent"  # test mode: RSET, not DATA
-            for o in att.outcomes:
-                if o.kind is Kind.SENT:
-                    log.info("%s: to=<%s>, relay=%s[%s]:%s, delay=%.2f, status=%s (%s)", msg.id,
-                             o.address, o.host or "-", o.ip or "-", o.port, o.duration, status,
-                             o.reply)
+            log.info("%s", "\n".join(
+                f"{msg.id}: to=<{o.address}>, relay={o.host or '-'}[{o.ip or '-'}]:{o.port}, "
+                f"delay={o.duration:.2f}, status={status} ({o.reply})"
+                for o in att.outcomes if o.kind is Kind.SENT), extra={logs.EACH_LINE: True})
         if res.failed or res.gave_up or res.deferred:
             why = {o.address: o for o in att.outcomes}
             for a in res.failed + res.gave_up + res.deferred:

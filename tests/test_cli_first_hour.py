@@ -331,6 +331,9 @@ def test_the_log_says_what_was_delivered_and_a_deferral_survives_a_restart(tmp_p
             assert re.search(rf"{re.escape(delivered)}: to=<{rcpt}>, relay=mx\.dst\.test\["
                              rf"127\.0\.0\.1\]:{sink.sink.port}, delay=\d+\.\d\d, status=sent "
                              rf"\(250 2\.0\.0 Ok: queued as S\d+\)", logs()), logs()
+        sent_lines = [ln for ln in logs().splitlines() if "status=sent" in ln]
+        assert len(sent_lines) == 2 and all(  # each line stamped, as a record of its own
+            re.match(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \S+: to=<", ln) for ln in sent_lines)
         inf = parse_inf((tmp_path / "mailq" / "retry" / f"{deferred}.inf").read_bytes())
         assert "451 4.3.0 Mailbox busy" in inf.extra["lastreply"]
         # After a restart the engine has no memory of it: the .inf does.
