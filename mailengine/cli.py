@@ -24,8 +24,11 @@ from . import NAME, __version__, config
 COMMANDS = {
     "start": "run in the foreground; Ctrl-C stops cleanly",
     "-bd": "run as a background daemon with a pid file; kill -15 $(cat PIDFILE) stops it",
-    "shutdown": "stop a running engine (writes mailq/retry/shutdown.txt and waits)",
+    "shutdown": "stop the engine running here, normal or test mode (writes its queue's "
+                "retry/shutdown.txt and waits)",
     "test": "test mode: runs as normal on mailq-test/, sends RSET+QUIT instead of DATA",
+    "init": "write this home's mailengine.toml (with any --SETTING VALUE given), mailq/ and "
+            "log/; starts nothing",
     "version": "print name and version",
     "help": "print this list",
     "gettcpip": "print this machine's first IP address",
@@ -47,14 +50,44 @@ def option_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def list_syntax(setting: config.Setting) -> str:
+    """How a list is written on the command line, for help and errors."""
+    if setting.comma_entries:
+        return ("one entry as written, or several as a TOML array: "
+                "'[\"a,b,MX,1.2.3.4\", \"c,d,MX,5.6.7.8\"]'")
+    example = "1,5,30 or [1, 5, 30]" if setting.kind == "list[float]" else \
+        "a,b,c or '[\"a\", \"b\", \"c\"]'"
+    return f"a list: {example}"
+
+
 def parse_override(setting: config.Setting, text: str):
-    """Command-line text -> a value for the setting (TOML syntax, or plain words)."""
+    """Command-line text -> a value for the setting. Scalars: TOML syntax, or plain words.
+    Lists: a TOML array (`[1, 5, 30]`, `'["a", "b"]'`) or plain `a,b,c` (numbers for a list of
+    numbers); a list whose entries hold commas takes plain text as one entry."""
+    text = text.strip()
+    if setting.kind.startswith("list"):
+        if text.startswith("["):
+            try:
+                return tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError as e:
+                raise config.ConfigError(f"{setting.name} = {text}: not a TOML array ({e}); "
+                                         f"write {list_syntax(setting)}") from None
+        parts = [text] if setting.comma_entries else text.split(",")
+        return [_list_entry(setting, p.strip()) for p in parts if p.strip()]
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         pass
-    if setting.kind.startswith("list"):
-        return [p.strip() for p in text.split(",") if p.strip()]
+    return text
+
+
+def _list_entry(setting: config.Setting, text: str):
+    """One plain entry: a number for a list of numbers, a "quoted" string unquoted."""
+    if setting.kind == "list[float]" or text[:1] in "\"'":
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
     return text
 
 
@@ -73,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(ns) -> config.Config:
-    cfg = config.load(config.resolve_home(ns.home))
+def load_config(ns, strict: bool = True) -> config.Config:
+    cfg = config.load(config.resolve_home(ns.home), strict)
     for name, text in vars(ns).items():
         if name.startswith("set:") and text is not None:
             setting = config.BY_NAME[name[4:]]
+            cfg.overridden.setdefault(setting.name, cfg.values[setting.name])
             cfg.set(setting.name, parse_override(setting, text))
     return cfg
 
@@ -105,7 +139,10 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # an exited engine its parent has not reaped yet (a zombie) is not running
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def read_pid(path: Path) -> int | None:
@@ -116,36 +153,121 @@ def read_pid(path: Path) -> int | None:
 
 
 def cmd_shutdown(cfg: config.Config, wait_seconds: float = 60.0) -> int:
-    pid = read_pid(cfg.pid_file)
-    touched = []
+    """Ask each engine running in this home (normal and test mode) to stop, through its queue's
+    shutdown.txt, and wait until it has. Nothing is written for an engine that is not running,
+    so no stale file waits for the next start."""
+    engines = []  # (test mode, pid)
     for test_mode in (False, True):
-        retry = cfg.mailq(test_mode) / "retry"
-        if retry.is_dir():
-            (retry / "shutdown.txt").write_text("shutdown requested by mailengine shutdown\n")
-            touched.append(retry / "shutdown.txt")
-    if not touched:
-        print(f"No queue in {cfg.home}: is MailEngine installed here? (use --home)")
+        answer = engine_answer(cfg, test_mode)
+        if answer:
+            engines.append((test_mode, int(answer["pid"])))
+    pid = read_pid(cfg.pid_file)
+    if not engines and pid and pid != os.getpid() and pid_alive(pid):
+        engines.append((False, pid))  # a daemon whose control socket is not up (yet)
+    if not engines:
+        print(f"MailEngine is not running in {cfg.home} (nothing answers on "
+              f"{control_path(cfg)} or {control_path(cfg, True).name}); nothing to stop",
+              file=sys.stderr)
         return 1
     deadline = time.monotonic() + wait_seconds
-    if pid and pid_alive(pid):
-        print(f"Asked MailEngine (pid {pid}) to stop; waiting...")
+    failed = 0
+    for test_mode, pid in engines:
+        retry = cfg.mailq(test_mode) / "retry"
+        retry.mkdir(parents=True, exist_ok=True)
+        request = retry / "shutdown.txt"
+        request.write_text("shutdown requested by mailengine shutdown\n")
+        what = f"MailEngine (pid {pid}{', test mode' if test_mode else ''})"
+        print(f"Asked {what} to stop; waiting...")
+        while request.exists() and pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if request.exists() and pid_alive(pid):
+            print(f"{what} has not noticed {request} after {wait_seconds:g}s")
+            failed += 1
+            continue
+        print(f"{what} noticed the request and is stopping.")
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if pid_alive(pid):
-            print(f"MailEngine (pid {pid}) is still running after {wait_seconds:g}s")
-            return 1
-        print("MailEngine stopped.")
-        return 0
-    # A foreground engine has no pid file: it deletes shutdown.txt once it has noticed it.
-    noticed_by = time.monotonic() + 5
-    while time.monotonic() < noticed_by:
-        if all(not t.exists() for t in touched if t.parent.parent.name == "mailq"):
-            print("MailEngine noticed the request and is stopping.")
-            return 0
-        time.sleep(0.1)
-    print(f"Wrote {touched[0]}; no running engine noticed it yet "
-          f"(it will stop as soon as one starts checking, or this file is removed at next start)")
+            print(f"{what} is still running after {wait_seconds:g}s")
+            failed += 1
+        else:
+            print(f"{what} stopped.")
+    return 1 if failed else 0
+
+
+def overrides(ns) -> dict[str, str]:
+    """The settings given as options for this run: name -> the text given."""
+    return {name[4:]: text for name, text in vars(ns).items()
+            if name.startswith("set:") and text is not None}
+
+
+def cmd_init(ns) -> int:
+    """`mailengine init`: write the home's commented mailengine.toml, with the settings given as
+    options written into it, and make mailq/ and log/; nothing is started or bound."""
+    import tomlkit
+
+    from . import upgrade
+    from .spool import Spool
+    home = config.resolve_home(ns.home)
+    path = home / config.CONFIG_FILE
+    given = overrides(ns)
+    if path.exists() and given:
+        print(f"{path} exists already: change settings with `mailengine config set KEY VALUE`",
+              file=sys.stderr)
+        return 2
+    existed = path.exists()
+    try:
+        if existed:
+            load_config(ns)  # the file as it is must be good
+        else:
+            checked = config.Config(home=home)  # the options, checked before anything is written
+            for name, text in given.items():
+                checked.set(name, parse_override(config.BY_NAME[name], text))
+            values = checked.values
+            home.mkdir(parents=True, exist_ok=True)
+            doc_path, doc = upgrade.read_doc(home)  # writes the commented default file
+            for name in given:
+                upgrade.set_in_doc(doc, config.BY_NAME[name], values[name])
+            if given:
+                upgrade.write_atomically(doc_path, tomlkit.dumps(doc))
+        cfg = config.load(home)
+    except config.ConfigError as e:
+        print(f"Configuration error: {e}", file=sys.stderr)
+        return 2
+    Spool(cfg.mailq(), durable=False).ensure_dirs()
+    cfg.log_dir.mkdir(exist_ok=True)
+    if existed:
+        print(f"{path} exists already: left as it is.")
+    else:
+        print(f"Wrote {path}: every setting with its default and meaning"
+              + "".join(f"\n  {n} = {config.toml_value(cfg.values[n])}" for n in given))
+    first_user(cfg)
+    print(f"Made {cfg.mailq()} and {cfg.log_dir}. Start it with: "
+          f"mailengine --home {home} start")
     return 0
+
+
+def first_user(cfg: config.Config) -> None:
+    """A home without password.txt gets the web admin's first user, `admin`, with a generated
+    password, stored hashed and shown this once (no well-known password to forget to change)."""
+    import secrets
+
+    from .users import PasswordFile
+    if cfg.password_file.exists():
+        return
+    password = secrets.token_urlsafe(12)
+    PasswordFile(cfg.password_file).set_password("admin", password)
+    net = cfg.network
+    if not net.web_port or net.web_ip == "0":
+        where = "off (network.web_port, network.web_ip)"
+    elif net.web_ip and "/" not in net.web_ip and "-" not in net.web_ip:
+        where = f"port {net.web_port}, for {net.web_ip} (http://127.0.0.1:{net.web_port}/ " \
+            "from this machine)" if net.web_ip not in ("127.0.0.1", "::1") else \
+            f"http://{'[::1]' if ':' in net.web_ip else net.web_ip}:{net.web_port}/"
+    else:
+        where = f"port {net.web_port}, for clients in {net.web_ip or 'any address'}"
+    print(f"Web admin user: admin, password: {password}  (only shown now; stored hashed in "
+          f"{cfg.password_file}; change it on the Account page). The web admin: {where}")
 
 
 def daemonize(cfg: config.Config) -> None:
@@ -177,7 +299,52 @@ def daemonize(cfg: config.Config) -> None:
     pid_path.write_text(f"{os.getpid()}\n")
 
 
+def wants_help(args: list[str]) -> bool:
+    """`-h`/`--help` among a command's own arguments (before a `--`)."""
+    for a in args:
+        if a == "--":
+            return False
+        if a in ("-h", "--help"):
+            return True
+    return False
+
+
+def command_help(command: str) -> int:
+    """`mailengine COMMAND --help` for the commands without their own parser: help, nothing
+    else (`mailengine test --help` must not start a test engine)."""
+    if command == "dkim":
+        from . import dkim
+        return dkim.genkey_main(["--help"])
+    name = "-bd" if command == "daemon" else command
+    if name not in COMMANDS:
+        print(f"Unknown command {command!r}. Commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    print(f"usage: mailengine [--home DIR] [--SETTING VALUE ...] {name}\n\n{COMMANDS[name]}\n\n"
+          "--home DIR is the home directory (default: $MAILENGINE_HOME or the current one);\n"
+          "every setting can be given for this run as --KEY VALUE (--smtp-port 2525);\n"
+          "`mailengine help` lists every command.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    return quiet_on_closed_pipe(run_command, argv)
+
+
+def quiet_on_closed_pipe(run, argv: list[str] | None) -> int:
+    """run(argv), with its output piped into a reader that may go away (`| head`)."""
+    try:
+        code = run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit after main returned
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading: stop quietly, as the Python docs recommend (signal
+        # module, "Note on SIGPIPE"): point stdout at devnull so the exit's flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def run_command(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for spelling, command in MANUAL_SPELLINGS.items():
         if spelling in argv:
@@ -187,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("help", "-h"):
         build_parser().print_help()
         return 0
+    if wants_help(ns.args) and command not in OPERATOR_COMMANDS:
+        return command_help(command)
     if command == "version":
         print(f"{NAME} {__version__}")
         return 0
@@ -207,12 +376,17 @@ def main(argv: list[str] | None = None) -> int:
         home = config.resolve_home(ns.home)
         creates = command == "install-service" or (command == "config" and ns.args[:1] == [
             "upgrade"])  # upgrade writes this release's file when there is none
+        if wants_help(ns.args):  # their own parser prints help; no home needed for that
+            return OPERATOR_COMMANDS[command](config.Config(home=home), ns)
         if not creates and not (home / config.CONFIG_FILE).exists():
             print(f"No MailEngine home in {home} (no {config.CONFIG_FILE}): use --home DIR, "
-                  "or start the engine once there", file=sys.stderr)
+                  "or make one there with `mailengine init`", file=sys.stderr)
             return 2
+    if command == "init":
+        return cmd_init(ns)
+    upgrading = command == "config" and ns.args[:1] == ["upgrade"]
     try:
-        cfg = load_config(ns)
+        cfg = load_config(ns, strict=not upgrading)  # upgrade reports old keys, not refuses
     except config.ConfigError as e:
         print(f"Configuration error: {e}", file=sys.stderr)
         return 2
@@ -382,6 +556,8 @@ def cmd_status(cfg: config.Config, ns) -> int:
     p.add_argument("--test", action="store_true", help="the test-mode engine")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(ns.args)
+    if not args.test and not engine_answer(cfg) and engine_answer(cfg, True):
+        args.test = True  # only an engine in test mode runs here: that is the one to show
     if not engine_answer(cfg, args.test):
         mailq = cfg.mailq(args.test)
         pid = read_pid(cfg.pid_file)

@@ -6,6 +6,7 @@ setting added here appears everywhere with the same validation.
 """
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import tomllib
@@ -82,7 +83,7 @@ SETTINGS: list[Setting] = [
     Setting("basic", "dns_servers", [], "list[str]",
             "DNS bypass entries 'domain,hostname,MX|NS,ip'. MX pins a domain's mail host to an IP "
             "(ip:port allowed: a smart host); NS sends that domain's lookups to a given name server.",
-            check=_check_dns_bypass),
+            check=_check_dns_bypass, comma_entries=True),
     Setting("basic", "preload_domains", [], "list[str]",
             "Domains whose mail servers are looked up at start-up.", restart=True),
     Setting("basic", "local_domains", [], "list[str]",
@@ -112,8 +113,9 @@ SETTINGS: list[Setting] = [
     Setting("network", "smtp_source_ip", "", "str",
             "One local address for outbound connections. Empty: the operating system chooses.",
             check=lambda v: None if not v else _check_addresses([v])),
-    Setting("network", "web_ip", "", "str",
-            "The client address allowed to use the web admin. Empty: any. '0' disables it.",
+    Setting("network", "web_ip", "127.0.0.1", "str",
+            "The client address (or network, or range) allowed to use the web admin; a "
+            "loopback one also binds the port on loopback only. Empty: any. '0' disables it.",
             check=_check_web_ip),
     Setting("network", "web_port", 81, "int",
             "Web admin port. 0 disables it.", minimum=0, restart=True,
@@ -405,6 +407,9 @@ class Config:
     home: Path
     values: dict[str, Any] = field(default_factory=dict)  # "section.key" -> value
     warnings: list[str] = field(default_factory=list)
+    # Settings given on the command line for this run (`--smtp-port 2525`): name -> the value
+    # the file (or the default) holds, so `config show` can say which one is in force.
+    overridden: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for s in SETTINGS:
@@ -462,13 +467,39 @@ class Config:
         return self.home / "password.txt"
 
 
-def from_dict(home: Path, data: dict[str, Any]) -> Config:
-    """Validate a parsed TOML document into a Config (unknown keys are warnings, not errors)."""
+def unknown_setting(sec: str, key: str | None = None) -> str:
+    """Why `[sec]` (key None) or `sec.key` is not a setting, with the nearest real one."""
+    sections = list(dict.fromkeys(s.section for s in SETTINGS))
+    if key is None:
+        near = difflib.get_close_matches(sec, sections, n=1)
+        return (f"[{sec}]: no such section" + (f" (did you mean [{near[0]}]?)" if near else "")
+                + f"; sections: {', '.join(sections)}")
+    name = f"{sec}.{key}"
+    same_key = [s.name for s in SETTINGS if s.key == key]  # right key, wrong section
+    near = same_key or difflib.get_close_matches(
+        key, [s.key for s in SETTINGS if s.section == sec], n=1)
+    if near and not same_key:
+        near = [f"{sec}.{near[0]}"]
+    near = near or difflib.get_close_matches(name, list(BY_NAME), n=1)
+    return f"{name}: no such setting" + (f" (did you mean {near[0]}?)" if near else "")
+
+
+def from_dict(home: Path, data: dict[str, Any], strict: bool = True,
+              source: str = "") -> Config:
+    """Validate a parsed TOML document into a Config. An unknown section or key (a typo such as
+    `smtp_prot`) is an error naming the nearest real setting; with strict=False it is only a
+    warning (`config upgrade` reads files with keys of older releases)."""
     values: dict[str, Any] = {}
-    warnings: list[str] = []
+    unknown: list[str] = []
     for sec, body in data.items():
         if not isinstance(body, dict):
-            warnings.append(f"{sec}: top-level key outside any section ignored")
+            near = [s.name for s in SETTINGS if s.key == sec]
+            unknown.append(f"{sec}: a key outside any section"
+                           + (f" (did you mean {near[0]} under [{near[0].split('.')[0]}]?)"
+                              if near else ""))
+            continue
+        if not any(s.section == sec for s in SETTINGS):
+            unknown.append(unknown_setting(sec))
             continue
         for key, value in body.items():
             name = f"{sec}.{key}"
@@ -477,15 +508,17 @@ def from_dict(home: Path, data: dict[str, Any]) -> Config:
                                 "remove it from the file")
                 continue
             if name not in BY_NAME:
-                warnings.append(f"{name}: unknown setting ignored")
+                unknown.append(unknown_setting(sec, key))
                 continue
             values[name] = coerce(BY_NAME[name], value)
-    cfg = Config(home=home, values=values, warnings=warnings)
+    if unknown and strict:
+        raise ConfigError((f"{source}: " if source else "") + "; ".join(unknown))
+    cfg = Config(home=home, values=values, warnings=[f"{u}; ignored" for u in unknown])
     cfg._cross_check()
     return cfg
 
 
-def load(home: Path | str) -> Config:
+def load(home: Path | str, strict: bool = True) -> Config:
     """Read HOME/mailengine.toml, creating HOME and a commented default file when missing."""
     home = Path(home).absolute()
     path = home / CONFIG_FILE
@@ -496,7 +529,7 @@ def load(home: Path | str) -> Config:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_dict(home, data)
+    return from_dict(home, data, strict, source=str(path))
 
 
 def resolve_home(cli_home: str | None) -> Path:

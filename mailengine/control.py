@@ -291,6 +291,10 @@ class ControlServer:
             out["shared"] = d.shared.state()
         return out
 
+    def op_queue_scan(self, req: dict) -> dict:
+        """Take in mail dropped into retry/ now (mailengine-sendmail), not at the next scan."""
+        return {"taken": self.engine.scan_dropins()}
+
     def op_queue_list(self, req: dict) -> dict:
         self.engine.scan_dropins()
         return {"records": queueops.engine_records(self.engine, self.tracker)}
@@ -329,6 +333,7 @@ class ControlServer:
 OPS = {
     "ping": ControlServer.op_ping,
     "status": ControlServer.op_status,
+    "queue.scan": ControlServer.op_queue_scan,
     "queue.list": ControlServer.op_queue_list,
     "queue.show": ControlServer.op_queue_show,
     "queue.apply": ControlServer.op_queue_apply,

@@ -59,7 +59,7 @@ from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
 from .dns import MXResolver, Target
 from .downgrade import seven_bit
-from .envelope import Message
+from .envelope import Message, set_last_replies
 from .loops import Listeners
 from .bounces import verp_encode
 from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
@@ -999,6 +999,10 @@ class DeliveryEngine:
                                else f" at {msg.retry_time:%Y/%m/%d %H:%M:%S}")
         if att.dkim_hold is not None and not res.done:
             self._held_for_dkim(msg, att.dkim_hold, now)
+        if not res.done:  # `queue list` shows why it waits, after a restart too
+            why = {o.address: o for o in att.outcomes}
+            when = now.strftime("%Y/%m/%d %H:%M:%S")
+            set_last_replies(msg, {a: (when, why[a].reply) for a in res.deferred if a in why})
         self._note(msg, res, att)
         notices = getattr(self.engine, "notices", None)
         if notices is not None:  # lists, event log, DSNs, delivery reports (notices.py)
@@ -1069,8 +1073,15 @@ class DeliveryEngine:
         self.engine.known.discard(msg.id)
 
     def _note(self, msg: Message, res, att: Attempt) -> None:
-        """Log lines (the lists and the event log are written by notices.py)."""
+        """Log lines (the lists and the event log are written by notices.py): one per delivered
+        recipient, as Postfix's `status=sent`, and one per failed or deferred one."""
         text = msg.log[-1].split(": ", 1)[-1] if msg.log else ""
+        if res.sent:
+            status = "tested" if self.test_mode else "sent"  # test mode: RSET, not DATA
+            log.info("%s", "\n".join(
+                f"{msg.id}: to=<{o.address}>, relay={o.host or '-'}[{o.ip or '-'}]:{o.port}, "
+                f"delay={o.duration:.2f}, status={status} ({o.reply})"
+                for o in att.outcomes if o.kind is Kind.SENT), extra={logs.EACH_LINE: True})
         if res.failed or res.gave_up or res.deferred:
             why = {o.address: o for o in att.outcomes}
             for a in res.failed + res.gave_up + res.deferred:

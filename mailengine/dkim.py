@@ -132,7 +132,7 @@ DKIM_SETTINGS: list[Setting] = [
             "to HOME). Mail whose From domain (else envelope sender domain) is the domain or one "
             "of its subdomains is signed; two entries for one domain give two signatures. Make "
             "keys with 'mailengine dkim genkey DOMAIN SELECTOR'. Empty: no signing.",
-            check=_check_signing_table, restart=True),
+            check=_check_signing_table, restart=True, comma_entries=True),
     Setting("dkim", "headers", list(DEFAULT_HEADERS), "list[str]",
             "Header fields signed when present (From is required).", check=_check_headers, restart=True),
     Setting("dkim", "oversign_headers", list(DEFAULT_OVERSIGN), "list[str]",

@@ -160,6 +160,43 @@ def _fmt_dsn_rcpt(d: dict[str, dict[str, str]]) -> str:
         for a, p in d.items())
 
 
+# The last reply of each destination of a deferred message, kept across restarts in the .inf
+# key `lastreply` (an extra key: older readers keep it unread). Entries `addr;time;reply`,
+# percent-encoded, comma-separated; one per domain, at most LAST_REPLY_MAX.
+LAST_REPLY_KEY = "lastreply"
+LAST_REPLY_MAX = 50
+_REPLY_SAFE = _DSN_SAFE + " :/()[]<>=#"
+
+
+def set_last_replies(msg: Message, replies: dict[str, tuple[str, str]]) -> None:
+    """Keep {address: (time 'Y/m/d H:M:S', reply)} in the message (its .inf at the next write);
+    an empty dict removes the key."""
+    entries, domains = [], set()
+    for addr, (when, text) in replies.items():
+        dom = addr.rpartition("@")[2].lower()
+        if dom in domains:
+            continue
+        domains.add(dom)
+        entries.append(";".join(quote(x, safe=_REPLY_SAFE) for x in (addr, when, text)))
+        if len(entries) >= LAST_REPLY_MAX:
+            break
+    if entries:
+        msg.extra[LAST_REPLY_KEY] = ",".join(entries)
+    else:
+        msg.extra.pop(LAST_REPLY_KEY, None)
+
+
+def last_replies(msg: Message) -> dict[str, tuple[str, str]]:
+    """The replies kept by set_last_replies; a malformed value reads as none."""
+    out: dict[str, tuple[str, str]] = {}
+    for entry in msg.extra.get(LAST_REPLY_KEY, "").split(","):
+        parts = entry.split(";")
+        if len(parts) == 3:
+            addr, when, text = (unquote(x) for x in parts)
+            out[addr] = (when, text)
+    return out
+
+
 def format_inf(msg: Message) -> bytes:
     """The `.inf` text of `msg`: UTF-8, one `key=value` per line, keys sorted, LF line ends."""
     kv: dict[str, str] = {

@@ -16,6 +16,11 @@ server was reached (a DNS failure). The file is append-only and may be truncated
 other programs at any time (lists.AppendFile); the engine writes each attempt's lines at once.
 After renaming it away, wait a second before reading the old file: lines written in that second
 may still land in it (and if it is deleted rather than renamed, lines of that second are lost).
+
+An engine in test mode (`mailengine test`: RSET and QUIT instead of DATA) writes its lines to
+`log/events-test.jsonl` instead, each with `"test": true`, and a recipient the server accepted
+has `"result": "tested"`, never `sent`: nothing was delivered, so nothing following
+events.jsonl may count it.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from .outcome import AttemptResult, Kind, RcptOutcome, bounce_class
 log = logging.getLogger("mailengine.events")
 
 EVENTS_JSONL = "events.jsonl"
+TEST_EVENTS_JSONL = "events-test.jsonl"  # test mode's attempts, kept apart
 
 
 def iso_time(t: float | None = None) -> str:
@@ -61,14 +67,22 @@ def attempt_events(msg: Message, outcomes: Iterable[RcptOutcome], res: AttemptRe
 
 
 class EventLog:
-    def __init__(self, log_dir: Path | str) -> None:
+    def __init__(self, log_dir: Path | str, test_mode: bool = False) -> None:
         # A stat per line cost the event loop 9 % of its time in bench/relay (py-spy); a line
         # written within a second of a rotation still lands in the rotated file.
-        self.file = AppendFile(Path(log_dir) / EVENTS_JSONL, recheck=1.0)
+        self.test_mode = test_mode
+        name = TEST_EVENTS_JSONL if test_mode else EVENTS_JSONL
+        self.file = AppendFile(Path(log_dir) / name, recheck=1.0)
 
     def attempt(self, msg: Message, outcomes: Iterable[RcptOutcome],
                 res: AttemptResult | None = None) -> None:
-        self.write(attempt_events(msg, outcomes, res))
+        records = attempt_events(msg, outcomes, res)
+        if self.test_mode:
+            for r in records:
+                r["test"] = True
+                if r["result"] == Kind.SENT.value:
+                    r["result"] = "tested"
+        self.write(records)
 
     def write(self, records: list[dict]) -> None:
         if not records:

@@ -18,6 +18,18 @@ from pathlib import Path
 PROGRAM = logging.getLogger("mailengine.program")  # debug.program: PROGRAM.debug(...) lines
 FORMAT = "%(asctime)s %(message)s"
 DATEFMT = "%Y/%m/%d %H:%M:%S"
+# log.info(text, extra={EACH_LINE: True}): every line of a many-line message gets the time, as
+# if each were a record of its own (delivery's one line per delivered recipient, written as one
+# record per attempt: a record per line cost 19 us a recipient).
+EACH_LINE = "each_line"
+
+
+class Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if getattr(record, EACH_LINE, False):
+            text = text.replace("\n", "\n" + record.asctime + " ")
+        return text
 
 
 class DailyFileHandler(logging.Handler):
@@ -99,7 +111,7 @@ def setup(log_dir: Path, retention_days: int, debug_any: bool = False,
         h.close()
     root.setLevel(logging.DEBUG if debug_any else logging.INFO)
     root.propagate = False
-    fmt = logging.Formatter(FORMAT, DATEFMT)
+    fmt = Formatter(FORMAT, DATEFMT)
     con = logging.StreamHandler(console)
     con.setFormatter(fmt)
     root.addHandler(con)

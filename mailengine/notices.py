@@ -31,7 +31,7 @@ class Notices:
         self.engine = engine
         self.cfg = engine.cfg
         self.lists = AddressLists(self.cfg.home, mirror=list_mirror(self.cfg))
-        self.events = EventLog(self.cfg.log_dir)
+        self.events = EventLog(self.cfg.log_dir, getattr(engine, "test_mode", False))
         self.generated = 0  # messages of its own this engine has queued
 
     async def after_attempt(self, msg: Message, res: AttemptResult,

@@ -17,7 +17,9 @@ Held = the `.inf` key `held=1` (envelope.Message.held).
 
 The "last reply" of a message comes from the delivery log lines `ID: address deferred|failed:
 reply` (delivery.py): a running engine keeps the latest per recipient in memory (`ReplyTracker`,
-installed by control.py); for a stopped engine the tails of the newest log files are read.
+installed by control.py); for a stopped engine the tails of the newest log files are read. The
+`.inf` key `lastreply` (one deferred reply per destination domain, written by delivery) is the
+fallback that survives a restart and rotated logs.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
-from .envelope import InfError, Message, format_log_entry
+from .envelope import InfError, Message, format_log_entry, last_replies
 from .spool import Spool, is_message_id
 
 ACTIONS = ("delete", "hold", "release", "retry")
@@ -104,7 +106,11 @@ def record(msg: Message, where: str, state: str, due: float | None = None,
     else:
         nxt = fmt_time(msg.retry_time) or fmt_time(msg.time_created)
     left = set(msg.rcpt_to_send)
-    reps = {a: list(r) for a, r in (replies or {}).items() if a in left}
+    known = last_replies(msg)  # kept in the .inf: survives a restart
+    for a, r in (replies or {}).items():
+        if a not in known or tuple(r)[0] >= known[a][0]:
+            known[a] = tuple(r)
+    reps = {a: list(r) for a, r in known.items() if a in left}
     return {
         "id": msg.id, "where": where, "state": state, "from": msg.mail_from,
         "rcpts": list(msg.rcpt_to_send), "sent": len(msg.rcpt_sent),

@@ -16,6 +16,9 @@ class Setting:
     zero_ok: bool = False  # with minimum: 0 is allowed and has a special meaning
     check: Callable[[Any], str | None] | None = None  # returns a complaint, or None when fine
     restart: bool = False  # True: a change takes effect only after a restart
+    # A list whose entries hold commas ('domain,hostname,MX,ip'): on the command line plain
+    # text is one entry, several are written as a TOML array.
+    comma_entries: bool = False
 
     @property
     def name(self) -> str:

@@ -10,7 +10,8 @@ SPEC_DEFAULTS = {
     "basic.nameservers": [], "basic.dns_servers": [], "basic.preload_domains": [],
     "basic.local_domains": [], "basic.admin_email": "", "network.helo_text": "",
     "network.smtp_listen_ips": [], "network.smtp_port": 25, "network.smtp_source_ip": "",
-    "network.web_ip": "", "network.web_port": 81, "policy.rcpt_relay_domains": [],
+    "network.web_ip": "127.0.0.1",  # the manual: "" (any); issue 16: this machine only
+    "network.web_port": 81, "policy.rcpt_relay_domains": [],
     "policy.relay_ips": ["127.0.0.1"], "policy.refused_mail_from": [],
     "policy.refused_mail_servers": [], "queue.dsn": False, "queue.queue_check_interval": 600,
     "queue.pause_sending": False, "queue.relay_via_disk": True, "queue.save_done": False,
@@ -79,9 +80,24 @@ def test_zero_message_size_means_no_limit_and_is_allowed(tmp_path):
     assert config.load(tmp_path).limits.max_message_size == 0
 
 
-def test_unknown_keys_warn_and_bad_toml_is_clear(tmp_path):
+def test_unknown_keys_stop_the_load_with_the_nearest_setting_and_bad_toml_is_clear(tmp_path):
     (tmp_path / "mailengine.toml").write_text("[queue]\nno_such = 1\n")
-    assert "queue.no_such: unknown setting ignored" in config.load(tmp_path).warnings
+    with pytest.raises(ConfigError, match="queue.no_such: no such setting"):
+        config.load(tmp_path)
+    (tmp_path / "mailengine.toml").write_text("[network]\nsmtp_prot = 3326\n")
+    with pytest.raises(ConfigError, match=r"network.smtp_prot: no such setting "
+                                          r"\(did you mean network.smtp_port\?\)"):
+        config.load(tmp_path)
+    (tmp_path / "mailengine.toml").write_text("[netwrok]\nsmtp_port = 2525\n")
+    with pytest.raises(ConfigError, match=r"\[netwrok\]: no such section \(did you mean "
+                                          r"\[network\]\?\)"):
+        config.load(tmp_path)
+    (tmp_path / "mailengine.toml").write_text("[basic]\nsmtp_port = 2525\n")
+    with pytest.raises(ConfigError, match=r"did you mean network.smtp_port\?"):
+        config.load(tmp_path)
+    # config upgrade reads files of older releases: there they are reported, not refused.
+    assert config.load(tmp_path, strict=False).warnings == [
+        "basic.smtp_port: no such setting (did you mean network.smtp_port?); ignored"]
     (tmp_path / "mailengine.toml").write_text("[queue\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(tmp_path)

@@ -233,7 +233,8 @@ def test_no_password_file_says_how_to_make_one(tmp_path):
         wait_web(eng)
         c = Client(eng.web_port)
         r = c.get("/gui/login")
-        assert "password.txt" in r.text and "admin:opensesame" in r.text
+        assert "password.txt" in r.text and f"mailengine --home {home} init" in r.text
+        assert "opensesame" not in r.text  # no well-known password suggested
         assert str(home / "password.txt") in r.text
         r = c.login()
         assert r.status == 401 and "Nobody can log in" in r.text
@@ -774,3 +775,61 @@ def test_web_port_in_use_is_one_clear_warning_and_mail_goes_on(tmp_path):
     out = eng.output.decode()
     assert f"web admin NOT started: cannot listen on port {port}" in out
     assert "--web-port" in out and eng.proc.returncode == 0
+
+
+def test_the_settings_page_is_one_form_saved_whole_or_not_at_all(running):
+    """One Save for every section (issue 16): a wrong value anywhere saves nothing; a good
+    form writes only what changed, and the page marks values that are not the default."""
+    path = running.home / "mailengine.toml"
+    c = Client(running.web_port)
+    c.login()
+    page = c.get("/gui/admin/settings").text
+    assert page.count('type="submit" id="save"') == 1 and "Save limits" not in page
+    assert 'Default: <code>false</code>' in page and "Default: <code>False</code>" not in page
+    before = path.read_text()
+    csrf = c.csrf("/gui/admin/settings")
+    r = c.post("/gui/admin/settings", form={"csrf": csrf, "limits.max_recipients": "7",
+                                            "queue.dsn": "yes", "bools": "queue.dsn",
+                                            "policy.relay_ips": "10.0.0.300"})
+    assert r.status == 400 and "Nothing was saved" in r.text
+    assert path.read_text() == before
+    r = c.post("/gui/admin/settings", form={"csrf": csrf, "limits.max_recipients": "7",
+                                            "queue.dsn": "true", "bools": "queue.dsn"})
+    assert r.status == 303 and r.headers["Location"] == "/gui/admin/settings"
+    data = tomllib.loads(path.read_text())
+    assert data["limits"]["max_recipients"] == 7 and data["queue"]["dsn"] is True
+    page = c.get("/gui/admin/settings").text
+    row = page[page.index('id="row-limits.max_recipients"'):]
+    row = row[:row.index('id="row-', 10)]
+    assert 'class="badge changed"' in row and "default: 1000" in row
+    row = page[page.index('id="row-limits.max_errors"'):]
+    assert 'class="badge changed"' not in row[:row.index('id="row-', 10)]
+
+
+def test_a_destination_slowed_by_temporary_failures_is_said_in_plain_words(tmp_path):
+    from test_cli_queue import Sink
+    from mailengine.testing.sink import SinkScript
+    sink = Sink(SinkScript(greeting="421 4.7.0 Too busy, try later"))
+    try:
+        settings = {"queue.pause_sending": False, "queue.retry_intervals": [60],
+                    "limits.max_connections_per_host": 10,
+                    "basic.dns_servers": [sink.pin("busy.test")]}
+        with engine(make_home(tmp_path), settings) as eng:
+            wait_web(eng)
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("a@src.test", ["x@busy.test"], b"Subject: s\r\n\r\nbody\r\n")
+            c = Client(eng.web_port)
+            c.login()
+            deadline = time.monotonic() + 15
+            while True:
+                dests = json.loads(c.get("/gui/admin/status.json").text)["destinations"]
+                why = " ".join(d["why"] for d in dests if d["domain"] == "busy.test")
+                if "more slowly" in why or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        assert re.search(r"sending more slowly: at most \d of 10 connections, after temporary "
+                         r"failures there \(busy replies or failed connections, once\); back up "
+                         r"step by step", why), dests
+        assert "cuts" not in why
+    finally:
+        sink.close()

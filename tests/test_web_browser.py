@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import smtplib
 import time
@@ -109,21 +110,49 @@ def test_admin_in_a_browser(tmp_path, browser):
             assert int(page.inner_text("[data-k=received]")) == 16
             assert int(page.inner_text("[data-k=sent]")) >= 24
             page.wait_for_selector("#dests >> text=down.test")
+            tiles = page.inner_text("#tiles")  # each count says what it counts
+            for label in ("messages received", "recipients sent", "recipients failed",
+                          "messages queued"):
+                assert label in tiles, tiles
+            page.wait_for_function(
+                "document.querySelector('#chart-conns').getAttribute('data-clock')",
+                timeout=15000)
+            for chart in ("#chart-rates", "#chart-conns"):  # 24-hour times, as in the logs
+                assert re.fullmatch(r"\d\d:\d\d:\d\d \d\d:\d\d:\d\d",
+                                    page.get_attribute(chart, "data-clock"))
+            for chart in ("#chart-conns", "#chart-queue"):  # counts: whole-number ticks
+                ticks = page.get_attribute(chart, "data-ticks").split()
+                assert len(ticks) == 5 and all(t.isdigit() for t in ticks), (chart, ticks)
             shot(page, tmp_path, "status")
 
             # Settings: change one, see it applied to the running listener at once.
             assert ehlo_size(eng.smtp_port) == 10485760
             page.click("text=Settings")
+            assert page.locator("button[type=submit]:visible").count() == 2  # Save, Log out
+            assert page.locator("#save").count() == 1  # one Save button for every section
+            row = "#row-queue\\.pause_sending"
+            assert "Default: false" in page.inner_text(row)  # TOML, as the file writes it
+            assert "Default: [\"127.0.0.1\"]" in page.inner_text("#row-policy\\.relay_ips")
+            assert page.locator("#row-limits\\.max_message_size .badge.changed").count() == 0
             page.fill("textarea[name='policy.refused_mail_from']", "spammer")
             page.fill("input[name='limits.max_message_size']", "5000000")
-            page.click("#limits button[type=submit]")
+            page.click("#save")
             page.wait_for_selector(".flash.ok")
-            assert "applied now: limits.max_message_size" in page.inner_text(".flash.ok")
+            assert "applied now: limits.max_message_size, policy.refused_mail_from" in \
+                page.inner_text(".flash.ok")
             assert ehlo_size(eng.smtp_port) == 5000000
             assert "max_message_size = 5000000" in (home / "mailengine.toml").read_text()
+            # the banner is in view, at the top and after scrolling to the bottom
+            in_view = ("(() => { const r = document.querySelector('.flash.ok')"
+                       ".getBoundingClientRect(); return r.top >= 0 && r.bottom <= "
+                       "window.innerHeight; })()")
+            assert page.evaluate(in_view)
+            page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+            assert page.evaluate(in_view)
+            assert page.locator("#row-limits\\.max_message_size .badge.changed").count() == 1
             # A bad value is refused with the config file's rule, and nothing is saved.
             page.fill("input[name='limits.max_message_size']", "10")
-            page.click("#limits button[type=submit]")
+            page.click("#save")
             assert "must be at least 1024" in page.inner_text("#row-limits\\.max_message_size")
             assert ehlo_size(eng.smtp_port) == 5000000
             page.goto(base + "/gui/admin/settings")
@@ -140,6 +169,9 @@ def test_admin_in_a_browser(tmp_path, browser):
             page.click(f"text={first}")
             assert page.inner_text("#state") in ("waiting for retry", "ready", "sending")
             assert "rcpttosend=w0@down.test" in page.inner_text("#inf")
+            assert "@down.test" in page.inner_text("#last-reply")  # why it waits
+            assert page.evaluate("getComputedStyle(document.querySelector('#inf'))"
+                                 ".whiteSpace") == "pre-wrap"  # the long log= line wraps
             shot(page, tmp_path, "message")
             for _ in range(40):  # a message being tried right now cannot be deleted yet
                 page.click("#do-delete")

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from ..config import SECTION_TITLES, SETTINGS, AddressSet
+from ..config import SECTION_TITLES, SETTINGS, AddressSet, coerce, toml_value
 from ..users import hash_password
 from . import queue_actions, queue_view, settings_edit
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, same
@@ -37,6 +37,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/gui/admin/", page(status))
     r.add_get("/gui/admin/status.json", page(status_json))
     r.add_get("/gui/admin/settings", page(settings))
+    r.add_post("/gui/admin/settings", page(settings_post))  # the page's one form: all sections
     r.add_post("/gui/admin/settings/{section}", page(settings_post))
     r.add_get("/gui/admin/queue", page(queue_domains))
     r.add_post("/gui/admin/queue/domain/{domain}/{action}", page(domain_action))
@@ -100,7 +101,8 @@ def _login_form(request, status: int = 200, error: str = "", wait: float = 0.0):
     token = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(32)
     resp = w.render(request, "login.html", status=status, login_csrf=token, error=error,
                     wait=wait, next=_safe_next(request.query.get("next")),
-                    no_users=not w.engine.users, password_file=str(w.cfg.password_file))
+                    no_users=not w.engine.users, password_file=str(w.cfg.password_file),
+                    home=str(w.cfg.home))
     resp.set_cookie(LOGIN_COOKIE, token, max_age=3600, secure=request.secure, **COOKIE)
     return resp
 
@@ -124,7 +126,8 @@ async def login_post(request: web.Request) -> web.Response:
         return _login_form(request, 403, "The login form expired (CSRF check): try again.")
     if not w.engine.users:
         return _login_form(request, 401, f"Nobody can log in: {w.cfg.password_file} is missing "
-                                         f"or has no users. Add a line such as admin:opensesame.")
+                                         f"or has no users: make the first one with "
+                                         f"mailengine --home {w.cfg.home} init.")
     user = str(form.get("user", "")).strip()
     password = str(form.get("password", ""))
     known = user in w.engine.users.users()
@@ -184,8 +187,10 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
             state = "waiting for retry"
         if win is not None and win.limit < win.maximum and win.cuts:
             state = "throttled" if state in ("sending", "ready", "idle") else state
-            why = (f"connections cut to {win.limit} of {win.maximum} after temporary "
-                   f"failures ({win.cuts} cuts)")
+            why = (f"sending more slowly: at most {win.limit} of {win.maximum} connections, "
+                   f"after temporary failures there (busy replies or failed connections, "
+                   f"{'once' if win.cuts == 1 else f'{win.cuts} times'}); back up step by step "
+                   f"as mail gets through")
         rate = getattr(delivery, "rate", None)
         if state == "ready" and rate is not None and not rate.unlimited and \
                 engine.cfg.limits.max_send_rate:
@@ -246,7 +251,8 @@ def _settings_groups(engine, errors: dict[str, str], submitted) -> list[dict]:
             items.append({"s": s, "value": value, "error": errors.get(s.name, ""),
                           "pending": s.restart and saved[s.name] != running,
                           "running": settings_edit.form_text(s, running),
-                          "default": settings_edit.form_text(s, s.default),
+                          "default": toml_value(s.default),  # as the file writes it
+                          "changed": shown != coerce(s, s.default),
                           "multiline": s.kind.startswith("list")})
         if items:
             groups.append({"section": sec, "title": title, "rows": items})
@@ -262,12 +268,12 @@ async def settings(request: web.Request, errors=None, submitted=None, status=200
 
 async def settings_post(request: web.Request) -> web.Response:
     w = _web(request)
-    section = request.match_info["section"]
-    if section not in SECTION_TITLES:
+    section = request.match_info.get("section")  # None: the whole page's form
+    if section is not None and section not in SECTION_TITLES:
         raise web.HTTPNotFound(text=f"No settings section {section!r}.")
     form = request["form"]
     web_ip = str(form.get("network.web_ip", w.cfg.network.web_ip)).strip()
-    if section == "network" and web_ip != w.cfg.network.web_ip and (
+    if section in (None, "network") and web_ip != w.cfg.network.web_ip and (
             web_ip == "0" or (web_ip and not _admits(web_ip, request.remote))):
         request["session"].flash.append(("error", (
             f"Nothing was saved: network.web_ip = {web_ip!r} would shut out your own address "
@@ -291,7 +297,7 @@ async def settings_post(request: web.Request) -> web.Response:
     if live and getattr(w.engine, "workers", None) is not None:
         parts.append("the intake processes restart with the new values (sessions in progress "
                      "finish under the old ones)")
-    _back(request, f"/gui/admin/settings#{section}", "ok",
+    _back(request, "/gui/admin/settings", "ok",  # the page's top, where the banner is
           ("Saved to mailengine.toml; " + "; ".join(parts)) if parts else "Nothing changed.")
 
 
@@ -340,6 +346,7 @@ async def message(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=f"Message {msg_id} is not in the queue (any more).")
     return w.render(request, "message.html", title=f"Message {msg_id}", msg_id=msg_id, msg=msg,
                     where=where, state=queue_view.state_of(w.engine, msg) if msg else "",
+                    replies=queue_view.last_replies(msg) if msg else {},
                     inf=queue_view.inf_text(w.engine, msg_id, where),
                     headers=queue_view.head_of_data(w.engine, msg_id, where),
                     actions=queue_actions.available(w.engine))

@@ -142,6 +142,11 @@ def openapi() -> dict:
                     "state": {"type": "string"}, "held": {"type": "boolean"},
                     "tries": {"type": "integer"},
                     "retry_time": {"type": ["string", "null"]},
+                    "last_replies": {
+                        "type": "object", "description": "recipient -> the last reply that "
+                        "deferred it (one per destination domain; kept in the .inf)",
+                        "additionalProperties": {"type": "object", "properties": {
+                            "time": {"type": "string"}, "reply": {"type": "string"}}}},
                     "history": {"type": "array", "items": {"type": "string"}},
                     "inf": {"type": "string"}}},
                 "QueueList": {"type": "object", "properties": {

@@ -132,13 +132,13 @@ def apply(engine, changes: dict[str, Any]) -> None:
              ", ".join(f"{k} = {v!r}" for k, v in changes.items()))
 
 
-def submit(engine, section: str, form) -> tuple[dict[str, str], list[str], list[str]]:
-    """Handle one section's form. Returns (errors by name, applied names, restart names).
-    Nothing is saved when any field is wrong."""
+def submit(engine, section: str | None, form) -> tuple[dict[str, str], list[str], list[str]]:
+    """Handle the settings form (one section's, or all of them for None). Returns (errors by
+    name, applied names, restart names). Nothing is saved when any field is wrong."""
     errors: dict[str, str] = {}
     new: dict[str, Any] = {}
     for s in SETTINGS:
-        if s.section != section:
+        if section is not None and s.section != section:
             continue
         on_form = s.name in form if s.kind != "bool" else s.name in form.getall("bools", [])
         if not on_form:

@@ -184,8 +184,8 @@ class WebSite:
                  "https" if ssl_ctx else "http", hosts[0] if hosts else "127.0.0.1", net.web_port,
                  f" (clients: {net.web_ip})" if net.web_ip else "")
         if not self.engine.users:
-            log.warning("web admin: no users: %s is missing or empty; add a line such as "
-                        "admin:opensesame to log in", self.cfg.password_file)
+            log.warning("web admin: no users: %s is missing or empty; make the first one "
+                        "with: mailengine --home %s init", self.cfg.password_file, self.cfg.home)
         return True
 
     async def stop(self) -> None:

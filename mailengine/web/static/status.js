@@ -2,7 +2,7 @@
 (function () {
   "use strict";
   var COLORS = ["#1f5fbf", "#1e7a3c", "#b3261e", "#9a6700"];
-  var LABELS = {received: "received", sent: "sent", queue_messages: "queued",
+  var LABELS = {received: "messages received", sent: "recipients sent", queue_messages: "queued",
                 inbound_connections: "inbound", outbound_connections: "outbound",
                 memory_bytes: "memory"};
 
@@ -23,10 +23,16 @@
     return out;
   }
 
-  function niceStep(v) {  // a round step so that 4 steps cover v
-    if (v <= 0) return 0.25;
+  function niceStep(v, whole) {  // a round step so that 4 steps cover v; whole: 1, 2, 5, 10...
+    if (v <= 0) return whole ? 1 : 0.25;
     var raw = v / 4, p = Math.pow(10, Math.floor(Math.log10(raw))), m = raw / p;
-    return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 2.5 ? 2.5 : m <= 5 ? 5 : 10) * p;
+    var step = (m <= 1 ? 1 : m <= 2 ? 2 : (m <= 2.5 && !whole) ? 2.5 : m <= 5 ? 5 : 10) * p;
+    return whole ? Math.max(1, Math.round(step)) : step;
+  }
+
+  function clock(t) {  // 24-hour HH:MM:SS, as the logs write times
+    var d = new Date(t * 1000), p = function (n) { return (n < 10 ? "0" : "") + n; };
+    return p(d.getHours()) + ":" + p(d.getMinutes()) + ":" + p(d.getSeconds());
   }
 
   function fmt(v) {
@@ -51,21 +57,25 @@
     all.forEach(function (s) { s.forEach(function (p) {
       t0 = Math.min(t0, p[0]); t1 = Math.max(t1, p[0]); vmax = Math.max(vmax, p[1]); }); });
     var L = 44, R = 8, T = 18, B = 20, pw = w - L - R, ph = h - T - B;
-    vmax = niceStep(vmax) * 4;
+    vmax = niceStep(vmax, canvas.getAttribute("data-integer") === "1") * 4;
     ctx.font = "11px system-ui, sans-serif"; ctx.fillStyle = "#5b6677"; ctx.strokeStyle = "#e3e7ee";
     ctx.lineWidth = 1;
+    var ticks = [];
     for (var g = 0; g <= 4; g++) {
       var y = T + ph - ph * g / 4;
       ctx.beginPath(); ctx.moveTo(L, y + 0.5); ctx.lineTo(L + pw, y + 0.5); ctx.stroke();
-      ctx.textAlign = "right"; ctx.fillText(fmt(vmax * g / 4), L - 6, y + 4);
+      ticks.push(fmt(vmax * g / 4));
+      ctx.textAlign = "right"; ctx.fillText(ticks[g], L - 6, y + 4);
     }
+    canvas.setAttribute("data-ticks", ticks.join(" "));  // what the axis says, for tests
     if (!isFinite(t0) || t1 <= t0) {
       ctx.textAlign = "center"; ctx.fillText("collecting samples…", L + pw / 2, T + ph / 2);
     } else {
       ctx.textAlign = "left";
-      ctx.fillText(new Date(t0 * 1000).toLocaleTimeString(), L, h - 5);
+      ctx.fillText(clock(t0), L, h - 5);
       ctx.textAlign = "right";
-      ctx.fillText(new Date(t1 * 1000).toLocaleTimeString(), L + pw, h - 5);
+      ctx.fillText(clock(t1), L + pw, h - 5);
+      canvas.setAttribute("data-clock", clock(t0) + " " + clock(t1));
     }
     all.forEach(function (s, k) {
       ctx.strokeStyle = COLORS[k % COLORS.length]; ctx.lineWidth = 2; ctx.beginPath();
@@ -76,7 +86,7 @@
       ctx.stroke();
       ctx.fillStyle = COLORS[k % COLORS.length]; ctx.textAlign = "left";
       var last = s.length ? fmt(s[s.length - 1][1]) : "–";
-      ctx.fillText("■ " + (LABELS[names[k]] || names[k]) + " " + last, L + 4 + k * 130, 12);
+      ctx.fillText("■ " + (LABELS[names[k]] || names[k]) + " " + last, L + 4 + k * 170, 12);
     });
     canvas.setAttribute("data-points", String(all[0].length));
   }
