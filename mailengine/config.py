@@ -491,6 +491,7 @@ def from_dict(home: Path, data: dict[str, Any], strict: bool = True,
     warning (`config upgrade` reads files with keys of older releases)."""
     values: dict[str, Any] = {}
     unknown: list[str] = []
+    obsolete: list[str] = []
     for sec, body in data.items():
         if not isinstance(body, dict):
             near = [s.name for s in SETTINGS if s.key == sec]
@@ -504,7 +505,7 @@ def from_dict(home: Path, data: dict[str, Any], strict: bool = True,
         for key, value in body.items():
             name = f"{sec}.{key}"
             if name in OBSOLETE:
-                warnings.append(f"{name}: obsolete, ignored ({OBSOLETE[name]}); "
+                obsolete.append(f"{name}: obsolete, ignored ({OBSOLETE[name]}); "
                                 "remove it from the file")
                 continue
             if name not in BY_NAME:
@@ -513,7 +514,8 @@ def from_dict(home: Path, data: dict[str, Any], strict: bool = True,
             values[name] = coerce(BY_NAME[name], value)
     if unknown and strict:
         raise ConfigError((f"{source}: " if source else "") + "; ".join(unknown))
-    cfg = Config(home=home, values=values, warnings=[f"{u}; ignored" for u in unknown])
+    cfg = Config(home=home, values=values,
+                 warnings=obsolete + [f"{u}; ignored" for u in unknown])
     cfg._cross_check()
     return cfg
 

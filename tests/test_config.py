@@ -21,7 +21,8 @@ SPEC_DEFAULTS = {
     "logging.stats_interval": 10, "limits.smtp_receive_timeout": 600,
     "limits.smtp_connect_timeout": 240, "limits.smtp_write_timeout": 240,
     "limits.smtp_body_timeout": 600, "limits.smtp_read_timeout": 240,
-    "limits.max_connections_per_host": 10, "limits.messages_in_memory": 500000,
+    "limits.max_connections_per_host": 10,
+    "limits.messages_in_memory": 20000,  # the manual: 500000; issue 12: Postfix's active limit
     "limits.max_send_rate": 0, "limits.inbound_priority_ips": [],
     "limits.max_message_size": 10485760, "limits.max_outbound_connections": 500,
     "limits.max_queue_memory_kb": 2000000, "limits.max_bandwidth": 0,
