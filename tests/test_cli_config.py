@@ -171,13 +171,15 @@ def test_upgrade_from_the_earliest_config_format(tmp_path):
     before = path.read_text()
 
     code, out = run_cli(home, "config", "upgrade", str(old_home), "--dry-run")
-    # 7: web_ip = "" too, the old default, now that the default is 127.0.0.1 (issue 16)
-    assert code == 0 and "would carry 7 values" in out and path.read_text() == before
+    # 8: web_ip = "" too, the old default, now that the default is 127.0.0.1 (issue 16), and
+    # messages_in_memory = 500000, now 20000 (issue 12)
+    assert code == 0 and "would carry 8 values" in out and path.read_text() == before
 
     code, out = run_cli(home, "config", "upgrade", str(old_home))
     assert code == 0, out
-    assert "carried 7 values" in out
+    assert "carried 8 values" in out
     assert 'network.web_ip = ""  (default "127.0.0.1")' in out  # reported, to be checked
+    assert "limits.messages_in_memory = 500000  (default 20000)" in out
     for line in ("network.smtp_port = 2525", 'network.helo_text = "mail.example.org"',
                  "queue.retry_intervals = [5, 60]", "queue.save_done = true",
                  "network.intake_workers = 1  (default 0)",
@@ -215,7 +217,8 @@ def test_upgrade_into_a_home_without_a_file_and_refusals(tmp_path):
     home.mkdir()
     (home / "mailengine.toml").write_text(config.default_toml())
     code, out = run_cli(home, "config", "upgrade", str(old))
-    assert code == 0 and "carried 3 values" in out  # smtp_port, intake_workers, web_ip
+    assert code == 0 and "carried 4 values" in out  # smtp_port, intake_workers, web_ip,
+    # messages_in_memory (the old default)
     assert "# SMTP port. 1 disables SMTP intake." in (home / "mailengine.toml").read_text()
     assert config.load(home).network.smtp_port == 2500
     code, out = run_cli(home, "config", "upgrade", str(home))
@@ -235,7 +238,8 @@ def test_upgrade_the_way_the_readme_says(tmp_path):
         FIXTURE.read_text().replace('admin_email = ""', 'admin_email = "ops@example.org"'))
     (home / "mailengine.toml").rename(home / "mailengine.toml.old")
     code, out = run_cli(home, "config", "upgrade", str(home / "mailengine.toml.old"))
-    assert code == 0 and "carried 3 values" in out  # admin_email, intake_workers, web_ip
+    assert code == 0 and "carried 4 values" in out  # admin_email, intake_workers, web_ip,
+    # messages_in_memory (the old default)
     text = (home / "mailengine.toml").read_text()
     assert text.startswith("# MailEngine configuration.") and "[dkim]" in text
     assert config.load(home).basic.admin_email == "ops@example.org"
