@@ -36,6 +36,7 @@ BACKLOG_BATCH = 500  # messages loaded (or put back on disk) between two looks a
 # A message waiting in memory for a retry further away than this gives its place to backlog mail
 # that is due now when memory is full.
 EVICT_HORIZON = 60.0
+INDEX_SLICE = 50_000  # backlog index lines read between two looks at the event loop
 FD_WARNING = ("Warning: you are out of file descriptors. Performance may be very poor until you "
               "increase them. Try lowering the number of mail sends.")
 
@@ -296,6 +297,18 @@ class Engine:
                 return
             self.stored(msg, False, where)
 
+    async def _read_index(self, lines: list[str]) -> None:
+        """The backlog index of the last clean stop, once SMTP answers: in slices, so sessions
+        are served meanwhile (a million lines take about a second)."""
+        known = self.known
+        for i in range(0, len(lines), INDEX_SLICE):
+            self.backlog.add_many((mid, due) for mid, due in
+                                  Backlog.parse_index(lines[i:i + INDEX_SLICE])
+                                  if mid not in known)
+            await asyncio.sleep(0)
+        log.info("queue: %d messages waiting in %s (from the index of the last stop)",
+                 len(self.backlog) + len(self.known), self.spool.root / "retry")
+
     def save_backlog_index(self) -> None:
         """At a clean stop: when each queued message is due (backlog.py), so that the next
         start reads no .inf before it delivers."""
@@ -439,18 +452,20 @@ class Engine:
         # A request left over from a stop that happened otherwise must not stop this run.
         (self.spool.root / "retry" / SHUTDOWN_FILE).unlink(missing_ok=True)
         # No .inf is read here: the messages in retry/ go to the backlog, due when the index of
-        # the last clean stop says (else now), and are loaded as memory allows once SMTP answers.
+        # the last clean stop says (it is read once SMTP answers), else now, and are loaded as
+        # memory allows.
         index = Backlog.take_index(self.spool.root)  # before recovery changes retry/
-        report = self.spool.recover(load=self.delivery is None,
-                                    retry_ids=index.keys() if index else None)
+        if self.delivery is None:
+            index = None
+        report = self.spool.recover(load=self.delivery is None, retry_known=index is not None)
         for w in report.warnings:
             log.warning("%s", w)
         for msg in report.messages:
             self.take(msg, "retry")
-        for mid in report.ids:
-            self.backlog.add(mid, index.get(mid, 0.0))
-        log.info("queue: %d messages waiting in %s", len(report.messages) + len(report.ids),
-                 self.spool.root / "retry")
+        self.backlog.add_many((mid, 0.0) for mid in report.ids)
+        if index is None:
+            log.info("queue: %d messages waiting in %s",
+                     len(report.messages) + len(report.ids), self.spool.root / "retry")
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -480,6 +495,8 @@ class Engine:
                          ", ".join(f"{h} port {p}" for h, p in bound), n)
         else:
             log.info("SMTP intake is off (network.smtp_port = 1)")
+        if index is not None:
+            await self._read_index(index)
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,

@@ -40,6 +40,7 @@ class Backlog:
     def __init__(self) -> None:
         self._due: dict[str, float] = {}  # id -> due time (epoch seconds; HELD; 0 = unknown)
         self._heap: list[tuple[float, str]] = []  # (due, id); stale entries are skipped
+        self._unordered = False  # add_many() appended to _heap: heapify before use
 
     def __len__(self) -> int:
         return len(self._due)
@@ -66,12 +67,28 @@ class Backlog:
         if len(self._heap) > 2 * len(self._due) + 1024:
             self._compact()
 
+    def add_many(self, items: Iterable[tuple[str, float]]) -> None:
+        """add() for many at once (a start): their heap entries are put in order once, when the
+        backlog is next asked what is due, instead of one push each."""
+        due, heap = self._due, self._heap
+        for mid, d in items:
+            due[mid] = d
+            if d != HELD:
+                heap.append((d, mid))
+        self._unordered = True
+
     def discard(self, msg_id: str) -> None:
         self._due.pop(msg_id, None)  # its heap entry is skipped when it comes up
 
+    def _ordered(self) -> list[tuple[float, str]]:
+        if self._unordered:
+            heapq.heapify(self._heap)
+            self._unordered = False
+        return self._heap
+
     def next_due(self) -> float | None:
         """The earliest due time (None: nothing but held messages, or empty)."""
-        heap = self._heap
+        heap = self._ordered()
         while heap and self._due.get(heap[0][1]) != heap[0][0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
@@ -79,7 +96,7 @@ class Backlog:
     def pop_due(self, now: float, limit: int) -> list[str]:
         """Up to `limit` ids due at `now` or before, earliest first, taken out of the backlog."""
         out: list[str] = []
-        heap = self._heap
+        heap = self._ordered()
         while heap and len(out) < limit and heap[0][0] <= now:
             due, mid = heapq.heappop(heap)
             if self._due.get(mid) == due:
@@ -90,6 +107,7 @@ class Backlog:
     def _compact(self) -> None:
         self._heap = [(d, m) for m, d in self._due.items() if d != HELD]
         heapq.heapify(self._heap)
+        self._unordered = False
 
     # -- the index kept across a clean stop ----------------------------------------------------
 
@@ -111,34 +129,38 @@ class Backlog:
         return n
 
     @staticmethod
-    def take_index(mailq: Path) -> dict[str, float]:
-        """The index a clean stop left (id -> due), removed as it is read: it describes the
-        queue at that stop only. It counts only while nothing was stored, removed, renamed or
-        rewritten in retry/ since (its modification time is unchanged: a queue command on the
-        files, a drop-in, a restore from backup all change it). Call it before recovery touches
-        retry/. {} when there is none, it is stale, or it cannot be read."""
+    def take_index(mailq: Path) -> list[str] | None:
+        """The lines of the index a clean stop left, removed as it is read (it describes the
+        queue at that stop only); parse them with parse_index(). It counts only while nothing
+        was stored, removed, renamed or rewritten in retry/ since (its modification time is
+        unchanged: a queue command on the files, a drop-in, a restore from backup all change
+        it). Call it before recovery touches retry/. None when there is none, it is stale, or
+        it cannot be read: retry/ must then be listed."""
         path = Path(mailq) / INDEX_NAME
-        out: dict[str, float] = {}
         try:
             now = os.stat(Path(mailq) / "retry").st_mtime_ns
             with open(path) as f:
                 head = f.readline().split()
-                if head[:1] != ["retry-mtime"] or head[1:] != [str(now)]:
-                    return {}
-                for line in f:
-                    due, _, mid = line.rstrip("\n").partition(" ")
-                    if not mid:
-                        continue
-                    try:
-                        out[mid] = HELD if due == "held" else float(due)
-                    except ValueError:
-                        continue
-        except (OSError, IndexError):
-            return {}
+                if head != ["retry-mtime", str(now)]:
+                    return None
+                return f.read().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return None
         finally:
             for p in (path, path.with_name(INDEX_NAME + ".tmp")):
                 try:
                     p.unlink()
                 except OSError:
                     pass
-        return out
+
+    @staticmethod
+    def parse_index(lines: Iterable[str]) -> Iterator[tuple[str, float]]:
+        """(id, due) of `DUE ID` index lines; malformed ones are skipped."""
+        for line in lines:
+            due, _, mid = line.partition(" ")
+            if not mid:
+                continue
+            try:
+                yield mid, HELD if due == "held" else float(due)
+            except ValueError:
+                continue

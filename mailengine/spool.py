@@ -59,7 +59,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .envelope import InfError, Message, format_inf, parse_inf
 from .spare import NEW as SPARE_NEW
@@ -612,15 +612,16 @@ class Spool:
                 new.append(msg)
         return new, warnings
 
-    def recover(self, load: bool = True, retry_ids: Iterable[str] | None = None) -> RecoveryReport:
+    def recover(self, load: bool = True, retry_known: bool = False) -> RecoveryReport:
         """Start-up recovery, per the state table of docs/QUEUE.md. Run once, before intake.
 
         `load=False` reads no `.inf`: the ids in retry/ are returned instead (the engine reads
-        them as their turn comes, backlog.py). `retry_ids`: what retry/ holds, known from the
-        index of a clean stop while retry/ is unchanged since (backlog.take_index); retry/ is then
-        not listed (a listing of millions of files takes seconds), only probed for the ids found
-        elsewhere. Everything that needs no repair (a message whole in one directory other than
-        working/) is recognised with set operations, so the cost per message is small."""
+        them as their turn comes, backlog.py). `retry_known`: the caller knows what retry/ held
+        at the last clean stop (the backlog index, valid while retry/ is unchanged since); retry/
+        is then not listed (a listing of millions of files takes seconds), only probed for the
+        ids found elsewhere, and the ids returned are those that recovery put into retry/.
+        Everything that needs no repair (a message whole in one directory other than working/)
+        is recognised with set operations, so the cost per message is small."""
         self.ensure_dirs()
         self.spare.adopt_new()  # spare files given just before the last stop
         rep = RecoveryReport()
@@ -629,7 +630,7 @@ class Spool:
         side: list[tuple[str, str]] = []  # (dir, file name) of side files (ID.dkim)
         found: dict[str, tuple[set[str], set[str], set[str]]] = {}  # dir -> inf, dat, tmp ids
         for d in DIRS:
-            if d == "retry" and retry_ids is not None:
+            if d == "retry" and retry_known:
                 continue
             names = [n for n in os.listdir(self._dir[d])
                      if n[:1] != "." and n != SHUTDOWN_FILE]
@@ -645,7 +646,7 @@ class Spool:
         for d, (inf, dat, tmp) in found.items():
             here = inf | dat | tmp
             odd |= tmp | (inf ^ dat) | (here & seen)
-            if retry_ids is not None:
+            if retry_known:
                 odd |= here
             seen |= here
         for mid in odd:
@@ -665,10 +666,7 @@ class Spool:
             self._recover_one(mid, where, rep, now)
         self._remove_orphan_side_files(side)
         # what is now in retry/: valid messages, or warnings
-        if retry_ids is None:
-            ids = found["retry"][0] - odd
-        else:
-            ids = set(retry_ids) - odd
+        ids = set() if retry_known else found["retry"][0] - odd
         ids |= {mid for mid in odd if os.path.exists(self.inf_path(mid, "retry"))}
         if not load:
             rep.ids = list(ids)

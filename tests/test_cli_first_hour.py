@@ -371,7 +371,7 @@ def test_config_upgrade_reads_the_original_products_config_directory(tmp_path):
              "RetryIntervals.txt": "5\n60\n",
              "SaveDone.txt": "1\n",
              "HeloText.txt": "mail.example.org\n",
-             "MaxThreads.txt": "0\n",  # refused today (minimum 1)
+             "MaxThreads.txt": "0\n",  # limits.max_threads is obsolete (issue 15.9)
              "MysteryKnob.txt": "3\n",
              "password.txt": "admin:opensesame\n"}
     (old / "config").mkdir(parents=True)
@@ -388,14 +388,14 @@ def test_config_upgrade_reads_the_original_products_config_directory(tmp_path):
     assert code == 0, out
     assert f"{old / 'config'} -> {home / 'mailengine.toml'}" in out
     assert "carried 7 values" in out
-    assert "config/MysteryKnob.txt" in out and "limits.max_threads = 0: must be at least 1" in out
+    assert "config/MysteryKnob.txt" in out and "config/MaxThreads.txt" in out  # not carried
     assert f"users: {old / 'config' / 'password.txt'} -> {home / 'password.txt'}" in out
     cfg = config.load(home)
     assert cfg.network.web_port == 8081 and cfg.network.web_ip == "192.168.1.124"
     assert cfg.network.smtp_port == 2525 and cfg.network.helo_text == "mail.example.org"
     assert cfg.policy.relay_ips == ["127.0.0.1", "192.168.1.0/24"]
     assert cfg.queue.retry_intervals == [5.0, 60.0] and cfg.queue.save_done is True
-    assert cfg.limits.max_threads == 500
+    assert "limits.max_threads" not in cfg.values  # obsolete: not carried
     assert (home / "password.txt").read_text() == "admin:opensesame\n"
     assert "# SMTP port. 1 disables SMTP intake." in (home / "mailengine.toml").read_text()
     # naming the config/ directory itself works too; this home's users are kept
