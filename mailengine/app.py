@@ -17,6 +17,7 @@ from . import NAME, __version__, diskwatch, filemodes, hostname, logs, shared, t
 from .backlog import Backlog, due_time
 from .config import Config
 from .envelope import InfError, Message
+from .eventloop import loop_factory
 from .homelock import HomeLock
 from .inbound import InboundServer
 from .intake import Intake
@@ -39,16 +40,6 @@ EVICT_HORIZON = 60.0
 INDEX_SLICE = 50_000  # backlog index lines read between two looks at the event loop
 FD_WARNING = ("Warning: you are out of file descriptors. Performance may be very poor until you "
               "increase them. Try lowering the number of mail sends.")
-
-
-def debug_any(cfg: Config) -> bool:
-    """Any trace switch on: the engine then logs at DEBUG."""
-    return any(cfg.values[f"debug.{k}"] for k in ("dns", "smtp_out", "smtp_in", "program",
-                                                   "send_loop"))
-
-
-def host_name(cfg: Config) -> str:
-    return hostname.host_name(cfg)
 
 
 def check_file_descriptors(cfg: Config) -> int:
@@ -113,7 +104,7 @@ class Engine:
         self.cfg = cfg
         self.test_mode = test_mode
         self.lock = lock  # this queue's lock (taken by run() when the caller did not)
-        self.hostname = host_name(cfg)
+        self.hostname = hostname.host_name(cfg)
         self.spool = Spool(cfg.mailq(test_mode), durable=cfg.queue.relay_via_disk,
                            hostname=self.hostname)
         self.incoming = self.spool  # local mail goes to mailq/incoming of the same spool
@@ -157,7 +148,7 @@ class Engine:
             self.inbound.apply(cfg)
         if self.delivery is not None:
             self.delivery.apply(cfg)
-        logging.getLogger("mailengine").setLevel(logging.DEBUG if debug_any(cfg) else logging.INFO)
+        logging.getLogger("mailengine").setLevel(logging.DEBUG if logs.debug_any(cfg) else logging.INFO)
         logs.program_trace(cfg.debug.program)
         if self.workers and self.workers.apply(cfg):
             return ["the intake processes are restarted with the new settings; sessions in "
@@ -545,15 +536,6 @@ def run(cfg: Config, test_mode: bool = False, lock: HomeLock | None = None) -> N
         lock = HomeLock.acquire(cfg.home, test_mode)
     filemodes.restrict(cfg, test_mode)  # the queue and the logs: the engine's user only
     logs.setup(cfg.log_dir, cfg.logging.log_retention_days,
-               debug_any=debug_any(cfg), program=cfg.debug.program)
+               debug_any=logs.debug_any(cfg), program=cfg.debug.program)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(Engine(cfg, test_mode, lock).run())
-
-
-def loop_factory():
-    """uvloop's event loop when installed: its sockets and timers are several times cheaper."""
-    try:
-        import uvloop
-        return uvloop.new_event_loop
-    except ImportError:
-        return None

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .envelope import InfError, Message, format_inf
+from .smtp.wire import SyntaxProblem, parse_mailbox
 from .spool import make_id
 
 
@@ -59,10 +60,19 @@ def build_data(headers: str | bytes | list[str], body: str | bytes,
 
 def _rcpt_list(rcpts: str | list[str]) -> list[str]:
     items = rcpts.split(",") if isinstance(rcpts, str) else list(rcpts)
-    out = [a.strip() for a in items if a and a.strip()]
+    out = [_address(a.strip()) for a in items if a and a.strip()]
     if not out:
         raise ValueError("no recipients")
     return out
+
+
+def _address(text: str, allow_empty: bool = False) -> str:
+    """An RFC 5321 mailbox, as SMTP intake would take it (quoted local parts included); else
+    InfError saying why, before anything is written."""
+    try:
+        return parse_mailbox(f"<{text}>", allow_empty)
+    except SyntaxProblem as e:
+        raise InfError(f"{text!r} is not an address: {e}") from None
 
 
 def enqueue(mailq_dir: str | os.PathLike, mail_from: str, rcpts: str | list[str],
@@ -80,12 +90,13 @@ def enqueue(mailq_dir: str | os.PathLike, mail_from: str, rcpts: str | list[str]
     retry = mailq / "retry"
     os.makedirs(retry, exist_ok=True)
     to_send = _rcpt_list(rcpts)
+    sender = _address(mail_from.strip(), allow_empty=True)
     host = hostname or socket.gethostname()
     data = build_data(headers, body, add_missing_headers, host)
     private = tempfile.mkdtemp(prefix=".tmp-", dir=mailq)
     try:
         for _ in range(100):
-            msg = Message(id=make_id(host), mail_from=mail_from.strip(), rcpt_to_send=to_send,
+            msg = Message(id=make_id(host), mail_from=sender, rcpt_to_send=to_send,
                           priority=priority)
             msg.add_log("Queued by mailengine.client.enqueue")
             inf = format_inf(msg)  # InfError (a ValueError) for an address it cannot hold

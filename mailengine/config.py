@@ -17,6 +17,7 @@ from typing import Any
 CONFIG_FILE = "mailengine.toml"
 
 
+from .home import resolve_home  # noqa: F401  (config.resolve_home for the commands)
 from .setting import Setting  # noqa: E402  (the record type; its table is below)
 
 
@@ -532,11 +533,6 @@ def load(home: Path | str, strict: bool = True) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return from_dict(home, data, strict, source=str(path))
-
-
-def resolve_home(cli_home: str | None) -> Path:
-    """--home, else $MAILENGINE_HOME, else the current directory (as in the manual)."""
-    return Path(cli_home or os.environ.get("MAILENGINE_HOME") or os.getcwd()).absolute()
 
 
 def toml_value(value: Any) -> str:

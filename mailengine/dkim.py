@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from .home import resolve_home
 from .setting import Setting
 
 log = logging.getLogger("mailengine.dkim")
@@ -602,7 +603,6 @@ def genkey_main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"mailengine dkim genkey: {e}", file=sys.stderr)
         return 2
-    from .config import resolve_home  # config imports this module: import it late
     home = resolve_home(args.home)
     directory = Path(args.dir).absolute() if args.dir else home / "dkim"
     name = f"{entry.domain}.{entry.selector}.{args.algorithm}"

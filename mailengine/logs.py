@@ -119,3 +119,9 @@ def setup(log_dir: Path, retention_days: int, debug_any: bool = False,
         fh = DailyFileHandler(log_dir, retention_days)
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+def debug_any(cfg) -> bool:
+    """Any trace switch of a config.Config on: the process then logs at DEBUG."""
+    return any(cfg.values[f"debug.{k}"] for k in ("dns", "smtp_out", "smtp_in", "program",
+                                                   "send_loop"))

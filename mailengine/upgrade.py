@@ -68,7 +68,7 @@ def override_note(cfg: config.Config, name: str) -> str:
     """'  # --smtp-port on the command line (mailengine.toml: 25)' for an overridden setting."""
     if name not in cfg.overridden:
         return ""
-    from .cli import option_name
+    from .overrides import option_name
     return (f"  # {option_name(config.BY_NAME[name].key)} on the command line "
             f"({config.CONFIG_FILE}: {config.toml_value(cfg.overridden[name])})")
 
@@ -153,7 +153,7 @@ def read_doc(home: Path) -> tuple[Path, tomlkit.TOMLDocument]:
 # ---------------------------------------------------------------- set
 
 def cmd_set(cfg: config.Config, key: str, text: str, engine_answer=None, ask=None) -> int:
-    from .cli import list_syntax, parse_override
+    from .overrides import list_syntax, parse_override
     setting = config.BY_NAME.get(key)
     if key in config.OBSOLETE:
         print(f"{key}: obsolete, nothing reads it ({config.OBSOLETE[key]})", file=sys.stderr)

@@ -276,7 +276,7 @@ class WorkerPool:
 
 async def worker_main(spec: dict) -> None:
     from . import tls
-    from .app import host_name
+    from .hostname import host_name
     from .config import Config
     from .diskwatch import DiskWatch
     from .inbound import InboundServer
@@ -377,12 +377,12 @@ def die_with_parent() -> None:
 def main() -> None:
     die_with_parent()
     from . import logs
-    from .app import debug_any, loop_factory
+    from .eventloop import loop_factory
     from .config import Config
     spec = json.loads(sys.stdin.read())
     cfg = Config(home=Path(spec["home"]), values=spec["values"])
     # the engine's debug switches hold here too (debug.smtp_in traces at DEBUG level)
-    logs.setup(cfg.log_dir, cfg.logging.log_retention_days, debug_any=debug_any(cfg),
+    logs.setup(cfg.log_dir, cfg.logging.log_retention_days, debug_any=logs.debug_any(cfg),
                program=cfg.debug.program)
     try:
         with asyncio.Runner(loop_factory=loop_factory()) as runner:

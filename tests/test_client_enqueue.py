@@ -60,12 +60,20 @@ def test_present_date_and_message_id_are_not_duplicated(tmp_path):
     assert head.count(b"Date:") == 1 and head.lower().count(b"message-id:") == 1
 
 
-@pytest.mark.parametrize("rcpts", ["", " , ", [], ["not-an-address"], ["a\x00b@c.example"]])
+@pytest.mark.parametrize("rcpts", ["", " , ", [], ["not-an-address"], ["a\x00b@c.example"],
+                                   ["a b@c.example"], ["a@b@c.example"], ["a@-bad-.example"]])
 def test_bad_recipients_queue_nothing(tmp_path, rcpts):
     with pytest.raises(ValueError):
         client.enqueue(tmp_path, "a@b.example", rcpts, "Subject: x", "x")
     assert os.listdir(tmp_path / "retry") == []
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")] == []
+
+
+def test_a_sender_that_is_not_an_address_queues_nothing(tmp_path):
+    with pytest.raises(client.InfError, match="is not an address"):
+        client.enqueue(tmp_path, "joe at example", ["a@c.example"], "Subject: x", "x")
+    assert os.listdir(tmp_path / "retry") == []
+    assert client.enqueue(tmp_path, "", ["a@c.example"], "Subject: x", "x")  # <> is fine
 
 
 def test_quoted_local_parts_with_a_comma_or_space_are_queued(tmp_path):
