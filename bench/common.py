@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -60,6 +61,16 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0, greeting: bool = 
             pass
         time.sleep(0.05)
     raise TimeoutError(f"nothing answering on {host}:{port} after {timeout}s")
+
+
+def wait_count(count, expected: int, timeout: float, poll: float = 0.02) -> int:
+    """Poll count() until it reaches `expected` or `timeout` s pass; the last count."""
+    deadline = time.monotonic() + timeout
+    n = count()
+    while n < expected and time.monotonic() < deadline:
+        time.sleep(poll)
+        n = count()
+    return n
 
 
 # -- smtp-source ---------------------------------------------------------------------------
@@ -214,12 +225,7 @@ class SmtpSink:
         return int(found[-1]) if found else 0
 
     def wait_messages(self, expected: int, timeout: float = 60.0, poll: float = 0.02) -> int:
-        deadline = time.monotonic() + timeout
-        n = self.count()
-        while n < expected and time.monotonic() < deadline:
-            time.sleep(poll)
-            n = self.count()
-        return n
+        return wait_count(self.count, expected, timeout, poll)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -263,12 +269,7 @@ class SinkGroup:
         return sum(s.count() for s in self.sinks)
 
     def wait_messages(self, expected: int, timeout: float = 60.0, poll: float = 0.02) -> int:
-        deadline = time.monotonic() + timeout
-        n = self.count()
-        while n < expected and time.monotonic() < deadline:
-            time.sleep(poll)
-            n = self.count()
-        return n
+        return wait_count(self.count, expected, timeout, poll)
 
     def __enter__(self) -> "SinkGroup":
         try:
@@ -467,6 +468,26 @@ def announce(what: str, info: dict, workdir: Path, fs: str) -> None:
         print("note: the machine is not idle; other work skews the figures", flush=True)
     if fs in ("tmpfs", "ramfs"):
         print("warning: the workdir is in memory: fsync costs nothing there", flush=True)
+
+
+def summarise(runs: dict[str, list[Case]], labels: dict[str, str], messages: int,
+              rate_heading: str) -> dict[str, float]:
+    """The table every benchmark ends with: the median rate of each case (0 when any round
+    failed), seconds and the relay's CPU; returns the medians by case."""
+    summary, rates = [], {}
+    for c, rs in runs.items():
+        ok_rates = [r.rate for r in rs if r.ok]
+        med = statistics.median(ok_rates) if ok_rates and len(ok_rates) == len(rs) else 0.0
+        rates[c] = med
+        cpu = [r.extra.get("relay_cpu_percent") for r in rs if r.ok]
+        summary.append({"case": f"({c}) {labels[c]}", "rate": f"{med:,.0f}" if med else "FAILED",
+                        "seconds": f"{messages / med:.1f}" if med else "",
+                        "cpu": f"{statistics.median(cpu):.0f}%" if cpu and None not in cpu
+                        else ""})
+    print()
+    print_table(summary, [("case", "case"), ("rate", rate_heading), ("seconds", "seconds"),
+                          ("cpu", "relay CPU")])
+    return rates
 
 
 def run_rounds(cases: list[str], repeat: int, labels: dict[str, str], run_case,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (Case, SinkGroup, add_load_arguments, add_run_arguments,  # noqa: E402
-                    announce, machine_info, print_table, ratio, run_rounds, run_smtp_sources,
-                    run_workdir, sink_recipients, write_results)
+                    announce, machine_info, ratio, summarise, run_rounds, run_smtp_sources,
+                    run_workdir, sink_recipients, wait_count, write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import POSTCONF, PostfixInstance  # noqa: E402
 from relay import (SENT_LINE, _tail, engine_settings, postfix_routes, queued,  # noqa: E402
@@ -46,15 +45,6 @@ CASES = {"a": "MailEngine drain", "b": "Postfix drain"}
 def fill(port: int, args) -> None:
     run_smtp_sources([port], args.messages, args.sessions, args.size,
                      max(args.sources, args.sinks), sink_recipients(args.sinks))
-
-
-def wait_count(count, expected: int, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    n = count()
-    while n < expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-        n = count()
-    return n
 
 
 def timed_drain(release, sinks: SinkGroup, args, result: Case, cpu_pid: int) -> bool:
@@ -87,7 +77,7 @@ def run_engine_case(args, workdir: Path) -> Case:
             except Exception as e:
                 result.error = f"filling the queue: {e}\n{_tail(home / 'engine-output.txt')}"
                 return result
-            held = wait_count(lambda: queued(eng.mailq), args.messages, 60)
+            held = wait_count(lambda: queued(eng.mailq), args.messages, 60, poll=0.1)
             if held < args.messages:
                 result.error = f"{held} of {args.messages} in the queue before the release"
                 return result
@@ -168,18 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         run = {"a": run_engine_case, "b": run_postfix_case}
         runs = run_rounds(cases, args.repeat, CASES, lambda c: run[c](args, workdir))
 
-    summary, rates = [], {}
-    for c in cases:
-        ok_rates = [r.rate for r in runs[c] if r.ok]
-        med = statistics.median(ok_rates) if ok_rates and len(ok_rates) == len(runs[c]) else 0.0
-        rates[c] = med
-        cpu = [r.extra.get("relay_cpu_percent") for r in runs[c] if r.ok]
-        summary.append({"case": f"({c}) {CASES[c]}", "rate": f"{med:,.0f}" if med else "FAILED",
-                        "seconds": f"{args.messages / med:.1f}" if med else "",
-                        "cpu": f"{statistics.median(cpu):.0f}%" if cpu else ""})
-    print()
-    print_table(summary, [("case", "case"), ("rate", "msg/s delivered"), ("seconds", "seconds"),
-                          ("cpu", "relay CPU")])
+    rates = summarise(runs, CASES, args.messages, "msg/s delivered")
     r = ratio(rates.get("a"), rates.get("b"))
     print(f"ratio: engine/postfix {r:.2f}" if r else "ratio: engine/postfix n/a",
           "  (goal on 2 cores: >= 2)")

@@ -28,7 +28,6 @@ import argparse
 import os
 import re
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (ENGINE_DEFAULTS, Case, SinkGroup, add_load_arguments,  # noqa: E402
-                    add_run_arguments, announce, machine_info, print_table, ratio,
+                    add_run_arguments, announce, machine_info, ratio, summarise,
                     run_rounds, run_smtp_sources, run_workdir, sink_recipients, write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
@@ -225,19 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         run = {"a": run_engine_case, "b": run_postfix_case, "c": run_direct_case}
         runs = run_rounds(cases, args.repeat, CASES, lambda c: run[c](args, workdir))
 
-    summary = []
-    rates = {}
-    for c in cases:
-        ok_rates = [r.rate for r in runs[c] if r.ok]
-        med = statistics.median(ok_rates) if ok_rates and len(ok_rates) == len(runs[c]) else 0.0
-        rates[c] = med
-        cpu = [r.extra.get("relay_cpu_percent") for r in runs[c] if r.ok]
-        summary.append({"case": f"({c}) {CASES[c]}", "rate": f"{med:,.0f}" if med else "FAILED",
-                        "seconds": f"{args.messages / med:.1f}" if med else "",
-                        "cpu": f"{statistics.median(cpu):.0f}%" if cpu else ""})
-    print()
-    print_table(summary, [("case", "case"), ("rate", "msg/s end to end"), ("seconds", "seconds"),
-                          ("cpu", "relay CPU")])
+    rates = summarise(runs, CASES, args.messages, "msg/s end to end")
     ratios = {"engine/postfix": ratio(rates.get("a"), rates.get("b")),
               "engine/direct": ratio(rates.get("a"), rates.get("c")),
               "postfix/direct": ratio(rates.get("b"), rates.get("c"))}

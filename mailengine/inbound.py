@@ -261,17 +261,11 @@ class SMTPProtocol(asyncio.Protocol):
         if peer_ip.startswith("::ffff:"):
             peer_ip = peer_ip[7:]
         if not srv.admit(peer_ip):
-            srv.refused_busy += 1
-            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-            transport.close()
-            self.closed = True
+            self._refuse(b"421 4.7.0 Too many connections, try again later\r\n")
             return
         self.admitted = True
         if not srv.admit_address(peer_ip):
-            srv.refused_busy += 1
-            transport.write(b"421 4.7.0 Too many connections from your address, try again later\r\n")
-            transport.close()
-            self.closed = True
+            self._refuse(b"421 4.7.0 Too many connections from your address, try again later\r\n")
             return
         self.counted_ip = peer_ip
         sock = transport.get_extra_info("socket")
@@ -283,6 +277,13 @@ class SMTPProtocol(asyncio.Protocol):
         srv.connections.add(self)
         srv.sessions_total += 1
         self._write(self.machine.greeting())
+
+    def _refuse(self, reply: bytes) -> None:
+        """Over a connection cap: the reply at the greeting, then close."""
+        self.server.refused_busy += 1
+        self.transport.write(reply)
+        self.transport.close()
+        self.closed = True
 
     def connection_lost(self, exc) -> None:
         self.closed = True
