@@ -402,12 +402,7 @@ class SMTPProtocol(asyncio.Protocol):
             result = Reply(454, "4.7.0", "Temporary authentication failure")
         self.storing = False
         self.machine.auth_done(result)
-        if self.closed:
-            return
-        if not self.paused_writing:
-            self.transport.resume_reading()
-        self._drive()
-        self._track(0)
+        self._resume()
 
     def _stored(self, task: asyncio.Task) -> None:
         self.storing = False
@@ -418,6 +413,10 @@ class SMTPProtocol(asyncio.Protocol):
             log.exception("storing a message from %s failed", self.machine.session.peer_ip)
             reply = Reply(451, "4.3.0", "Local error while storing the message, try again later")
         self.machine.message_done(reply)
+        self._resume()
+
+    def _resume(self) -> None:
+        """The machine has its answer (a password check, a store): read and reply again."""
         if self.closed:
             return
         if not self.paused_writing:
