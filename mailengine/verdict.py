@@ -1,4 +1,4 @@
-"""Verdicts: what delivery does after every reply, in one place (Postfix keeps it in smtp_trouble.c).
+"""Verdicts: what delivery does after each reply, in one place (Postfix: smtp_trouble.c).
 
 delivery.py talks to servers and carries out verdicts; it reads no reply code itself. Everything
 here is pure (no I/O, no clock), so each decision has a unit test without sockets
@@ -23,11 +23,11 @@ Strategies:
 - **A transaction's action** (`transaction`): LEAVE_HOST when rule 1 hit a recipient (the session
   is dead: it and anything left go to the next MX host), AGAIN when rule 2 did, else DONE (the
   next envelope goes over the same session, or a new connection when it cannot be reused).
-- **After a session on one host** (`after_session`): a session that failed before anything of
-  the recipients was decided, on a kept connection that had sent mail before, is retried once on
-  a fresh connection (the server dropped the idle connection: not its verdict on this mail);
-  any other failure, or a session that decided nobody, -> the next MX host; a session that ended
-  with work left (test mode...) -> a new connection to the same host.
+- **After a session on one host** (`after_session`): nothing left -> DONE; a session that
+  failed before any of its recipients was decided, on a kept connection that had sent mail
+  before, is retried once on a fresh connection (the server dropped the idle connection: not its
+  verdict on this mail); any other failure, or a session that decided nobody, -> the next MX
+  host; a session that ended with work left (test mode...) -> a new connection to the same host.
 - **A failed connection** (refused, timed out, greeting or EHLO refused, 421 at the start): every
   recipient -> NEXT_MX with that reply as its last word, and the host is tried last for a while
   (delivery.HOST_DOWN).
@@ -35,8 +35,9 @@ Strategies:
   fails when its reply was a 5xx); one that never got a reply gets 451 4.4.1.
 - **The destination's concurrency window** (`window_signal`, throttle.py), once per unit of
   delivery: any recipient delivered -> SUCCESS (the window grows); else a soft failure other
-  than DNS -> SITE_FAILURE when any reply was a 421 or a failed connection (cut now), FAILURE
-  otherwise (cut after a run of them); else (hard failures, DNS) NONE.
+  than DNS -> SITE_FAILURE when any reply was a 421 or a failed connection (cut at once, the
+  cooldown permitting), FAILURE otherwise (cut after a run of them); else (hard failures, DNS)
+  NONE.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class Action(enum.Enum):
 
 class Step(enum.Enum):
     """What follows a session on one MX host."""
+    DONE = "done"              # nothing left for this host
     FRESH = "fresh"            # once more on a new connection to the same host
     RECONNECT = "reconnect"    # work left after a session that ended normally: same host
     NEXT_MX = "next-mx"
@@ -80,7 +82,7 @@ class Signal(enum.Enum):
     NONE = "none"
     SUCCESS = "success"
     FAILURE = "failure"            # a temporary failure: counts towards a cut
-    SITE_FAILURE = "site-failure"  # a 421 or a failed connection: cut now
+    SITE_FAILURE = "site-failure"  # a 421 or a failed connection: cut without a run
 
 
 class Seen(NamedTuple):
@@ -158,6 +160,8 @@ def after_session(pending: list[str], rest: list[str], session_failed: bool, reu
     """What follows a session to one host that was given `pending` and left `rest` undecided;
     `reused`: the connection had carried mail before; `fresh`: it is already the retry on a
     new connection."""
+    if not rest:
+        return Step.DONE
     if session_failed and reused and not fresh and rest == pending:
         return Step.FRESH  # the server had dropped the kept connection (idle timeout)
     if session_failed or len(rest) >= len(pending):

@@ -87,7 +87,8 @@ def test_rules_are_ordered_data():
     (["a", "b"], ["b"], True, True, False, Step.NEXT_MX),          # failed after progress
     (["a", "b"], ["a", "b"], False, False, False, Step.NEXT_MX),   # no progress at all
     (["a", "b"], ["b"], False, True, False, Step.RECONNECT),       # ended with work left
-    (["a", "b"], [], False, True, False, Step.RECONNECT),          # nothing left: loop ends
+    (["a", "b"], [], False, True, False, Step.DONE),
+    (["a", "b"], [], True, True, False, Step.DONE),                # failed after deciding all
 ])
 def test_after_session(pending, rest, failed, reused, fresh, step):
     assert verdict.after_session(pending, rest, failed, reused, fresh) is step
