@@ -17,13 +17,14 @@ The flow of one send attempt of one message:
    engine's own SMTP address nor hosts it prefers less: "loops back to myself", loops.py), takes a
    connection to the best host from the pool (kept and reused per host; at most
    `max_connections_per_host` per server and `max_outbound_connections` in all, idle ones
-   included), and runs one transaction for all its recipients (smtp_session.py). A connection
-   failure, a refused greeting, a 421 or a lost connection moves on to the next MX host; so do
-   the recipients a server refuses with a 4xx at MAIL, RCPT, DATA or the end of data (as
-   Postfix does: they are kept for a retry only when every MX host refused them).
-4. outcome.py classifies every reply. When the message's last unit ends, the attempt is recorded
-   in the message; everything done -> `done/` (`save_done`) or deleted; recipients left ->
-   `ID.inf` rewritten and the message back in `retry/`, its timer set to the new `retrytime`.
+   included), and runs one transaction for all its recipients (smtp_session.py). What follows
+   each reply is verdict.py's call, carried out here: a connection failure, a refused greeting,
+   a 421 or a lost connection moves on to the next MX host; so do the recipients a server
+   refuses with a 4xx at MAIL, RCPT, DATA or the end of data (as Postfix does: they are kept for
+   a retry only when every MX host refused them).
+4. When the message's last unit ends, the attempt is recorded in the message (outcome.py);
+   everything done -> `done/` (`save_done`) or deleted; recipients left -> `ID.inf` rewritten
+   and the message back in `retry/`, its timer set to the new `retrytime`.
 
 The body goes out as `ID.dat` with a `Received:` trace header in front, built from the `.inf`'s
 received keys (`ID.dat` itself is never changed). With DKIM signing on (`dkim.signing_table`,
@@ -62,13 +63,15 @@ from .downgrade import seven_bit
 from .envelope import Message, set_last_replies
 from .loops import Listeners
 from .bounces import verp_encode
-from .outcome import (Kind, RcptOutcome, failure_outcomes, record_attempt)
+from .outcome import RcptOutcome, failure_outcomes, record_attempt
 from .scheduler import Scheduler, Unit
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
 from . import logs
 from .shared import CUT_POLL
 from .throttle import HourlyNotice, Windows, bandwidth_bucket, send_rate_bucket
+from . import verdict
+from .verdict import Action, Fate, Signal, Step
 
 if TYPE_CHECKING:
     from .app import Engine
@@ -651,11 +654,11 @@ class DeliveryEngine:
         if not outcomes:
             return
         w = self.windows.get(dest)
-        if any(o.kind is Kind.SENT for o in outcomes):
+        signal = verdict.window_signal(outcomes)
+        if signal is Signal.SUCCESS:
             w.success()
-        elif any(o.kind is Kind.SOFT and o.stage != "dns" for o in outcomes):
-            site = any(o.code == 421 or o.stage in ("connect", "connection") for o in outcomes)
-            if w.failure(site):
+        elif signal is not Signal.NONE:
+            if w.failure(signal is Signal.SITE_FAILURE):
                 if self.shared is not None:
                     self.shared.publish_cut(dest, w.limit)  # the other engines follow
                 if self.debug_loop:
@@ -709,7 +712,7 @@ class DeliveryEngine:
             while pending:
                 try:
                     sess = await self.pool.acquire(target, fresh, self._host_wait)
-                except ConnectError as e:
+                except ConnectError as e:  # verdict.py: the next MX host, this one last
                     self.host_down[(target.ip, target.port)] = time.monotonic() + HOST_DOWN
                     for a in pending:
                         last[a] = replace(RcptOutcome.from_reply(
@@ -731,21 +734,18 @@ class DeliveryEngine:
                 finally:
                     self.pool.release(sess)
                 soft += deferred
-                if site and reused and not fresh and rest == pending:
-                    # A kept connection the server had dropped meanwhile (idle timeout): not
-                    # the server's verdict on this mail. Once more on a new connection.
+                step = verdict.after_session(pending, rest, site, reused, fresh)
+                if step is Step.FRESH:
                     fresh = True
                     continue
-                if site or len(rest) >= len(pending):
-                    pending = rest
-                    break  # trouble at this host (or no progress): the next MX host
-                pending = rest  # the session ended with work left (test mode...): reconnect
+                pending = rest
+                if step is Step.NEXT_MX:
+                    break
             pending += soft
             if not pending:
                 break
-        for a in pending:  # every host failed: the last word on each recipient stands
-            final[a] = last.get(a) or RcptOutcome.from_reply(
-                a, 451, "4.4.1", f"No mail server of {u.dest} could be reached", "connect")
+        for o in verdict.give_up(pending, last, u.dest):  # every host failed
+            final[o.address] = o
         return [final[a] for a in u.rcpts if a in final], mx.text
 
     async def _transactions(self, sess: SMTPSession, target: Target, msg: Message,
@@ -794,31 +794,21 @@ class DeliveryEngine:
             transcript = tuple(result.session_transcript + result.transcript)
             caps = sess.capabilities
             passed = bool(dsn is not None and caps is not None and caps.dsn)
-            next_mx, again = [], []
-            for r in result.recipients:
+            v = verdict.transaction(result, sess.is_reusable)
+            for r, fate in zip(v.recipients, v.fates):
                 o = RcptOutcome.from_reply(r.address, r.code, r.enhanced, r.text, r.stage,
                                            target.host, transcript, target.ip, target.port,
                                            passed)
-                if result.site_failure and o.kind is Kind.SOFT:
-                    last[r.address] = o
-                    next_mx.append(r.address)
-                elif (r.code == 452 and r.stage == "rcpt" and r.enhanced in ("", "4.5.3")
-                      and len(result.delivered) > 0 and sess.is_reusable):
-                    again.append(r.address)  # too many recipients: the rest in another round
-                    last[r.address] = o
-                elif 400 <= r.code < 500 and r.stage in ("mail", "rcpt", "data", "body"):
-                    # A 4xx from one server (greylisting, a full spool there) says nothing of
-                    # the others: the next MX host now, the retry only when all refused
-                    # (Postfix smtp_trouble.c). The last host's word stands (final below).
-                    last[r.address] = o
-                    soft.append(r.address)
-                else:
+                if fate.decided:
                     final[r.address] = o
-                    if o.kind is Kind.SENT:
+                    if fate is Fate.DELIVERED:
                         self._count_sent(1)
-            if next_mx:
-                return next_mx + again, soft
-            todo = again
+                else:
+                    last[r.address] = o  # its last word until another host decides it
+            if v.action is Action.LEAVE_HOST:
+                return v.who(Fate.NEXT_MX) + v.who(Fate.AGAIN), soft
+            soft += v.who(Fate.NEXT_MX)
+            todo = v.who(Fate.AGAIN)
         return [], soft
 
     def _count_sent(self, n: int) -> None:

@@ -1,6 +1,7 @@
-"""All delivery-error policy in one place: what a reply means, and what it does to a message.
+"""What a reply is, and what one send attempt writes into a message.
 
-Two jobs, both pure (no I/O, no clock of their own):
+Two jobs, both pure (no I/O, no clock of their own). What delivery does next after a reply
+(next MX host, another transaction, the destination's window) is verdict.py's.
 
 1. **Classify** every reply, or the lack of one, at three levels (SPEC 5):
    - a *recipient* is SENT (2xx), HARD (5xx: failed for good) or SOFT (4xx, a timeout, a lost
@@ -8,8 +9,8 @@ Two jobs, both pure (no I/O, no clock of their own):
    - a *message* reply (to MAIL, DATA or the end of data) decides every recipient of that
      transaction at once;
    - a *site* failure (no connection, a refused greeting or EHLO, a 421, a lost connection, a
-     timeout, garbage) says nothing about the recipients: the next MX host may do better, and the
-     host deserves less traffic for a while (throttle.py).
+     timeout, garbage) gives every open recipient a soft reply; what follows from it (the next
+     MX host, less traffic for the host) is decided in verdict.py.
    RFC 3463 enhanced codes refine the basic code where the two disagree in practice: a full
    mailbox (X.2.2) and a congested system (X.3.2, X.4.5) are soft even behind a 5xx, because
    they pass; an enhanced code whose class contradicts the basic code is ignored (the SMTP client
@@ -66,13 +67,6 @@ def bounce_class(code: int, enhanced: str = "") -> str:
     if code in (421, 451) or code == 0:
         return "network"
     return "other"
-
-
-def is_site_failure(code: int, enhanced: str = "", stage: str = "") -> bool:
-    """Trouble with the server rather than the message: try another MX host, slow down."""
-    if stage in ("connect", "greeting", "connection"):
-        return True
-    return code == 421
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,27 @@ def test_4xx_at_rcpt_or_mail_goes_to_the_next_mx_in_the_same_attempt(tmp_path, s
     assert (tmp_path / "soft-undeliverable.txt").read_text() == "later@grey.test\n"
 
 
+def test_452_too_many_recipients_go_again_on_the_same_session(tmp_path, sinks):
+    """verdict.py (RFC 5321 4.5.3.1.10): a server taking two recipients per transaction and
+    answering 452 4.5.3 to the rest gets them in further transactions on the same connection,
+    in the same attempt, not at the next MX host nor at a retry."""
+    def two_per_transaction(sess, verb, arg):
+        if verb == "RCPT" and len(sess.rcpts) >= 2:
+            return "452 4.5.3 Too many recipients"
+        return None
+
+    sink = sinks.add("127.0.0.161", script=SinkScript(on_command=two_per_transaction))
+    rcpts = [f"u{i}@many.test" for i in range(5)]
+    with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+            "many.test,mx.many.test,MX,127.0.0.161:25"]}) as eng:
+        send(eng, rcpts)
+        wait(settled(eng, 1), what="delivery")
+        msg, = infs(eng, "done")
+    assert [m.rcpts for m in sink.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    assert len({m.session_id for m in sink.messages}) == 1
+    assert msg.send_tries == 1 and sorted(msg.rcpt_sent) == rcpts
+
+
 def test_implicit_mx_null_mx_nxdomain_and_failing_zone_then_final_failure(tmp_path, sinks):
     sink = sinks.add("127.0.0.26")
     zones = {"implicit.test": {"A": ["127.0.0.26"]}, "null.test": {"MX": [(0, ".")]}}

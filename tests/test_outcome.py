@@ -4,8 +4,8 @@ from datetime import datetime, timedelta
 import pytest
 
 from mailengine.envelope import Message, format_inf, parse_inf
-from mailengine.outcome import (Kind, RcptOutcome, bounce_class, classify, is_site_failure,
-                                next_retry, record_attempt, retries_allowed)
+from mailengine.outcome import (Kind, RcptOutcome, bounce_class, classify, next_retry,
+                                record_attempt, retries_allowed)
 
 NOW = datetime(2000, 12, 22, 16, 29, 0)
 
@@ -24,14 +24,11 @@ def test_classify(code, enhanced, kind):
     assert classify(code, enhanced) is kind
 
 
-def test_bounce_class_and_site():
+def test_bounce_class():  # site failures: tests/test_verdict.py (test_site_trouble)
     assert bounce_class(550, "5.1.1") == "address"
     assert bounce_class(552, "5.2.2") == "mailbox"
     assert bounce_class(550, "5.7.1") == "policy"
     assert bounce_class(421, "") == "network"
-    assert is_site_failure(421, "4.7.0", "rcpt")
-    assert is_site_failure(451, "4.4.1", "connect")
-    assert not is_site_failure(450, "4.2.0", "rcpt")
 
 
 def test_retry_schedule():

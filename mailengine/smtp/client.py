@@ -302,9 +302,9 @@ class TransactionResult:
 
     `reply` is the reply that decided the message as a whole (a local refusal, the MAIL reply, the
     DATA or end-of-data reply, a 421 or a made-up connection failure); None when it was decided
-    recipient by recipient (all refused at RCPT, or test mode). `site_failure` marks trouble with
-    the server rather than the message: another MX may do better, and the host deserves less
-    traffic for a while."""
+    recipient by recipient (all refused at RCPT, or test mode). `site_failure` says the session
+    ended under the transaction (a 421, a lost connection, a timeout, garbage); what follows
+    from that (the next MX host, a smaller window) is mailengine/verdict.py's call."""
     mail_from: str
     recipients: list[RecipientResult]
     reply: Reply | None
