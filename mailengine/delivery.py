@@ -63,7 +63,7 @@ from .downgrade import seven_bit
 from .envelope import Message, set_last_replies
 from .loops import Listeners
 from .bounces import verp_encode
-from .outcome import RcptOutcome, failure_outcomes, record_attempt
+from .outcome import Kind, RcptOutcome, failure_outcomes, record_attempt
 from .scheduler import Scheduler, Unit
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
