@@ -117,7 +117,8 @@ SETTINGS: list[Setting] = [
             check=lambda v: None if not v else _check_addresses([v]), scope=DELIVERY),
     Setting("network", "web_ip", "127.0.0.1", "str",
             "The client address (or network, or range) allowed to use the web admin; a "
-            "loopback one also binds the port on loopback only. Empty: any. '0' disables it.",
+            "loopback one also binds the port on loopback only (where it listens is decided at "
+            "start; who may use it, at once). Empty: any. '0' disables it.",
             check=_check_web_ip, scope=DELIVERY),
     Setting("network", "web_port", 81, "int",
             "Web admin port. 0 disables it.", minimum=0, restart=True,
