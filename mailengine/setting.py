@@ -16,6 +16,8 @@ INTAKE = "intake"  # read by the processes that take SMTP (the worker processes,
 DELIVERY = "delivery"  # read by the engine process only (delivery, notices, housekeeping)
 BOTH = "both"
 SCOPES = (INTAKE, DELIVERY, BOTH)
+READ_BY = {INTAKE: "the SMTP intake processes", DELIVERY: "the engine process (delivery)",
+           BOTH: "the SMTP intake processes and the engine process"}  # for `config show`
 
 @dataclass(frozen=True)
 class Setting:
