@@ -527,15 +527,18 @@ class Engine:
 async def after_setting(seconds: Callable[[], float]) -> None:
     """Wait `seconds()` (a setting's interval), read again each second so that a change made
     while running counts at once; while it is 0 (off), wait until it is turned on."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    waited = 0.0
     while True:
-        wanted, now = seconds(), loop.time()
+        wanted = seconds()
         if wanted <= 0:
-            start = now
-        elif now >= start + wanted:
+            waited = 0.0
+            await asyncio.sleep(1.0)
+            continue
+        if waited >= wanted:
             return
-        await asyncio.sleep(min(1.0, start + wanted - now) if wanted > 0 else 1.0)
+        step = min(1.0, wanted - waited)
+        await asyncio.sleep(step)
+        waited += step
 
 
 class QueuedIds:
