@@ -123,6 +123,7 @@ class Engine:
         # after each send attempt: lists, event log, DSNs, delivery reports (notices.py)
         self.notices = Notices(self)
         self.diskwatch = diskwatch.for_engine(self)  # low disk space: 452 4.3.1 and an alert
+        self.log_retention_days = cfg.logging.log_retention_days  # the daily files' (logs.setup)
         self.dkim = make_dkim_signer(self)  # None unless dkim.signing_table has entries
         self.delivery = make_delivery(self)
         self.services = make_services(self)
@@ -148,8 +149,10 @@ class Engine:
         self.hostname = self.intake.hostname = hostname.host_name(cfg)
         self.spool.durable = cfg.queue.relay_via_disk  # how this process stores from now on
         self.diskwatch.set_threshold(cfg.basic.min_free_disk_mb)
-        for f in logs.set_retention(cfg.log_dir, cfg.logging.log_retention_days):
-            log.debug("removed the old log file %s", f)
+        if cfg.logging.log_retention_days != self.log_retention_days:  # run() set the logs up
+            self.log_retention_days = cfg.logging.log_retention_days
+            for f in logs.set_retention(cfg.log_dir, self.log_retention_days):
+                log.debug("removed the old log file %s", f)
         self.policy.reload(cfg)
         if self.inbound is not None:
             self.inbound.apply(cfg, self.hostname)
