@@ -19,6 +19,7 @@ SCOPES = (INTAKE, DELIVERY, BOTH)
 READ_BY = {INTAKE: "the SMTP intake processes", DELIVERY: "the engine process (delivery)",
            BOTH: "the SMTP intake processes and the engine process"}  # for `config show`
 
+
 @dataclass(frozen=True)
 class Setting:
     section: str
