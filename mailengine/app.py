@@ -12,6 +12,7 @@ import logging
 import resource
 import signal
 import time
+from typing import Callable
 
 from . import NAME, __version__, diskwatch, filemodes, hostname, logs, shared, tls
 from .backlog import Backlog, due_time
@@ -122,6 +123,7 @@ class Engine:
         # after each send attempt: lists, event log, DSNs, delivery reports (notices.py)
         self.notices = Notices(self)
         self.diskwatch = diskwatch.for_engine(self)  # low disk space: 452 4.3.1 and an alert
+        self.log_retention_days = cfg.logging.log_retention_days  # the daily files' (logs.setup)
         self.dkim = make_dkim_signer(self)  # None unless dkim.signing_table has entries
         self.delivery = make_delivery(self)
         self.services = make_services(self)
@@ -143,9 +145,17 @@ class Engine:
         start; returns notes for the operator. Parts that read `self.cfg` when they need a value
         see a change without this."""
         cfg = self.cfg
+        # network.helo_text: the greeting, Received: lines, notices and delivery's EHLO
+        self.hostname = self.intake.hostname = hostname.host_name(cfg)
+        self.spool.durable = cfg.queue.relay_via_disk  # how this process stores from now on
+        self.diskwatch.set_threshold(cfg.basic.min_free_disk_mb)
+        if cfg.logging.log_retention_days != self.log_retention_days:  # run() set the logs up
+            self.log_retention_days = cfg.logging.log_retention_days
+            for f in logs.set_retention(cfg.log_dir, self.log_retention_days):
+                log.debug("removed the old log file %s", f)
         self.policy.reload(cfg)
         if self.inbound is not None:
-            self.inbound.apply(cfg)
+            self.inbound.apply(cfg, self.hostname)
         if self.delivery is not None:
             self.delivery.apply(cfg)
         logging.getLogger("mailengine").setLevel(logging.DEBUG if logs.debug_any(cfg) else logging.INFO)
@@ -328,11 +338,8 @@ class Engine:
             await asyncio.sleep(SHUTDOWN_POLL_SECONDS)
 
     async def _print_stats(self) -> None:
-        interval = self.cfg.logging.stats_interval
-        if not interval:
-            return
         while True:
-            await asyncio.sleep(interval)
+            await after_setting(lambda: self.cfg.logging.stats_interval)
             for line in self.stats.lines():
                 log.info("%s", line)  # console and daily file, stamped by the log format
 
@@ -340,7 +347,7 @@ class Engine:
         # The listing runs in a thread: retry/ of a long queue holds millions of names.
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.cfg.queue.queue_check_interval)
+            await after_setting(lambda: self.cfg.queue.queue_check_interval)
             # A loop of the TaskGroup: an exception would stop the whole engine (EMFILE)
             try:
                 found = await loop.run_in_executor(
@@ -405,12 +412,13 @@ class Engine:
 
     async def _log_queue(self) -> None:
         """Log the queue lines every stats_interval (10 s when that is off), when they change."""
-        if not (self.cfg.debug.queue_size or self.cfg.debug.queue_memory):
-            return
-        interval = self.cfg.logging.stats_interval or 10
+        def interval() -> float:
+            d = self.cfg.debug
+            return (self.cfg.logging.stats_interval or 10) if d.queue_size or d.queue_memory else 0
+
         last: list[str] = []
         while True:
-            await asyncio.sleep(interval)
+            await after_setting(interval)
             lines = self.queue_lines()
             first = lines[:1]
             if first != last[:1]:  # the size moved (memory alone changes all the time)
@@ -517,6 +525,23 @@ class Engine:
         shared.close_list_mirrors()  # the bounce lines not yet in Redis (for at most 2 s)
         log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / "retry")
         self.lock.release()
+
+
+async def after_setting(seconds: Callable[[], float]) -> None:
+    """Wait `seconds()` (a setting's interval), read again each second so that a change made
+    while running counts at once; while it is 0 (off), wait until it is turned on."""
+    waited = 0.0
+    while True:
+        wanted = seconds()
+        if wanted <= 0:
+            waited = 0.0
+            await asyncio.sleep(1.0)
+            continue
+        if waited >= wanted:
+            return
+        step = min(1.0, wanted - waited)
+        await asyncio.sleep(step)
+        waited += step
 
 
 class QueuedIds:

@@ -474,6 +474,10 @@ class DeliveryEngine:
         # the resolver filters the same list: one left behind would bounce mail for a server
         # that was just taken off it ("all mail servers ... are in refused_mail_servers")
         self.resolver.refused_ips = self.refused
+        self.resolver.debug = cfg.debug.dns
+        if self.resolver.set_bypass(cfg.basic.dns_servers):
+            self._mx_memo.clear()  # a destination pinned elsewhere now: ask again at once
+        self._cache_limit = cfg.limits.max_queue_memory_kb * 1024  # bodies kept from intake
         if getattr(self.rate, "rate", None) != cfg.limits.max_send_rate:
             self.rate = send_rate_bucket(cfg.limits.max_send_rate)
         if getattr(self.bandwidth, "rate", None) != cfg.limits.max_bandwidth:

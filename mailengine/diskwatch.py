@@ -57,6 +57,19 @@ class DiskWatch:
         self.low = False
         self.free = -1
 
+    def set_threshold(self, min_free_mb: float) -> None:
+        """`basic.min_free_disk_mb` changed while running: look again at once with the new
+        threshold; 0 lifts a refusal in force (no check any more)."""
+        self.threshold = int(min_free_mb * 1024 * 1024)
+        if self.threshold <= 0 and self.low:
+            self.low = False
+            self.policy.refuse_new_mail = None
+            if not self.quiet:
+                log.warning("basic.min_free_disk_mb = 0: the free space check is off; accepting "
+                            "new mail again")
+            return
+        self.check()
+
     def check(self) -> bool | None:
         """Look once; returns True/False when the state changed (now low / now fine), else None."""
         if self.threshold <= 0:

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from .home import resolve_home
-from .setting import Setting
+from .setting import DELIVERY, Setting
 
 log = logging.getLogger("mailengine.dkim")
 
@@ -133,24 +133,25 @@ DKIM_SETTINGS: list[Setting] = [
             "to HOME). Mail whose From domain (else envelope sender domain) is the domain or one "
             "of its subdomains is signed; two entries for one domain give two signatures. Make "
             "keys with 'mailengine dkim genkey DOMAIN SELECTOR'. Empty: no signing.",
-            check=_check_signing_table, restart=True, comma_entries=True),
+            check=_check_signing_table, restart=True, comma_entries=True, scope=DELIVERY),
     Setting("dkim", "headers", list(DEFAULT_HEADERS), "list[str]",
-            "Header fields signed when present (From is required).", check=_check_headers, restart=True),
+            "Header fields signed when present (From is required).", check=_check_headers, restart=True,
+            scope=DELIVERY),
     Setting("dkim", "oversign_headers", list(DEFAULT_OVERSIGN), "list[str]",
             "Header fields signed once more than present, so none can be added in transit.",
             check=lambda v: None if all(re.fullmatch(r"[!-9;-~]+", x) for x in v)
-            else "must be header field names", restart=True),
+            else "must be header field names", restart=True, scope=DELIVERY),
     Setting("dkim", "canonicalization", "relaxed/relaxed", "str",
             "Header/body canonicalization: relaxed or simple each (c= tag).",
-            check=_check_canonicalization, restart=True),
+            check=_check_canonicalization, restart=True, scope=DELIVERY),
     Setting("dkim", "expire_seconds", 0, "int",
             "Signatures expire (x= tag) this many seconds after signing. 0 = never.", minimum=0,
-            restart=True),
+            restart=True, scope=DELIVERY),
     Setting("dkim", "missing_key", "unsigned", "str",
             "When a domain's key is missing or unreadable: 'unsigned' sends its mail unsigned "
             "(with a warning in the log), 'hold' keeps it in the queue until the key is fixed.",
             check=lambda v: None if v in MISSING_KEY_CHOICES
-            else f"must be one of {', '.join(MISSING_KEY_CHOICES)}", restart=True),
+            else f"must be one of {', '.join(MISSING_KEY_CHOICES)}", restart=True, scope=DELIVERY),
 ]
 
 

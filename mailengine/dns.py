@@ -210,17 +210,32 @@ class MXResolver:
         self._cache: OrderedDict[tuple[str, int], _Answer] = OrderedDict()
         self._inflight: dict[tuple[str, int], asyncio.Task[_Answer]] = {}
         self._default = self._make_resolver([split_host_port(n, 53) for n in nameservers])
+        self.bypass: tuple[str, ...] = ()
         self.bypass_mx: dict[str, list[Bypass]] = {}
+        self._bypass_ns: list[tuple[str, dns.asyncresolver.Resolver | None]] = []
+        self.set_bypass(bypass)
+
+    def set_bypass(self, bypass: Iterable[str]) -> bool:
+        """Take `basic.dns_servers` entries (at start, and when the setting changes while
+        running); True when they differ from the ones in use. Cached answers are dropped on a
+        change: one from a name server that is no longer asked must not outlive it."""
+        entries = tuple(bypass)
+        if entries == self.bypass:
+            return False
+        mx: dict[str, list[Bypass]] = {}
         ns: dict[str, list[tuple[str, int]]] = {}
-        for entry in bypass:
+        for entry in entries:
             b = Bypass.parse(entry)
             if b.kind == "MX":
-                self.bypass_mx.setdefault(b.domain, []).append(b)
+                mx.setdefault(b.domain, []).append(b)
             else:
                 ns.setdefault(b.domain, []).append((b.ip, b.port))
+        self.bypass, self.bypass_mx = entries, mx
         # Longest domain first, so the most specific NS bypass wins.
         self._bypass_ns = [(d, self._make_resolver(servers))
                            for d, servers in sorted(ns.items(), key=lambda i: -len(i[0]))]
+        self._cache.clear()
+        return True
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> MXResolver:

@@ -81,8 +81,11 @@ class InboundServer:
         self.sessions_total = 0
         self.refused_busy = 0
 
-    def apply(self, cfg: Config) -> None:
-        """Settings that may change while running."""
+    def apply(self, cfg: Config, hostname: str | None = None) -> None:
+        """Settings that may change while running (`hostname`: the greeting and EHLO name,
+        network.helo_text)."""
+        if hostname:
+            self.options.hostname = hostname
         lim = cfg.limits
         self.options.max_message_size = lim.max_message_size
         self.options.max_recipients = lim.max_recipients

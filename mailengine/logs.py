@@ -121,6 +121,28 @@ def setup(log_dir: Path, retention_days: int, debug_any: bool = False,
         root.addHandler(fh)
 
 
+def set_retention(log_dir: Path, retention_days: int) -> list[Path]:
+    """`logging.log_retention_days` changed while running: the daily file handler keeps the new
+    number of days (files older are removed now, returned), is added when it goes from 0 to
+    more, and removed at 0 (no log files)."""
+    root = logging.getLogger("mailengine")
+    files = [h for h in root.handlers if isinstance(h, DailyFileHandler)]
+    if retention_days <= 0:
+        for h in files:
+            root.removeHandler(h)
+            h.close()
+        return []
+    if not files:
+        fh = DailyFileHandler(log_dir, retention_days)
+        fh.setFormatter(Formatter(FORMAT, DATEFMT))
+        root.addHandler(fh)
+        files = [fh]
+    for h in files:
+        h.retention_days = retention_days
+    return prune(log_dir, retention_days,
+                 keep=files[0].path_for(files[0].day) if files[0].day else None)
+
+
 def debug_any(cfg) -> bool:
     """Any trace switch of a config.Config on: the process then logs at DEBUG."""
     return any(cfg.values[f"debug.{k}"] for k in ("dns", "smtp_out", "smtp_in", "program",

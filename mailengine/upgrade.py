@@ -28,6 +28,7 @@ from typing import Any
 import tomlkit
 
 from . import config
+from .setting import READ_BY
 
 BACKUP_SUFFIX = ".before-upgrade"
 
@@ -80,7 +81,8 @@ def show(cfg: config.Config, key: str | None, changed_only: bool = False) -> int
         print(f"  {s.doc}")
         print(f"  default: {config.toml_value(s.default)}; "
               + ("a change takes effect after restart" if s.restart else
-                 "a change applies to a running engine at once (config set)"))
+                 "a change applies to a running engine at once (config set)")
+              + f"; read by {READ_BY[s.scope]}")
         return 0
     names = [s for s in config.SETTINGS if not key or s.section == key]
     if not names:

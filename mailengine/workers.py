@@ -31,7 +31,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .config import BY_NAME
 from .session_slots import SessionSlots
+from .setting import DELIVERY
 
 log = logging.getLogger("mailengine.workers")
 
@@ -39,23 +41,11 @@ RESTART_DELAY = 1.0  # s before a worker that died is started again
 RETIRE_SIGNAL = signal.SIGUSR1  # "stop accepting, finish your sessions, exit" (SIGTERM: stop now)
 
 
-# Settings only the delivering engine reads: changing them does not restart the intake processes.
-DELIVERY_ONLY = ("dkim.", "reports.", "debug.smtp_out", "debug.send_loop", "debug.dns",
-                 "debug.program",
-                 "limits.smtp_connect_timeout", "limits.smtp_write_timeout",
-                 "limits.smtp_body_timeout", "limits.smtp_read_timeout",
-                 "limits.max_connections_per_host", "limits.max_send_rate",
-                 "limits.max_outbound_connections", "limits.max_bandwidth",
-                 "limits.messages_in_memory", "limits.max_queue_memory_kb",
-                 "queue.retry_intervals", "queue.save_done", "queue.done_retention_minutes",
-                 "queue.dsn", "queue.queue_check_interval", "logging.stats_interval",
-                 "network.smtp_source_ip", "network.web_ip", "network.helo_text",
-                 "policy.refused_mail_servers", "basic.admin_email")
-
-
 def worker_values(values: dict) -> dict:
-    """The settings that matter to an intake process."""
-    return {k: v for k, v in values.items() if not k.startswith(DELIVERY_ONLY)}
+    """The settings that matter to an intake process: all but those of the delivery scope
+    (setting.py), so changing one of those restarts no worker."""
+    return {k: v for k, v in values.items()
+            if k not in BY_NAME or BY_NAME[k].scope != DELIVERY}
 
 
 class WorkerPool:

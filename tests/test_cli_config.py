@@ -54,6 +54,9 @@ def test_show_all_one_key_a_section_and_changed(tmp_path):
     code, out = run_cli(home, "config", "show", "queue.pause_sending")
     assert out.splitlines()[0] == "queue.pause_sending = false"
     assert "Stop all outbound SMTP" in out and "applies to a running engine at once" in out
+    assert "read by the SMTP intake processes and the engine process" in out  # its scope
+    code, out = run_cli(home, "config", "show", "limits.max_send_rate")
+    assert "read by the engine process (delivery)" in out
     code, out = run_cli(home, "config", "show", "network.smtp_port")
     assert "takes effect after restart" in out
     code, out = run_cli(home, "config", "show", "limits")

@@ -71,6 +71,9 @@ def test_housekeeping_loops_survive_file_system_errors(tmp_path, monkeypatch):
         eng = _engine(tmp_path, {})
         eng.cfg.set("queue.save_done", True)
         eng.cfg.set("queue.done_retention_minutes", 1)
+        # the scan's wait re-reads its interval every second at most (a change applies at
+        # once): a short one, so that the fast sleeps below make several scans
+        eng.cfg.set("queue.queue_check_interval", 0.5)
         calls = []
 
         def no_fds(known):

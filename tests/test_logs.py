@@ -134,3 +134,31 @@ def test_stats_lines_reach_the_daily_log_file(tmp_path):
     logged = "".join(p.read_text() for p in (tmp_path / "log").glob("mailengine-*.log"))
     assert re.search(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d 1 recv \[0 inbound, 1 relay\] "
                      r"\(\d+/h avg, 1 total\)$", logged, re.M)
+
+
+def test_retention_changed_while_running_adds_keeps_or_removes_the_daily_files(tmp_path):
+    """logging.log_retention_days set while running (logs.set_retention): 0 -> 3 starts the
+    daily file, 3 -> 0 stops it (no log files), as at start."""
+    import io
+    root = logging.getLogger("mailengine")
+    saved = (list(root.handlers), root.level, root.propagate)
+    try:
+        logs.setup(tmp_path, 0, console=io.StringIO())
+        logging.getLogger("mailengine.test").info("before")
+        assert list(tmp_path.glob("mailengine-*.log")) == []
+        logs.set_retention(tmp_path, 3)
+        logging.getLogger("mailengine.test").info("with files")
+        today, = tmp_path.glob("mailengine-*.log")
+        assert today.read_text().endswith(" with files\n")
+        logs.set_retention(tmp_path, 0)
+        logging.getLogger("mailengine.test").info("without")
+        assert "without" not in today.read_text()
+        assert not any(isinstance(h, logs.DailyFileHandler) for h in root.handlers)
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        root.propagate = saved[2]

@@ -3,9 +3,9 @@
 Values are checked with config.coerce, the rules the config file obeys. They are written into
 HOME/mailengine.toml with tomlkit, so every comment and the order of the file stay as they are
 (write to a temporary file, then rename). A setting whose `restart` flag is False is applied to
-the running engine at once (engine.cfg.set, then the parts that keep derived state are told:
-policy, inbound listener, delivery); the others are only saved and shown as "takes effect after
-restart" until then.
+the running engine at once (engine.cfg.set, then Engine.apply_settings tells the parts that keep
+derived state, and replaces the intake worker processes when the setting's scope includes them);
+the others are only saved and shown as "takes effect after restart" until then.
 """
 from __future__ import annotations
 
