@@ -15,7 +15,7 @@ import time
 from typing import Callable
 
 from . import NAME, __version__, diskwatch, filemodes, hostname, logs, shared, tls
-from .backlog import Backlog, due_time
+from .backlog import HELD, Backlog, due_time
 from .config import Config
 from .envelope import InfError, Message
 from .eventloop import loop_factory
@@ -39,6 +39,7 @@ BACKLOG_BATCH = 500  # messages loaded (or put back on disk) between two looks a
 # that is due now when memory is full.
 EVICT_HORIZON = 60.0
 INDEX_SLICE = 50_000  # backlog index lines read between two looks at the event loop
+BACKLOG_RETRY_SECONDS = 5.0  # backlog mail that could not be read for a file system error
 FD_WARNING = ("Warning: you are out of file descriptors. Performance may be very poor until you "
               "increase them. Try lowering the number of mail sends.")
 
@@ -177,7 +178,10 @@ class Engine:
         if self.delivery is None:
             self.known.add(msg.id)
             return True
-        if not self.has_room() and where == "working":
+        # Stopping: delivery takes nothing more; the message waits in the backlog, so the index
+        # written at the stop has it.
+        keep_on_disk = self.stopping.is_set() or not self.has_room()
+        if keep_on_disk and where == "working":
             # Stored into working/ while there was room (relay_dir), full since: backlog mail
             # waits in retry/ (nothing looks in working/ before the next start).
             try:
@@ -185,8 +189,8 @@ class Engine:
                 where = "retry"
             except OSError as e:
                 log.warning("%s: cannot move it back to retry/ (%s); kept in memory", msg.id, e)
-        if not self.has_room() and where == "retry":
-            if not self.backlog:
+        if keep_on_disk and where == "retry":
+            if not self.backlog and not self.stopping.is_set():
                 log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
                          "on disk in retry/ until it is due and there is room",
                          len(self.delivery.messages))
@@ -233,7 +237,7 @@ class Engine:
     async def _load_backlog_batch(self) -> bool:
         """One batch; True when there may be more to do at once."""
         d = self.delivery
-        if d is None or not self.backlog:
+        if d is None or not self.backlog or self.stopping.is_set():
             return False
         now = time.time()
         first = self.backlog.next_due()
@@ -241,7 +245,8 @@ class Engine:
             return False
         room = self.cfg.limits.messages_in_memory - len(d.messages)
         if room <= 0:
-            moved = d.evict(BACKLOG_BATCH, now + EVICT_HORIZON)
+            # a tenth of memory per walk over it, at least a batch
+            moved = d.evict(max(BACKLOG_BATCH, len(d.messages) // 10), now + EVICT_HORIZON)
             for mid, due in moved:
                 self.known.discard(mid)
                 self.backlog.add(mid, due)
@@ -249,15 +254,21 @@ class Engine:
                 return False
             room = len(moved)
         ids = self.backlog.pop_due(now, min(room, BACKLOG_BATCH))
-        for mid in ids:
+        for i, mid in enumerate(ids):
             if mid in self.known:
                 continue
             try:
                 msg = self.spool.load(mid, "retry")
             except FileNotFoundError:
                 continue  # removed by hand (or by a queue command) meanwhile
-            except (InfError, OSError):
+            except InfError:
                 continue  # broken: the drop-in scan reports it and leaves it in place
+            except OSError:
+                # the file system fails now (out of descriptors, EIO): this one and the rest of
+                # the batch wait in the backlog; the loop logs it and looks again later
+                for rest in ids[i:]:
+                    self.backlog.add(rest, now + BACKLOG_RETRY_SECONDS)
+                raise
             self.take(msg, "retry")
         return bool(ids)
 
@@ -303,7 +314,9 @@ class Engine:
         are served meanwhile (a million lines take about a second)."""
         known = self.known
         for i in range(0, len(lines), INDEX_SLICE):
-            self.backlog.add_many((mid, due) for mid, due in
+            # A held message's .inf is read once all the same: a release on the files while the
+            # engine was stopped may have rewritten it in place, which the index cannot see.
+            self.backlog.add_many((mid, 0.0 if due == HELD else due) for mid, due in
                                   Backlog.parse_index(lines[i:i + INDEX_SLICE])
                                   if mid not in known)
             await asyncio.sleep(0)
@@ -344,22 +357,32 @@ class Engine:
                 log.info("%s", line)  # console and daily file, stamped by the log format
 
     async def _scan_dropins(self) -> None:
-        # The listing runs in a thread: retry/ of a long queue holds millions of names.
-        loop = asyncio.get_running_loop()
         while True:
-            await after_setting(lambda: self.cfg.queue.queue_check_interval)
+            await asyncio.sleep(self.cfg.queue.queue_check_interval)
             # A loop of the TaskGroup: an exception would stop the whole engine (EMFILE)
             try:
-                found = await loop.run_in_executor(
-                    None, self.spool.scan_dropins, QueuedIds(self.known, self.backlog))
+                await self.rescan()
             except OSError as e:
                 log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / "retry", e)
-                continue
-            self._take_dropins(*found)
+
+    async def rescan(self) -> int:
+        """Scan retry/ for mail dropped in (queue commands: it is part of "all"); the listing
+        runs in a thread: retry/ of a long queue holds millions of names."""
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, self.spool.scan_dropins, QueuedIds(self.known, self.backlog))
+        return self._take_dropins(*found)
 
     def scan_dropins(self) -> int:
-        """Scan retry/ now (queue commands: mail dropped in since is part of "all")."""
+        """rescan() in the caller's thread (tests, and code outside the event loop)."""
         return self._take_dropins(*self.spool.scan_dropins(QueuedIds(self.known, self.backlog)))
+
+    async def read_backlog(self, wanted=None) -> dict[str, Message]:
+        """The backlog's messages read from their files in a thread (a queue command over a long
+        queue reads many), those `wanted(msg)` says; only those still in the backlog."""
+        def read() -> dict[str, Message]:
+            return {mid: m for mid, m in self.backlog_messages() if wanted is None or wanted(m)}
+        found = await asyncio.get_running_loop().run_in_executor(None, read)
+        return {mid: m for mid, m in found.items() if mid in self.backlog}
 
     def _take_dropins(self, found: list[Message], warnings: list[str]) -> int:
         for w in warnings:

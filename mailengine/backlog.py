@@ -41,6 +41,7 @@ class Backlog:
         self._due: dict[str, float] = {}  # id -> due time (epoch seconds; HELD; 0 = unknown)
         self._heap: list[tuple[float, str]] = []  # (due, id); stale entries are skipped
         self._unordered = False  # add_many() appended to _heap: heapify before use
+        self._held = 0  # how many of _due are HELD
 
     def __len__(self) -> int:
         return len(self._due)
@@ -52,16 +53,18 @@ class Backlog:
         return iter(list(self._due))
 
     def held(self) -> int:
-        return sum(1 for d in self._due.values() if d == HELD)
+        return self._held
 
     def due(self, msg_id: str) -> float | None:
         return self._due.get(msg_id)
 
     def add(self, msg_id: str, due: float) -> None:
         """Keep `msg_id` on disk only, to be loaded when `due` comes (again: its new time)."""
-        if self._due.get(msg_id) == due:
+        old = self._due.get(msg_id)
+        if old == due:
             return
         self._due[msg_id] = due
+        self._held += (due == HELD) - (old == HELD)
         if due != HELD:
             heapq.heappush(self._heap, (due, msg_id))
         if len(self._heap) > 2 * len(self._due) + 1024:
@@ -72,13 +75,16 @@ class Backlog:
         backlog is next asked what is due, instead of one push each."""
         due, heap = self._due, self._heap
         for mid, d in items:
+            old = due.get(mid)
             due[mid] = d
             if d != HELD:
                 heap.append((d, mid))
+            self._held += (d == HELD) - (old == HELD)
         self._unordered = True
 
     def discard(self, msg_id: str) -> None:
-        self._due.pop(msg_id, None)  # its heap entry is skipped when it comes up
+        if self._due.pop(msg_id, None) == HELD:  # (a heap entry is skipped when it comes up)
+            self._held -= 1
 
     def _ordered(self) -> list[tuple[float, str]]:
         if self._unordered:

@@ -291,18 +291,18 @@ class ControlServer:
             out["shared"] = d.shared.state()
         return out
 
-    def op_queue_scan(self, req: dict) -> dict:
+    async def op_queue_scan(self, req: dict) -> dict:
         """Take in mail dropped into retry/ now (mailengine-sendmail), not at the next scan."""
-        return {"taken": self.engine.scan_dropins()}
+        return {"taken": await self.engine.rescan()}
 
-    def op_queue_list(self, req: dict) -> dict:
-        self.engine.scan_dropins()
-        return {"records": queueops.engine_records(self.engine, self.tracker)}
+    async def op_queue_list(self, req: dict) -> dict:
+        await self.engine.rescan()
+        return {"records": await queueops.engine_records(self.engine, self.tracker)}
 
-    def op_queue_show(self, req: dict) -> dict:
+    async def op_queue_show(self, req: dict) -> dict:
         msg_id = str(req.get("id") or "")
         try:
-            return queueops.engine_show(self.engine, msg_id, self.tracker)
+            return await queueops.engine_show(self.engine, msg_id, self.tracker)
         except KeyError:
             raise ValueError(f"{msg_id}: no such message in the queue") from None
 

@@ -231,10 +231,10 @@ def _delivery(engine):
     return d
 
 
-def engine_records(engine, tracker: ReplyTracker | None = None) -> list[dict]:
+async def engine_records(engine, tracker: ReplyTracker | None = None) -> list[dict]:
     """Every queued message: those in memory, and those in the backlog (read from disk)."""
     d = _delivery(engine)
-    backlog = list(engine.backlog_messages())
+    backlog = list((await engine.read_backlog()).items())
     if tracker is not None:
         tracker.prune(set(d.messages) | {mid for mid, _ in backlog})
     out = []
@@ -249,10 +249,10 @@ def engine_records(engine, tracker: ReplyTracker | None = None) -> list[dict]:
     return out
 
 
-def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) -> dict:
+async def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) -> dict:
     check_id(msg_id)
     d = _delivery(engine)
-    engine.scan_dropins()
+    await engine.rescan()
     msg = d.messages.get(msg_id)
     if msg is None:
         # In the backlog, or not known to the engine (perhaps a broken drop-in): from its files.
@@ -270,14 +270,13 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     d = _delivery(engine)
     res = new_result("engine", action)
     targets = [parse_target(t) for t in targets if str(t).strip()]
-    engine.scan_dropins()  # mail dropped in since the last scan is part of "all" and "@domain"
+    await engine.rescan()  # mail dropped in since the last scan is part of "all" and "@domain"
     if action == "flush":
         action, targets = "retry", ["all"]
     ids: dict[str, str] = {}  # id -> the target that chose it
     on_disk: dict[str, Message] = {}  # backlog messages the targets choose, read from disk
     if any(is_group(t) for t in targets):
-        on_disk = {mid: m for mid, m in engine.backlog_messages()
-                   if any(matches(m, t) for t in targets)}
+        on_disk = await engine.read_backlog(lambda m: any(matches(m, t) for t in targets))
     for t in targets:
         if not is_group(t) and t in engine.backlog and t not in on_disk:
             try:

@@ -639,15 +639,15 @@ class Spool:
                         {n[:-4] for n in names if n.endswith(".dat")},
                         {n[:-8] for n in names if n.endswith(".inf.tmp")})
         # Ids that may need repair: anything in working/, any .inf.tmp, a .dat or .inf alone in
-        # its directory, an id in more than one directory (or, retry/ unlisted, outside it).
+        # its directory, an id in more than one listed directory. With retry/ unlisted, these
+        # still cover every state that involves it (a move cut in half leaves a lone piece in
+        # the other directory); a message whole in done/ or incoming/ needs no look at retry/.
         odd: set[str] = set(found["working"][0] | found["working"][1] | found["working"][2]) \
             if "working" in found else set()
         seen: set[str] = set()
         for d, (inf, dat, tmp) in found.items():
             here = inf | dat | tmp
             odd |= tmp | (inf ^ dat) | (here & seen)
-            if retry_known:
-                odd |= here
             seen |= here
         for mid in odd:
             where: dict[str, set[str]] = {}

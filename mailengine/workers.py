@@ -71,7 +71,7 @@ class WorkerPool:
         self._ended_totals = [0, 0]  # sessions and refusals of workers that have ended
         # the engine-wide inbound session count; room for the workers that overlap while old
         # ones, replaced after a settings change, finish their sessions
-        self.session_slots = SessionSlots.make(4 * count + 2)
+        self.session_slots = SessionSlots.make(8 * count + 4)
         self._slot_of: dict[int, int] = {}  # pid -> its slot in session_slots
 
     async def start(self) -> None:

@@ -2,6 +2,7 @@
 import asyncio
 import datetime
 import os
+import time
 
 from mailengine.app import Engine
 from mailengine.config import from_dict
@@ -91,5 +92,63 @@ def test_housekeeping_loops_survive_file_system_errors(tmp_path, monkeypatch):
             assert not t.done(), t.exception()
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        eng.spool.close()
+    asyncio.run(main())
+
+
+def test_backlog_mail_that_cannot_be_read_for_now_stays_in_the_backlog(tmp_path, monkeypatch):
+    async def main():
+        eng = _engine(tmp_path)
+        msgs = [_msg(f"r{i}@dest.test") for i in range(3)]
+        for m in msgs:
+            await eng.spool.store(m, b"Subject: x\r\n\r\nx\r\n", "retry")
+            eng.take(m, "retry")  # one in memory, two in the backlog
+        assert len(eng.backlog) == 2
+        eng.delivery.messages.pop(msgs[0].id)  # room
+        real_load = eng.spool.load
+
+        def no_fds(*a, **kw):
+            raise OSError(24, "Too many open files")
+        monkeypatch.setattr(eng.spool, "load", no_fds)
+        try:
+            await eng._load_backlog_batch()
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the loop must see the error (it logs it)")
+        assert len(eng.backlog) == 2  # kept, looked at again later, not dropped
+        failed = next(m.id for m in msgs[1:] if eng.backlog.due(m.id) > time.time())
+        monkeypatch.setattr(eng.spool, "load", real_load)
+        assert await eng._load_backlog_batch()  # the other one, still due, is loaded
+        assert failed in eng.backlog and failed not in eng.delivery.messages
+        eng.spool.close()
+    asyncio.run(main())
+
+
+def test_mail_taken_during_a_stop_waits_in_the_backlog_and_the_index(tmp_path):
+    """While delivery stops it takes nothing; what intake or the loader hands over meanwhile
+    must be in the index the stop writes, or the next start would not see it."""
+    from mailengine.backlog import Backlog
+
+    async def main():
+        eng = _engine(tmp_path, {"messages_in_memory": 10})
+        m = _msg("b@dest.test")
+        await eng.spool.store(m, b"Subject: x\r\n\r\nx\r\n", "retry")
+        eng.stopping.set()
+        assert not eng.take(m, "retry") and m.id in eng.backlog and m.id not in eng.known
+        assert not await eng._load_backlog_batch()  # the loader stands still
+        eng.save_backlog_index()
+        assert m.id in dict(Backlog.parse_index(Backlog.take_index(tmp_path / "mailq")))
+        eng.spool.close()
+    asyncio.run(main())
+
+
+def test_a_held_message_in_the_index_is_read_again_at_start(tmp_path):
+    """An index cannot see an .inf released in place while the engine was stopped: a held
+    entry is read once (due now) instead of waiting on disk until some later start."""
+    async def main():
+        eng = _engine(tmp_path)
+        await eng._read_index(["held P1T1C1@a", "1700000000.0 P2T2C2@a"])
+        assert eng.backlog.due("P1T1C1@a") == 0.0 and eng.backlog.due("P2T2C2@a") == 1.7e9
         eng.spool.close()
     asyncio.run(main())

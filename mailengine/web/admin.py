@@ -164,8 +164,11 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
     last reply from the delivery log lines (metrics.OutcomeCounter). Per-domain message counts
     need a walk over the queue, done only while it is small (the Queue page always does it)."""
     delivery = getattr(engine, "delivery", None)
-    msgs = queue_view.queued_messages(engine) if delivery is None or \
-        len(delivery.messages) + len(engine.backlog) <= STATUS_SCAN_LIMIT else []
+    if delivery is None:
+        msgs = queue_view.queued_messages(engine)
+    else:  # the messages in memory only: the backlog's would be read from disk every poll
+        msgs = list(delivery.messages.values()) \
+            if len(delivery.messages) <= STATUS_SCAN_LIMIT else []
     rows = {r.domain: r for r in queue_view.by_domain(engine, msgs)}
     out = []
     active = delivery.sched.destinations() if delivery is not None else {}
@@ -316,7 +319,9 @@ async def queue_domains(request: web.Request) -> web.Response:
     rows = await queue_view.off_loop(queue_view.by_domain, w.engine, msgs)
     replies = {d: time.strftime("%Y/%m/%d %H:%M:%S ", time.localtime(t)) + text
                for d, (t, text) in w.outcomes.last_reply.items()}
-    return w.render(request, "queue.html", title="Queue", rows=rows, total=len(msgs),
+    return w.render(request, "queue.html", title="Queue", rows=rows,
+                    total=queue_view.queued_total(w.engine, msgs),
+                    partial=queue_view.partial(w.engine), scan_limit=queue_view.SCAN_LIMIT,
                     replies=replies, actions=queue_actions.available(w.engine))
 
 

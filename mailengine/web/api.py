@@ -152,7 +152,9 @@ async def queue_list(request: web.Request) -> web.Response:
         msgs = [m for m in msgs if queue_view.state_of(w.engine, m) == state]
     msgs.sort(key=lambda m: (m.time_created, m.id))
     offset, limit = _int(request, "offset", 0, 1 << 40), _int(request, "limit", 100, MAX_LIST)
-    return web.json_response({"total": len(msgs), "offset": offset, "messages": [
+    total = len(msgs) if domain or state else queue_view.queued_total(w.engine, msgs)
+    return web.json_response({"total": total, "partial": queue_view.partial(w.engine),
+                              "offset": offset, "messages": [
         queue_view.to_json(w.engine, m) for m in msgs[offset:offset + limit]]})
 
 

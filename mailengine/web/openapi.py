@@ -151,6 +151,9 @@ def openapi() -> dict:
                     "inf": {"type": "string"}}},
                 "QueueList": {"type": "object", "properties": {
                     "total": {"type": "integer"}, "offset": {"type": "integer"},
+                    "partial": {"type": "boolean", "description": (
+                        "true when more messages wait on disk only than are read to list "
+                        "them: filters and pages then cover part of the queue")},
                     "messages": {"type": "array",
                                  "items": {"$ref": "#/components/schemas/QueuedMessage"}}}},
                 "ActionResult": {"type": "object", "properties": {

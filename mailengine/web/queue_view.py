@@ -39,6 +39,20 @@ async def messages(engine) -> list[Message]:
     return await off_loop(queued_messages, engine)
 
 
+def queued_total(engine, msgs: list[Message]) -> int:
+    """How many messages are queued: all of them, though `msgs` holds at most SCAN_LIMIT of the
+    backlog's (its .inf files are read to show them)."""
+    delivery = getattr(engine, "delivery", None)
+    if delivery is None:
+        return len(msgs)
+    return len(delivery.messages) + len(engine.backlog)
+
+
+def partial(engine) -> bool:
+    """True when the backlog holds more than the pages read of it (SCAN_LIMIT)."""
+    return getattr(engine, "delivery", None) is not None and len(engine.backlog) > SCAN_LIMIT
+
+
 def backlog_messages(engine) -> list[Message]:
     return [m for _, m in itertools.islice(engine.backlog_messages(), SCAN_LIMIT)]
 
