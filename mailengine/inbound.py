@@ -192,41 +192,40 @@ class InboundServer:
                 elif conn.message_deadline is not None and now > conn.message_deadline:
                     conn.shutdown(b"421 4.4.2 Message data too slow, closing connection\r\n")
 
-    def admit(self, peer_ip: str) -> bool:
-        shared = self.shared_count
-        if shared is None:
-            return len(self.connections) < self.max_connections or peer_ip in self.priority_ips
-        if shared.try_admit(self.max_connections):
-            return True
-        if peer_ip in self.priority_ips:
-            shared.add_exempt()
-            return True
-        return False
-
-    def session_ended(self) -> None:
-        if self.shared_count is not None:
-            self.shared_count.release()
-
-    def admit_address(self, peer_ip: str) -> bool:
-        """Within max_connections_per_ip (of all intake processes together, when they share a
-        count), or exempt (relay_ips, inbound_priority_ips); counted when True."""
+    def admit(self, peer_ip: str) -> bytes | None:
+        """Count a new session of `peer_ip` against `max_inbound_connections` (of every intake
+        process, when they share a count; `inbound_priority_ips` exempt) and
+        `max_connections_per_ip` (`relay_ips` and `inbound_priority_ips` exempt). None when
+        counted, else the 421 reply; session_ended() undoes a None."""
         shared = self.shared_count
         if shared is not None:
-            if shared.try_admit_address(peer_ip, self.max_per_ip):
-                return True
-            if not any(peer_ip in exempt for exempt in self.per_ip_exempt):
-                return False
-            shared.try_admit_address(peer_ip, 0)  # exempt: counted all the same
-            return True
-        if self.max_per_ip and self.per_ip.get(peer_ip, 0) >= self.max_per_ip and \
-                not any(peer_ip in exempt for exempt in self.per_ip_exempt):
-            return False
-        self.per_ip[peer_ip] = self.per_ip.get(peer_ip, 0) + 1
-        return True
+            why = shared.admit(peer_ip, self.max_connections, self.max_per_ip, False, False)
+            if why == "cap" and peer_ip in self.priority_ips:
+                why = shared.admit(peer_ip, 0, self.max_per_ip, True, True)
+            elif why == "address" and self._exempt_per_ip(peer_ip):
+                why = shared.admit(peer_ip, self.max_connections, 0, False, True)
+        else:
+            why = None
+            if len(self.connections) >= self.max_connections and \
+                    peer_ip not in self.priority_ips:
+                why = "cap"
+            elif self.max_per_ip and self.per_ip.get(peer_ip, 0) >= self.max_per_ip and \
+                    not self._exempt_per_ip(peer_ip):
+                why = "address"
+            else:
+                self.per_ip[peer_ip] = self.per_ip.get(peer_ip, 0) + 1
+        if why is None:
+            return None
+        self.refused_busy += 1
+        return (b"421 4.7.0 Too many connections, try again later\r\n" if why == "cap" else
+                b"421 4.7.0 Too many connections from your address, try again later\r\n")
 
-    def address_ended(self, peer_ip: str) -> None:
+    def _exempt_per_ip(self, peer_ip: str) -> bool:
+        return any(peer_ip in exempt for exempt in self.per_ip_exempt)
+
+    def session_ended(self, peer_ip: str) -> None:
         if self.shared_count is not None:
-            self.shared_count.release_address(peer_ip)
+            self.shared_count.release(peer_ip)
             return
         left = self.per_ip.pop(peer_ip, 1) - 1
         if left:
@@ -242,9 +241,8 @@ class SMTPProtocol(asyncio.Protocol):
         self.paused_writing = False
         self.tls_switching = False  # between our 220 to STARTTLS and the start of the handshake
         self.closed = False
-        self.admitted = False  # counted against max_inbound_connections until it ends
         self.last_active = 0.0
-        self.counted_ip: str | None = None  # the address whose per-IP count this session holds
+        self.counted_ip: str | None = None  # its address, while counted against the caps
         self.held = 0  # bytes of this session in the server's memory budget
         self.storing_bytes = 0  # the message being stored
         self.line_deadline: float | None = None  # the unfinished command line must end by then
@@ -263,12 +261,11 @@ class SMTPProtocol(asyncio.Protocol):
         peer_ip = peer[0]
         if peer_ip.startswith("::ffff:"):
             peer_ip = peer_ip[7:]
-        if not srv.admit(peer_ip):
-            self._refuse(b"421 4.7.0 Too many connections, try again later\r\n")
-            return
-        self.admitted = True
-        if not srv.admit_address(peer_ip):
-            self._refuse(b"421 4.7.0 Too many connections from your address, try again later\r\n")
+        refusal = srv.admit(peer_ip)
+        if refusal is not None:
+            self.transport.write(refusal)
+            self.transport.close()
+            self.closed = True
             return
         self.counted_ip = peer_ip
         sock = transport.get_extra_info("socket")
@@ -281,25 +278,15 @@ class SMTPProtocol(asyncio.Protocol):
         srv.sessions_total += 1
         self._write(self.machine.greeting())
 
-    def _refuse(self, reply: bytes) -> None:
-        """Over a connection cap: the reply at the greeting, then close."""
-        self.server.refused_busy += 1
-        self.transport.write(reply)
-        self.transport.close()
-        self.closed = True
-
     def connection_lost(self, exc) -> None:
         self.closed = True
         srv = self.server
         srv.connections.discard(self)
-        if self.counted_ip is not None:
-            srv.address_ended(self.counted_ip)
+        if self.counted_ip is not None:  # counted against the connection caps until now
+            srv.session_ended(self.counted_ip)
             self.counted_ip = None
         srv.held -= self.held
         self.held = 0
-        if self.admitted:
-            self.admitted = False
-            srv.session_ended()
 
     def data_received(self, data: bytes) -> None:
         if self.machine is None or self.closed or self.tls_switching:
