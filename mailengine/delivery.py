@@ -1075,7 +1075,8 @@ class DeliveryEngine:
             log.info("%s", "\n".join(
                 f"{msg.id}: to=<{o.address}>, relay={o.host or '-'}[{o.ip or '-'}]:{o.port}, "
                 f"delay={o.duration:.2f}, status={status} ({o.reply})"
-                for o in att.outcomes if o.kind is Kind.SENT), extra={logs.EACH_LINE: True})
+                for o in att.outcomes if o.kind is Kind.SENT),
+                extra={logs.EACH_LINE: True, logs.FILE_ONLY: True})
         if res.failed or res.gave_up or res.deferred:
             why = {o.address: o for o in att.outcomes}
             for a in res.failed + res.gave_up + res.deferred:

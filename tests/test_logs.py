@@ -162,3 +162,23 @@ def test_retention_changed_while_running_adds_keeps_or_removes_the_daily_files(t
             root.addHandler(h)
         root.setLevel(saved[1])
         root.propagate = saved[2]
+
+
+def test_file_only_lines_go_to_the_daily_file_and_to_the_console_only_without_one(tmp_path):
+    import io
+    import logging
+    from mailengine import logs as L
+    console = io.StringIO()
+    L.setup(tmp_path / "log", 10, console=console)
+    log = logging.getLogger("mailengine.test")
+    log.info("for both")
+    log.info("delivered line", extra={L.FILE_ONLY: True})
+    for h in logging.getLogger("mailengine").handlers:
+        h.flush()
+    text = "".join(p.read_text() for p in (tmp_path / "log").glob("*.log"))
+    assert "for both" in text and "delivered line" in text
+    assert "for both" in console.getvalue() and "delivered line" not in console.getvalue()
+    L.set_retention(tmp_path / "log", 0)  # no files any more: the console shows everything
+    log.info("delivered again", extra={L.FILE_ONLY: True})
+    assert "delivered again" in console.getvalue()
+    L.setup(tmp_path / "log", 0, console=io.StringIO())  # leave no handler on tmp_path
