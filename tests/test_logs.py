@@ -169,6 +169,8 @@ def test_file_only_lines_go_to_the_daily_file_and_to_the_console_only_without_on
     import logging
     from mailengine import logs as L
     console = io.StringIO()
+    root = logging.getLogger("mailengine")
+    saved = root.handlers[:], root.propagate, root.level
     L.setup(tmp_path / "log", 10, console=console)
     log = logging.getLogger("mailengine.test")
     log.info("for both")
@@ -181,4 +183,8 @@ def test_file_only_lines_go_to_the_daily_file_and_to_the_console_only_without_on
     L.set_retention(tmp_path / "log", 0)  # no files any more: the console shows everything
     log.info("delivered again", extra={L.FILE_ONLY: True})
     assert "delivered again" in console.getvalue()
-    L.setup(tmp_path / "log", 0, console=io.StringIO())  # leave no handler on tmp_path
+    for h in root.handlers[:]:  # as it was: other tests read records through the root logger
+        root.removeHandler(h)
+        h.close()
+    root.handlers[:], root.propagate = saved[0], saved[1]
+    root.setLevel(saved[2])
