@@ -163,6 +163,11 @@ class WorkerPool:
         values = copy.deepcopy(self.cfg.values)
         slots = self.session_slots
         slot = slots.take() if slots is not None else None
+        if slots is not None and slot is None:
+            log.warning("intake worker %d counts its sessions alone (an equal share of "
+                        "max_inbound_connections and max_connections_per_ip): the %d shared "
+                        "session slots are held by workers still finishing their sessions",
+                        index, slots.slots)
         spec = {"home": str(self.cfg.home), "values": values, "test_mode": self.test_mode,
                 "notify_fd": write_fd}
         pass_fds = [write_fd]
