@@ -17,6 +17,8 @@ from typing import Callable
 from . import NAME, __version__, diskwatch, filemodes, hostname, logs, shared, tls
 from .backlog import HELD, Backlog, due_time
 from .config import Config
+from .control import ControlServer
+from .delivery import DeliveryEngine
 from .envelope import InfError, Message
 from .eventloop import loop_factory
 from .homelock import HomeLock
@@ -27,6 +29,7 @@ from .policy import Policy
 from .spool import Spool
 from .stats import Stats
 from .users import PasswordFile
+from .web.server import WebServer
 from .workers import WorkerPool
 
 log = logging.getLogger("mailengine")
@@ -60,15 +63,6 @@ def check_file_descriptors(cfg: Config) -> int:
     return soft
 
 
-def make_delivery(engine: "Engine"):
-    """The delivery engine (mailengine/delivery.py), or None while it is not built yet."""
-    try:
-        from .delivery import DeliveryEngine
-    except ImportError:
-        return None
-    return DeliveryEngine(engine)
-
-
 def make_dkim_signer(engine: "Engine"):
     """The DKIM signer (dkim.py) when `dkim.signing_table` has entries, else None. Its keys are
     loaded here; their problems are logged when the engine starts (and shown in the admin).
@@ -79,26 +73,6 @@ def make_dkim_signer(engine: "Engine"):
     signer = DKIMSigner.from_config(engine.cfg)
     engine.spool.side_files = (".dkim",)
     return signer
-
-
-# Parts that plug into the running engine: each is built as Cls(engine) when its module exists,
-# started after the SMTP listener with `await start()` and stopped with `await stop()`.
-OPTIONAL_SERVICES = ("mailengine.control:ControlServer", "mailengine.web.server:WebServer")
-
-
-def make_services(engine: "Engine") -> list:
-    import importlib
-    services = []
-    for spec in OPTIONAL_SERVICES:
-        module, _, name = spec.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                continue  # not built yet
-            raise
-        services.append(cls(engine))
-    return services
 
 
 class Engine:
@@ -126,8 +100,9 @@ class Engine:
         self.diskwatch = diskwatch.for_engine(self)  # low disk space: 452 4.3.1 and an alert
         self.log_retention_days = cfg.logging.log_retention_days  # the daily files' (logs.setup)
         self.dkim = make_dkim_signer(self)  # None unless dkim.signing_table has entries
-        self.delivery = make_delivery(self)
-        self.services = make_services(self)
+        self.delivery = DeliveryEngine(self)
+        # started after the SMTP listener (`await start()`), stopped before delivery
+        self.services = [ControlServer(self), WebServer(self)]
 
     # --- intake ----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ Operations: `ping`, `status`, `queue.list`, `queue.show`, `queue.apply` (delete,
 retry, flush) and `config.set` (apply a setting that needs no restart). A test-mode engine
 (`mailengine test`) listens on `HOME/mailengine-test.sock`.
 
-Server side: `ControlServer(engine)`, plugged in by app.OPTIONAL_SERVICES. Client side:
+Server side: `ControlServer(engine)`, one of app.Engine's services. Client side:
 `request(path, op, **args)`, raising `NotRunning` when no engine answers.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The delivery engine: the asyncio side that takes ready mail out to the world (SPEC 5).
 
-    engine.delivery = DeliveryEngine(engine)   # app.make_delivery
+    engine.delivery = DeliveryEngine(engine)   # app.Engine does it
     delivery.submit(msg, "retry")              # recovered, relayed, or dropped-in mail
     await delivery.run()                       # until stop()
     await delivery.stop()                      # unfinished mail stays in retry/
