@@ -6,6 +6,7 @@ benchmarks (`bench/intake.py`, later `bench/relay.py`) put the pieces together.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -488,6 +489,27 @@ def summarise(runs: dict[str, list[Case]], labels: dict[str, str], messages: int
     print_table(summary, [("case", "case"), ("rate", rate_heading), ("seconds", "seconds"),
                           ("cpu", "relay CPU")])
     return rates
+
+
+def parse_delivery_args(doc: str, letters: str, timeout_help: str, parse_setting,
+                        argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The options of the benchmarks that deliver to sinks (relay, drain): the load, Postfix's
+    in_flow_delay, the wait for the sinks, the run options; returns them and the cases chosen.
+    SIGTERM then ends the run through its cleanups."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_arguments(ap, letters, "extra engine setting for (a), e.g. "
+                       "limits.max_connections_per_host=20", parse_setting)
+    ap.add_argument("--postfix-in-flow-delay", default="1s",
+                    help="Postfix's in_flow_delay (its default, 1s)")
+    ap.add_argument("--timeout", type=float, default=600.0, help=timeout_help)
+    add_run_arguments(ap)
+    args = ap.parse_args(argv)
+    cases = [c for c in letters if c in args.cases]
+    if not cases or set(args.cases) - set(letters):
+        ap.error(f"--cases takes letters from {letters}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return args, cases
 
 
 def run_rounds(cases: list[str], repeat: int, labels: dict[str, str], run_case,

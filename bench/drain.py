@@ -19,9 +19,7 @@ and writes everything to bench/results/drain-<timestamp>.json.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (Case, SinkGroup, add_load_arguments, add_run_arguments,  # noqa: E402
+from common import (parse_delivery_args, Case, SinkGroup,  # noqa: E402
                     announce, machine_info, ratio, summarise, run_rounds, run_smtp_sources,
                     run_workdir, sink_recipients, wait_count, write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
@@ -137,19 +135,8 @@ def run_postfix_case(args, workdir: Path) -> Case:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_load_arguments(ap, "ab", "extra engine setting for (a), e.g. limits.max_connections_per_host=20", parse_setting)
-    ap.add_argument("--postfix-in-flow-delay", default="1s",
-                    help="Postfix's in_flow_delay (its default, 1s)")
-    ap.add_argument("--timeout", type=float, default=600.0,
-                    help="seconds to wait for the sinks after the release")
-    add_run_arguments(ap)
-    args = ap.parse_args(argv)
-    cases = [c for c in "ab" if c in args.cases]
-    if not cases or set(args.cases) - set("ab"):
-        ap.error("--cases takes letters from ab")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args, cases = parse_delivery_args(__doc__, "ab", "seconds to wait for the sinks after the release",
+                                      parse_setting, argv)
 
     info = machine_info()
     with run_workdir("bench-drain-", args) as (workdir, fs):

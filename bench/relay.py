@@ -24,10 +24,8 @@ everything to bench/results/relay-<timestamp>.json.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -36,8 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (ENGINE_DEFAULTS, Case, SinkGroup, add_load_arguments,  # noqa: E402
-                    add_run_arguments, announce, machine_info, ratio, summarise,
+from common import (parse_delivery_args, ENGINE_DEFAULTS, Case, SinkGroup,  # noqa: E402
+                    announce, machine_info, ratio, summarise,
                     run_rounds, run_smtp_sources, run_workdir, sink_recipients, write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
@@ -203,19 +201,8 @@ def run_direct_case(args, workdir: Path) -> Case:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_load_arguments(ap, "abc", "extra engine setting for (a), e.g. limits.max_connections_per_host=20", parse_setting)
-    ap.add_argument("--postfix-in-flow-delay", default="1s",
-                    help="Postfix's in_flow_delay (its default, 1s)")
-    ap.add_argument("--timeout", type=float, default=600.0,
-                    help="seconds to wait for the sink after smtp-source is done")
-    add_run_arguments(ap)
-    args = ap.parse_args(argv)
-    cases = [c for c in "abc" if c in args.cases]
-    if not cases or set(args.cases) - set("abc"):
-        ap.error("--cases takes letters from abc")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args, cases = parse_delivery_args(__doc__, "abc", "seconds to wait for the sink after smtp-source is done",
+                                      parse_setting, argv)
 
     info = machine_info()
     with run_workdir("bench-relay-", args) as (workdir, fs):

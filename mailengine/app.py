@@ -179,10 +179,6 @@ class Engine:
         self.delivery.submit(msg, where, data)
         return True
 
-    def queued_count(self) -> int:
-        """Messages in the queue: in memory and in the backlog."""
-        return len(self.known) + len(self.backlog)
-
     async def _load_backlog(self) -> None:
         """Backlog mail that is due comes into memory while there is room, earliest first; when
         memory is full, messages waiting there for a later retry make room for it."""
