@@ -163,16 +163,13 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
     """The busiest destinations and their state, from the delivery engine's scheduler; the
     last reply from the delivery log lines (metrics.OutcomeCounter). Per-domain message counts
     need a walk over the queue, done only while it is small (the Queue page always does it)."""
-    delivery = getattr(engine, "delivery", None)
-    if delivery is None:
-        msgs = queue_view.queued_messages(engine)
-    else:  # the messages in memory only: the backlog's would be read from disk every poll
-        msgs = list(delivery.messages.values()) \
-            if len(delivery.messages) <= STATUS_SCAN_LIMIT else []
+    delivery = engine.delivery
+    # the messages in memory only: the backlog's would be read from disk every poll
+    msgs = list(delivery.messages.values()) if len(delivery.messages) <= STATUS_SCAN_LIMIT else []
     rows = {r.domain: r for r in queue_view.by_domain(engine, msgs)}
     out = []
-    active = delivery.sched.destinations() if delivery is not None else {}
-    windows = getattr(getattr(delivery, "windows", None), "_w", {})
+    active = delivery.sched.destinations()
+    windows = delivery.windows._w
     for dom in set(active) | set(rows):
         ready, running = active.get(dom, (0, 0))
         row = rows.get(dom)
@@ -194,8 +191,8 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
                    f"after temporary failures there (busy replies or failed connections, "
                    f"{'once' if win.cuts == 1 else f'{win.cuts} times'}); back up step by step "
                    f"as mail gets through")
-        rate = getattr(delivery, "rate", None)
-        if state == "ready" and rate is not None and not rate.unlimited and \
+        rate = delivery.rate
+        if state == "ready" and not rate.unlimited and \
                 engine.cfg.limits.max_send_rate:
             why = why or f"limits.max_send_rate = {engine.cfg.limits.max_send_rate}/h"
         last = row.last_log if row else ""
@@ -297,7 +294,7 @@ async def settings_post(request: web.Request) -> web.Response:
         parts.append("applied now: " + ", ".join(live))
     if later:
         parts.append("saved, takes effect after restart: " + ", ".join(later))
-    if live and getattr(w.engine, "workers", None) is not None:
+    if live and w.engine.workers is not None:
         parts.append("the intake processes restart with the new values (sessions in progress "
                      "finish under the old ones)")
     _back(request, "/gui/admin/settings", "ok",  # the page's top, where the banner is
@@ -322,7 +319,7 @@ async def queue_domains(request: web.Request) -> web.Response:
     return w.render(request, "queue.html", title="Queue", rows=rows,
                     total=queue_view.queued_total(w.engine, msgs),
                     partial=queue_view.partial(w.engine), scan_limit=queue_view.SCAN_LIMIT,
-                    replies=replies, actions=queue_actions.available(w.engine))
+                    replies=replies)
 
 
 async def queue_messages(request: web.Request) -> web.Response:
@@ -339,8 +336,7 @@ async def queue_messages(request: web.Request) -> web.Response:
     now = dt.datetime.now()
     shown = [(m, queue_view.state_of(w.engine, m, now)) for m in msgs[start:start + PAGE]]
     return w.render(request, "messages.html", title=f"Queue: {domain or 'all messages'}",
-                    domain=domain, shown=shown, total=len(msgs), start=start, page=PAGE,
-                    actions=queue_actions.available(w.engine))
+                    domain=domain, shown=shown, total=len(msgs), start=start, page=PAGE)
 
 
 async def message(request: web.Request) -> web.Response:
@@ -353,8 +349,7 @@ async def message(request: web.Request) -> web.Response:
                     where=where, state=queue_view.state_of(w.engine, msg) if msg else "",
                     replies=queue_view.last_replies(msg) if msg else {},
                     inf=queue_view.inf_text(w.engine, msg_id, where),
-                    headers=queue_view.head_of_data(w.engine, msg_id, where),
-                    actions=queue_actions.available(w.engine))
+                    headers=queue_view.head_of_data(w.engine, msg_id, where))
 
 
 async def message_action(request: web.Request) -> web.Response:
@@ -445,7 +440,7 @@ async def list_download(request: web.Request) -> web.StreamResponse:
 def _dkim_state(w) -> dict:
     """What the DKIM page and dkim.json show: each signing table entry's DNS record and the
     problems of the keys (the same lines the engine logged at start)."""
-    signer = getattr(w.engine, "dkim", None)
+    signer = w.engine.dkim
     if signer is None:
         saved = settings_edit.read_file_values(w.cfg.home).get("dkim.signing_table") or []
         return {"enabled": False, "pending": bool(saved), "records": [], "problems": []}
@@ -475,7 +470,7 @@ async def dkim_json(request: web.Request) -> web.Response:
 
 
 async def dkim_reload(request: web.Request) -> web.Response:
-    signer = getattr(_web(request).engine, "dkim", None)
+    signer = _web(request).engine.dkim
     if signer is None:
         _back(request, "/gui/admin/dkim", "error", "DKIM signing is off.")
     signer.reload()
