@@ -83,8 +83,7 @@ class Notices:
         await eng.spool.store(msg, data, "retry")
         self.generated += 1
         eng.known.add(msg.id)
-        if eng.delivery is not None:
-            eng.delivery.submit(msg, "retry")
+        eng.delivery.submit(msg, "retry")
         log.info("%s: queued %s to %s", msg.id, what or kind, ", ".join(rcpts))
         return msg
 
