@@ -271,6 +271,13 @@ class Categorizer:
             self._cache[key] = found
             return found
 
+    def check(self) -> str:
+        """Look at the override file (when due) and say what is wrong with it, '' if nothing."""
+        with self._lock:
+            if self.override is not None:
+                self._recheck()
+            return self.problem
+
     def categorize_reply(self, reply: str) -> str:
         return self.categorize(*split_reply(reply))
 
@@ -304,5 +311,5 @@ def categorize_reply(reply: str) -> str:
 
 
 def override_problem() -> str:
-    """What is wrong with the operator's rules file ('' when nothing is)."""
-    return _default.problem
+    """What is wrong with the operator's rules file now ('' when nothing is)."""
+    return _default.check()
