@@ -78,7 +78,7 @@ PERMANENT = frozenset({"bad-mailbox", "bad-domain", "inactive-mailbox"})  # "wil
 
 OVERRIDE_FILE = "bounce_categories.toml"
 RECHECK = 2.0          # seconds between looks at the override file
-MAX_TEXT = 4000        # characters of a reply searched: a returned mail's essay is no help
+MAX_TEXT = 1000        # characters of a reply searched: a returned mail's essay is no help
 CACHE_SIZE = 4096      # (code, enhanced, text) answers kept: failures repeat in bulk
 _RULE_KEYS = {"category", "enhanced", "code", "text", "note"}
 _ENHANCED_PART = re.compile(r"\d{1,3}|x", re.I)

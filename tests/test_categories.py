@@ -375,6 +375,7 @@ def test_engine_writes_categories_and_the_web_admin_shows_them(tmp_path):
             c.login()
             status = c.get("/gui/admin").text
             message = c.get(f"/gui/admin/queue/message/{msg_id}").text
+            api = c.api("GET", f"/api/v1/queue/{msg_id}").json
             lists = c.get("/gui/admin/lists").text
             metrics = c.get("/metrics").text
             (home / "bounce_categories.toml").write_text('[[rule]]\ncategory = "nope"\ncode = 5\n')
@@ -398,6 +399,7 @@ def test_engine_writes_categories_and_the_web_admin_shows_them(tmp_path):
     assert "grey@cat.test deferred (policy-related): 451 4.7.1 Greylisted" in status
     assert re.search(r'id="last-reply">grey@cat.test \([^)]*\): 451 4.7.1 Greylisted, please try '
                      r'again later<span class="category"> \[policy-related\]</span>', message)
+    assert api["last_replies"]["grey@cat.test"]["category"] == "policy-related"
     rows = lists[lists.index('id="bounces"'):]
     assert "vera@blocky.test" in rows and '<td class="category">spam-related</td>' in rows
     assert 'mailengine_failures_by_category_total{category="bad-mailbox",result="failed"} 1' \
