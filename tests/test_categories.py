@@ -354,6 +354,10 @@ def test_engine_writes_categories_and_the_web_admin_shows_them(tmp_path):
     home = make_home(tmp_path)
     (home / "bounce_categories.toml").write_text(
         '[[rule]]\ncategory = "inactive-mailbox"\ntext = "flibbertigibbet"\n')
+    (home / "log").mkdir()
+    old = {"time": "2026-12-01T10:00:00.000+0000", "address": "old@x.test", "kind": "hard",
+           "status": "5.2.2", "code": 552, "reason": "mailbox full"}  # before categories
+    (home / "log" / "bounces.jsonl").write_text(json.dumps(old) + "\n")
     try:
         with engine(home, {"queue.pause_sending": False, "network.helo_text": "engine.test",
                            "logging.bounce_host": "bounces.sender.test",
@@ -389,7 +393,7 @@ def test_engine_writes_categories_and_the_web_admin_shows_them(tmp_path):
     assert events["odd@cat.test"]["category"] == "inactive-mailbox"  # the operator's rule
     assert events["ok@cat.test"]["category"] == ""
     assert events["grey@cat.test"]["category"] == "policy-related"
-    bounce, = [json.loads(x) for x in (home / "log" / "bounces.jsonl").read_text().splitlines()]
+    _, bounce = [json.loads(x) for x in (home / "log" / "bounces.jsonl").read_text().splitlines()]
     assert bounce["address"] == "vera@blocky.test" and bounce["category"] == "spam-related"
     table = status[status.index('id="categories"'):]
     assert re.search(r"<td>bad-mailbox</td><td>1</td><td>0</td>", table)
@@ -402,6 +406,8 @@ def test_engine_writes_categories_and_the_web_admin_shows_them(tmp_path):
     assert api["last_replies"]["grey@cat.test"]["category"] == "policy-related"
     rows = lists[lists.index('id="bounces"'):]
     assert "vera@blocky.test" in rows and '<td class="category">spam-related</td>' in rows
+    assert rows.index("vera@blocky.test") < rows.index("old@x.test")  # newest first
+    assert re.search(r'old@x.test</td><td>hard</td><td class="category">quota-issues</td>', rows)
     assert 'mailengine_failures_by_category_total{category="bad-mailbox",result="failed"} 1' \
         in metrics
     assert "category-problem" not in lists

@@ -437,9 +437,11 @@ async def lists(request: web.Request) -> web.Response:
 
 def _recent_bounces(w) -> list[dict]:
     """The last bounces recorded (log/bounces.jsonl), newest first, with their category."""
-    lines, _ = _tail(w.cfg.log_dir / BOUNCES_JSONL, RECENT_BOUNCES)
-    out = []
+    lines, _ = _tail(w.cfg.log_dir / BOUNCES_JSONL, 4 * RECENT_BOUNCES)  # lines are long
+    out: list[dict] = []
     for line in reversed(lines):
+        if len(out) >= RECENT_BOUNCES:
+            break
         try:
             b = json.loads(line)
         except ValueError:
