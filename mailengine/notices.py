@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from . import dsn, reports
+from .categories import use_home
 from .envelope import Message
 from .events import EventLog
 from .lists import AddressLists
@@ -30,6 +31,7 @@ class Notices:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.cfg = engine.cfg
+        use_home(self.cfg.home)  # the operator's bounce_categories.toml, when there is one
         self.lists = AddressLists(self.cfg.home, mirror=list_mirror(self.cfg))
         self.events = EventLog(self.cfg.log_dir, getattr(engine, "test_mode", False))
         self.generated = 0  # messages of its own this engine has queued

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import secrets
 import time
 from urllib.parse import quote
 
 from aiohttp import web
 
+from ..bounces import BOUNCES_JSONL
+from ..categories import CATEGORIES, categorize, categorize_reply, override_problem
 from ..config import SECTION_TITLES, SETTINGS, AddressSet, coerce, toml_value
 from ..users import hash_password
 from . import queue_actions, queue_view, settings_edit
@@ -24,6 +27,7 @@ from .metrics import snapshot
 LISTS = ("hard-bounces.txt", "soft-bounces.txt", "hard-undeliverable.txt",
          "soft-undeliverable.txt")
 LIST_VIEW_LINES = 2000
+RECENT_BOUNCES = 50  # lines of log/bounces.jsonl on the lists page
 PAGE = 200  # messages per queue page
 COOKIE = {"httponly": True, "samesite": "Strict", "path": "/"}
 
@@ -223,7 +227,16 @@ def cached_destinations(w) -> list[dict]:
 async def status(request: web.Request) -> web.Response:
     w = _web(request)
     return w.render(request, "status.html", snap=snapshot(w.engine, w.outcomes),
-                    dests=cached_destinations(w), title="Status")
+                    dests=cached_destinations(w), title="Status",
+                    categories=_category_rows(w.outcomes))
+
+
+def _category_rows(counter) -> list[dict]:
+    """Failures since the start by category, the most first, with what each means."""
+    rows = [{"category": c, "failed": n.get("failed", 0), "deferred": n.get("deferred", 0),
+             "meaning": CATEGORIES.get(c, "")}
+            for c, n in (counter.by_category.items() if counter is not None else ())]
+    return sorted(rows, key=lambda r: (-(r["failed"] + r["deferred"]), r["category"]))
 
 
 async def status_json(request: web.Request) -> web.Response:
@@ -347,7 +360,8 @@ async def message(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=f"Message {msg_id} is not in the queue (any more).")
     return w.render(request, "message.html", title=f"Message {msg_id}", msg_id=msg_id, msg=msg,
                     where=where, state=queue_view.state_of(w.engine, msg) if msg else "",
-                    replies=queue_view.last_replies(msg) if msg else {},
+                    replies={a: (when, text, categorize_reply(text)) for a, (when, text)
+                             in (queue_view.last_replies(msg) if msg else {}).items()},
                     inf=queue_view.inf_text(w.engine, msg_id, where),
                     headers=queue_view.head_of_data(w.engine, msg_id, where))
 
@@ -413,7 +427,29 @@ async def lists(request: web.Request) -> web.Response:
         except FileNotFoundError:
             rows.append({"name": name, "lines": 0, "size": 0, "changed": ""})
     return w.render(request, "lists.html", title="Bounce and undeliverable lists", rows=rows,
-                    home=str(w.cfg.home))
+                    home=str(w.cfg.home), bounces=_recent_bounces(w), problem=override_problem())
+
+
+def _recent_bounces(w) -> list[dict]:
+    """The last bounces recorded (log/bounces.jsonl), newest first, with their category."""
+    lines, _ = _tail(w.cfg.log_dir / BOUNCES_JSONL, 4 * RECENT_BOUNCES)  # lines are long
+    out: list[dict] = []
+    for line in reversed(lines):
+        if len(out) >= RECENT_BOUNCES:
+            break
+        try:
+            b = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the tail, or written by hand
+        if not isinstance(b, dict) or b.get("kind") not in ("hard", "soft"):
+            continue
+        row = {k: str(b.get(k) or "") for k in ("time", "address", "kind", "category",
+                                                 "status", "code", "reason")}
+        if not row["category"]:  # written before categories existed
+            row["category"] = categorize(b.get("code") if isinstance(b.get("code"), int)
+                                         else 0, row["status"], row["reason"])
+        out.append(row)
+    return out
 
 
 async def list_view(request: web.Request) -> web.Response:

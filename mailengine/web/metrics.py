@@ -13,6 +13,8 @@ import resource
 import time
 from collections import deque
 
+from ..categories import categorize_reply
+
 SAMPLE_SECONDS = 2.0
 HISTORY_SAMPLES = 900
 
@@ -26,9 +28,10 @@ def rss_bytes() -> int:
 
 
 class OutcomeCounter(logging.Handler):
-    """Counts failed and deferred recipients, and keeps each domain's last reply, from the
-    delivery engine's per-recipient log lines ("ID: address failed|deferred: reply"), so the
-    web admin needs no hook inside delivery. Attached to the "mailengine.delivery" logger."""
+    """Counts failed and deferred recipients, by category too (categories.py, from the reply),
+    and keeps each domain's last reply, from the delivery engine's per-recipient log lines
+    ("ID: address failed|deferred: reply"), so the web admin needs no hook inside delivery.
+    Attached to the "mailengine.delivery" logger."""
 
     MAX_DOMAINS = 10000
 
@@ -37,6 +40,7 @@ class OutcomeCounter(logging.Handler):
         self.failed = 0
         self.deferred = 0
         self.last_reply: dict[str, tuple[float, str]] = {}  # domain -> (time, "addr: reply")
+        self.by_category: dict[str, dict[str, int]] = {}  # category -> {failed, deferred}
 
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args
@@ -48,10 +52,13 @@ class OutcomeCounter(logging.Handler):
             self.deferred += 1
         else:
             return
+        cat = categorize_reply(str(args[3]))
+        counts = self.by_category.setdefault(cat, {"failed": 0, "deferred": 0})
+        counts[args[2]] += 1
         addr = str(args[1])
         dom = addr.rpartition("@")[2].lower()
         self.last_reply.pop(dom, None)
-        self.last_reply[dom] = (record.created, f"{addr} {args[2]}: {args[3]}")
+        self.last_reply[dom] = (record.created, f"{addr} {args[2]} ({cat}): {args[3]}")
         while len(self.last_reply) > self.MAX_DOMAINS:
             del self.last_reply[next(iter(self.last_reply))]
 
@@ -155,6 +162,14 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
           s["failed"])
     _line(out, "mailengine_deferred_total", "counter", "Recipient attempts deferred for a retry.",
           s["deferred"])
+    if counter is not None and counter.by_category:
+        out.append("# HELP mailengine_failures_by_category_total Failed and deferred recipients "
+                   "by the category of their reply (bounce categories).")
+        out.append("# TYPE mailengine_failures_by_category_total counter")
+        for cat, counts in sorted(counter.by_category.items()):
+            for result, n in counts.items():
+                out.append(f'mailengine_failures_by_category_total{{category="{cat}",'
+                           f'result="{result}"}} {n}')
     _line(out, "mailengine_queue_messages", "gauge", "Messages in the queue (retry and working).",
           s["queue_messages"])
     _line(out, "mailengine_queue_recipients", "gauge", "Recipients still to send.",

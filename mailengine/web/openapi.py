@@ -146,7 +146,9 @@ def openapi() -> dict:
                         "type": "object", "description": "recipient -> the last reply that "
                         "deferred it (one per destination domain; kept in the .inf)",
                         "additionalProperties": {"type": "object", "properties": {
-                            "time": {"type": "string"}, "reply": {"type": "string"}}}},
+                            "time": {"type": "string"}, "reply": {"type": "string"},
+                            "category": {"type": "string", "description": "the reply's bounce "
+                                         "category (bad-mailbox, quota-issues, ...)"}}}},
                     "history": {"type": "array", "items": {"type": "string"}},
                     "inf": {"type": "string"}}},
                 "QueueList": {"type": "object", "properties": {

@@ -13,6 +13,7 @@ import datetime as dt
 import os
 from dataclasses import dataclass, field
 
+from ..categories import categorize_reply
 from ..envelope import InfError, Message, last_replies
 from ..scheduler import domain_of
 from ..spool import is_message_id
@@ -153,5 +154,5 @@ def to_json(engine, m: Message, now: dt.datetime | None = None) -> dict:
             "retry_time": m.retry_time.isoformat() if m.retry_time else None,
             "tries": m.send_tries, "status": m.status, "held": m.held,
             "state": state_of(engine, m, now),
-            "last_replies": {a: {"time": w, "reply": r} for a, (w, r) in last_replies(m).items()
-                             if a in m.rcpt_to_send}}
+            "last_replies": {a: {"time": w, "reply": r, "category": categorize_reply(r)}
+                             for a, (w, r) in last_replies(m).items() if a in m.rcpt_to_send}}
