@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Callable
 
+from .queue_dirs import DONE, INCOMING, RETRY, WORKING
 from . import NAME, __version__, diskwatch, filemodes, hostname, logs, shared, tls
 from .backlog import HELD, Backlog, due_time
 from .config import Config
@@ -106,7 +107,7 @@ class Engine:
 
     # --- intake ----------------------------------------------------------------------------------
 
-    def stored(self, relayed: Message | None, local: bool, where: str = "retry",
+    def stored(self, relayed: Message | None, local: bool, where: str = RETRY,
                data: bytes | None = None) -> None:
         """A message is safely in the spool (stored by this process or an intake worker)."""
         if relayed is not None:
@@ -151,15 +152,15 @@ class Engine:
         # Stopping: delivery takes nothing more; the message waits in the backlog, so the index
         # written at the stop has it.
         keep_on_disk = self.stopping.is_set() or not self.has_room()
-        if keep_on_disk and where == "working":
+        if keep_on_disk and where == WORKING:
             # Stored into working/ while there was room (relay_dir), full since: backlog mail
             # waits in retry/ (nothing looks in working/ before the next start).
             try:
-                self.spool.move(msg.id, "working", "retry")
-                where = "retry"
+                self.spool.move(msg.id, WORKING, RETRY)
+                where = RETRY
             except OSError as e:
                 log.warning("%s: cannot move it back to retry/ (%s); kept in memory", msg.id, e)
-        if keep_on_disk and where == "retry":
+        if keep_on_disk and where == RETRY:
             if not self.backlog and not self.stopping.is_set():
                 log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
                          "on disk in retry/ until it is due and there is room",
@@ -182,7 +183,7 @@ class Engine:
                 while await self._load_backlog_batch():
                     await asyncio.sleep(0)  # SMTP and delivery go on between batches
             except OSError as e:  # a loop of the TaskGroup: never a reason to stop the engine
-                log.error("cannot load queued mail from %s: %s", self.spool.root / "retry", e)
+                log.error("cannot load queued mail from %s: %s", self.spool.root / RETRY, e)
             await asyncio.sleep(BACKLOG_CHECK_SECONDS)
 
     def backlog_messages(self):
@@ -190,7 +191,7 @@ class Engine:
         gone or unreadable meanwhile are left out."""
         for mid in self.backlog:
             try:
-                yield mid, self.spool.load(mid, "retry")
+                yield mid, self.spool.load(mid, RETRY)
             except (OSError, InfError):
                 continue
 
@@ -224,7 +225,7 @@ class Engine:
             if mid in self.known:
                 continue
             try:
-                msg = self.spool.load(mid, "retry")
+                msg = self.spool.load(mid, RETRY)
             except FileNotFoundError:
                 continue  # removed by hand (or by a queue command) meanwhile
             except InfError:
@@ -235,14 +236,14 @@ class Engine:
                 for rest in ids[i:]:
                     self.backlog.add(rest, now + BACKLOG_RETRY_SECONDS)
                 raise
-            self.take(msg, "retry")
+            self.take(msg, RETRY)
         return bool(ids)
 
     def relay_dir(self) -> str:
         """Relayed mail goes straight to working/ when this engine will send it at once."""
         if not self.cfg.queue.pause_sending and self.has_room():
-            return "working"
-        return "retry"
+            return WORKING
+        return RETRY
 
     def inbound_counts(self) -> dict:
         """Open SMTP sessions and totals, whichever processes take SMTP."""
@@ -262,14 +263,14 @@ class Engine:
             if msg_id in self.known:  # the drop-in scan saw the files first
                 self.stats.received(local=False)
                 return
-            where = "working" if kind == "W" else "retry"
+            where = WORKING if kind == "W" else RETRY
             try:
                 msg = self.spool.load(msg_id, where)
             except (OSError, InfError) as e:
                 log.warning("intake worker stored %s, but it cannot be read: %s", msg_id, e)
-                if where == "working":  # nothing looks in working/ before the next start
+                if where == WORKING:  # nothing looks in working/ before the next start
                     try:
-                        self.spool.move(msg_id, "working", "retry")  # the drop-in scan does
+                        self.spool.move(msg_id, WORKING, RETRY)  # the drop-in scan does
                     except OSError:
                         pass
                 return
@@ -287,7 +288,7 @@ class Engine:
                                   if mid not in known)
             await asyncio.sleep(0)
         log.info("queue: %d messages waiting in %s (from the index of the last stop)",
-                 len(self.backlog) + len(self.known), self.spool.root / "retry")
+                 len(self.backlog) + len(self.known), self.spool.root / RETRY)
 
     def save_backlog_index(self) -> None:
         """At a clean stop: when each queued message is due (backlog.py), so that the next
@@ -307,7 +308,7 @@ class Engine:
     # --- housekeeping loops ----------------------------------------------------------------------
 
     async def _watch_shutdown_file(self) -> None:
-        path = self.spool.root / "retry" / SHUTDOWN_FILE
+        path = self.spool.root / RETRY / SHUTDOWN_FILE
         while not self.stopping.is_set():
             if path.exists():
                 log.info("found %s: shutting down", path)
@@ -329,7 +330,7 @@ class Engine:
             try:
                 await self.rescan()
             except OSError as e:
-                log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / "retry", e)
+                log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / RETRY, e)
 
     async def rescan(self) -> int:
         """Scan retry/ for mail dropped in (queue commands: it is part of "all"); the listing
@@ -359,7 +360,7 @@ class Engine:
                 continue  # taken meanwhile (the scan ran in a thread)
             log.info("picked up dropped-in message %s for %d recipients", msg.id,
                      len(msg.rcpt_to_send))
-            if self.take(msg, "retry"):
+            if self.take(msg, RETRY):
                 taken += 1
         return taken
 
@@ -369,9 +370,9 @@ class Engine:
             await asyncio.sleep(60)
             try:
                 if self.cfg.queue.save_incoming:
-                    self.spool.expire("incoming", self.cfg.queue.incoming_retention_minutes)
+                    self.spool.expire(INCOMING, self.cfg.queue.incoming_retention_minutes)
                 if self.cfg.queue.save_done:
-                    self.spool.expire("done", self.cfg.queue.done_retention_minutes)
+                    self.spool.expire(DONE, self.cfg.queue.done_retention_minutes)
             except OSError as e:  # a loop of the TaskGroup: never a reason to stop the engine
                 log.error("cannot remove old mail from done/ or incoming/: %s", e)
             minutes += 1
@@ -438,7 +439,7 @@ class Engine:
         self.spool.ensure_dirs()
         self.diskwatch.check()  # refuse from the first connection if the disk is already low
         # A request left over from a stop that happened otherwise must not stop this run.
-        (self.spool.root / "retry" / SHUTDOWN_FILE).unlink(missing_ok=True)
+        (self.spool.root / RETRY / SHUTDOWN_FILE).unlink(missing_ok=True)
         # No .inf is read here: the messages in retry/ go to the backlog, due when the index of
         # the last clean stop says (it is read once SMTP answers), else now, and are loaded as
         # memory allows.
@@ -447,11 +448,11 @@ class Engine:
         for w in report.warnings:
             log.warning("%s", w)
         for msg in report.messages:
-            self.take(msg, "retry")
+            self.take(msg, RETRY)
         self.backlog.add_many((mid, 0.0) for mid in report.ids)
         if index is None:
             log.info("queue: %d messages waiting in %s",
-                     len(report.messages) + len(report.ids), self.spool.root / "retry")
+                     len(report.messages) + len(report.ids), self.spool.root / RETRY)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -507,7 +508,7 @@ class Engine:
         self.spool.close()  # finishes pending flushes, stops the flusher thread
         self.save_backlog_index()  # last: it holds while nothing changes retry/ after it
         shared.close_list_mirrors()  # the bounce lines not yet in Redis (for at most 2 s)
-        log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / "retry")
+        log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / RETRY)
         self.lock.release()
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from .queue_dirs import RETRY
 from . import NAME, __version__, config
 from .overrides import option_name, parse_override
 
@@ -127,7 +128,7 @@ def cmd_shutdown(cfg: config.Config, wait_seconds: float = 60.0) -> int:
     deadline = time.monotonic() + wait_seconds
     failed = 0
     for test_mode, pid in engines:
-        retry = cfg.mailq(test_mode) / "retry"
+        retry = cfg.mailq(test_mode) / RETRY
         retry.mkdir(parents=True, exist_ok=True)
         request = retry / "shutdown.txt"
         request.write_text("shutdown requested by mailengine shutdown\n")

@@ -14,6 +14,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Callable
 
+from .queue_dirs import INCOMING, RETRY
 from .config import Config
 from .envelope import Message, format_address_list
 from .policy import is_verp
@@ -41,7 +42,7 @@ def with_protocol(s: Session) -> str:
 class Intake:
     def __init__(self, cfg: Config, spool: Spool, hostname: str, on_stored: OnStored,
                  bounces: "BounceLog | None" = None,
-                 relay_dir: Callable[[], str] = lambda: "retry"):
+                 relay_dir: Callable[[], str] = lambda: RETRY):
         self.cfg = cfg
         # Where relayed mail is stored: working/ when this process delivers it at once (SPEC 4,
         # relay_via_disk), else retry/ (sending paused, or an intake worker process).
@@ -80,7 +81,7 @@ class Intake:
                     "tls": f"{s.tls} with cipher {s.tls_cipher}" if s.tls_cipher else s.tls}
         msg_id = self.spool.new_id()
         relayed = None
-        where = "retry"
+        where = RETRY
         if relay:
             relayed = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=relay,
                               time_created=now, retry_time=now, received=received,
@@ -97,7 +98,7 @@ class Intake:
                            time_created=now, received=received, size=len(data),
                            extra={"rcptto": format_address_list(local)})
             try:
-                await self.spool.store(kept, data, "incoming")
+                await self.spool.store(kept, data, INCOMING)
             except Exception:
                 if relayed is not None:
                     # Not acknowledged: the client sends it again. Left here, the relayed copy

@@ -13,6 +13,7 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from .queue_dirs import RETRY, WORKING
 from . import dsn, reports
 from .categories import use_home
 from .envelope import Message
@@ -37,7 +38,7 @@ class Notices:
         self.generated = 0  # messages of its own this engine has queued
 
     async def after_attempt(self, msg: Message, res: AttemptResult,
-                            outcomes: list[RcptOutcome], where: str = "working") -> None:
+                            outcomes: list[RcptOutcome], where: str = WORKING) -> None:
         cfg = self.cfg
         try:
             if cfg.logging.log_undeliverable and (res.failed or res.gave_up):
@@ -82,10 +83,10 @@ class Notices:
                       time_created=now, retry_time=now, extra={dsn.GENERATED_KEY: kind},
                       size=len(data))
         msg.add_log(f"Made by this engine: {what or kind}", now)
-        await eng.spool.store(msg, data, "retry")
+        await eng.spool.store(msg, data, RETRY)
         self.generated += 1
         eng.known.add(msg.id)
-        eng.delivery.submit(msg, "retry")
+        eng.delivery.submit(msg, RETRY)
         log.info("%s: queued %s to %s", msg.id, what or kind, ", ".join(rcpts))
         return msg
 

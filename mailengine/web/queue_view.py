@@ -13,13 +13,14 @@ import datetime as dt
 import os
 from dataclasses import dataclass, field
 
+from ..queue_dirs import RETRY, WORKING
 from ..categories import categorize_reply
 from ..envelope import InfError, Message, last_replies
 from ..scheduler import domain_of
 from ..spool import is_message_id
 
 SCAN_LIMIT = 20000
-WHERE = ("retry", "working")
+WHERE = (RETRY, WORKING)
 
 
 async def off_loop(fn, *args):
