@@ -14,6 +14,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Callable
 
+from .complaints import ComplaintDesk, addressed
 from .config import Config
 from .envelope import Message, format_address_list
 from .policy import is_verp
@@ -56,6 +57,7 @@ class Intake:
             bounces = BounceLog(cfg.home, AddressLists(cfg.home, mirror=list_mirror(cfg)),
                                 log_dir=cfg.log_dir)
         self.bounces = bounces  # mail to mailengine-bounce-USER%DOMAIN@... (SPEC 2.3)
+        self.complaints = ComplaintDesk(cfg)  # mail to complaints.addresses (feedback loops)
 
     async def on_message(self, ev: MessageReceived) -> Reply:
         try:
@@ -112,5 +114,12 @@ class Intake:
                 await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)
             except Exception:
                 log.exception("bounce %s to %s could not be recorded", msg_id, ",".join(verp))
+        # --- complaint intake (complaints.py): the same, for feedback-loop reports ---
+        fbl = addressed(self.cfg, local)
+        if fbl:
+            try:
+                await asyncio.to_thread(self.complaints.handle, fbl, data, txn.mail_from, msg_id)
+            except Exception:
+                log.exception("complaint %s to %s could not be recorded", msg_id, ",".join(fbl))
         self.on_stored(relayed, bool(local), where, data)
         return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")
