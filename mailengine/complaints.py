@@ -43,14 +43,14 @@ import quopri
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from email.message import Message as EmailMessage
 from typing import Any
 
 from . import recipient_token
 from .bounces import _RETURNED_MARKERS, _header, _id_from_headers, _is_autoreply, _text_of
 from .bounces import verp_decode
-from .events import EVENTS_JSONL, EventLog, iso_time
+from .events import EventLog, iso_time
 from .lists import AppendFile
 
 log = logging.getLogger("mailengine.complaints")

@@ -4,6 +4,8 @@
 reply for the client. The `250` is returned only after `Spool.store` returns, which (durable
 mode) is after the files are on stable storage. Relayed mail goes to mailq/retry, local mail to
 mailq/incoming when `save_incoming` (else it is accepted and discarded, as the manual says).
+Mail to VERP bounce addresses (bounces.py) and to the feedback-loop addresses of
+`complaints.addresses` (complaints.py) is parsed once stored and recorded before the 250.
 The same class runs in the engine's process and in extra intake worker processes.
 """
 from __future__ import annotations
