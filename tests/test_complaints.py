@@ -394,3 +394,51 @@ def test_complaint_by_smtp_end_to_end(tmp_path):
         assert sum(d.get("news.example", 0) for d in saved["hours"].values()) == 6
     finally:
         sink.stop()
+
+
+def test_complaints_page_in_a_browser(tmp_path):
+    """Chromium: log in, follow the Complaints link, see the domain over the line flagged and
+    the one under it not. The counts are those a running engine left in the home."""
+    import os
+    import shutil
+    import time
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip("Debian's chromium is not installed")
+    home = tmp_path / "home"
+    (home / "log").mkdir(parents=True)
+    (home / "password.txt").write_text("admin:opensesame\n")
+    now = time.time()
+    hour = int(now // BUCKET * BUCKET)
+    (home / COUNTS_FILE).write_text(json.dumps({"hours": {str(hour): {
+        "bad.example": 200, "good.example": 5000}}}))
+    with open(home / "log" / "complaints.jsonl", "w") as f:
+        for dom, n in (("bad.example", 3), ("good.example", 2)):
+            for i in range(n):
+                f.write(json.dumps({"unix": now - 60, "time": "now", "is_complaint": True,
+                                    "sender_domain": dom, "address": f"u{i}@{dom}",
+                                    "feedback_type": "abuse", "matched_by": "verp"}) + "\n")
+    web_port = free_port()
+    with RunningEngine(home, {"network.web_port": web_port, "network.web_ip": "127.0.0.1",
+                              "complaints.addresses": ["fbl@news.example"]}):
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{web_port}/gui/login")
+                page.fill("input[name=user]", "admin")
+                page.fill("input[name=password]", "opensesame")
+                page.click("button[type=submit]")
+                page.click("nav >> text=Complaints")
+                page.wait_for_selector("#complaint-rates", timeout=5000)
+                bad = page.locator('tr[data-domain="bad.example"]')
+                assert "over" in bad.get_attribute("class")
+                assert "1.500 %" in bad.inner_text() and "over 0.3 %" in bad.inner_text()
+                good = page.locator('tr[data-domain="good.example"]')
+                assert "0.040 %" in good.inner_text() and "over" not in good.inner_text()
+                assert "fbl@news.example" in page.inner_text("main")
+                page.screenshot(path=str(tmp_path / "complaints.png"), full_page=True)
+            finally:
+                browser.close()
