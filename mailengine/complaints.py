@@ -288,7 +288,8 @@ def _feedback_part(msg: EmailMessage) -> tuple[dict[str, list[str]] | None, str]
             return _fields(_part_text(part)), "arf"
     # a mislabelled ARF: the feedback fields in a text part of their own
     for part in msg.walk():
-        if part.get_content_maintype() == "text" and not part.is_multipart():
+        if part.get_content_maintype() == "text" and not part.is_multipart() and \
+                part.get_content_type() != "text/rfc822-headers":  # the original's, not ours
             text = _text_of(part)[:MAX_SCAN]
             if re.search(r"^feedback-type:", text, re.I | re.M):
                 f = _fields(text)

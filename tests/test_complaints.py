@@ -442,3 +442,19 @@ def test_complaints_page_in_a_browser(tmp_path):
                 page.screenshot(path=str(tmp_path / "complaints.png"), full_page=True)
             finally:
                 browser.close()
+
+
+def test_complaint_taken_by_an_intake_worker_process(tmp_path):
+    """With several intake processes the report is parsed, suppressed and logged in the worker
+    that took it, before its 250, as in the engine's own process."""
+    with RunningEngine(tmp_path, {"network.intake_workers": 2,
+                                  "complaints.addresses": ["fbl@news.example"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10,
+                          source_address=("127.0.0.3", 0)) as s:
+            s.sendmail("", ["fbl@news.example"],
+                       crlf((CORPUS / "arf_headers_only_verp.eml").read_bytes()))
+        line, = _jsonl(tmp_path / "log" / "complaints.jsonl")
+        assert line["address"] == "erin@isp.example" and line["suppressed"] is True
+        store = SuppressionStore(tmp_path, sync=False)
+        assert store.lookup("erin@isp.example", "news.example").source == "complaint"
+        store.close()
