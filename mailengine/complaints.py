@@ -130,17 +130,27 @@ def _first(fields: dict[str, list[str]], name: str) -> str:
 
 
 def _part_text(part: EmailMessage) -> str:
-    """A part's text, whether the parser made it a string or an enclosed message."""
+    """A part's text, whether the parser made it a string or an enclosed message, decoded when
+    a sender base64- or QP-encoded it (RFC 2046 forbids that for message/*; some do it)."""
     payload = part.get_payload()
-    if isinstance(payload, list):
-        chunks = []
-        for m in payload:
-            try:
-                chunks.append(m.as_bytes().decode("utf-8", "replace"))
-            except Exception:  # an odd enclosed part: its string form
-                chunks.append(str(m))
-        return "".join(chunks)
-    return _text_of(part)
+    if not isinstance(payload, list):
+        return _text_of(part)
+    chunks = []
+    for m in payload:
+        try:
+            chunks.append(m.as_bytes().decode("utf-8", "replace"))
+        except Exception:  # an odd enclosed part: its string form
+            chunks.append(str(m))
+    text = "".join(chunks)
+    cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    try:
+        if cte == "base64":
+            return base64.b64decode("".join(text.split())).decode("utf-8", "replace")
+        if cte == "quoted-printable":
+            return quopri.decodestring(text.encode()).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        return ""
+    return text
 
 
 # -------------------------------------------------------------------------- the original message

@@ -458,3 +458,17 @@ def test_complaint_taken_by_an_intake_worker_process(tmp_path):
         store = SuppressionStore(tmp_path, sync=False)
         assert store.lookup("erin@isp.example", "news.example").source == "complaint"
         store.close()
+
+
+def test_a_base64_encoded_feedback_part_is_decoded():
+    import base64
+    fields = (b"Feedback-Type: fraud\r\nUser-Agent: B64/1\r\nVersion: 1\r\n"
+              b"Original-Rcpt-To: <kim@b64.example>\r\n")
+    data = crlf(b"From: a@b64.example\nTo: fbl@news.example\nSubject: report\nMIME-Version: 1.0\n"
+                b"Content-Type: multipart/report; report-type=feedback-report; boundary=Z\n\n"
+                b"--Z\nContent-Type: text/plain\n\nspam\n\n--Z\n"
+                b"Content-Type: message/feedback-report\nContent-Transfer-Encoding: base64\n\n"
+                + base64.encodebytes(fields) + b"\n--Z--\n")
+    c = parse(data, SECRET)
+    assert (c.is_complaint, c.feedback_type, c.user_agent, c.address) == (
+        True, "fraud", "B64/1", "kim@b64.example")
