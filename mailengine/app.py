@@ -132,8 +132,7 @@ class Engine:
         self.policy.reload(cfg)
         if self.inbound is not None:
             self.inbound.apply(cfg, self.hostname)
-        if self.delivery is not None:
-            self.delivery.apply(cfg)
+        self.delivery.apply(cfg)
         logging.getLogger("mailengine").setLevel(logging.DEBUG if logs.debug_any(cfg) else logging.INFO)
         logs.program_trace(cfg.debug.program)
         if self.workers and self.workers.apply(cfg):
@@ -144,15 +143,11 @@ class Engine:
     # --- messages in memory (limits.messages_in_memory) -------------------------------------------
 
     def has_room(self) -> bool:
-        return self.delivery is None or \
-            len(self.delivery.messages) < self.cfg.limits.messages_in_memory
+        return len(self.delivery.messages) < self.cfg.limits.messages_in_memory
 
     def take(self, msg: Message, where: str, data: bytes | None = None) -> bool:
         """Hand a queued message to delivery, or keep it on disk only (the backlog) when memory
         holds `messages_in_memory` already: it is loaded when it is due and there is room."""
-        if self.delivery is None:
-            self.known.add(msg.id)
-            return True
         # Stopping: delivery takes nothing more; the message waits in the backlog, so the index
         # written at the stop has it.
         keep_on_disk = self.stopping.is_set() or not self.has_room()
@@ -245,7 +240,7 @@ class Engine:
 
     def relay_dir(self) -> str:
         """Relayed mail goes straight to working/ when this engine will send it at once."""
-        if self.delivery is not None and not self.cfg.queue.pause_sending and self.has_room():
+        if not self.cfg.queue.pause_sending and self.has_room():
             return "working"
         return "retry"
 
@@ -448,9 +443,7 @@ class Engine:
         # the last clean stop says (it is read once SMTP answers), else now, and are loaded as
         # memory allows.
         index = Backlog.take_index(self.spool.root)  # before recovery changes retry/
-        if self.delivery is None:
-            index = None
-        report = self.spool.recover(load=self.delivery is None, retry_known=index is not None)
+        report = self.spool.recover(load=False, retry_known=index is not None)
         for w in report.warnings:
             log.warning("%s", w)
         for msg in report.messages:
@@ -493,9 +486,7 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,
-                self.diskwatch.run, self._log_queue, self._load_backlog)]
-            if self.delivery is not None:
-                tasks.append(tg.create_task(self.delivery.run()))
+                self.diskwatch.run, self._log_queue, self._load_backlog, self.delivery.run)]
             if ready is not None:
                 ready.set()
             await self.stopping.wait()
@@ -506,8 +497,7 @@ class Engine:
                 await service.stop()
             if self.workers:
                 await self.workers.stop()
-            if self.delivery is not None:
-                await self.delivery.stop()  # unfinished mail is left in retry/
+            await self.delivery.stop()  # unfinished mail is left in retry/
             for t in tasks:
                 t.cancel()
         for line in self.stats.lines():

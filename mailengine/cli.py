@@ -161,7 +161,7 @@ def cmd_init(ns) -> int:
     options written into it, and make mailq/ and log/; nothing is started or bound."""
     import tomlkit
 
-    from . import upgrade
+    from . import config_file
     from .spool import Spool
     home = config.resolve_home(ns.home)
     path = home / config.CONFIG_FILE
@@ -180,11 +180,11 @@ def cmd_init(ns) -> int:
                 checked.set(name, parse_override(config.BY_NAME[name], text))
             values = checked.values
             home.mkdir(parents=True, exist_ok=True)
-            doc_path, doc = upgrade.read_doc(home)  # writes the commented default file
+            doc_path, doc = config_file.read_doc(home)  # writes the commented default file
             for name in given:
-                upgrade.set_in_doc(doc, config.BY_NAME[name], values[name])
+                config_file.set_in_doc(doc, config.BY_NAME[name], values[name])
             if given:
-                upgrade.write_atomically(doc_path, tomlkit.dumps(doc))
+                config_file.write_atomically(doc_path, tomlkit.dumps(doc))
         cfg = config.load(home)
     except config.ConfigError as e:
         print(f"Configuration error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from . import dsn, reports
+from .categories import use_home
 from .complaint_rates import DeliveredTally
 from .envelope import Message
 from .events import EventLog
@@ -31,12 +32,12 @@ class Notices:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.cfg = engine.cfg
+        use_home(self.cfg.home)  # the operator's bounce_categories.toml, when there is one
         self.lists = AddressLists(self.cfg.home, mirror=list_mirror(self.cfg))
         self.events = EventLog(self.cfg.log_dir, getattr(engine, "test_mode", False))
         self.generated = 0  # messages of its own this engine has queued
         # delivered recipients per sender domain, for the complaint rates (complaint_rates.py)
-        self.delivered = None if getattr(engine, "test_mode", False) else \
-            DeliveredTally(self.cfg.home)
+        self.delivered = None if engine.test_mode else DeliveredTally(self.cfg.home)
 
     async def after_attempt(self, msg: Message, res: AttemptResult,
                             outcomes: list[RcptOutcome], where: str = "working") -> None:
@@ -89,8 +90,7 @@ class Notices:
         await eng.spool.store(msg, data, "retry")
         self.generated += 1
         eng.known.add(msg.id)
-        if eng.delivery is not None:
-            eng.delivery.submit(msg, "retry")
+        eng.delivery.submit(msg, "retry")
         log.info("%s: queued %s to %s", msg.id, what or kind, ", ".join(rcpts))
         return msg
 

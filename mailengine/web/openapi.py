@@ -88,7 +88,7 @@ def openapi() -> dict:
                 "parameters": [{"name": "domain", "in": "path", "required": True,
                                 "schema": {"type": "string"}}, _ACTION],
                 "responses": {"200": _json("ActionResult", "Done"), "401": _ERR,
-                              "409": _ERR, "501": _ERR}}},
+                              "409": _ERR}}},
             "/api/v1/queue/{id}": {
                 "get": {"summary": "One message: state, recipients, .inf and history",
                         "parameters": [_ID],
@@ -96,12 +96,12 @@ def openapi() -> dict:
                                       "404": _ERR}},
                 "delete": {"summary": "Delete a message", "parameters": [_ID],
                            "responses": {"200": _json("ActionResult", "Deleted"),
-                                         "404": _ERR, "409": _ERR, "501": _ERR}}},
+                                         "404": _ERR, "409": _ERR}}},
             "/api/v1/queue/{id}/{action}": {"post": {
                 "summary": "Delete, hold, release or retry now one message",
                 "parameters": [_ID, _ACTION],
                 "responses": {"200": _json("ActionResult", "Done"), "404": _ERR,
-                              "409": _ERR, "501": _ERR}}},
+                              "409": _ERR}}},
             "/metrics": {"get": {
                 "summary": "Prometheus metrics (text format; no token needed)",
                 "security": [],
@@ -168,7 +168,9 @@ def openapi() -> dict:
                         "type": "object", "description": "recipient -> the last reply that "
                         "deferred it (one per destination domain; kept in the .inf)",
                         "additionalProperties": {"type": "object", "properties": {
-                            "time": {"type": "string"}, "reply": {"type": "string"}}}},
+                            "time": {"type": "string"}, "reply": {"type": "string"},
+                            "category": {"type": "string", "description": "the reply's bounce "
+                                         "category (bad-mailbox, quota-issues, ...)"}}}},
                     "history": {"type": "array", "items": {"type": "string"}},
                     "inf": {"type": "string"}}},
                 "QueueList": {"type": "object", "properties": {
