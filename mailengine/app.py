@@ -507,6 +507,7 @@ class Engine:
             loop.remove_signal_handler(sig)
         self.spool.close()  # finishes pending flushes, stops the flusher thread
         self.save_backlog_index()  # last: it holds while nothing changes retry/ after it
+        self.notices.close()  # its files; the delivered counts of the complaint rates saved
         shared.close_list_mirrors()  # the bounce lines not yet in Redis (for at most 2 s)
         log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / RETRY)
         self.lock.release()

@@ -4,6 +4,8 @@
 reply for the client. The `250` is returned only after `Spool.store` returns, which (durable
 mode) is after the files are on stable storage. Relayed mail goes to mailq/retry, local mail to
 mailq/incoming when `save_incoming` (else it is accepted and discarded, as the manual says).
+Mail to VERP bounce addresses (bounces.py) and to the feedback-loop addresses of
+`complaints.addresses` (complaints.py) is parsed once stored and recorded before the 250.
 The same class runs in the engine's process and in extra intake worker processes.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Callable
 
+from .complaints import ComplaintDesk, addressed
 from .queue_dirs import INCOMING, RETRY
 from .config import Config
 from .envelope import Message, format_address_list
@@ -57,6 +60,7 @@ class Intake:
             bounces = BounceLog(cfg.home, AddressLists(cfg.home, mirror=list_mirror(cfg)),
                                 log_dir=cfg.log_dir)
         self.bounces = bounces  # mail to mailengine-bounce-USER%DOMAIN@... (SPEC 2.3)
+        self.complaints = ComplaintDesk(cfg)  # mail to complaints.addresses (feedback loops)
 
     async def on_message(self, ev: MessageReceived) -> Reply:
         try:
@@ -113,5 +117,12 @@ class Intake:
                 await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)
             except Exception:
                 log.exception("bounce %s to %s could not be recorded", msg_id, ",".join(verp))
+        # --- complaint intake (complaints.py): the same, for feedback-loop reports ---
+        fbl = addressed(self.cfg, local)
+        if fbl:
+            try:
+                await asyncio.to_thread(self.complaints.handle, fbl, data, txn.mail_from, msg_id)
+            except Exception:
+                log.exception("complaint %s to %s could not be recorded", msg_id, ",".join(fbl))
         self.on_stored(relayed, bool(local), where, data)
         return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .queue_dirs import RETRY, WORKING
 from . import dsn, reports
 from .categories import use_home
+from .complaint_rates import DeliveredTally
 from .envelope import Message
 from .events import EventLog
 from .lists import AddressLists
@@ -36,6 +37,8 @@ class Notices:
         self.lists = AddressLists(self.cfg.home, mirror=list_mirror(self.cfg))
         self.events = EventLog(self.cfg.log_dir, getattr(engine, "test_mode", False))
         self.generated = 0  # messages of its own this engine has queued
+        # delivered recipients per sender domain, for the complaint rates (complaint_rates.py)
+        self.delivered = None if engine.test_mode else DeliveredTally(self.cfg.home)
 
     async def after_attempt(self, msg: Message, res: AttemptResult,
                             outcomes: list[RcptOutcome], where: str = WORKING) -> None:
@@ -48,6 +51,8 @@ class Notices:
             log.exception("%s: cannot write the lists or the event log", msg.id)
         if msg.extra.get(dsn.GENERATED_KEY):
             return  # a notice, report or alert of ours: nothing more
+        if self.delivered is not None and res.sent:
+            self.delivered.add(msg.mail_from, len(res.sent))
         try:
             if cfg.queue.dsn and msg.mail_from:
                 wanted = dsn.notices(msg, res, outcomes)
@@ -91,5 +96,7 @@ class Notices:
         return msg
 
     def close(self) -> None:
+        if self.delivered is not None:
+            self.delivered.save()
         self.lists.close()
         self.events.close()

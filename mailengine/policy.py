@@ -49,6 +49,9 @@ class Policy:
         # bounce host and at local domains (where all mail is local): elsewhere they are
         # ordinary addresses, relayed only for a client that may relay.
         self.bounce_host = cfg.logging.bounce_host.strip().lower().rstrip(".")
+        # Feedback-loop report addresses (complaints.py): taken from anyone, kept local.
+        self.complaint_addresses = frozenset(a.strip().lower()
+                                             for a in cfg.complaints.addresses)
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
                         "relay mail for anyone on the internet. Restrict it unless this is a test.")
@@ -76,7 +79,8 @@ class Policy:
         domain = wire.domain_of(address)
         lowered = address.lower()
         if self.all_local or domain in self.local_domains or lowered == self.postmaster \
-                or (domain == self.bounce_host and is_verp(address)):
+                or (domain == self.bounce_host and is_verp(address)) \
+                or lowered in self.complaint_addresses:
             txn.local.add(address)
             return None
         if self.may_relay(session) or domain in self.relay_domains:

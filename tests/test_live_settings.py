@@ -86,6 +86,9 @@ LIVE = {
     "reports.delivery_reports": "Notices reads cfg",
     "reports.recipients": "Notices reads cfg",
     "reports.domains": "Notices reads cfg",
+    "complaints.addresses": "Policy.reload; ComplaintDesk (intake) reads cfg",
+    "complaints.suppress_all_senders": "ComplaintDesk reads cfg",
+    "complaints.rate_threshold_percent": "the complaints page reads cfg",
 }
 
 

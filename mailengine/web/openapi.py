@@ -61,6 +61,15 @@ def openapi() -> dict:
             "/api/v1/stats": {"get": {
                 "summary": "Counters, queue size, connections, busiest destinations",
                 "responses": {"200": _json("Stats", "Statistics"), "401": _ERR}}},
+            "/api/v1/complaints": {"get": {
+                "summary": "Complaint rate per sender domain (last day, last week), newest "
+                           "complaints",
+                "description": (
+                    "Complaints from feedback-loop reports (complaints.addresses) per delivered "
+                    "recipient, per sender domain; `over` when a window's rate is above "
+                    "complaints.rate_threshold_percent (0.3, the line Gmail and Yahoo draw)."),
+                "responses": {"200": _json("Complaints", "Rates and recent complaints"),
+                              "401": _ERR}}},
             "/api/v1/queue": {"get": {
                 "summary": "Queued messages (oldest first)",
                 "parameters": [
@@ -136,6 +145,19 @@ def openapi() -> dict:
                     "outbound_connections": {"type": "integer"},
                     "memory_bytes": {"type": "integer"},
                     "destinations": {"type": "array", "items": {"type": "object"}}}},
+                "Complaints": {"type": "object", "properties": {
+                    "threshold_percent": {"type": "number"},
+                    "windows": {"type": "array", "items": {"type": "string"}},
+                    "addresses": {"type": "array", "items": {"type": "string"}},
+                    "domains": {"type": "array", "items": {"type": "object", "properties": {
+                        "domain": {"type": "string"}, "over": {"type": "boolean"},
+                        "1d": {"$ref": "#/components/schemas/ComplaintWindow"},
+                        "7d": {"$ref": "#/components/schemas/ComplaintWindow"}}}},
+                    "recent": {"type": "array", "items": {"type": "object"}, "description": (
+                        "the newest lines of log/complaints.jsonl, newest first")}}},
+                "ComplaintWindow": {"type": "object", "properties": {
+                    "delivered": {"type": "integer"}, "complaints": {"type": "integer"},
+                    "rate_percent": {"type": ["number", "null"]}}},
                 "QueuedMessage": {"type": "object", "properties": {
                     "id": {"type": "string"}, "from": {"type": "string"},
                     "to": {"type": "array", "items": {"type": "string"}},
