@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from .events import EventLog, iso_time
+from .setting import INTAKE, Setting
 
 log = logging.getLogger("mailengine.suppression")
 
@@ -50,6 +51,23 @@ STREAM_MAX = 100_000  # changes kept in the Redis stream; a reader further behin
 REMOVED_KEPT = 7 * 86400  # s a removal is remembered for the other processes' caches
 MAX_FIELD = 1000  # characters of a reason (longer ones are cut)
 NEVER = float("inf")
+ACTIONS = ("reject", "drop")
+
+
+def _check_action(value: str) -> str | None:
+    return None if value in ACTIONS else f"must be one of {', '.join(ACTIONS)}"
+
+
+SUPPRESSION_SECTION_TITLE = ("suppression", "Suppression list (addresses not to send to)")
+SUPPRESSION_SETTINGS = [
+    Setting("suppression", "enabled", True, "bool",
+            "Check every relayed recipient against the suppression list (HOME/suppression.db, "
+            "shared through shared.redis_url when set) at RCPT.", scope=INTAKE),
+    Setting("suppression", "action", "reject", "str",
+            "What happens to a suppressed recipient: 'reject' answers RCPT with 550 5.7.1 "
+            "naming the suppression; 'drop' accepts it, delivers nothing to it and writes a "
+            "'dropped' line to log/events.jsonl.", check=_check_action, scope=INTAKE),
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,16 @@ class Entry:
 
     def as_json(self) -> dict:
         return asdict(self)
+
+
+def dropped_records(msg_id: str, mail_from: str, dropped: dict) -> list[dict]:
+    """The event lines of recipients accepted and dropped (suppression.action = drop):
+    `dropped` maps each address to its Entry."""
+    stamp = iso_time()
+    return [{"time": stamp, "event": "dropped", "id": msg_id, "from": mail_from, "rcpt": rcpt,
+             "suppression": {"reason": e.reason, "source": e.source,
+                             "sender_domain": e.sender_domain}}
+            for rcpt, e in dropped.items()]
 
 
 def normal_address(address: str) -> str:

@@ -86,6 +86,8 @@ LIVE = {
     "reports.delivery_reports": "Notices reads cfg",
     "reports.recipients": "Notices reads cfg",
     "reports.domains": "Notices reads cfg",
+    "suppression.enabled": "Policy.reload (intake workers are replaced)",
+    "suppression.action": "Policy.reload (intake workers are replaced); sendmail reads cfg",
 }
 
 
