@@ -703,6 +703,8 @@ class _RedisLink:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(5)
+            if not self.health.down:  # changes made just now: send them before going
+                self.sync_once()
         with self._lock:
             if self._db is not None:
                 self._db.close()

@@ -193,7 +193,7 @@ async def admin_list(request: web.Request) -> web.Response:
         f = _filters(q)
     except web.HTTPBadRequest:
         f = _filters({})
-    if f["sender_domain"] == "*":  # the form's "any sender domain"
+    if not f["sender_domain"]:  # the form's empty field: any sender domain
         f["sender_domain"] = None
     offset = _int(q.get("offset"), 0, 1 << 40)
     try:
