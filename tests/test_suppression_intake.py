@@ -50,6 +50,7 @@ def test_reject_at_rcpt_for_all_senders_or_one_sender_domain(tmp_path):
             "unsub@dest.test"][1]
         # Added while the engine runs, by another process: refused at the next RCPT.
         fill(tmp_path, ("late@dest.test", {"source": "complaint", "reason": "ARF"}))
+        time.sleep(0.15)  # intake looks for other processes' changes every 0.1 s
         _, refused = send(eng.smtp_port, ["late@dest.test"], sender="")
         assert refused["late@dest.test"][0] == 550  # the null sender too (an all-senders entry)
         # Local mail is never suppressed.
