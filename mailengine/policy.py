@@ -11,7 +11,7 @@ from .config import AddressSet, Config
 from .hostname import host_name
 from .smtp import wire
 from .smtp.server import Reply, Session, Transaction
-from .suppression import SuppressionStore
+from .suppression import FILE as SUPPRESSION_FILE, SuppressionStore
 from .users import PasswordFile
 
 log = logging.getLogger("mailengine.policy")
@@ -62,6 +62,8 @@ class Policy:
         self.cfg = cfg
         self.suppress_on = cfg.suppression.enabled
         self.suppress_drop = cfg.suppression.action == "drop"
+        if self.suppress_on and (cfg.home / SUPPRESSION_FILE).exists():
+            self.suppression.lookup("")  # the list into memory now, not at the first RCPT
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
                         "relay mail for anyone on the internet. Restrict it unless this is a test.")
