@@ -27,11 +27,11 @@ Every `add` writes an event line {"event": "suppressed", ...} to `HOME/log/event
 """
 from __future__ import annotations
 
-import calendar
 import csv
 import io
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -121,15 +121,16 @@ def _time_value(value, what: str) -> float | None:
     None from ''."""
     if value is None:
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _finite(float(value), what, value)
     s = str(value).strip()
     if not s:
         return None
     try:
-        return float(s)
-    except ValueError:
-        pass
+        return _finite(float(s), what, value)
+    except ValueError as e:
+        if "finite" in str(e):
+            raise
     from datetime import datetime, timezone
     try:
         dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
@@ -139,6 +140,12 @@ def _time_value(value, what: str) -> float | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()
+
+
+def _finite(t: float, what: str, value) -> float:
+    if not math.isfinite(t):
+        raise ValueError(f"{what}: {value!r} is not a finite time")
+    return t
 
 
 def utc_text(t: float | None) -> str:
@@ -278,6 +285,15 @@ class _Cache:
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version == self.version and self.seq >= 0:
             return
+        # One snapshot: a commit between the reads of rows and of removals could otherwise
+        # carry the sequence past changes never read.
+        conn.execute("BEGIN")
+        try:
+            self._refresh(conn, version)
+        finally:
+            conn.execute("COMMIT")
+
+    def _refresh(self, conn: sqlite3.Connection, version: int) -> None:
         pruned = conn.execute("SELECT value FROM meta WHERE key = 'pruned'").fetchone()
         if self.seq < 0 or (pruned and pruned[0] > self.seq):  # removals we never saw: reload
             self._load(conn)

@@ -131,8 +131,9 @@ def _check(store: SuppressionStore, args) -> int:
     if e is None:
         print(f"{args.address}: not suppressed" + (f" for mail from {domain}" if domain else ""))
         return 1
-    print(f"{e.address}: suppressed for {('mail from ' + e.sender_domain) if e.sender_domain else 'every sender'} "
-          f"since {utc_text(e.created)}, {'until ' + utc_text(e.expires) if e.expires else 'for good'} "
+    senders = f"mail from {e.sender_domain}" if e.sender_domain else "every sender"
+    until = f"until {utc_text(e.expires)}" if e.expires is not None else "for good"
+    print(f"{e.address}: suppressed for {senders} since {utc_text(e.created)}, {until} "
           f"({e.source}: {e.reason})")
     return 0
 

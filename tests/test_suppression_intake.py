@@ -4,7 +4,6 @@ client.enqueue and mailengine-sendmail."""
 from __future__ import annotations
 
 import json
-import smtplib
 import time
 
 import pytest

@@ -51,7 +51,7 @@ def _filters(query) -> dict:
             "include_expired": query.get("expired", "") in ("1", "true", "yes")}
 
 
-# --- API -------------------------------------------------------------------------------------------
+# --- API ------------------------------------------------------------------------------------------
 
 def add_api_routes(app: web.Application, token) -> None:
     r = app.router
