@@ -151,3 +151,34 @@ def test_client_enqueue_and_sendmail_leave_suppressed_recipients_out(tmp_path):
         m.rcpt_to_send == ["ok2@dest.test"] for m, _ in queued(tmp_path))
     out = sendmail(tmp_path, "-f", "a@src.test", "gone@dest.test", stdin=b"Subject: s\n\nb\n")
     assert out.returncode == 67 and len(queued(tmp_path)) == n + 1  # EX_NOUSER, nothing queued
+    # With action = drop: quietly accepted, nothing queued, a 'dropped' line.
+    toml = tmp_path / "mailengine.toml"
+    toml.write_text(toml.read_text().replace('action = "reject"', 'action = "drop"'))
+    out = sendmail(tmp_path, "-f", "a@src.test", "gone@dest.test", stdin=b"Subject: s\n\nb\n")
+    assert out.returncode == 0 and out.stderr == b"" and len(queued(tmp_path)) == n + 1
+    assert events(tmp_path)[-1]["event"] == "dropped" and events(tmp_path)[-1]["id"] == ""
+
+
+def test_policy_switches_and_precedence(tmp_path):
+    """Without relay permission the answer is the relay refusal (the list is not revealed);
+    enabled = false checks nothing; drop marks the recipient in the transaction."""
+    from mailengine.policy import Policy
+    from mailengine.smtp.server import Session, Transaction
+    fill(tmp_path, ("gone@dest.test", {}))
+    values = {s.name: s.default for s in config.SETTINGS}
+
+    def rcpt(peer: str, **settings):
+        p = Policy(config.Config(home=tmp_path, values={**values, **settings}))
+        txn = Transaction(mail_from="a@src.test")
+        reply = p.on_rcpt(Session(peer_ip=peer), txn, "gone@dest.test")
+        p.close()
+        return reply, txn
+
+    reply, _ = rcpt("10.9.9.9")
+    assert (reply.code, reply.text) == (554, "relay not approved")
+    reply, _ = rcpt("127.0.0.1")
+    assert reply.code == 550 and "suppression list" in reply.text
+    reply, txn = rcpt("127.0.0.1", **{"suppression.enabled": False})
+    assert reply is None and not txn.dropped
+    reply, txn = rcpt("127.0.0.1", **{"suppression.action": "drop"})
+    assert reply is None and txn.dropped["gone@dest.test"].source == "bounce"
