@@ -693,8 +693,11 @@ class _RedisLink:
                     # trimmed away unseen, so take the whole hash (Redis is right).
                     self._reload(lost=False)
                     return
-            with db.write():
+            with db.write() as conn:
+                pending = _pending(conn)
                 for _, fields in changes:
+                    if fields.get("field", "") in pending:
+                        continue  # changed here since: ours is newer, and goes out next
                     a, _, d = fields.get("field", "").partition("\t")
                     e = _from_json(fields["entry"]) if fields.get("entry") else None
                     if e is not None:
@@ -726,10 +729,11 @@ class _RedisLink:
         with db.write() as conn:
             local = {_field(r[0], r[1]): _entry(r) for r in
                      conn.execute(f"SELECT {_COLUMNS} FROM entries").fetchall()}
+            pending = _pending(conn)
             for f, e in remote.items():
-                if local.get(f) != e:
+                if local.get(f) != e and f not in pending:
                     db.upsert(e, db.next_seq())
-            only_here = [f for f in local if f not in remote]
+            only_here = [f for f in local if f not in remote and f not in pending]
             if lost:
                 conn.executemany("INSERT INTO outbox (address, sender_domain) VALUES (?, ?)",
                                  [tuple(f.split("\t", 1)) for f in only_here])
@@ -755,6 +759,12 @@ class _RedisLink:
                 self._db.close()
                 self._db = None
         self.r.close()
+
+
+def _pending(conn: sqlite3.Connection) -> set[str]:
+    """The keys changed in this home and not sent to Redis yet (by any of its processes, since
+    this one's push): newer than what Redis has, so Redis's state must not overwrite them."""
+    return {_field(a, d) for a, d in conn.execute("SELECT address, sender_domain FROM outbox")}
 
 
 def _id_after(a: str, b: str) -> bool:
