@@ -89,6 +89,8 @@ LIVE = {
     "complaints.addresses": "Policy.reload; ComplaintDesk (intake) reads cfg",
     "complaints.suppress_all_senders": "ComplaintDesk reads cfg",
     "complaints.rate_threshold_percent": "the complaints page reads cfg",
+    "suppression.enabled": "Policy.reload (intake workers are replaced)",
+    "suppression.action": "Policy.reload (intake workers are replaced); sendmail reads cfg",
 }
 
 

@@ -144,7 +144,10 @@ def test_two_processes_share_one_file(tmp_path):
     other = SuppressionStore(tmp_path)
     assert other.lookup("a7@x.test") is None and other.lookup("a8@x.test")
     other.remove("a8@x.test")
-    assert watcher.lookup("a8@x.test") is None  # a removal by another connection is seen
+    assert watcher.lookup("a8@x.test") is None  # a removal by another connection: at once
+    other.add("new@x.test", reason="r")
+    time.sleep(suppression.REFRESH_EVERY)
+    assert watcher.lookup("new@x.test") is not None  # an addition: within REFRESH_EVERY
     other.close()
     watcher.close()
 
@@ -214,3 +217,26 @@ def test_redis_down_then_back_loses_nothing(tmp_path, redis_server, monkeypatch)
         b.close()
     finally:
         a.close()
+
+
+@needs_redis
+def test_a_change_not_sent_yet_is_not_undone_by_redis(tmp_path, redis_server):
+    """Two processes of one home: one takes in another engine's older change while the other's
+    newer change waits in the outbox; the newer one stays and reaches Redis."""
+    x = SuppressionStore(tmp_path / "a", redis_server.url, "t:", sync=False)
+    y = SuppressionStore(tmp_path / "a", redis_server.url, "t:", sync=False)
+    other = SuppressionStore(tmp_path / "b", redis_server.url, "t:", sync=False)
+    try:
+        x.add("k@x.test", reason="first")
+        assert x.sync() and other.sync()
+        other.remove("k@x.test")
+        assert other.sync()  # the removal is in Redis
+        y.add("k@x.test", reason="again")  # newer, not sent yet
+        with x.redis._lock:
+            x.redis._pull()  # x takes in the removal only, without sending y's change
+        assert x.lookup("k@x.test").reason == "again"
+        assert y.sync() and other.sync()
+        assert other.lookup("k@x.test").reason == "again"
+    finally:
+        for s in (x, y, other):
+            s.close()
