@@ -216,7 +216,7 @@ SETTINGS: list[Setting] = [
             "Seconds between console statistics lines (printed only when mail moved). 0 = off.",
             minimum=0, scope=DELIVERY),
     # unsubscribe: one-click unsubscribe (unsubscribe.py, unsubscribe_web.py; issue 18 item 4)
-    Setting("unsubscribe", "domains", [], "list[str]",
+    Setting("unsubscribe", "sender_domains", [], "list[str]",
             "Envelope sender (MAIL FROM) domains whose mail gets List-Unsubscribe and "
             "List-Unsubscribe-Post fields naming each recipient (one transaction per recipient); "
             "\"*\" = every sender. Empty: off.", check=_check_unsub_domains, scope=DELIVERY),
@@ -232,7 +232,7 @@ SETTINGS: list[Setting] = [
             "ip:port where the public unsubscribe listener answers (no login; separate from "
             "the web admin). Empty: no listener.", check=_check_unsub_listen, restart=True,
             scope=DELIVERY),
-    Setting("unsubscribe", "tls", False, "bool",
+    Setting("unsubscribe", "listen_tls", False, "bool",
             "The listener speaks HTTPS with network.tls_cert / tls_key (else plain HTTP behind "
             "a TLS proxy).", restart=True, scope=DELIVERY),
     # limits (制限)

@@ -39,7 +39,7 @@ every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode (`mail
 says RSET and QUIT where DATA would go. A server without 8BITMIME gets 8-bit MIME mail re-encoded
 in 7 bits (downgrade.py), made once per attempt and signed anew, as it is sent.
 
-Mail of the sender domains in `unsubscribe.domains` gets List-Unsubscribe fields naming each
+Mail of the sender domains in `unsubscribe.sender_domains` gets List-Unsubscribe fields naming each
 recipient (unsubscribe.py), unless it has such a field of its own: it goes one recipient per
 transaction (as with VERP), each copy being the fields, then ID.dat, signed as one in a signing
 thread at each attempt (a signature per recipient: nothing is kept in ID.dkim).

@@ -90,9 +90,10 @@ class HeaderMaker:
     def from_config(cls, cfg: Any) -> HeaderMaker | None:
         """None when off: no domains, or neither a URL nor a mailto domain to put in the field."""
         u = cfg.unsubscribe
-        if not u.domains or not (u.url_base or u.mailto_domain):
+        if not u.sender_domains or not (u.url_base or u.mailto_domain):
             return None
-        return cls(recipient_token.load_secret(cfg.home), u.domains, u.url_base, u.mailto_domain)
+        return cls(recipient_token.load_secret(cfg.home), u.sender_domains, u.url_base,
+                   u.mailto_domain)
 
     def applies(self, mail_from: str) -> bool:
         """Mail from this envelope sender gets the fields (never bounces: the null sender)."""

@@ -13,7 +13,7 @@ without List-Unsubscribe=One-Click gets 400; a body over MAX_BODY bytes 413; req
 header fields are capped too. Nothing a client sends can show a traceback: a failure to record
 the unsubscribe is logged here and answered 503 ("try again later"), which mailbox providers do.
 The listener speaks plain HTTP behind a TLS proxy, or HTTPS itself with the SMTP certificate
-(`unsubscribe.tls`). app.py starts it only when `unsubscribe.listen` is set; a port that cannot
+(`unsubscribe.listen_tls`). app.py starts it only when `unsubscribe.listen` is set; a port that cannot
 be had is a warning, never the end of the engine.
 """
 from __future__ import annotations
@@ -29,6 +29,24 @@ from .config import split_host_port
 from .unsubscribe import URL_PATH, Unsubscriber
 
 log = logging.getLogger("mailengine.unsubscribe")
+
+
+class _OneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line too long, garbage) with a traceback: a
+    stranger's bad request is one line here, never a traceback in the engine's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            err = record.exc_info[1]
+            why = " ".join(str(getattr(err, "message", "") or err).split())[:200]
+            record.msg, record.args = f"{record.getMessage()}: {type(err).__name__} {why}", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+http_log = logging.getLogger("mailengine.unsubscribe.http")  # given to aiohttp's server
+http_log.addFilter(_OneLine())
 
 MAX_BODY = 4096  # bytes: the one-click body is 26; a multipart form a few hundred
 MAX_LINE = 2048  # the request line (the token is at most recipient_token.MAX_TOKEN)
@@ -127,14 +145,15 @@ class UnsubscribeListener:
         u = self.cfg.unsubscribe
         host, port = split_host_port(u.listen, 443)
         ssl_ctx = None
-        if u.tls:  # the SMTP certificate (tls.py), as the web admin's web_tls
+        if u.listen_tls:  # the SMTP certificate (tls.py), as the web admin's web_tls
             from . import tls
             net = self.cfg.network
             ssl_ctx = tls.server_context(self.cfg.home, net.tls_cert, net.tls_key,
                                          self.engine.hostname)
         self.runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
                                     max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
-                                    max_headers=MAX_FIELDS, keepalive_timeout=KEEPALIVE)
+                                    max_headers=MAX_FIELDS, keepalive_timeout=KEEPALIVE,
+                                    logger=http_log)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True, shutdown_timeout=2.0,
                            ssl_context=ssl_ctx)

@@ -86,6 +86,9 @@ LIVE = {
     "reports.delivery_reports": "Notices reads cfg",
     "reports.recipients": "Notices reads cfg",
     "reports.domains": "Notices reads cfg",
+    "unsubscribe.sender_domains": "DeliveryEngine.apply -> HeaderMaker.from_config",
+    "unsubscribe.url_base": "DeliveryEngine.apply -> HeaderMaker.from_config",
+    "unsubscribe.mailto_domain": "Policy.reload; Intake reads cfg; DeliveryEngine.apply",
 }
 
 
