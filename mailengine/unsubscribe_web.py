@@ -153,10 +153,9 @@ class UnsubscribeListener:
         self.runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
                                     max_line_size=MAX_LINE, max_field_size=MAX_FIELD,
                                     max_headers=MAX_FIELDS, keepalive_timeout=KEEPALIVE,
-                                    logger=http_log)
+                                    logger=http_log, shutdown_timeout=2.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True, shutdown_timeout=2.0,
-                           ssl_context=ssl_ctx)
+        site = web.TCPSite(self.runner, host, port, reuse_address=True, ssl_context=ssl_ctx)
         try:
             await site.start()
         except OSError as e:

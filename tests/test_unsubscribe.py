@@ -24,7 +24,7 @@ from mailengine import recipient_token as T
 from mailengine.config import ConfigError, Config
 from mailengine.suppression import SuppressionStore
 from mailengine.testing.engine import RunningEngine, free_port, wait_until
-from mailengine.testing.sink import ThreadedSink
+from mailengine.testing.sink import SinkScript, ThreadedSink
 from mailengine.unsubscribe import HeaderMaker, has_own_field, mailto_token
 
 SRC = "news.test"  # the sender domain configured for unsubscribe
@@ -110,9 +110,14 @@ def rsa_key(home: Path) -> tuple[str, bytes]:
 def test_each_recipient_gets_its_own_signed_fields(tmp_path):
     home = tmp_path / "home"
     entry, txt = rsa_key(home)
-    with ThreadedSink("127.0.0.1") as sink, RunningEngine(home, {
+    eight = (b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Transfer-Encoding: 8bit\r\n")
+    with ThreadedSink("127.0.0.1") as sink, \
+            ThreadedSink("127.0.0.1", script=SinkScript(eightbitmime=False)) as old, \
+            RunningEngine(home, {
             **FAST, "basic.dns_servers": [f"{d},mx.{d},MX,127.0.0.1:{sink.port}"
-                                          for d in ("d1.test", "d2.test")],
+                                          for d in ("d1.test", "d2.test")]
+            + [f"d3.test,mx.d3.test,MX,127.0.0.1:{old.port}"],
             "dkim.signing_table": [entry],
             # left out of dkim.headers on purpose: the engine's own fields are signed anyway
             "dkim.headers": ["From", "To", "Subject", "Date", "Message-ID"],
@@ -125,7 +130,11 @@ def test_each_recipient_gets_its_own_signed_fields(tmp_path):
             s.sendmail("bounces@" + SRC, ["p@d1.test", "q@d1.test"], message(2, own))
             # a sender domain not configured: nothing added
             s.sendmail("x@other.test", ["r@d1.test", "t@d1.test"], message(3, frm="other.test"))
+            # 8-bit mail for a server without 8BITMIME: each copy re-encoded, then signed
+            s.sendmail("bounces@" + SRC, ["u@d3.test", "v@d3.test"],
+                       message(4, eight).replace(b"Hello.", "Grüße.".encode()))
         sink.wait_messages(5, timeout=20)
+        old.wait_messages(2, timeout=20)
         secret = T.load_secret(home)
     by_subject: dict[str, list] = {}
     for m in sink.messages:
@@ -157,6 +166,12 @@ def test_each_recipient_gets_its_own_signed_fields(tmp_path):
     assert dkimpy.verify(own_copy.data, dnsfunc=lambda name, timeout=5: txt)
     [other] = by_subject["issue 3"]
     assert len(other.rcpts) == 2 and fields(other.data, "List-Unsubscribe") == []
+    assert sorted(m.rcpts[0] for m in old.messages) == ["u@d3.test", "v@d3.test"]
+    for m in old.messages:
+        assert m.data.isascii() and b"quoted-printable" in m.data
+        who = T.verify(secret, tokens(fields(m.data, "List-Unsubscribe")[0])[0])
+        assert who.address == m.rcpts[0]
+        assert dkimpy.verify(m.data, dnsfunc=lambda name, timeout=5: txt)
 
 
 # --- the listener and the mailto -------------------------------------------------------------------
@@ -247,3 +262,56 @@ def test_mailto_unsubscribes_and_forged_mailto_is_refused_at_rcpt(listener):
     assert e is not None and e.source == "unsubscribe" and "mailto" in e.reason
     assert suppressed(eng.home, "dan@d.test") is None
     assert not list((eng.mailq / "retry").glob("*.inf"))  # handled, not relayed
+
+
+# --- a suppression store that cannot be written: nothing promised ---------------------------------
+
+class BrokenStore:
+    def add(self, *a, **k):
+        raise OSError("disk gone")
+
+
+def test_store_failure_answers_try_again_in_smtp_and_http(tmp_path):
+    import asyncio
+
+    from mailengine.config import from_dict
+    from mailengine.intake import Intake
+    from mailengine.smtp.server import MessageReceived, Session, Transaction
+    from mailengine.spool import Spool
+    from mailengine.unsubscribe import Unsubscriber
+    from mailengine.unsubscribe_web import UnsubscribeListener
+
+    port = free_port()
+    cfg = from_dict(tmp_path, {"unsubscribe": {"mailto_domain": MAILTO,
+                                               "listen": f"127.0.0.1:{port}"},
+                               "queue": {"save_incoming": True}})
+    broken = Unsubscriber(tmp_path, BrokenStore())
+    tok = T.make(broken.secret, "fay@d.test", SRC)
+
+    class Engine:  # what the listener reads of the engine
+        hostname = "engine.test"
+    Engine.cfg = cfg
+
+    async def main():
+        spool = Spool(tmp_path / "mailq", hostname="e.test")
+        spool.ensure_dirs()
+        intake = Intake(cfg, spool, "e.test", lambda *a: None)
+        intake._unsubscriber = broken
+        rcpt = f"unsubscribe+{tok}@{MAILTO}"
+        txn = Transaction(mail_from="fay@d.test", rcpts=[rcpt], local={rcpt})
+        try:
+            reply = await intake.on_message(MessageReceived(Session(peer_ip="127.0.0.1"), txn,
+                                                            b"Subject: x\r\n\r\nx\r\n"))
+            assert reply.code == 451  # the sender tries again
+            assert not list((tmp_path / "mailq" / "incoming").iterdir())  # nothing kept
+        finally:
+            spool.close()
+        web = UnsubscribeListener(Engine, broken)
+        assert await web.start()
+        try:
+            status, text, _ = await asyncio.to_thread(
+                http, f"http://127.0.0.1:{port}/u/{tok}", ONE_CLICK, FORM)
+        finally:
+            await web.stop()
+        assert status == 503 and "try again" in text and "Traceback" not in text
+    asyncio.run(main())
