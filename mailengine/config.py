@@ -90,7 +90,7 @@ def _check_unsub_domains(values: list[str]) -> str | None:
 
 def _check_unsub_url(value: str) -> str | None:
     if value and not (value.startswith(("https://", "http://")) and value.isascii()
-                      and not any(c in value for c in " <>,?#\"")):
+                      and value.isprintable() and not any(c in value for c in " <>,?#\"")):
         return "must be an http(s) URL without spaces, <>, commas, ? or # (https for Gmail)"
     return None
 

@@ -84,7 +84,7 @@ class Policy:
         # already stripped, and '%' or quoted '@' in the local part never select another domain.
         domain = wire.domain_of(address)
         lowered = address.lower()
-        if domain == self.unsubscribe_domain:
+        if self.unsubscribe_domain and domain == self.unsubscribe_domain:
             token = mailto_token(address, domain)
             if token is not None:
                 if self._token_key is None:

@@ -86,6 +86,7 @@ def test_own_field_and_mailto_address_recognised():
 @pytest.mark.parametrize("name,value", [("unsubscribe.listen", "localhost:80"),
                                         ("unsubscribe.url_base", "ftp://x.test"),
                                         ("unsubscribe.url_base", "https://x.test/a b"),
+                                        ("unsubscribe.url_base", "https://x.test/\r\nX: y"),
                                         ("unsubscribe.sender_domains", ["not a domain"]),
                                         ("unsubscribe.mailto_domain", "x@y.test")])
 def test_bad_settings_are_refused(tmp_path, name, value):
@@ -223,6 +224,12 @@ def test_one_click_post_suppresses_at_once_for_that_sender(listener):
     assert suppressed(eng.home, "ann@d.test", "other.test") is None  # that sender only
     # posted again (a second click): still fine
     assert http(f"{base}/u/{T.make(secret, 'ann@d.test', SRC)}", ONE_CLICK, FORM)[0] == 200
+    # as multipart/form-data, which RFC 8058 allows too
+    multipart = (b'--b1\r\nContent-Disposition: form-data; name="List-Unsubscribe"\r\n\r\n'
+                 b"One-Click\r\n--b1--\r\n")
+    assert http(f"{base}/u/{T.make(secret, 'gus@d.test', SRC)}", multipart,
+                {"Content-Type": "multipart/form-data; boundary=b1"})[0] == 200
+    assert suppressed(eng.home, "gus@d.test") is not None
     events = [json.loads(line) for line in
               (eng.home / "log" / "events.jsonl").read_text().splitlines()]
     assert {"event": "unsubscribed", "address": "ann@d.test", "via": "https"}.items() <= \
