@@ -322,3 +322,43 @@ def test_store_failure_answers_try_again_in_smtp_and_http(tmp_path):
             await web.stop()
         assert status == 503 and "try again" in text and "Traceback" not in text
     asyncio.run(main())
+
+
+def test_settings_apply_while_running_in_two_intake_processes(tmp_path):
+    """sender_domains / url_base reach delivery, mailto_domain the intake worker processes,
+    without a restart (config.set over the control socket)."""
+    from mailengine import control
+    with ThreadedSink("127.0.0.1") as sink, RunningEngine(tmp_path, {
+            **FAST, "network.intake_workers": 2,
+            "basic.dns_servers": [f"d1.test,mx.d1.test,MX,127.0.0.1:{sink.port}"]}) as eng:
+        def set_(name, value):
+            before = eng.read_output().count("intake processes restarted")
+            answer = control.request(eng.home / "mailengine.sock", "config.set", name=name,
+                                     value=value)
+            assert answer["applied"], answer
+            if any("intake processes are restarted" in n for n in answer.get("notes", [])):
+                wait_until(lambda: eng.read_output().count("intake processes restarted")
+                           > before, what="intake processes replaced")
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.sendmail("bounces@" + SRC, ["x@d1.test"], message(1))
+        sink.wait_messages(1, timeout=20)
+        assert fields(sink.messages[0].data, "List-Unsubscribe") == []
+        set_("unsubscribe.url_base", URL)
+        set_("unsubscribe.sender_domains", [SRC])
+        set_("unsubscribe.mailto_domain", MAILTO)
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.sendmail("bounces@" + SRC, ["y@d1.test"], message(2))
+        sink.wait_messages(2, timeout=20)
+        secret = T.load_secret(tmp_path)
+        https, _ = tokens(fields(sink.messages[1].data, "List-Unsubscribe")[0])
+        assert T.verify(secret, https).address == "y@d1.test"
+        body, sig = https.split(".")
+        damaged = f"{body}.{'B' if sig[0] == 'A' else 'A'}{sig[1:]}"
+        for _ in range(4):  # each intake process (a connection may reach either) knows it
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.ehlo("mua.test")
+                s.mail("y@d1.test")
+                assert s.rcpt(f"unsubscribe+{https}@{MAILTO}")[0] == 250
+                assert s.rcpt(f"unsubscribe+{damaged}@{MAILTO}")[0] == 550
+                assert s.data(b"Subject: unsubscribe\r\n\r\n.\r\n")[0] == 250
+        assert SuppressionStore(tmp_path).lookup("y@d1.test", SRC) is not None
