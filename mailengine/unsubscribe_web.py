@@ -13,8 +13,8 @@ without List-Unsubscribe=One-Click gets 400; a body over MAX_BODY bytes 413; req
 header fields are capped too. Nothing a client sends can show a traceback: a failure to record
 the unsubscribe is logged here and answered 503 ("try again later"), which mailbox providers do.
 The listener speaks plain HTTP behind a TLS proxy, or HTTPS itself with the SMTP certificate
-(`unsubscribe.listen_tls`). app.py starts it only when `unsubscribe.listen` is set; a port that cannot
-be had is a warning, never the end of the engine.
+(`unsubscribe.listen_tls`). app.py starts it only when `unsubscribe.listen` is set; a port that
+cannot be had is a warning, never the end of the engine.
 """
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def tokens(value: str) -> tuple[str, str]:
     return https[len(URL + "/u/"):], mailto[len("mailto:unsubscribe+"):-len("@" + MAILTO)]
 
 
-# --- the parts by themselves -----------------------------------------------------------------------
+# --- the parts by themselves ----------------------------------------------------------------------
 
 def test_header_fields_name_the_recipient_and_sender_domain():
     key = b"k" * 32
@@ -94,7 +94,7 @@ def test_bad_settings_are_refused(tmp_path, name, value):
         Config(home=tmp_path).set(name, value)
 
 
-# --- headers on the wire, signed -------------------------------------------------------------------
+# --- headers on the wire, signed ------------------------------------------------------------------
 
 def rsa_key(home: Path) -> tuple[str, bytes]:
     """An RSA key in HOME/dkim for news.test: (signing table entry, the DNS TXT value)."""
@@ -175,7 +175,7 @@ def test_each_recipient_gets_its_own_signed_fields(tmp_path):
         assert dkimpy.verify(m.data, dnsfunc=lambda name, timeout=5: txt)
 
 
-# --- the listener and the mailto -------------------------------------------------------------------
+# --- the listener and the mailto ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def listener(tmp_path_factory):
