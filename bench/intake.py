@@ -1,6 +1,7 @@
 """bench/intake: how fast MailEngine takes mail in, against Postfix on the same machine, same run.
 
     python bench/intake.py [--messages 20000] [--sessions 50] [--size 4096] [--profile]
+                           [--suppressed 100000]
 
 `smtp-source -s SESSIONS -m MESSAGES -l SIZE` (a new connection per message, one recipient each)
 is timed, wall clock, against four receivers, one after the other:
@@ -14,6 +15,9 @@ is timed, wall clock, against four receivers, one after the other:
 
 It prints messages/s for each, the ratios b/c, a/c and b/d, the CPU each receiver used, and writes
 everything to bench/results/intake-<timestamp>.json. Goal (issue 2): b at least 4 times c.
+
+`--suppressed N` puts N addresses on the engines' suppression list before they start (none of
+them among the recipients sent to), so every RCPT of (b) is checked against a list that size.
 
 The engine runs with `queue.pause_sending = true`, so the relayed mail of (b) stays in retry/ even
 once the delivery engine exists: this benchmark measures intake only (bench/relay measures the
@@ -140,6 +144,8 @@ def run_engine_case(case: str, args, workdir: Path, profiler: str | None = None)
 
     result = Case(case, CASES[case], messages=args.messages)
     home = Path(tempfile.mkdtemp(prefix=f"engine-{case}-", dir=workdir))
+    if args.suppressed:
+        result.extra["suppressed"] = preload_suppressed(home, args.suppressed)
     eng = RunningEngine(home, engine_settings(case, args))
     spy = None
     try:
@@ -203,6 +209,19 @@ def run_engine_case(case: str, args, workdir: Path, profiler: str | None = None)
             spy.kill()
             spy.wait()
         eng.stop()
+
+
+def preload_suppressed(home: Path, n: int) -> int:
+    """n entries on `home`'s suppression list, none of them a recipient of the run."""
+    import io
+    from mailengine.suppression import SuppressionStore
+    store = SuppressionStore(home)
+    try:
+        return store.import_csv(io.StringIO("address,reason,source\n" + "".join(
+            f"gone{i}@suppressed.bench.test,550 5.1.1 user unknown,bounce\n"
+            for i in range(n))))
+    finally:
+        store.close()
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -421,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="afterwards, run (b) under py-spy (or cProfile) and print top functions")
     ap.add_argument("--top", type=int, default=15, help="functions shown by --profile")
+    ap.add_argument("--suppressed", type=int, default=0, metavar="N",
+                    help="preload N addresses (none of those sent to) on the engines' "
+                         "suppression list")
     add_run_arguments(ap)
     ap.add_argument("--json", type=Path, help="write the results to this file instead")
     args = ap.parse_args(argv)
@@ -493,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
                                                             else sys.argv[1:])]),
             "messages": args.messages, "sessions": args.sessions, "size": args.size,
+            "suppressed": args.suppressed,
             "engine_settings": {c: engine_settings(c, args) for c in "ab"},
             "filesystem": fs, "machine": info,
             "rates": rates, "ratios": ratios, "summary": summary,

@@ -38,6 +38,7 @@ COMMANDS = {
     "config": "config show [KEY] | set KEY VALUE | upgrade OLD_HOME_OR_FILE",
     "status": "rates, queue size and connections of the running engine",
     "send": "send --from A --to B[,C] [--subject S] [--body TEXT|-]: inject a test message",
+    "suppress": "suppress add|remove|list|check|import|export: the suppression list",
     "install-service": "install-service [--user U]: write a systemd unit for this home "
                        "(the manual's -install)",
     "remove-service": "remove-service: remove that systemd unit (the manual's -remove)",
@@ -675,6 +676,11 @@ def cmd_config(cfg: config.Config, ns) -> int:
     return upgrade.config_main(cfg, ns.args, engine_answer=engine_answer, ask=ask)
 
 
+def cmd_suppress(cfg: config.Config, ns) -> int:
+    from . import suppression_cli
+    return suppression_cli.suppress_main(cfg, ns.args)
+
+
 def cmd_install_service(cfg: config.Config, ns) -> int:
     from . import service
     return service.install_main(cfg, ns.args)
@@ -690,6 +696,7 @@ OPERATOR_COMMANDS = {
     "config": cmd_config,
     "status": cmd_status,
     "send": cmd_send,
+    "suppress": cmd_suppress,
     "install-service": cmd_install_service,
     "remove-service": cmd_remove_service,
 }

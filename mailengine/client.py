@@ -9,6 +9,10 @@ never sees half a message. docs/QUEUE.md has the states this can leave behind af
     from mailengine.client import enqueue
     enqueue("/opt/mailengine/mailq", "joe@example.com", "a@example.net,b@example.org",
             ["From: joe@example.com", "Subject: hello"], "Message text")
+
+Recipients on the home's suppression list (HOME/suppression.db, suppression.py) are left out,
+with a "dropped" line in log/events.jsonl; when every one is, nothing is queued and
+`AllSuppressed` is raised. `suppressed_recipients` tells beforehand.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from .envelope import InfError, Message, format_inf
+from .events import EventLog
 from .smtp.wire import SyntaxProblem, parse_mailbox
 from .spool import make_id
 
@@ -75,22 +80,78 @@ def _address(text: str, allow_empty: bool = False) -> str:
         raise InfError(f"{text!r} is not an address: {e}") from None
 
 
+class AllSuppressed(ValueError):
+    """Every recipient is on the suppression list: nothing was queued. `.entries`: address ->
+    suppression.Entry."""
+
+    def __init__(self, entries: dict) -> None:
+        self.entries = entries
+        super().__init__("every recipient is on the suppression list: " + ", ".join(
+            f"{a} ({e.source}: {e.reason})" for a, e in entries.items()))
+
+
+def suppressed_recipients(mailq_dir: str | os.PathLike, mail_from: str,
+                          rcpts: str | list[str]) -> dict:
+    """Those of `rcpts` on the suppression list of the home `mailq_dir` is in, for mail from
+    `mail_from`'s domain: address -> suppression.Entry. Nothing when the home has no list yet
+    (this never creates one: the caller may not be the engine's user) or it cannot be read."""
+    import sqlite3
+    from .suppression import FILE, SuppressionStore
+    home = Path(mailq_dir).absolute().parent
+    if not (home / FILE).exists():
+        return {}
+    domain = mail_from.rpartition("@")[2] if "@" in mail_from else ""
+    try:
+        store = SuppressionStore(home)
+    except (sqlite3.Error, OSError):
+        return {}  # not readable by this user: the engine's intake still checks SMTP mail
+    try:
+        out = {}
+        for r in _rcpt_list(rcpts):
+            e = store.lookup(r, domain)
+            if e is not None:
+                out[r] = e
+        return out
+    finally:
+        store.close()
+
+
 def enqueue(mailq_dir: str | os.PathLike, mail_from: str, rcpts: str | list[str],
             headers: str | bytes | list[str], body: str | bytes, *, priority: int = 0,
             durable: bool = True, hostname: str | None = None,
-            add_missing_headers: bool = True) -> str:
+            add_missing_headers: bool = True, skip_suppressed: bool = True) -> str:
     """Drop one message into `mailq_dir/retry/` and return its id.
 
     `rcpts` is a list or a comma string; `headers` a string or a list of header lines; `body` a
     str (sent as UTF-8) or bytes. Line ends become CRLF. With `durable` (the default) the
     message is on stable storage when this returns. Raises ValueError (InfError) for an
-    address the queue format cannot hold, OSError for file trouble; then nothing is queued.
+    address the queue format cannot hold, OSError for file trouble, AllSuppressed when every
+    recipient is on the suppression list (with `skip_suppressed`, suppressed recipients are left
+    out); then nothing is queued.
     """
     mailq = Path(mailq_dir)
     retry = mailq / "retry"
     os.makedirs(retry, exist_ok=True)
     to_send = _rcpt_list(rcpts)
     sender = _address(mail_from.strip(), allow_empty=True)
+    dropped = suppressed_recipients(mailq, sender, to_send) if skip_suppressed else {}
+    if dropped:
+        to_send = [r for r in to_send if r not in dropped]
+        if not to_send:
+            raise AllSuppressed(dropped)
+    msg_id = _enqueue(mailq, retry, sender, to_send, headers, body, priority, durable,
+                      hostname, add_missing_headers)
+    if dropped:
+        from .suppression import dropped_records
+        events = EventLog(mailq.absolute().parent / "log")
+        events.write(dropped_records(msg_id, sender, dropped))
+        events.close()
+    return msg_id
+
+
+def _enqueue(mailq: Path, retry: Path, sender: str, to_send: list[str], headers, body,
+             priority: int, durable: bool, hostname: str | None,
+             add_missing_headers: bool) -> str:
     host = hostname or socket.gethostname()
     data = build_data(headers, body, add_missing_headers, host)
     private = tempfile.mkdtemp(prefix=".tmp-", dir=mailq)
@@ -151,4 +212,4 @@ def _fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-__all__ = ["enqueue", "build_data", "InfError"]
+__all__ = ["enqueue", "build_data", "InfError", "AllSuppressed", "suppressed_recipients"]

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Callable
 from .config import Config
 from .envelope import Message, format_address_list
 from .policy import is_verp
+from .events import EventLog
 from .smtp.server import MessageReceived, Reply, Session
 from .spool import Spool
 from .unsubscribe import Unsubscriber, mailto_token
+from .suppression import dropped_records
 
 if TYPE_CHECKING:
     from .bounces import BounceLog
@@ -58,6 +60,7 @@ class Intake:
                                 log_dir=cfg.log_dir)
         self.bounces = bounces  # mail to mailengine-bounce-USER%DOMAIN@... (SPEC 2.3)
         self._unsubscriber: Unsubscriber | None = None  # made at the first unsubscribe mail
+        self._events: EventLog | None = None  # for suppressed recipients dropped (rare)
 
     async def on_message(self, ev: MessageReceived) -> Reply:
         try:
@@ -72,8 +75,11 @@ class Intake:
 
     async def _on_message(self, ev: MessageReceived) -> Reply:
         txn, s, data = ev.txn, ev.session, ev.data
-        relay = [r for r in txn.rcpts if r not in txn.local]
+        relay = [r for r in txn.rcpts if r not in txn.local and r not in txn.dropped]
         local = [r for r in txn.rcpts if r in txn.local]
+        if txn.dropped and not relay and not local:  # every recipient suppressed: no file
+            self._dropped(txn, "")
+            return Reply(250, "2.0.0", "Ok: not queued, every recipient is suppressed")
         now = datetime.datetime.now().replace(microsecond=0)
         received = {"helo": s.helo, "peertcpip": s.peer_ip,
                     "peerhostname": s.peer_hostname or s.peer_ip,
@@ -127,5 +133,14 @@ class Intake:
                 await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)
             except Exception:
                 log.exception("bounce %s to %s could not be recorded", msg_id, ",".join(verp))
+        if txn.dropped:
+            self._dropped(txn, msg_id)
         self.on_stored(relayed, bool(local), where, data)
         return Reply(250, "2.0.0", f"Ok: queued as {msg_id}")
+
+    def _dropped(self, txn, msg_id: str) -> None:
+        """The event lines of the recipients accepted and not delivered (suppression.action =
+        drop); `msg_id` is "" when nothing was stored."""
+        if self._events is None:
+            self._events = EventLog(self.cfg.log_dir)
+        self._events.write(dropped_records(msg_id, txn.mail_from, txn.dropped))

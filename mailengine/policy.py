@@ -13,6 +13,7 @@ from .hostname import host_name
 from .smtp import wire
 from .smtp.server import Reply, Session, Transaction
 from .unsubscribe import mailto_token
+from .suppression import FILE as SUPPRESSION_FILE, SuppressionStore
 from .users import PasswordFile
 
 log = logging.getLogger("mailengine.policy")
@@ -31,10 +32,19 @@ def is_verp(address: str) -> bool:
     return lowered.startswith(BOUNCE_PREFIX) or lowered.startswith('"' + BOUNCE_PREFIX)
 
 
+def suppressed_reply(address: str, entry) -> Reply:
+    """RCPT's answer for a suppressed recipient (suppression.action = reject)."""
+    why = "".join(c for c in entry.reason if 32 <= ord(c) < 127)[:80]
+    scope = f" for mail from {entry.sender_domain}" if entry.sender_domain else ""
+    return Reply(550, "5.7.1", f"<{address}> is on the suppression list{scope} "
+                               f"({entry.source}{': ' + why if why else ''})")
+
+
 class Policy:
     def __init__(self, cfg: Config, users: PasswordFile | None = None):
         self.users = users
         self._token_key: bytes | None = None  # the home's recipient-token key, read when needed
+        self._suppression: SuppressionStore | None = None  # opened at the first relayed RCPT
         self.reload(cfg)
         # Set by the disk-space watcher: new mail is refused for a while, never accepted and lost.
         self.refuse_new_mail: Reply | None = None
@@ -58,6 +68,11 @@ class Policy:
         # token is one of ours; intake.py unsubscribes the address it names
         self.home = cfg.home
         self.unsubscribe_domain = cfg.unsubscribe.mailto_domain.strip().lower().rstrip(".")
+        self.cfg = cfg
+        self.suppress_on = cfg.suppression.enabled
+        self.suppress_drop = cfg.suppression.action == "drop"
+        if self.suppress_on and (cfg.home / SUPPRESSION_FILE).exists():
+            self.suppression.lookup("")  # the list into memory now, not at the first RCPT
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
                         "relay mail for anyone on the internet. Restrict it unless this is a test.")
@@ -80,6 +95,12 @@ class Policy:
         return None
 
     def on_rcpt(self, session: Session, txn: Transaction, address: str) -> Reply | None:
+        return self.rcpt(session, txn, address, self.suppress_drop)
+
+    def rcpt(self, session: Session, txn: Transaction, address: str,
+             drop_suppressed: bool) -> Reply | None:
+        """on_rcpt, saying what a suppressed recipient gets: with `drop_suppressed` it is put
+        in txn.dropped (the HTTP API lists them in its answer), else refused."""
         # The domain is the part after the last '@' of the parsed mailbox: source routes are
         # already stripped, and '%' or quoted '@' in the local part never select another domain.
         domain = wire.domain_of(address)
@@ -100,8 +121,35 @@ class Policy:
             txn.local.add(address)
             return None
         if self.may_relay(session) or domain in self.relay_domains:
-            return None
+            return self._suppressed(txn, address, drop_suppressed) if self.suppress_on else None
         return RELAY_DENIED
+
+    @property
+    def suppression(self) -> SuppressionStore:
+        if self._suppression is None:
+            self._suppression = SuppressionStore.for_config(self.cfg)
+        return self._suppression
+
+    def _suppressed(self, txn: Transaction, address: str, drop: bool) -> Reply | None:
+        """Only relayed recipients are checked: local mail (bounces, postmaster) is never
+        suppressed. The sender domain is the MAIL FROM's ("" for <>: entries for all only)."""
+        try:
+            entry = self.suppression.lookup(address, wire.domain_of(txn.mail_from)
+                                            if txn.mail_from else "")
+        except Exception:  # a broken list file must not stop the mail: say so, send
+            log.exception("suppression list: cannot check %s", address)
+            return None
+        if entry is None:
+            return None
+        if drop:
+            txn.dropped[address] = entry
+            return None
+        return suppressed_reply(address, entry)
+
+    def close(self) -> None:
+        if self._suppression is not None:
+            self._suppression.close()
+            self._suppression = None
 
     def on_auth(self, session: Session, user: str, password: str) -> bool:
         return self.users is not None and self.users.check(user, password)

@@ -31,7 +31,7 @@ from . import config
 DEFAULT_HOME = "/srv/mailengine"  # the home README's Operations section installs
 
 # sysexits.h, as sendmail and Postfix's sendmail exit
-EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_SOFTWARE = 0, 64, 65, 66, 70
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_NOUSER, EX_SOFTWARE = 0, 64, 65, 66, 67, 70
 EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 75, 77, 78
 
 # Options that take a value in the next argument when not written together (-f addr / -faddr).
@@ -203,7 +203,12 @@ def sendmail_main(argv: list[str] | None = None) -> int:
                 + (b"\n" + head if head else b""))
     from .client import InfError, enqueue
     try:
-        msg_id = enqueue(cfg.mailq(), sender, rcpts, head, body, hostname=host)
+        if cfg.suppression.enabled:
+            rcpts, left_out = _unsuppressed(cfg, sender, rcpts)
+            if not rcpts:
+                return left_out
+        msg_id = enqueue(cfg.mailq(), sender, rcpts, head, body, hostname=host,
+                         skip_suppressed=cfg.suppression.enabled)
     except (InfError, ValueError) as e:
         print(f"mailengine-sendmail: {e}", file=sys.stderr)
         return EX_DATAERR
@@ -218,6 +223,29 @@ def sendmail_main(argv: list[str] | None = None) -> int:
     if os.environ.get("MAILENGINE_SENDMAIL_VERBOSE"):
         print(f"queued as {msg_id}")
     return EX_OK
+
+
+def _unsuppressed(cfg, sender: str, rcpts: list[str]) -> tuple[list[str], int]:
+    """The recipients not on the suppression list, and the exit code when there are none.
+    As at SMTP intake: with suppression.action = reject each suppressed one is named on stderr
+    (and none left is EX_NOUSER), with drop they go silently (the event log says it)."""
+    from .client import suppressed_recipients
+    found = suppressed_recipients(cfg.mailq(), sender, rcpts)
+    if not found:
+        return rcpts, EX_OK
+    reject = cfg.suppression.action == "reject"
+    if reject:
+        for a, e in found.items():
+            print(f"mailengine-sendmail: {a} is on the suppression list ({e.source}: "
+                  f"{e.reason}); not sent to it", file=sys.stderr)
+    left = [r for r in rcpts if r not in found]
+    if not left and not reject:  # as SMTP's drop: accepted, nothing stored; say it in the log
+        from .events import EventLog
+        from .suppression import dropped_records
+        events = EventLog(cfg.log_dir)
+        events.write(dropped_records("", sender, found))
+        events.close()
+    return left, (EX_NOUSER if reject else EX_OK)
 
 
 def tell_engine(home: Path) -> None:

@@ -89,6 +89,8 @@ LIVE = {
     "unsubscribe.sender_domains": "DeliveryEngine.apply -> HeaderMaker.from_config",
     "unsubscribe.url_base": "DeliveryEngine.apply -> HeaderMaker.from_config",
     "unsubscribe.mailto_domain": "Policy.reload; Intake reads cfg; DeliveryEngine.apply",
+    "suppression.enabled": "Policy.reload (intake workers are replaced)",
+    "suppression.action": "Policy.reload (intake workers are replaced); sendmail reads cfg",
 }
 
 

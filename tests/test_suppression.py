@@ -144,7 +144,10 @@ def test_two_processes_share_one_file(tmp_path):
     other = SuppressionStore(tmp_path)
     assert other.lookup("a7@x.test") is None and other.lookup("a8@x.test")
     other.remove("a8@x.test")
-    assert watcher.lookup("a8@x.test") is None  # a removal by another connection is seen
+    assert watcher.lookup("a8@x.test") is None  # a removal by another connection: at once
+    other.add("new@x.test", reason="r")
+    time.sleep(suppression.REFRESH_EVERY)
+    assert watcher.lookup("new@x.test") is not None  # an addition: within REFRESH_EVERY
     other.close()
     watcher.close()
 

@@ -72,6 +72,9 @@ class Transaction:
     rcpts: list = field(default_factory=list)
     rcpt_params: dict = field(default_factory=dict)  # address -> {"notify": .., "orcpt": ..}
     local: set = field(default_factory=set)  # recipients the policy found local (not relayed)
+    # recipients accepted but not to be delivered (a suppressed address with suppression.action
+    # = drop): address -> why, for the event line
+    dropped: dict = field(default_factory=dict)
     smtputf8: bool = False
     body_8bit: bool = False
     ret: str = ""  # DSN RET=FULL|HDRS

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..config import SECTION_TITLES, SETTINGS, AddressSet, coerce, toml_value
 from ..users import hash_password
-from . import queue_actions, queue_view, settings_edit
+from . import queue_actions, queue_view, settings_edit, suppressions
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, same
 from .metrics import snapshot
 
@@ -55,6 +55,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/gui/admin/tokens", page(tokens_post))
     r.add_get("/gui/admin/account", page(account))
     r.add_post("/gui/admin/account", page(account_post))
+    suppressions.add_admin_routes(app, page)
 
 
 def _web(request):

@@ -14,7 +14,7 @@ import re
 from aiohttp import web
 
 from ..smtp.server import MessageReceived, Session, Transaction
-from . import admin, queue_actions, queue_view
+from . import admin, queue_actions, queue_view, suppressions
 from .inject import InjectError, prepare
 from .metrics import snapshot
 from .openapi import openapi
@@ -34,6 +34,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/v1/queue/{id}", token(queue_message))
     r.add_delete("/api/v1/queue/{id}", token(message_delete))
     r.add_post("/api/v1/queue/{id}/{action}", token(message_action))
+    suppressions.add_api_routes(app, token)
 
 
 def error(status: int, text: str, **extra) -> web.Response:
@@ -90,6 +91,7 @@ async def inject(request: web.Request) -> web.Response:
     peer = request.transport.get_extra_info("peername") if request.transport else None
     sock = request.transport.get_extra_info("sockname") if request.transport else None
     results = []
+    suppressed: list[dict] = []  # recipients left out: on the suppression list
     for p in prepared:
         session = Session(peer_ip=request.remote or "", peer_port=peer[1] if peer else 0,
                           peer_hostname=request.remote or "", local_ip=sock[0] if sock else "",
@@ -100,22 +102,29 @@ async def inject(request: web.Request) -> web.Response:
         if refusal is not None:
             return _refused(refusal, results)
         for r in p.rcpts:
-            refusal = engine.policy.on_rcpt(session, txn, r)
+            # A suppressed recipient is left out and listed in the answer, whatever
+            # suppression.action says for SMTP: the caller learns it at once.
+            refusal = engine.policy.rcpt(session, txn, r, drop_suppressed=True)
             if refusal is not None:
                 return _refused(refusal, results, r)
             txn.rcpts.append(r)
+        suppressed += [{"address": a, "reason": e.reason, "source": e.source,
+                        "sender_domain": e.sender_domain} for a, e in txn.dropped.items()]
         try:
             reply = await engine.intake.on_message(MessageReceived(session, txn, p.data))
         except OSError as e:
             return error(503, f"cannot store the message: {e.strerror or e}; nothing queued "
-                              f"for it", queued=results)
+                              f"for it", queued=results, suppressed=suppressed)
+        if reply.code == 250 and txn.dropped and len(txn.dropped) == len(txn.rcpts):
+            continue  # every recipient suppressed: nothing stored
         m = QUEUED.search(reply.text)
         if reply.code != 250 or m is None:
             return _refused(reply, results)
-        results.append({"id": m.group(1), "to": p.rcpts,
+        results.append({"id": m.group(1), "to": [r for r in p.rcpts if r not in txn.dropped],
                         "local": sorted(txn.local), "size": len(p.data)})
-    return web.json_response({"ids": [r["id"] for r in results], "messages": results},
-                             status=202)
+    # 202: accepted for delivery; 200 when every recipient was suppressed (nothing queued)
+    return web.json_response({"ids": [r["id"] for r in results], "messages": results,
+                              "suppressed": suppressed}, status=202 if results else 200)
 
 
 def _refused(reply, results, rcpt: str = "") -> web.Response:

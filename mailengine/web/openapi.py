@@ -20,7 +20,7 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
 
 
 def openapi() -> dict:
-    return {
+    doc = {
         "openapi": "3.1.0",
         "info": {"title": "MailEngine HTTP API", "version": __version__,
                  "description": (
@@ -56,6 +56,8 @@ def openapi() -> dict:
                             "from": "app@example.org", "to": ["x@example.com"],
                             "raw": "From: app@example.org\r\nSubject: raw\r\n\r\nbody\r\n"}}}}}},
                 "responses": {"202": _json("Injected", "Stored; the queue ids"),
+                              "200": _json("Injected", "Every recipient is suppressed: "
+                                                       "nothing stored"),
                               "400": _ERR, "401": _ERR, "403": _ERR, "429": _ERR,
                               "503": _ERR}}},
             "/api/v1/stats": {"get": {
@@ -127,7 +129,15 @@ def openapi() -> dict:
                         "id": {"type": "string"},
                         "to": {"type": "array", "items": {"type": "string"}},
                         "local": {"type": "array", "items": {"type": "string"}},
-                        "size": {"type": "integer"}}}}}},
+                        "size": {"type": "integer"}}}},
+                    "suppressed": {
+                        "type": "array", "description": (
+                            "recipients left out: on the suppression list for this sender "
+                            "(the answer is 200, not 202, when that was every recipient)"),
+                        "items": {"type": "object", "properties": {
+                            "address": {"type": "string"}, "reason": {"type": "string"},
+                            "source": {"type": "string"},
+                            "sender_domain": {"type": "string"}}}}}},
                 "Stats": {"type": "object", "properties": {
                     "received": {"type": "integer"}, "sent": {"type": "integer"},
                     "failed": {"type": ["integer", "null"]},
@@ -163,6 +173,91 @@ def openapi() -> dict:
                                  "additionalProperties": {"type": "string"}}}},
             }},
     }
+    doc["paths"].update(_SUPPRESSION_PATHS)
+    doc["components"]["schemas"].update(_SUPPRESSION_SCHEMAS)
+    return doc
+
+
+# --- the suppression list (web/suppressions.py) ---
+
+_ADDRESS = {"name": "address", "in": "path", "required": True, "schema": {"type": "string"}}
+_SENDER_DOMAIN = {"name": "sender_domain", "in": "query", "schema": {"type": "string"},
+                  "description": "the entry for this sender domain; absent or '' = the entry "
+                                 "for every sender"}
+_SUPPRESSION_PATHS = {
+    "/api/v1/suppressions": {
+        "get": {"summary": "Suppression list entries, by address",
+                "parameters": [
+                    {"name": "search", "in": "query", "schema": {"type": "string"},
+                     "description": "part of the address"},
+                    {"name": "sender_domain", "in": "query", "schema": {"type": "string"},
+                     "description": "only this sender domain's entries ('' = those for every "
+                                    "sender); absent: all"},
+                    {"name": "source", "in": "query", "schema": {
+                        "type": "string", "enum": ["manual", "bounce", "complaint",
+                                                   "unsubscribe", "import"]}},
+                    {"name": "expired", "in": "query", "schema": {"type": "boolean"},
+                     "description": "expired entries too"},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "maximum": 1000, "default": 100}}],
+                "responses": {"200": _json("SuppressionList", "Entries"), "400": _ERR,
+                              "401": _ERR}},
+        "post": {"summary": "Suppress one address, or several (all or none)",
+                 "description": "An entry for the same address and sender domain is replaced. "
+                                "Each added entry writes a 'suppressed' line to "
+                                "log/events.jsonl.",
+                 "requestBody": {"required": True, "content": {"application/json": {
+                     "schema": {"oneOf": [
+                         {"$ref": "#/components/schemas/SuppressionNew"},
+                         {"type": "object", "required": ["entries"], "properties": {
+                             "entries": {"type": "array", "items": {
+                                 "$ref": "#/components/schemas/SuppressionNew"}}}}]}}}},
+                 "responses": {"201": _json("SuppressionAdded", "Added"), "400": _ERR,
+                               "401": _ERR}}},
+    "/api/v1/suppressions/export": {"get": {
+        "summary": "Every entry as CSV (address,sender_domain,reason,source,created,expires; "
+                   "times ISO 8601 UTC)",
+        "responses": {"200": {"description": "text/csv"}, "401": _ERR}}},
+    "/api/v1/suppressions/import": {"post": {
+        "summary": "Add the entries of a CSV file (a header naming the columns, or an address "
+                   "per line); nothing is added when a line is bad",
+        "requestBody": {"required": True, "content": {"text/csv": {
+            "schema": {"type": "string"}}}},
+        "responses": {"200": {"description": "{\"imported\": N}"}, "400": _ERR, "401": _ERR,
+                      "413": _ERR}}},
+    "/api/v1/suppressions/{address}": {
+        "get": {"summary": "The entries of one address, and whether it is suppressed now",
+                "parameters": [_ADDRESS, _SENDER_DOMAIN],
+                "responses": {"200": {"description": "{address, entries, suppressed, active}"},
+                              "404": _ERR, "401": _ERR}},
+        "delete": {"summary": "Take an address off the list",
+                   "parameters": [_ADDRESS, _SENDER_DOMAIN],
+                   "responses": {"200": {"description": "Removed"}, "400": _ERR,
+                                 "404": _ERR, "401": _ERR}}},
+}
+_SUPPRESSION_SCHEMAS = {
+    "Suppression": {"type": "object", "properties": {
+        "address": {"type": "string"},
+        "sender_domain": {"type": "string", "description": "'' = every sender"},
+        "reason": {"type": "string"},
+        "source": {"type": "string",
+                   "enum": ["manual", "bounce", "complaint", "unsubscribe", "import"]},
+        "created": {"type": "number", "description": "epoch seconds"},
+        "expires": {"type": ["number", "null"], "description": "epoch seconds; null = never"}}},
+    "SuppressionNew": {"type": "object", "required": ["address"], "additionalProperties": False,
+                       "properties": {
+                           "address": {"type": "string"}, "reason": {"type": "string"},
+                           "source": {"type": "string", "default": "manual"},
+                           "sender_domain": {"type": "string", "default": ""},
+                           "expires": {"type": ["number", "string", "null"],
+                                       "description": "epoch seconds or ISO 8601; null = never"}}},
+    "SuppressionList": {"type": "object", "properties": {
+        "total": {"type": "integer"}, "offset": {"type": "integer"},
+        "entries": {"type": "array", "items": {"$ref": "#/components/schemas/Suppression"}}}},
+    "SuppressionAdded": {"type": "object", "properties": {
+        "entries": {"type": "array", "items": {"$ref": "#/components/schemas/Suppression"}}}},
+}
 
 
 if __name__ == "__main__":  # python -m mailengine.web.openapi > docs/openapi.json
