@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import time
 import urllib.error
 import urllib.request
 from email import message_from_bytes
@@ -362,3 +363,35 @@ def test_settings_apply_while_running_in_two_intake_processes(tmp_path):
                 assert s.rcpt(f"unsubscribe+{damaged}@{MAILTO}")[0] == 550
                 assert s.data(b"Subject: unsubscribe\r\n\r\n.\r\n")[0] == 250
         assert SuppressionStore(tmp_path).lookup("y@d1.test", SRC) is not None
+
+
+def test_an_unsubscribed_address_is_refused_for_that_sender_only(listener):
+    eng, base, secret = listener
+    assert http(f"{base}/u/{T.make(secret, 'hal@d.test', SRC)}", ONE_CLICK, FORM)[0] == 200
+    time.sleep(0.2)  # intake sees another store's change within suppression.REFRESH_EVERY
+    with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("bounces@" + SRC)
+        code, text = s.rcpt("hal@d.test")
+        assert code == 550 and b"suppression" in text, text
+        s.rset()
+        s.mail("someone@other.test")
+        assert s.rcpt("hal@d.test")[0] == 250  # another sender may still write to hal
+
+
+def test_two_stores_in_one_process_keep_their_locks(tmp_path):
+    """The engine process holds two suppression stores (the policy's, the listener's): opening
+    the second must not drop the first one's SQLite locks, else another process closing its
+    connection deletes the WAL under them (seen as 'disk I/O error' at RCPT)."""
+    import subprocess
+    import sys
+    first = SuppressionStore(tmp_path)
+    first.add("x@d.test", reason="r", sender_domain=SRC)
+    second = SuppressionStore(tmp_path)
+    second.add("y@d.test", reason="r", sender_domain=SRC)
+    code = ("import sys; from mailengine.suppression import SuppressionStore as S; "
+            "s = S(sys.argv[1]); assert s.lookup('y@d.test', 'news.test'); s.db.close()")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=30)
+    assert (tmp_path / "suppression.db-wal").exists()  # still ours
+    first.add("z@d.test", reason="r", sender_domain=SRC)
+    assert second.lookup("z@d.test", SRC) is not None
