@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Callable
 
+from .queue_dirs import DONE, INCOMING, RETRY, WORKING
 from . import NAME, __version__, diskwatch, filemodes, hostname, logs, shared, tls
 from .backlog import HELD, Backlog, due_time
 from .config import Config
@@ -109,7 +110,7 @@ class Engine:
 
     # --- intake ----------------------------------------------------------------------------------
 
-    def stored(self, relayed: Message | None, local: bool, where: str = "retry",
+    def stored(self, relayed: Message | None, local: bool, where: str = RETRY,
                data: bytes | None = None) -> None:
         """A message is safely in the spool (stored by this process or an intake worker)."""
         if relayed is not None:
@@ -135,8 +136,7 @@ class Engine:
         self.policy.reload(cfg)
         if self.inbound is not None:
             self.inbound.apply(cfg, self.hostname)
-        if self.delivery is not None:
-            self.delivery.apply(cfg)
+        self.delivery.apply(cfg)
         logging.getLogger("mailengine").setLevel(logging.DEBUG if logs.debug_any(cfg) else logging.INFO)
         logs.program_trace(cfg.debug.program)
         if self.workers and self.workers.apply(cfg):
@@ -147,27 +147,23 @@ class Engine:
     # --- messages in memory (limits.messages_in_memory) -------------------------------------------
 
     def has_room(self) -> bool:
-        return self.delivery is None or \
-            len(self.delivery.messages) < self.cfg.limits.messages_in_memory
+        return len(self.delivery.messages) < self.cfg.limits.messages_in_memory
 
     def take(self, msg: Message, where: str, data: bytes | None = None) -> bool:
         """Hand a queued message to delivery, or keep it on disk only (the backlog) when memory
         holds `messages_in_memory` already: it is loaded when it is due and there is room."""
-        if self.delivery is None:
-            self.known.add(msg.id)
-            return True
         # Stopping: delivery takes nothing more; the message waits in the backlog, so the index
         # written at the stop has it.
         keep_on_disk = self.stopping.is_set() or not self.has_room()
-        if keep_on_disk and where == "working":
+        if keep_on_disk and where == WORKING:
             # Stored into working/ while there was room (relay_dir), full since: backlog mail
             # waits in retry/ (nothing looks in working/ before the next start).
             try:
-                self.spool.move(msg.id, "working", "retry")
-                where = "retry"
+                self.spool.move(msg.id, WORKING, RETRY)
+                where = RETRY
             except OSError as e:
                 log.warning("%s: cannot move it back to retry/ (%s); kept in memory", msg.id, e)
-        if keep_on_disk and where == "retry":
+        if keep_on_disk and where == RETRY:
             if not self.backlog and not self.stopping.is_set():
                 log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
                          "on disk in retry/ until it is due and there is room",
@@ -190,7 +186,7 @@ class Engine:
                 while await self._load_backlog_batch():
                     await asyncio.sleep(0)  # SMTP and delivery go on between batches
             except OSError as e:  # a loop of the TaskGroup: never a reason to stop the engine
-                log.error("cannot load queued mail from %s: %s", self.spool.root / "retry", e)
+                log.error("cannot load queued mail from %s: %s", self.spool.root / RETRY, e)
             await asyncio.sleep(BACKLOG_CHECK_SECONDS)
 
     def backlog_messages(self):
@@ -198,7 +194,7 @@ class Engine:
         gone or unreadable meanwhile are left out."""
         for mid in self.backlog:
             try:
-                yield mid, self.spool.load(mid, "retry")
+                yield mid, self.spool.load(mid, RETRY)
             except (OSError, InfError):
                 continue
 
@@ -232,7 +228,7 @@ class Engine:
             if mid in self.known:
                 continue
             try:
-                msg = self.spool.load(mid, "retry")
+                msg = self.spool.load(mid, RETRY)
             except FileNotFoundError:
                 continue  # removed by hand (or by a queue command) meanwhile
             except InfError:
@@ -243,14 +239,14 @@ class Engine:
                 for rest in ids[i:]:
                     self.backlog.add(rest, now + BACKLOG_RETRY_SECONDS)
                 raise
-            self.take(msg, "retry")
+            self.take(msg, RETRY)
         return bool(ids)
 
     def relay_dir(self) -> str:
         """Relayed mail goes straight to working/ when this engine will send it at once."""
-        if self.delivery is not None and not self.cfg.queue.pause_sending and self.has_room():
-            return "working"
-        return "retry"
+        if not self.cfg.queue.pause_sending and self.has_room():
+            return WORKING
+        return RETRY
 
     def inbound_counts(self) -> dict:
         """Open SMTP sessions and totals, whichever processes take SMTP."""
@@ -270,14 +266,14 @@ class Engine:
             if msg_id in self.known:  # the drop-in scan saw the files first
                 self.stats.received(local=False)
                 return
-            where = "working" if kind == "W" else "retry"
+            where = WORKING if kind == "W" else RETRY
             try:
                 msg = self.spool.load(msg_id, where)
             except (OSError, InfError) as e:
                 log.warning("intake worker stored %s, but it cannot be read: %s", msg_id, e)
-                if where == "working":  # nothing looks in working/ before the next start
+                if where == WORKING:  # nothing looks in working/ before the next start
                     try:
-                        self.spool.move(msg_id, "working", "retry")  # the drop-in scan does
+                        self.spool.move(msg_id, WORKING, RETRY)  # the drop-in scan does
                     except OSError:
                         pass
                 return
@@ -295,7 +291,7 @@ class Engine:
                                   if mid not in known)
             await asyncio.sleep(0)
         log.info("queue: %d messages waiting in %s (from the index of the last stop)",
-                 len(self.backlog) + len(self.known), self.spool.root / "retry")
+                 len(self.backlog) + len(self.known), self.spool.root / RETRY)
 
     def save_backlog_index(self) -> None:
         """At a clean stop: when each queued message is due (backlog.py), so that the next
@@ -315,7 +311,7 @@ class Engine:
     # --- housekeeping loops ----------------------------------------------------------------------
 
     async def _watch_shutdown_file(self) -> None:
-        path = self.spool.root / "retry" / SHUTDOWN_FILE
+        path = self.spool.root / RETRY / SHUTDOWN_FILE
         while not self.stopping.is_set():
             if path.exists():
                 log.info("found %s: shutting down", path)
@@ -337,7 +333,7 @@ class Engine:
             try:
                 await self.rescan()
             except OSError as e:
-                log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / "retry", e)
+                log.error("cannot scan %s for dropped-in mail: %s", self.spool.root / RETRY, e)
 
     async def rescan(self) -> int:
         """Scan retry/ for mail dropped in (queue commands: it is part of "all"); the listing
@@ -367,7 +363,7 @@ class Engine:
                 continue  # taken meanwhile (the scan ran in a thread)
             log.info("picked up dropped-in message %s for %d recipients", msg.id,
                      len(msg.rcpt_to_send))
-            if self.take(msg, "retry"):
+            if self.take(msg, RETRY):
                 taken += 1
         return taken
 
@@ -377,9 +373,9 @@ class Engine:
             await asyncio.sleep(60)
             try:
                 if self.cfg.queue.save_incoming:
-                    self.spool.expire("incoming", self.cfg.queue.incoming_retention_minutes)
+                    self.spool.expire(INCOMING, self.cfg.queue.incoming_retention_minutes)
                 if self.cfg.queue.save_done:
-                    self.spool.expire("done", self.cfg.queue.done_retention_minutes)
+                    self.spool.expire(DONE, self.cfg.queue.done_retention_minutes)
             except OSError as e:  # a loop of the TaskGroup: never a reason to stop the engine
                 log.error("cannot remove old mail from done/ or incoming/: %s", e)
             minutes += 1
@@ -446,22 +442,20 @@ class Engine:
         self.spool.ensure_dirs()
         self.diskwatch.check()  # refuse from the first connection if the disk is already low
         # A request left over from a stop that happened otherwise must not stop this run.
-        (self.spool.root / "retry" / SHUTDOWN_FILE).unlink(missing_ok=True)
+        (self.spool.root / RETRY / SHUTDOWN_FILE).unlink(missing_ok=True)
         # No .inf is read here: the messages in retry/ go to the backlog, due when the index of
         # the last clean stop says (it is read once SMTP answers), else now, and are loaded as
         # memory allows.
         index = Backlog.take_index(self.spool.root)  # before recovery changes retry/
-        if self.delivery is None:
-            index = None
-        report = self.spool.recover(load=self.delivery is None, retry_known=index is not None)
+        report = self.spool.recover(load=False, retry_known=index is not None)
         for w in report.warnings:
             log.warning("%s", w)
         for msg in report.messages:
-            self.take(msg, "retry")
+            self.take(msg, RETRY)
         self.backlog.add_many((mid, 0.0) for mid in report.ids)
         if index is None:
             log.info("queue: %d messages waiting in %s",
-                     len(report.messages) + len(report.ids), self.spool.root / "retry")
+                     len(report.messages) + len(report.ids), self.spool.root / RETRY)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -496,9 +490,7 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,
-                self.diskwatch.run, self._log_queue, self._load_backlog)]
-            if self.delivery is not None:
-                tasks.append(tg.create_task(self.delivery.run()))
+                self.diskwatch.run, self._log_queue, self._load_backlog, self.delivery.run)]
             if ready is not None:
                 ready.set()
             await self.stopping.wait()
@@ -509,8 +501,7 @@ class Engine:
                 await service.stop()
             if self.workers:
                 await self.workers.stop()
-            if self.delivery is not None:
-                await self.delivery.stop()  # unfinished mail is left in retry/
+            await self.delivery.stop()  # unfinished mail is left in retry/
             for t in tasks:
                 t.cancel()
         for line in self.stats.lines():
@@ -519,8 +510,9 @@ class Engine:
             loop.remove_signal_handler(sig)
         self.spool.close()  # finishes pending flushes, stops the flusher thread
         self.save_backlog_index()  # last: it holds while nothing changes retry/ after it
+        self.notices.close()  # its files; the delivered counts of the complaint rates saved
         shared.close_list_mirrors()  # the bounce lines not yet in Redis (for at most 2 s)
-        log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / "retry")
+        log.info("stopped cleanly; unfinished mail stays in %s", self.spool.root / RETRY)
         self.lock.release()
 
 

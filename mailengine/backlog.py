@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .queue_dirs import RETRY
+
 INDEX_NAME = "backlog.index"
 HELD = math.inf  # the due time of a held message: never loaded until released
 
@@ -144,7 +146,7 @@ class Backlog:
         it cannot be read: retry/ must then be listed."""
         path = Path(mailq) / INDEX_NAME
         try:
-            now = os.stat(Path(mailq) / "retry").st_mtime_ns
+            now = os.stat(Path(mailq) / RETRY).st_mtime_ns
             with open(path) as f:
                 head = f.readline().split()
                 if head != ["retry-mtime", str(now)]:

@@ -18,8 +18,13 @@ the words (outcome.classify is the one rule: X.2.2 mailbox full, X.3.2, X.4.5 pa
 are soft even behind a 5xx). A report that is recognisably a failure but names no cause counts
 as soft: the address stays on the list until a clearer answer comes.
 
+Category: each bounce also has a category (categories.py: bad-mailbox, quota-issues,
+spam-related, ...) from its status, code and reason, by the same rules as the replies the engine
+gets while sending.
+
 `BounceLog.record` appends the address to `hard-bounces.txt` or `soft-bounces.txt` and one JSON
-line to `log/bounces.jsonl` (address, kind, codes, reason, original message id when known).
+line to `log/bounces.jsonl` (address, kind, category, codes, reason, original message id when
+known).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from email.message import Message as EmailMessage
 from pathlib import Path
 
+from .categories import categorize, use_home
 from .lists import AddressLists, AppendFile
 from .outcome import Kind, bounce_class, classify
 from .policy import BOUNCE_PREFIX, is_verp
@@ -96,6 +102,11 @@ class Bounce:
     @property
     def bounce_class(self) -> str:
         return bounce_class(self.code, self.status)
+
+    @property
+    def category(self) -> str:
+        """Why it failed (categories.py): bad-mailbox, quota-issues, spam-related, ..."""
+        return categorize(self.code, self.status, self.reason)
 
 
 @dataclass
@@ -521,6 +532,7 @@ class BounceLog:
     def __init__(self, home: Path | str, lists: AddressLists | None = None,
                  log_dir: Path | str | None = None) -> None:
         home = Path(home)
+        use_home(home)  # the operator's bounce_categories.toml, when there is one
         self.lists = lists or AddressLists(home)
         self.jsonl = AppendFile(Path(log_dir or home / "log") / BOUNCES_JSONL)
 
@@ -551,16 +563,17 @@ class BounceLog:
 
     def record(self, b: Bounce, bounce_id: str = "", mail_from: str = "") -> None:
         self.lists.bounce(b.address, b.kind == "hard")
-        line = {"time": _now(), "address": b.address, "kind": b.kind, "status": b.status,
-                "code": b.code, "reason": b.reason, "class": b.bounce_class,
+        category = b.category
+        line = {"time": _now(), "address": b.address, "kind": b.kind, "category": category,
+                "status": b.status, "code": b.code, "reason": b.reason, "class": b.bounce_class,
                 "action": b.action, "remote_mta": b.remote_mta, "shape": b.shape,
                 "reported_recipient": b.reported_recipient,
                 "original_message_id": b.original_message_id, "queue_id": b.queue_id,
                 "bounce_id": bounce_id, "from": mail_from}
         self._write_json(line)
-        log.info("bounce: %s %s %s %s", b.address, b.kind,
+        log.info("bounce: %s %s %s (%s) %s", b.address, b.kind,
                  " ".join(x for x in (b.status, str(b.code) if b.code else "") if x) or "-",
-                 b.reason[:200])
+                 category, b.reason[:200])
 
     def _write_json(self, obj: dict) -> None:
         try:

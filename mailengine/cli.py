@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from .queue_dirs import RETRY
 from . import NAME, __version__, config
 from .overrides import option_name, parse_override
 
@@ -128,7 +129,7 @@ def cmd_shutdown(cfg: config.Config, wait_seconds: float = 60.0) -> int:
     deadline = time.monotonic() + wait_seconds
     failed = 0
     for test_mode, pid in engines:
-        retry = cfg.mailq(test_mode) / "retry"
+        retry = cfg.mailq(test_mode) / RETRY
         retry.mkdir(parents=True, exist_ok=True)
         request = retry / "shutdown.txt"
         request.write_text("shutdown requested by mailengine shutdown\n")
@@ -162,7 +163,7 @@ def cmd_init(ns) -> int:
     options written into it, and make mailq/ and log/; nothing is started or bound."""
     import tomlkit
 
-    from . import upgrade
+    from . import config_file
     from .spool import Spool
     home = config.resolve_home(ns.home)
     path = home / config.CONFIG_FILE
@@ -181,11 +182,11 @@ def cmd_init(ns) -> int:
                 checked.set(name, parse_override(config.BY_NAME[name], text))
             values = checked.values
             home.mkdir(parents=True, exist_ok=True)
-            doc_path, doc = upgrade.read_doc(home)  # writes the commented default file
+            doc_path, doc = config_file.read_doc(home)  # writes the commented default file
             for name in given:
-                upgrade.set_in_doc(doc, config.BY_NAME[name], values[name])
+                config_file.set_in_doc(doc, config.BY_NAME[name], values[name])
             if given:
-                upgrade.write_atomically(doc_path, tomlkit.dumps(doc))
+                config_file.write_atomically(doc_path, tomlkit.dumps(doc))
         cfg = config.load(home)
     except config.ConfigError as e:
         print(f"Configuration error: {e}", file=sys.stderr)

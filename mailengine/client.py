@@ -23,6 +23,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from .queue_dirs import RETRY
 from .envelope import InfError, Message, format_inf
 from .events import EventLog
 from .smtp.wire import SyntaxProblem, parse_mailbox
@@ -130,7 +131,7 @@ def enqueue(mailq_dir: str | os.PathLike, mail_from: str, rcpts: str | list[str]
     out); then nothing is queued.
     """
     mailq = Path(mailq_dir)
-    retry = mailq / "retry"
+    retry = mailq / RETRY
     os.makedirs(retry, exist_ok=True)
     to_send = _rcpt_list(rcpts)
     sender = _address(mail_from.strip(), allow_empty=True)

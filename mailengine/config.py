@@ -325,6 +325,20 @@ SETTINGS: list[Setting] = [
     Setting("reports", "domains", [], "list[str]",
             "Only failed addresses containing one of these substrings are reported. Empty: all.",
             scope=DELIVERY),
+    # complaints (苦情: feedback loops; complaints.py, complaint_rates.py)
+    Setting("complaints", "addresses", [], "list[str]",
+            "Addresses registered with the mailbox providers' feedback loops (Yahoo CFL, "
+            "Microsoft JMRP...): mail to them is taken from anyone as a complaint report (ARF), "
+            "never relayed; the complained-about recipient is suppressed and logged.",
+            check=lambda v: next((f"{a!r} is not an address" for a in v
+                                  if "@" not in a.strip("@")), None), scope=INTAKE),
+    Setting("complaints", "suppress_all_senders", False, "bool",
+            "A complaint suppresses the recipient for every sender domain. False: only for "
+            "the domain of the mail complained about.", scope=INTAKE),
+    Setting("complaints", "rate_threshold_percent", 0.3, "float",
+            "Complaint rate (complaints per delivered recipient, per sender domain) above which "
+            "the web admin flags a domain; Gmail and Yahoo require senders to stay under 0.3 %.",
+            minimum=0, scope=DELIVERY),
 ]
 
 SECTION_TITLES = {
@@ -337,6 +351,7 @@ SECTION_TITLES = {
     "debug": "Troubleshooting",
     "reports": "Delivery reports",
     "unsubscribe": "One-click unsubscribe",
+    "complaints": "Complaints (feedback loops)",
 }
 
 # Settings of other parts, defined beside the code that uses them (their checks live there).

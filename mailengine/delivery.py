@@ -60,6 +60,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .queue_dirs import DONE, RETRY, WORKING
 from .backlog import due_time
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
@@ -442,25 +443,25 @@ class DeliveryEngine:
 
     # -- the interface app.py uses ----------------------------------------------------------------
 
-    def submit(self, msg: Message, where: str = "retry", data: bytes | None = None) -> None:
+    def submit(self, msg: Message, where: str = RETRY, data: bytes | None = None) -> None:
         """A message waiting in `where`: deliver it at its `retrytime` (or now).
 
-        `where` is "retry", or "working" for relayed mail that intake stored straight into
+        `where` is RETRY, or WORKING for relayed mail that intake stored straight into
         working/ (SPEC 4, relay_via_disk): its first attempt then needs no move. A message in
         working/ must be due now (nothing else would find it there before the next start).
         `data`: the bytes of ID.dat when the caller has them in memory (intake just stored
         them): the first attempt then does not read the file (kept within
         `limits.max_queue_memory_kb`; beyond it, the file is read as usual)."""
         if self._stopping or msg.id in self.attempts:
-            if self._stopping and where == "working":
+            if self._stopping and where == WORKING:
                 try:  # stored during a stop: a clean stop leaves unfinished mail in retry/
-                    self.spool.move(msg.id, "working", "retry")
+                    self.spool.move(msg.id, WORKING, RETRY)
                 except OSError as e:
                     log.warning("%s: stays in working/ until the next start: %s", msg.id, e)
             return
-        if where == "working":
+        if where == WORKING:
             self._in_working.add(msg.id)
-        elif where != "retry":
+        elif where != RETRY:
             raise ValueError(f"the delivery engine takes messages from retry/ or working/, "
                              f"not {where}/")
         self.messages[msg.id] = msg
@@ -567,7 +568,7 @@ class DeliveryEngine:
                 await asyncio.gather(*pending, return_exceptions=True)
         for mid in list(self._in_working):  # stored into working/, never started: to retry/
             try:
-                self.spool.move(mid, "working", "retry")
+                self.spool.move(mid, WORKING, RETRY)
             except OSError as e:
                 log.warning("%s: cannot move it back to retry/: %s", mid, e)
         self._in_working.clear()
@@ -613,7 +614,7 @@ class DeliveryEngine:
                 if msg.id in self._in_working:
                     self._in_working.discard(msg.id)
                 else:
-                    self.spool.move(msg.id, "retry", "working")
+                    self.spool.move(msg.id, RETRY, WORKING)
             except FileNotFoundError:
                 log.warning("%s: its files left retry/ (removed by hand?); not sending it", msg.id)
                 att.gone = True
@@ -887,7 +888,7 @@ class DeliveryEngine:
         if data is not None:
             self._cached_bytes -= len(data)
         else:
-            data = self.spool.read_data(msg.id, "working")
+            data = self.spool.read_data(msg.id, WORKING)
         return Body.from_bytes(received_header(msg, self.engine.hostname) + data)
 
     async def _body(self, att: Attempt) -> Body:
@@ -922,7 +923,7 @@ class DeliveryEngine:
         if data is not None:
             self._cached_bytes -= len(data)
         else:
-            data = self.spool.read_data(msg.id, "working")
+            data = self.spool.read_data(msg.id, WORKING)
         if has_own_field(data):  # the sender's own unsubscribe: sent as it is, signed once
             self._data[msg.id] = data
             self._cached_bytes += len(data)
@@ -967,9 +968,9 @@ class DeliveryEngine:
         and the signature when made now (b"" when kept from an earlier attempt). Raises
         DKIMHold."""
         if data is None:
-            data = self.spool.read_data(msg.id, "working")
+            data = self.spool.read_data(msg.id, WORKING)
         sender_domain = msg.mail_from.rpartition("@")[2] or None
-        dat = Path(self.spool.dat_path(msg.id, "working"))
+        dat = Path(self.spool.dat_path(msg.id, WORKING))
         if not os.path.exists(dat.with_suffix(".dkim")):
             signature = fresh = self.signer.sign(data, sender_domain)
         else:  # kept by an earlier attempt: sent again (signed anew near its x= or if rotated)
@@ -992,7 +993,7 @@ class DeliveryEngine:
         return await asyncio.shield(att.seven_bit)
 
     def _downgraded_body(self, msg: Message) -> Body | None:
-        data = seven_bit(self.spool.read_data(msg.id, "working"))
+        data = seven_bit(self.spool.read_data(msg.id, WORKING))
         if data is None:
             return None
         signature = b""
@@ -1003,7 +1004,7 @@ class DeliveryEngine:
     async def _keep_signature(self, msg_id: str, signature: bytes) -> None:
         """Write ID.dkim beside ID.dat in working/ (the move to retry/ takes it along), in a
         signing thread: the next attempt sends the same signature."""
-        path = Path(self.spool.dat_path(msg_id, "working")).with_suffix(".dkim")
+        path = Path(self.spool.dat_path(msg_id, WORKING)).with_suffix(".dkim")
 
         def write() -> None:
             tmp = path.with_suffix(".dkim.tmp")
@@ -1073,12 +1074,12 @@ class DeliveryEngine:
         self._note(msg, res, att)
         notices = getattr(self.engine, "notices", None)
         if notices is not None:  # lists, event log, DSNs, delivery reports (notices.py)
-            await notices.after_attempt(msg, res, att.outcomes, "working")
+            await notices.after_attempt(msg, res, att.outcomes, WORKING)
         try:
             if res.done:
                 if self.cfg.queue.save_done:
-                    await self.spool.update_inf(msg, "working")
-                    self.spool.move(msg.id, "working", "done")
+                    await self.spool.update_inf(msg, WORKING)
+                    self.spool.move(msg.id, WORKING, DONE)
                 else:
                     self._remove(msg.id)
                 self.messages.pop(msg.id, None)
@@ -1086,8 +1087,8 @@ class DeliveryEngine:
                 return
             if att.fresh_signature:  # recipients left: the next attempt sends it again
                 await self._keep_signature(msg.id, att.fresh_signature)
-            await self.spool.update_inf(msg, "working")
-            self.spool.move(msg.id, "working", "retry")
+            await self.spool.update_inf(msg, WORKING)
+            self.spool.move(msg.id, WORKING, RETRY)
         except OSError as e:
             log.error("%s: cannot record the send attempt: %s; the message stays in working/ "
                       "until the next start", msg.id, e)
@@ -1118,7 +1119,7 @@ class DeliveryEngine:
             ids, self._to_remove = self._to_remove, []
             self._remove_queued = False
         try:
-            self.spool.recycle(ids, "working")
+            self.spool.recycle(ids, WORKING)
         except OSError as e:
             log.error("delivered, but cannot be removed from working/ (%s): %s",
                       ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else ""), e)
@@ -1126,12 +1127,12 @@ class DeliveryEngine:
     def _finish_idle(self, msg: Message) -> None:
         """A message in retry/ with nothing left to send: finish it without an attempt."""
         msg.status = msg.status or "done"
-        where = "working" if msg.id in self._in_working else "retry"
+        where = WORKING if msg.id in self._in_working else RETRY
         self._drop_data(msg.id)
         self._in_working.discard(msg.id)
         try:
             if self.cfg.queue.save_done:
-                self.spool.move(msg.id, where, "done")
+                self.spool.move(msg.id, where, DONE)
             else:
                 self.spool.remove(msg.id, where)
         except OSError as e:
@@ -1239,7 +1240,7 @@ class DeliveryEngine:
     def files_in(self, msg_id: str) -> str:
         """The directory holding a waiting message's files: "retry", or "working" for relayed
         mail stored straight there and not started yet."""
-        return "working" if msg_id in self._in_working or msg_id in self.attempts else "retry"
+        return WORKING if msg_id in self._in_working or msg_id in self.attempts else RETRY
 
     def queue_state(self, msg_id: str) -> tuple[str, float | None]:
         """('sending' | 'held' | 'waiting' | '', when due) of a message this engine holds."""

@@ -7,10 +7,13 @@ without reading the queue. Every line is one JSON object:
      "from": "news@sender.test", "rcpt": "alice@dest.test", "attempt": 1,
      "result": "hard", "final": true, "mx": "mx.dest.test", "ip": "10.0.0.7", "port": 25,
      "code": 550, "enhanced": "5.1.1", "text": "User unknown", "stage": "rcpt",
-     "class": "address", "duration": 0.084}
+     "class": "address", "category": "bad-mailbox", "duration": 0.084}
 
 `result` is sent / hard / soft; `final` says the recipient is finished (sent, failed for good, or
-given up after the last retry) rather than waiting for a retry. `duration` is the seconds the
+given up after the last retry) rather than waiting for a retry. `category` names the kind of
+failure (categories.py: bad-mailbox, quota-issues, spam-related, ...; "message-expired" for a
+recipient given up after the last retry; "" when sent); `class` is the older, coarser word kept
+for the programs that read it. `duration` is the seconds the
 attempt took for that recipient (DNS, connection and transaction). `mx`/`ip` are empty when no
 server was reached (a DNS failure). The file is append-only and may be truncated or rotated by
 other programs at any time (lists.AppendFile); the engine writes each attempt's lines at once.
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from .categories import EXPIRED, categorize
 from .envelope import Message
 from .lists import AppendFile
 from .outcome import AttemptResult, Kind, RcptOutcome, bounce_class
@@ -53,6 +57,7 @@ def attempt_events(msg: Message, outcomes: Iterable[RcptOutcome], res: AttemptRe
     """The event records of one finished send attempt of `msg`."""
     stamp = iso_time(now)
     deferred = set(res.deferred) if res is not None else set()
+    gave_up = set(res.gave_up) if res is not None else set()
     out = []
     for o in outcomes:
         rec = {"time": stamp, "event": "attempt", "id": msg.id, "from": msg.mail_from,
@@ -61,9 +66,19 @@ def attempt_events(msg: Message, outcomes: Iterable[RcptOutcome], res: AttemptRe
                "mx": o.host, "ip": getattr(o, "ip", ""), "port": getattr(o, "port", 0),
                "code": o.code, "enhanced": o.enhanced, "text": o.text, "stage": o.stage,
                "class": "" if o.kind is Kind.SENT else bounce_class(o.code, o.enhanced),
+               "category": category(o, gave_up),
                "duration": round(float(getattr(o, "duration", 0.0)), 3)}
         out.append(rec)
     return out
+
+
+def category(o: RcptOutcome, gave_up: set[str] = frozenset()) -> str:
+    """The failure's category (categories.py); "" for a recipient sent."""
+    if o.kind is Kind.SENT:
+        return ""
+    if o.address in gave_up:  # whatever the last reply said, time ran out
+        return EXPIRED
+    return categorize(o.code, o.enhanced, o.text)
 
 
 class EventLog:

@@ -4,6 +4,8 @@
 reply for the client. The `250` is returned only after `Spool.store` returns, which (durable
 mode) is after the files are on stable storage. Relayed mail goes to mailq/retry, local mail to
 mailq/incoming when `save_incoming` (else it is accepted and discarded, as the manual says).
+Mail to VERP bounce addresses (bounces.py) and to the feedback-loop addresses of
+`complaints.addresses` (complaints.py) is parsed once stored and recorded before the 250.
 The same class runs in the engine's process and in extra intake worker processes.
 """
 from __future__ import annotations
@@ -14,6 +16,8 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Callable
 
+from .complaints import ComplaintDesk, addressed
+from .queue_dirs import INCOMING, RETRY
 from .config import Config
 from .envelope import Message, format_address_list
 from .policy import is_verp
@@ -44,7 +48,7 @@ def with_protocol(s: Session) -> str:
 class Intake:
     def __init__(self, cfg: Config, spool: Spool, hostname: str, on_stored: OnStored,
                  bounces: "BounceLog | None" = None,
-                 relay_dir: Callable[[], str] = lambda: "retry"):
+                 relay_dir: Callable[[], str] = lambda: RETRY):
         self.cfg = cfg
         # Where relayed mail is stored: working/ when this process delivers it at once (SPEC 4,
         # relay_via_disk), else retry/ (sending paused, or an intake worker process).
@@ -61,6 +65,7 @@ class Intake:
         self.bounces = bounces  # mail to mailengine-bounce-USER%DOMAIN@... (SPEC 2.3)
         self._unsubscriber: Unsubscriber | None = None  # made at the first unsubscribe mail
         self._events: EventLog | None = None  # for suppressed recipients dropped (rare)
+        self.complaints = ComplaintDesk(cfg)  # mail to complaints.addresses (feedback loops)
 
     async def on_message(self, ev: MessageReceived) -> Reply:
         try:
@@ -101,7 +106,7 @@ class Intake:
                 log.exception("unsubscribe mail to %s could not be recorded", ",".join(unsubs))
                 return Reply(451, "4.3.0", "Cannot record the unsubscribe now, try again later")
         relayed = None
-        where = "retry"
+        where = RETRY
         if relay:
             relayed = Message(id=msg_id, mail_from=txn.mail_from, rcpt_to_send=relay,
                               time_created=now, retry_time=now, received=received,
@@ -118,7 +123,7 @@ class Intake:
                            time_created=now, received=received, size=len(data),
                            extra={"rcptto": format_address_list(local)})
             try:
-                await self.spool.store(kept, data, "incoming")
+                await self.spool.store(kept, data, INCOMING)
             except Exception:
                 if relayed is not None:
                     # Not acknowledged: the client sends it again. Left here, the relayed copy
@@ -133,6 +138,13 @@ class Intake:
                 await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)
             except Exception:
                 log.exception("bounce %s to %s could not be recorded", msg_id, ",".join(verp))
+        # --- complaint intake (complaints.py): the same, for feedback-loop reports ---
+        fbl = addressed(self.cfg, local)
+        if fbl:
+            try:
+                await asyncio.to_thread(self.complaints.handle, fbl, data, txn.mail_from, msg_id)
+            except Exception:
+                log.exception("complaint %s to %s could not be recorded", msg_id, ",".join(fbl))
         if txn.dropped:
             self._dropped(txn, msg_id)
         self.on_stored(relayed, bool(local), where, data)

@@ -13,7 +13,10 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from .queue_dirs import RETRY, WORKING
 from . import dsn, reports
+from .categories import use_home
+from .complaint_rates import DeliveredTally
 from .envelope import Message
 from .events import EventLog
 from .lists import AddressLists
@@ -30,12 +33,15 @@ class Notices:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.cfg = engine.cfg
+        use_home(self.cfg.home)  # the operator's bounce_categories.toml, when there is one
         self.lists = AddressLists(self.cfg.home, mirror=list_mirror(self.cfg))
         self.events = EventLog(self.cfg.log_dir, getattr(engine, "test_mode", False))
         self.generated = 0  # messages of its own this engine has queued
+        # delivered recipients per sender domain, for the complaint rates (complaint_rates.py)
+        self.delivered = None if engine.test_mode else DeliveredTally(self.cfg.home)
 
     async def after_attempt(self, msg: Message, res: AttemptResult,
-                            outcomes: list[RcptOutcome], where: str = "working") -> None:
+                            outcomes: list[RcptOutcome], where: str = WORKING) -> None:
         cfg = self.cfg
         try:
             if cfg.logging.log_undeliverable and (res.failed or res.gave_up):
@@ -45,6 +51,8 @@ class Notices:
             log.exception("%s: cannot write the lists or the event log", msg.id)
         if msg.extra.get(dsn.GENERATED_KEY):
             return  # a notice, report or alert of ours: nothing more
+        if self.delivered is not None and res.sent:
+            self.delivered.add(msg.mail_from, len(res.sent))
         try:
             if cfg.queue.dsn and msg.mail_from:
                 wanted = dsn.notices(msg, res, outcomes)
@@ -80,14 +88,15 @@ class Notices:
                       time_created=now, retry_time=now, extra={dsn.GENERATED_KEY: kind},
                       size=len(data))
         msg.add_log(f"Made by this engine: {what or kind}", now)
-        await eng.spool.store(msg, data, "retry")
+        await eng.spool.store(msg, data, RETRY)
         self.generated += 1
         eng.known.add(msg.id)
-        if eng.delivery is not None:
-            eng.delivery.submit(msg, "retry")
+        eng.delivery.submit(msg, RETRY)
         log.info("%s: queued %s to %s", msg.id, what or kind, ", ".join(rcpts))
         return msg
 
     def close(self) -> None:
+        if self.delivered is not None:
+            self.delivered.save()
         self.lists.close()
         self.events.close()

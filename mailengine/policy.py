@@ -73,6 +73,9 @@ class Policy:
         self.suppress_drop = cfg.suppression.action == "drop"
         if self.suppress_on and (cfg.home / SUPPRESSION_FILE).exists():
             self.suppression.lookup("")  # the list into memory now, not at the first RCPT
+        # Feedback-loop report addresses (complaints.py): taken from anyone, kept local.
+        self.complaint_addresses = frozenset(a.strip().lower()
+                                             for a in cfg.complaints.addresses)
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
                         "relay mail for anyone on the internet. Restrict it unless this is a test.")
@@ -117,7 +120,8 @@ class Policy:
                 txn.local.add(address)
                 return None
         if self.all_local or domain in self.local_domains or lowered == self.postmaster \
-                or (domain == self.bounce_host and is_verp(address)):
+                or (domain == self.bounce_host and is_verp(address)) \
+                or lowered in self.complaint_addresses:
             txn.local.add(address)
             return None
         if self.may_relay(session) or domain in self.relay_domains:

@@ -32,6 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
+from .queue_dirs import RETRY, WORKING
 from .envelope import InfError, Message, format_log_entry, last_replies
 from .spool import Spool, is_message_id
 
@@ -223,42 +224,34 @@ class ReplyTracker(logging.Handler):
             del self.replies[mid]
 
 
-def _delivery(engine):
-    d = getattr(engine, "delivery", None)
-    if d is None:
-        raise RuntimeError("this engine has no delivery engine: its queue cannot be changed "
-                           "while it runs")
-    return d
-
-
 async def engine_records(engine, tracker: ReplyTracker | None = None) -> list[dict]:
     """Every queued message: those in memory, and those in the backlog (read from disk)."""
-    d = _delivery(engine)
+    d = engine.delivery
     backlog = list((await engine.read_backlog()).items())
     if tracker is not None:
         tracker.prune(set(d.messages) | {mid for mid, _ in backlog})
     out = []
-    files_in = getattr(d, "files_in", lambda mid: "retry")
+    files_in = d.files_in
     for mid, msg in list(d.messages.items()):
         state, due = d.queue_state(mid)
         reps = tracker.replies.get(mid) if tracker is not None else None
         out.append(record(msg, files_in(mid), state or "waiting", due, reps))
     for mid, msg in backlog:
         reps = tracker.replies.get(mid) if tracker is not None else None
-        out.append(record(msg, "retry", "held" if msg.held else "waiting", None, reps))
+        out.append(record(msg, RETRY, "held" if msg.held else "waiting", None, reps))
     return out
 
 
 async def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) -> dict:
     check_id(msg_id)
-    d = _delivery(engine)
+    d = engine.delivery
     await engine.rescan()
     msg = d.messages.get(msg_id)
     if msg is None:
         # In the backlog, or not known to the engine (perhaps a broken drop-in): from its files.
         return FileQueue(engine.spool.root).show(msg_id)
     state, due = d.queue_state(msg_id)
-    where = getattr(d, "files_in", lambda mid: "retry")(msg_id)
+    where = d.files_in(msg_id)
     reps = tracker.replies.get(msg_id) if tracker is not None else None
     return {"record": record(msg, where, state, due, reps), "inf": _read_inf(engine.spool, msg_id,
                                                                                where),
@@ -267,7 +260,7 @@ async def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) 
 
 async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     """delete / hold / release / retry / flush on a running engine (control.py calls it)."""
-    d = _delivery(engine)
+    d = engine.delivery
     res = new_result("engine", action)
     targets = [parse_target(t) for t in targets if str(t).strip()]
     await engine.rescan()  # mail dropped in since the last scan is part of "all" and "@domain"
@@ -280,7 +273,7 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     for t in targets:
         if not is_group(t) and t in engine.backlog and t not in on_disk:
             try:
-                on_disk[t] = engine.spool.load(t, "retry")
+                on_disk[t] = engine.spool.load(t, RETRY)
             except (OSError, InfError):
                 pass
         found = [mid for mid, m in list(d.messages.items()) if matches(m, t)]
@@ -301,7 +294,7 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     res["skipped"].update(skipped)
     now = datetime.now().replace(microsecond=0)
     spool = engine.spool
-    files_in = getattr(d, "files_in", lambda mid: "retry")
+    files_in = d.files_in
     for msg in taken:
         t = ids[msg.id]
         where = files_in(msg.id)
@@ -332,15 +325,15 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
                 d.forget_message(msg.id)
                 continue
         if msg.id in on_disk:
-            engine.take(msg, "retry")  # into memory when there is room, else the backlog
+            engine.take(msg, RETRY)  # into memory when there is room, else the backlog
         else:
             d.put_back(msg)
-    res["paused"] = bool(getattr(d.sched, "paused", False))
+    res["paused"] = d.sched.paused
     return res
 
 
 def _read_inf(spool: Spool, msg_id: str, where: str) -> str:
-    for w in (where, "retry", "working"):
+    for w in (where, RETRY, WORKING):
         try:
             with open(spool.inf_path(msg_id, w), "rb") as f:
                 return f.read().decode("utf-8", "replace")
@@ -353,9 +346,9 @@ def _remove_unknown(spool: Spool, msg_id: str) -> bool:
     """Delete the files of an id in retry/ that the engine does not hold (a broken drop-in)."""
     if "/" in msg_id or msg_id.startswith("."):
         return False
-    if not os.path.exists(spool.inf_path(msg_id, "retry")):
+    if not os.path.exists(spool.inf_path(msg_id, RETRY)):
         return False
-    spool.remove(msg_id, "retry")
+    spool.remove(msg_id, RETRY)
     return True
 
 
@@ -365,7 +358,7 @@ class FileQueue:
     """The queue of a stopped engine, read and changed on its files (retry/ and working/;
     recovery moves working/ back to retry/ at the next start)."""
 
-    DIRS = ("retry", "working")
+    DIRS = (RETRY, WORKING)
 
     def __init__(self, mailq: Path | str, log_dir: Path | str | None = None):
         self.spool = Spool(mailq, durable=False)

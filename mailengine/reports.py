@@ -4,8 +4,10 @@
 last (when the message is finished), `x` after the first and the last. The report goes to every
 address of `reports.recipients` and holds the counts (recipients in total, delivered so far,
 failed, still waiting) and, for each address that failed or was deferred in this attempt, its
-reply and the SMTP transcript in the manual's format. `reports.domains` (substrings, e.g.
-`@example.com` or `example`) limits which failed addresses are shown; empty = all.
+reply, its category (categories.py: bad-mailbox, quota-issues, spam-related, ...) and the SMTP
+transcript in the manual's format, after a count of the attempt's failures by category.
+`reports.domains` (substrings, e.g. `@example.com` or `example`) limits which failed addresses
+are shown; empty = all.
 
 Reports are sent with the null sender `<>`, and mail the engine made itself (reports, DSNs,
 alerts) is never reported on: no report can cause another.
@@ -15,9 +17,11 @@ from __future__ import annotations
 import email.utils
 import quopri
 import uuid
+from collections import Counter
 from datetime import datetime
 
 from .envelope import Message
+from .events import category
 from .outcome import AttemptResult, Kind, RcptOutcome
 
 
@@ -44,6 +48,8 @@ def build(msg: Message, res: AttemptResult, outcomes: list[RcptOutcome], recipie
     bad = [o for o in outcomes if o.kind is not Kind.SENT]
     show = [o for o in bad if shown(o.address, domains)]
     deferred = set(res.deferred)
+    gave_up = set(res.gave_up)
+    cats = {o.address: category(o, gave_up) for o in bad}
     lines = [f"Delivery report for message {msg.id}",
              f"From: {msg.mail_from or '<>'}",
              f"Attempt {msg.send_tries} finished at {now:%Y/%m/%d %H:%M:%S}"
@@ -61,12 +67,16 @@ def build(msg: Message, res: AttemptResult, outcomes: list[RcptOutcome], recipie
         note = f" ({len(show)} of {len(bad)} shown, reports.domains = {', '.join(domains)})" \
             if domains else ""
         lines.append(f"Addresses that failed in this attempt: {len(bad)}{note}")
+        lines.append("By category: " + ", ".join(
+            f"{c} {n}" for c, n in sorted(Counter(cats.values()).items(),
+                                          key=lambda x: (-x[1], x[0]))))
         lines.append("")
     for o in show:
         state = ("deferred, will be retried" if o.address in deferred
                  else "given up after the last retry" if o.address in res.gave_up
                  else "failed permanently")
         lines.append(f"{o.address}: {o.reply} ({state})")
+        lines.append(f"Category: {cats[o.address]}")
         lines.append(f"--> Sending email to: {o.address}")
         lines += list(o.transcript) or [f"<-- {o.reply}"]
         lines.append("---")

@@ -104,12 +104,6 @@ class Scheduler:
         self._msgs[msg_id] = _Entry(rcpts, priority, due, data=data)
         heapq.heappush(self._timers, (due, self._seq, msg_id))
 
-    def forget(self, msg_id: str) -> None:
-        """Drop a waiting message (cancelled); its timer entry becomes stale."""
-        e = self._msgs.get(msg_id)
-        if e is not None and not e.active:
-            del self._msgs[msg_id]
-
     def __contains__(self, msg_id: str) -> bool:
         return msg_id in self._msgs
 
@@ -247,12 +241,6 @@ class Scheduler:
             self.host_waiting -= 1
             self.active += 1
         return True
-
-    def recheck(self, dest: str) -> None:
-        """A destination's limit was raised (throttle recovery): let it run again."""
-        d = self._dests.get(dest)
-        if d is not None:
-            self._wake(dest, d)
 
     def take_ready(self) -> list[Unit]:
         """Remove every unit not handed out yet (at shutdown); their messages stay active so the

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .queue_dirs import DIRS, DONE, INCOMING, RETRY, WORKING
 from .envelope import InfError, Message, format_inf, parse_inf
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
@@ -68,7 +69,6 @@ from .spare import fsync_dir as _fsync_dir
 
 log = logging.getLogger("mailengine.spool")
 
-DIRS = ("retry", "working", "done", "incoming")
 SHUTDOWN_FILE = "shutdown.txt"
 LONE_DAT_WARN_AGE = 600  # s: a younger lone .dat in retry/ may be a drop-in being written
 TMPDIR_MAX_AGE = 3600  # s: a client.enqueue() private directory older than this was abandoned
@@ -371,7 +371,7 @@ class Spool:
 
     # ---- writing
 
-    async def store(self, msg: Message, data: bytes, where: str = "retry") -> None:
+    async def store(self, msg: Message, data: bytes, where: str = RETRY) -> None:
         """Write a new message. When `durable`, returns once `.dat`, `.inf` and their directory
         entries are on stable storage (the commit point). May give `msg` a new id if its id is
         taken (and gives it one when `msg.id` is empty). On error nothing is left behind."""
@@ -584,7 +584,7 @@ class Spool:
         warnings: list[str] = []
         now = time.time()
         try:
-            it = os.scandir(self._dir["retry"])
+            it = os.scandir(self._dir[RETRY])
         except FileNotFoundError:
             return new, warnings
         with it:
@@ -600,7 +600,7 @@ class Spool:
                     st = e.stat()
                     if now - st.st_mtime < DROPIN_SETTLE and not _ends_with_newline(e.path):
                         continue  # probably still being written in place: look next scan
-                    msg = self.load(mid, "retry")
+                    msg = self.load(mid, RETRY)
                 except FileNotFoundError:
                     continue  # gone meanwhile (taken back by its writer)
                 except (InfError, OSError) as ex:
@@ -630,7 +630,7 @@ class Spool:
         side: list[tuple[str, str]] = []  # (dir, file name) of side files (ID.dkim)
         found: dict[str, tuple[set[str], set[str], set[str]]] = {}  # dir -> inf, dat, tmp ids
         for d in DIRS:
-            if d == "retry" and retry_known:
+            if d == RETRY and retry_known:
                 continue
             names = [n for n in os.listdir(self._dir[d])
                      if n[:1] != "." and n != SHUTDOWN_FILE]
@@ -642,8 +642,8 @@ class Spool:
         # its directory, an id in more than one listed directory. With retry/ unlisted, these
         # still cover every state that involves it (a move cut in half leaves a lone piece in
         # the other directory); a message whole in done/ or incoming/ needs no look at retry/.
-        odd: set[str] = set(found["working"][0] | found["working"][1] | found["working"][2]) \
-            if "working" in found else set()
+        odd: set[str] = set(found[WORKING][0] | found[WORKING][1] | found[WORKING][2]) \
+            if WORKING in found else set()
         seen: set[str] = set()
         for d, (inf, dat, tmp) in found.items():
             here = inf | dat | tmp
@@ -666,18 +666,18 @@ class Spool:
             self._recover_one(mid, where, rep, now)
         self._remove_orphan_side_files(side)
         # what is now in retry/: valid messages, or warnings
-        ids = set() if retry_known else found["retry"][0] - odd
-        ids |= {mid for mid in odd if os.path.exists(self.inf_path(mid, "retry"))}
+        ids = set() if retry_known else found[RETRY][0] - odd
+        ids |= {mid for mid in odd if os.path.exists(self.inf_path(mid, RETRY))}
         if not load:
             rep.ids = list(ids)
             return rep
         for mid in sorted(ids):
             try:
-                rep.messages.append(self.load(mid, "retry"))
+                rep.messages.append(self.load(mid, RETRY))
             except (InfError, OSError) as ex:
                 rep.warnings.append(f"retry/{mid}.inf: {_reason(ex)}; skipped, left in place")
                 try:
-                    st = os.stat(self.inf_path(mid, "retry"))
+                    st = os.stat(self.inf_path(mid, RETRY))
                     self._warned.add((f"{mid}.inf", st.st_size, st.st_mtime_ns))  # scans quiet
                 except OSError:
                     pass
@@ -713,11 +713,11 @@ class Spool:
         # states 2, 3: .dat without its .inf
         for d in lone_dat:
             path = self.dat_path(mid, d)
-            if d != "retry" and not lone_inf:
+            if d != RETRY and not lone_inf:
                 _unlink_quiet(path)
                 rep.removed_uncommitted += 1
                 where[d].discard("dat")
-            elif d != "retry":
+            elif d != RETRY:
                 rep.warnings.append(f"{d}/{mid}.dat has no .inf, and {mid}.inf is in more than "
                                     "one other place; left in place")
             else:
@@ -728,18 +728,18 @@ class Spool:
                 if age > LONE_DAT_WARN_AGE:
                     rep.warnings.append(f"retry/{mid}.dat has no .inf; left in place")
         # states 8, 12: everything in working/ goes back to retry/
-        kinds = where.get("working", set())
+        kinds = where.get(WORKING, set())
         if "inf" in kinds:
-            if where.get("retry"):
+            if where.get(RETRY):
                 rep.warnings.append(f"{mid}: in both working/ and retry/; left in working/")
             elif "dat" in kinds:
-                self.move(mid, "working", "retry")
+                self.move(mid, WORKING, RETRY)
                 rep.moved_from_working += 1
             else:  # state 12: the .inf alone; the retry/ listing then reports it (state 11)
-                os.rename(self.inf_path(mid, "working"), self.inf_path(mid, "retry"))
+                os.rename(self.inf_path(mid, WORKING), self.inf_path(mid, RETRY))
                 rep.moved_from_working += 1
         # state 13 (state 11 is reported by the retry/ listing in recover())
-        for d in ("done", "incoming"):
+        for d in (DONE, INCOMING):
             if where.get(d) == {"inf"}:
                 rep.warnings.append(f"{d}/{mid}.inf has no .dat; left in place")
 
@@ -773,7 +773,7 @@ class Spool:
         Age is that of the `.inf` (last written when the message finished). Returns the count."""
         if retention_minutes <= 0:
             return 0
-        if where not in ("done", "incoming"):
+        if where not in (DONE, INCOMING):
             raise ValueError(f"expire() is for done/ and incoming/, not {where}/")
         cutoff = (time.time() if now is None else now) - retention_minutes * 60
         removed = 0

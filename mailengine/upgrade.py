@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import tomlkit
 
 from . import config
+from .config_file import read_doc, set_in_doc, write_atomically
 from .setting import READ_BY
 
 BACKUP_SUFFIX = ".before-upgrade"
@@ -97,59 +96,6 @@ def show(cfg: config.Config, key: str | None, changed_only: bool = False) -> int
     for w in cfg.warnings:
         print(f"# warning: {w}", file=sys.stderr)
     return 0
-
-
-# ---------------------------------------------------------------- writing the file
-
-def toml_ready(setting: config.Setting, value: Any) -> Any:
-    """The canonical value as the file writes it: whole numbers without '.0'."""
-    if setting.kind == "float" and float(value).is_integer():
-        return int(value)
-    if setting.kind == "list[float]":
-        return [int(v) if float(v).is_integer() else v for v in value]
-    return value
-
-
-def set_in_doc(doc: tomlkit.TOMLDocument, setting: config.Setting, value: Any) -> None:
-    """Set one value in a parsed document, keeping comments; adds the section if missing."""
-    if setting.section not in doc:
-        doc.add(setting.section, tomlkit.table())
-    table = doc[setting.section]
-    old = table.get(setting.key)
-    item = tomlkit.item(toml_ready(setting, value))
-    if old is not None and getattr(old, "trivia", None) is not None and old.trivia.comment:
-        item.comment(old.trivia.comment.lstrip("# ").rstrip())  # keep a comment on the line
-    table[setting.key] = item
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace a file by rename (a reader sees the old or the new one), keeping its mode."""
-    mode = 0o644
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_doc(home: Path) -> tuple[Path, tomlkit.TOMLDocument]:
-    path = home / config.CONFIG_FILE
-    if not path.exists():
-        config.load(home)  # writes the commented default file
-    try:
-        return path, tomlkit.parse(path.read_text(encoding="utf-8"))
-    except Exception as e:  # tomlkit raises its own ParseError family
-        raise config.ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
 # ---------------------------------------------------------------- set

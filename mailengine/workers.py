@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .queue_dirs import RETRY, WORKING
 from .config import BY_NAME
 from .session_slots import SessionSlots
 from .setting import DELIVERY
@@ -288,8 +289,8 @@ async def worker_main(spec: dict) -> None:
     spool = Spool(cfg.mailq(spec["test_mode"]), durable=cfg.queue.relay_via_disk,
                   hostname=hostname)
 
-    def stored(relayed, local: bool, where: str = "retry", data: bytes = b"") -> None:
-        kind = "W" if where == "working" else "R"
+    def stored(relayed, local: bool, where: str = RETRY, data: bytes = b"") -> None:
+        kind = "W" if where == WORKING else "R"
         try:
             notify.write(f"{kind} {relayed.id}\n" if relayed is not None else "L\n")
         except OSError:
@@ -298,7 +299,7 @@ async def worker_main(spec: dict) -> None:
     def relay_dir() -> str:
         # Straight into working/ when the engine is sending (it moves the message to retry/
         # if its memory is full): two renames fewer in the engine's event loop per message.
-        return "retry" if cfg.queue.pause_sending else "working"
+        return RETRY if cfg.queue.pause_sending else WORKING
 
     intake = Intake(cfg, spool, hostname, stored, relay_dir=relay_dir)
     ctx = tls.server_context(cfg.home, cfg.network.tls_cert, cfg.network.tls_key, hostname)

@@ -60,6 +60,12 @@ EXPECTED = {
                                  ("uma@multi.test", "soft", "4.4.7", 451)], "", ""),
     "dsn_no_diagnostic.eml": ([("wes@bare.test", "hard", "5.1.1", 0)], "", ""),
     "global_dsn_utf8.eml": ([("xavier@intl.test", "hard", "5.1.1", 550)], "", ""),
+    "postfix_spamhaus_block.eml": ([("vera@blocky.test", "hard", "5.7.1", 554)],
+                                   "<spring-1@sender.test>", ""),
+    "outlook_auth_5_7_515.eml": ([("walt@outlook.test", "hard", "5.7.515", 550)],
+                                 "<receipt-9001@sender.test>", ""),
+    "postfix_domain_not_found.eml": ([("xena@typo-domain.test", "hard", "5.4.4", 0)], "", ""),
+    "postfix_expired.eml": ([("yves@slowpoke.test", "soft", "4.4.7", 0)], "", ""),
     # not bounces
     "dsn_success.eml": "success",
     "autoreply_out_of_office.eml": "autoreply",
@@ -198,6 +204,7 @@ def test_bounce_log_writes_lists_and_json(tmp_path):
         ("yolanda@corp.test", "ignored")]
     a = lines[0]
     assert a["status"] == "5.1.1" and a["code"] == 550 and a["class"] == "address"
+    assert a["category"] == "bad-mailbox" and lines[1]["category"] == "quota-issues"
     assert a["original_message_id"] == "<newsletter-2026-03.alice@sender.test>"
     assert a["queue_id"] == "P17000T1C3@engine.sender.test"
     assert a["bounce_id"] == "P1T1C1@me" and "User unknown" in a["reason"]

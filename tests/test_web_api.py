@@ -613,12 +613,6 @@ def test_openapi_is_served_and_kept_in_docs(running):
 
 # --- queue actions -------------------------------------------------------------------------------
 
-needs_queueops = pytest.mark.skipif(
-    __import__("mailengine.web.queue_actions", fromlist=["_ops"])._ops() is None,
-    reason="mailengine.queueops is not there")
-
-
-@needs_queueops
 def test_queue_actions_through_the_api(running):
     c = Client(running.web_port)
     ids = []

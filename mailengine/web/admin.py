@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import secrets
 import time
 from urllib.parse import quote
 
 from aiohttp import web
 
+from ..bounces import BOUNCES_JSONL
+from ..categories import CATEGORIES, categorize, categorize_reply, override_problem
 from ..config import SECTION_TITLES, SETTINGS, AddressSet, coerce, toml_value
 from ..users import hash_password
 from . import queue_actions, queue_view, settings_edit, suppressions
@@ -24,6 +27,7 @@ from .metrics import snapshot
 LISTS = ("hard-bounces.txt", "soft-bounces.txt", "hard-undeliverable.txt",
          "soft-undeliverable.txt")
 LIST_VIEW_LINES = 2000
+RECENT_BOUNCES = 50  # lines of log/bounces.jsonl on the lists page
 PAGE = 200  # messages per queue page
 COOKIE = {"httponly": True, "samesite": "Strict", "path": "/"}
 
@@ -164,16 +168,13 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
     """The busiest destinations and their state, from the delivery engine's scheduler; the
     last reply from the delivery log lines (metrics.OutcomeCounter). Per-domain message counts
     need a walk over the queue, done only while it is small (the Queue page always does it)."""
-    delivery = getattr(engine, "delivery", None)
-    if delivery is None:
-        msgs = queue_view.queued_messages(engine)
-    else:  # the messages in memory only: the backlog's would be read from disk every poll
-        msgs = list(delivery.messages.values()) \
-            if len(delivery.messages) <= STATUS_SCAN_LIMIT else []
+    delivery = engine.delivery
+    # the messages in memory only: the backlog's would be read from disk every poll
+    msgs = list(delivery.messages.values()) if len(delivery.messages) <= STATUS_SCAN_LIMIT else []
     rows = {r.domain: r for r in queue_view.by_domain(engine, msgs)}
     out = []
-    active = delivery.sched.destinations() if delivery is not None else {}
-    windows = getattr(getattr(delivery, "windows", None), "_w", {})
+    active = delivery.sched.destinations()
+    windows = delivery.windows._w
     for dom in set(active) | set(rows):
         ready, running = active.get(dom, (0, 0))
         row = rows.get(dom)
@@ -195,8 +196,8 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
                    f"after temporary failures there (busy replies or failed connections, "
                    f"{'once' if win.cuts == 1 else f'{win.cuts} times'}); back up step by step "
                    f"as mail gets through")
-        rate = getattr(delivery, "rate", None)
-        if state == "ready" and rate is not None and not rate.unlimited and \
+        rate = delivery.rate
+        if state == "ready" and not rate.unlimited and \
                 engine.cfg.limits.max_send_rate:
             why = why or f"limits.max_send_rate = {engine.cfg.limits.max_send_rate}/h"
         last = row.last_log if row else ""
@@ -227,7 +228,16 @@ def cached_destinations(w) -> list[dict]:
 async def status(request: web.Request) -> web.Response:
     w = _web(request)
     return w.render(request, "status.html", snap=snapshot(w.engine, w.outcomes),
-                    dests=cached_destinations(w), title="Status")
+                    dests=cached_destinations(w), title="Status",
+                    categories=_category_rows(w.outcomes))
+
+
+def _category_rows(counter) -> list[dict]:
+    """Failures since the start by category, the most first, with what each means."""
+    rows = [{"category": c, "failed": n.get("failed", 0), "deferred": n.get("deferred", 0),
+             "meaning": CATEGORIES.get(c, "")}
+            for c, n in (counter.by_category.items() if counter is not None else ())]
+    return sorted(rows, key=lambda r: (-(r["failed"] + r["deferred"]), r["category"]))
 
 
 async def status_json(request: web.Request) -> web.Response:
@@ -298,7 +308,7 @@ async def settings_post(request: web.Request) -> web.Response:
         parts.append("applied now: " + ", ".join(live))
     if later:
         parts.append("saved, takes effect after restart: " + ", ".join(later))
-    if live and getattr(w.engine, "workers", None) is not None:
+    if live and w.engine.workers is not None:
         parts.append("the intake processes restart with the new values (sessions in progress "
                      "finish under the old ones)")
     _back(request, "/gui/admin/settings", "ok",  # the page's top, where the banner is
@@ -323,7 +333,7 @@ async def queue_domains(request: web.Request) -> web.Response:
     return w.render(request, "queue.html", title="Queue", rows=rows,
                     total=queue_view.queued_total(w.engine, msgs),
                     partial=queue_view.partial(w.engine), scan_limit=queue_view.SCAN_LIMIT,
-                    replies=replies, actions=queue_actions.available(w.engine))
+                    replies=replies)
 
 
 async def queue_messages(request: web.Request) -> web.Response:
@@ -340,8 +350,7 @@ async def queue_messages(request: web.Request) -> web.Response:
     now = dt.datetime.now()
     shown = [(m, queue_view.state_of(w.engine, m, now)) for m in msgs[start:start + PAGE]]
     return w.render(request, "messages.html", title=f"Queue: {domain or 'all messages'}",
-                    domain=domain, shown=shown, total=len(msgs), start=start, page=PAGE,
-                    actions=queue_actions.available(w.engine))
+                    domain=domain, shown=shown, total=len(msgs), start=start, page=PAGE)
 
 
 async def message(request: web.Request) -> web.Response:
@@ -352,10 +361,10 @@ async def message(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=f"Message {msg_id} is not in the queue (any more).")
     return w.render(request, "message.html", title=f"Message {msg_id}", msg_id=msg_id, msg=msg,
                     where=where, state=queue_view.state_of(w.engine, msg) if msg else "",
-                    replies=queue_view.last_replies(msg) if msg else {},
+                    replies={a: (when, text, categorize_reply(text)) for a, (when, text)
+                             in (queue_view.last_replies(msg) if msg else {}).items()},
                     inf=queue_view.inf_text(w.engine, msg_id, where),
-                    headers=queue_view.head_of_data(w.engine, msg_id, where),
-                    actions=queue_actions.available(w.engine))
+                    headers=queue_view.head_of_data(w.engine, msg_id, where))
 
 
 async def message_action(request: web.Request) -> web.Response:
@@ -419,7 +428,29 @@ async def lists(request: web.Request) -> web.Response:
         except FileNotFoundError:
             rows.append({"name": name, "lines": 0, "size": 0, "changed": ""})
     return w.render(request, "lists.html", title="Bounce and undeliverable lists", rows=rows,
-                    home=str(w.cfg.home))
+                    home=str(w.cfg.home), bounces=_recent_bounces(w), problem=override_problem())
+
+
+def _recent_bounces(w) -> list[dict]:
+    """The last bounces recorded (log/bounces.jsonl), newest first, with their category."""
+    lines, _ = _tail(w.cfg.log_dir / BOUNCES_JSONL, 4 * RECENT_BOUNCES)  # lines are long
+    out: list[dict] = []
+    for line in reversed(lines):
+        if len(out) >= RECENT_BOUNCES:
+            break
+        try:
+            b = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the tail, or written by hand
+        if not isinstance(b, dict) or b.get("kind") not in ("hard", "soft"):
+            continue
+        row = {k: str(b.get(k) or "") for k in ("time", "address", "kind", "category",
+                                                 "status", "code", "reason")}
+        if not row["category"]:  # written before categories existed
+            row["category"] = categorize(b.get("code") if isinstance(b.get("code"), int)
+                                         else 0, row["status"], row["reason"])
+        out.append(row)
+    return out
 
 
 async def list_view(request: web.Request) -> web.Response:
@@ -446,7 +477,7 @@ async def list_download(request: web.Request) -> web.StreamResponse:
 def _dkim_state(w) -> dict:
     """What the DKIM page and dkim.json show: each signing table entry's DNS record and the
     problems of the keys (the same lines the engine logged at start)."""
-    signer = getattr(w.engine, "dkim", None)
+    signer = w.engine.dkim
     if signer is None:
         saved = settings_edit.read_file_values(w.cfg.home).get("dkim.signing_table") or []
         return {"enabled": False, "pending": bool(saved), "records": [], "problems": []}
@@ -476,7 +507,7 @@ async def dkim_json(request: web.Request) -> web.Response:
 
 
 async def dkim_reload(request: web.Request) -> web.Response:
-    signer = getattr(_web(request).engine, "dkim", None)
+    signer = _web(request).engine.dkim
     if signer is None:
         _back(request, "/gui/admin/dkim", "error", "DKIM signing is off.")
     signer.reload()

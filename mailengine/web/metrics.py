@@ -1,8 +1,7 @@
 """Numbers of the running engine: one snapshot, a short history for the charts, Prometheus text.
 
 `snapshot(engine)` reads counters the engine keeps anyway (engine.stats, the inbound server's
-connections, the delivery engine's pool and queue); nothing here walks a directory more often than
-once every USAGE_TTL seconds. `History` samples a snapshot every SAMPLE_SECONDS into a ring of
+connections, the delivery engine's pool and queue); nothing here walks a directory. `History` samples a snapshot every SAMPLE_SECONDS into a ring of
 HISTORY_SAMPLES (30 minutes) for the live status page.
 """
 from __future__ import annotations
@@ -14,20 +13,10 @@ import resource
 import time
 from collections import deque
 
+from ..categories import categorize_reply
+
 SAMPLE_SECONDS = 2.0
 HISTORY_SAMPLES = 900
-USAGE_TTL = 30.0
-
-_usage_cache: dict[int, tuple[float, dict]] = {}
-
-
-def _spool_usage(engine) -> dict[str, tuple[int, int]]:
-    key = id(engine.spool)
-    now = time.monotonic()
-    hit = _usage_cache.get(key)
-    if hit is None or now - hit[0] > USAGE_TTL:
-        hit = _usage_cache[key] = (now, engine.spool.usage())
-    return hit[1]
 
 
 def rss_bytes() -> int:
@@ -38,16 +27,11 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _count(x) -> int | None:
-    if x is None:
-        return None
-    return int(getattr(x, "total", x))
-
-
 class OutcomeCounter(logging.Handler):
-    """Counts failed and deferred recipients, and keeps each domain's last reply, from the
-    delivery engine's per-recipient log lines ("ID: address failed|deferred: reply"), so the
-    web admin needs no hook inside delivery. Attached to the "mailengine.delivery" logger."""
+    """Counts failed and deferred recipients, by category too (categories.py, from the reply),
+    and keeps each domain's last reply, from the delivery engine's per-recipient log lines
+    ("ID: address failed|deferred: reply"), so the web admin needs no hook inside delivery.
+    Attached to the "mailengine.delivery" logger."""
 
     MAX_DOMAINS = 10000
 
@@ -56,6 +40,7 @@ class OutcomeCounter(logging.Handler):
         self.failed = 0
         self.deferred = 0
         self.last_reply: dict[str, tuple[float, str]] = {}  # domain -> (time, "addr: reply")
+        self.by_category: dict[str, dict[str, int]] = {}  # category -> {failed, deferred}
 
     def emit(self, record: logging.LogRecord) -> None:
         args = record.args
@@ -67,10 +52,13 @@ class OutcomeCounter(logging.Handler):
             self.deferred += 1
         else:
             return
+        cat = categorize_reply(str(args[3]))
+        counts = self.by_category.setdefault(cat, {"failed": 0, "deferred": 0})
+        counts[args[2]] += 1
         addr = str(args[1])
         dom = addr.rpartition("@")[2].lower()
         self.last_reply.pop(dom, None)
-        self.last_reply[dom] = (record.created, f"{addr} {args[2]}: {args[3]}")
+        self.last_reply[dom] = (record.created, f"{addr} {args[2]} ({cat}): {args[3]}")
         while len(self.last_reply) > self.MAX_DOMAINS:
             del self.last_reply[next(iter(self.last_reply))]
 
@@ -84,7 +72,7 @@ class OutcomeCounter(logging.Handler):
 def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False) -> dict:
     """The numbers of now; `cheap` skips those that walk the queue (recipients left)."""
     st = engine.stats
-    delivery = getattr(engine, "delivery", None)
+    delivery = engine.delivery
     ins = engine.inbound_counts()  # this process's sessions, or the intake workers'
     snap = {
         "time": time.time(),
@@ -92,33 +80,27 @@ def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False)
         "received_local": st.inbound.total,
         "received_relay": st.relay.total,
         "sent": st.sent.total,
-        "failed": _count(getattr(st, "failed", None if counter is None else counter.failed)),
-        "deferred": _count(getattr(st, "deferred",
-                                   None if counter is None else counter.deferred)),
+        # failures are counted from the delivery log lines (OutcomeCounter), not in engine.stats
+        "failed": None if counter is None else counter.failed,
+        "deferred": None if counter is None else counter.deferred,
         "inbound_connections": ins["open"],
         "inbound_sessions_total": ins["sessions_total"],
         "inbound_refused_busy": ins["refused_busy"],
-        "outbound_connections": delivery.pool.total if delivery is not None else 0,
+        "outbound_connections": delivery.pool.total,
         "memory_bytes": rss_bytes(),
         "spool_stores": engine.spool.stores,
         "spool_flushes": engine.spool.flushes,
         "paused": bool(engine.cfg.queue.pause_sending),
         "shared_up": None,  # None: not shared
     }
-    shared = getattr(delivery, "shared", None)
+    shared = delivery.shared
     if shared is not None:
         snap["shared_up"] = int(not shared.health.down)
-    if delivery is not None:
-        msgs = delivery.messages
-        snap["queue_messages"] = len(msgs) + len(engine.backlog)  # recipients: in memory
-        snap["queue_recipients"] = None if cheap else sum(
-            len(m.rcpt_to_send) for m in list(msgs.values()))
-        snap["queue_sending"] = len(delivery.attempts)
-    else:
-        usage = _spool_usage(engine)
-        snap["queue_messages"] = usage.get("retry", (0, 0))[0]
-        snap["queue_recipients"] = None
-        snap["queue_sending"] = 0
+    msgs = delivery.messages
+    snap["queue_messages"] = len(msgs) + len(engine.backlog)  # recipients: in memory
+    snap["queue_recipients"] = None if cheap else sum(
+        len(m.rcpt_to_send) for m in list(msgs.values()))
+    snap["queue_sending"] = len(delivery.attempts)
     return snap
 
 
@@ -180,6 +162,14 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
           s["failed"])
     _line(out, "mailengine_deferred_total", "counter", "Recipient attempts deferred for a retry.",
           s["deferred"])
+    if counter is not None and counter.by_category:
+        out.append("# HELP mailengine_failures_by_category_total Failed and deferred recipients "
+                   "by the category of their reply (bounce categories).")
+        out.append("# TYPE mailengine_failures_by_category_total counter")
+        for cat, counts in sorted(counter.by_category.items()):
+            for result, n in counts.items():
+                out.append(f'mailengine_failures_by_category_total{{category="{cat}",'
+                           f'result="{result}"}} {n}')
     _line(out, "mailengine_queue_messages", "gauge", "Messages in the queue (retry and working).",
           s["queue_messages"])
     _line(out, "mailengine_queue_recipients", "gauge", "Recipients still to send.",

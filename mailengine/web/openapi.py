@@ -63,6 +63,15 @@ def openapi() -> dict:
             "/api/v1/stats": {"get": {
                 "summary": "Counters, queue size, connections, busiest destinations",
                 "responses": {"200": _json("Stats", "Statistics"), "401": _ERR}}},
+            "/api/v1/complaints": {"get": {
+                "summary": "Complaint rate per sender domain (last day, last week), newest "
+                           "complaints",
+                "description": (
+                    "Complaints from feedback-loop reports (complaints.addresses) per delivered "
+                    "recipient, per sender domain; `over` when a window's rate is above "
+                    "complaints.rate_threshold_percent (0.3, the line Gmail and Yahoo draw)."),
+                "responses": {"200": _json("Complaints", "Rates and recent complaints"),
+                              "401": _ERR}}},
             "/api/v1/queue": {"get": {
                 "summary": "Queued messages (oldest first)",
                 "parameters": [
@@ -81,7 +90,7 @@ def openapi() -> dict:
                 "parameters": [{"name": "domain", "in": "path", "required": True,
                                 "schema": {"type": "string"}}, _ACTION],
                 "responses": {"200": _json("ActionResult", "Done"), "401": _ERR,
-                              "409": _ERR, "501": _ERR}}},
+                              "409": _ERR}}},
             "/api/v1/queue/{id}": {
                 "get": {"summary": "One message: state, recipients, .inf and history",
                         "parameters": [_ID],
@@ -89,12 +98,12 @@ def openapi() -> dict:
                                       "404": _ERR}},
                 "delete": {"summary": "Delete a message", "parameters": [_ID],
                            "responses": {"200": _json("ActionResult", "Deleted"),
-                                         "404": _ERR, "409": _ERR, "501": _ERR}}},
+                                         "404": _ERR, "409": _ERR}}},
             "/api/v1/queue/{id}/{action}": {"post": {
                 "summary": "Delete, hold, release or retry now one message",
                 "parameters": [_ID, _ACTION],
                 "responses": {"200": _json("ActionResult", "Done"), "404": _ERR,
-                              "409": _ERR, "501": _ERR}}},
+                              "409": _ERR}}},
             "/metrics": {"get": {
                 "summary": "Prometheus metrics (text format; no token needed)",
                 "security": [],
@@ -146,6 +155,19 @@ def openapi() -> dict:
                     "outbound_connections": {"type": "integer"},
                     "memory_bytes": {"type": "integer"},
                     "destinations": {"type": "array", "items": {"type": "object"}}}},
+                "Complaints": {"type": "object", "properties": {
+                    "threshold_percent": {"type": "number"},
+                    "windows": {"type": "array", "items": {"type": "string"}},
+                    "addresses": {"type": "array", "items": {"type": "string"}},
+                    "domains": {"type": "array", "items": {"type": "object", "properties": {
+                        "domain": {"type": "string"}, "over": {"type": "boolean"},
+                        "1d": {"$ref": "#/components/schemas/ComplaintWindow"},
+                        "7d": {"$ref": "#/components/schemas/ComplaintWindow"}}}},
+                    "recent": {"type": "array", "items": {"type": "object"}, "description": (
+                        "the newest lines of log/complaints.jsonl, newest first")}}},
+                "ComplaintWindow": {"type": "object", "properties": {
+                    "delivered": {"type": "integer"}, "complaints": {"type": "integer"},
+                    "rate_percent": {"type": ["number", "null"]}}},
                 "QueuedMessage": {"type": "object", "properties": {
                     "id": {"type": "string"}, "from": {"type": "string"},
                     "to": {"type": "array", "items": {"type": "string"}},
@@ -156,7 +178,9 @@ def openapi() -> dict:
                         "type": "object", "description": "recipient -> the last reply that "
                         "deferred it (one per destination domain; kept in the .inf)",
                         "additionalProperties": {"type": "object", "properties": {
-                            "time": {"type": "string"}, "reply": {"type": "string"}}}},
+                            "time": {"type": "string"}, "reply": {"type": "string"},
+                            "category": {"type": "string", "description": "the reply's bounce "
+                                         "category (bad-mailbox, quota-issues, ...)"}}}},
                     "history": {"type": "array", "items": {"type": "string"}},
                     "inf": {"type": "string"}}},
                 "QueueList": {"type": "object", "properties": {

@@ -13,12 +13,14 @@ import datetime as dt
 import os
 from dataclasses import dataclass, field
 
+from ..queue_dirs import RETRY, WORKING
+from ..categories import categorize_reply
 from ..envelope import InfError, Message, last_replies
 from ..scheduler import domain_of
 from ..spool import is_message_id
 
 SCAN_LIMIT = 20000
-WHERE = ("retry", "working")
+WHERE = (RETRY, WORKING)
 
 
 async def off_loop(fn, *args):
@@ -30,54 +32,29 @@ async def off_loop(fn, *args):
 async def messages(engine) -> list[Message]:
     """Every queued message: a copy of the delivery engine's table and the backlog's messages
     (read from disk, at most SCAN_LIMIT), or read from retry/."""
-    delivery = getattr(engine, "delivery", None)
-    if delivery is not None:
-        in_memory = list(delivery.messages.values())
-        if not len(engine.backlog):
-            return in_memory
-        return in_memory + await off_loop(backlog_messages, engine)
-    return await off_loop(queued_messages, engine)
+    in_memory = list(engine.delivery.messages.values())
+    if not len(engine.backlog):
+        return in_memory
+    return in_memory + await off_loop(backlog_messages, engine)
 
 
 def queued_total(engine, msgs: list[Message]) -> int:
     """How many messages are queued: all of them, though `msgs` holds at most SCAN_LIMIT of the
     backlog's (its .inf files are read to show them)."""
-    delivery = getattr(engine, "delivery", None)
-    if delivery is None:
-        return len(msgs)
-    return len(delivery.messages) + len(engine.backlog)
+    return len(engine.delivery.messages) + len(engine.backlog)
 
 
 def partial(engine) -> bool:
     """True when the backlog holds more than the pages read of it (SCAN_LIMIT)."""
-    return getattr(engine, "delivery", None) is not None and len(engine.backlog) > SCAN_LIMIT
+    return len(engine.backlog) > SCAN_LIMIT
 
 
 def backlog_messages(engine) -> list[Message]:
     return [m for _, m in itertools.islice(engine.backlog_messages(), SCAN_LIMIT)]
 
 
-def queued_messages(engine) -> list[Message]:
-    delivery = getattr(engine, "delivery", None)
-    if delivery is not None:
-        return list(delivery.messages.values()) + backlog_messages(engine)
-    out = []
-    d = engine.spool.dir("retry")
-    try:
-        names = [n[:-4] for n in os.listdir(d) if n.endswith(".inf") and not n.startswith(".")]
-    except FileNotFoundError:
-        return out
-    for mid in sorted(names)[:SCAN_LIMIT]:
-        try:
-            out.append(engine.spool.load(mid, "retry"))
-        except (OSError, InfError):
-            continue
-    return out
-
-
 def state_of(engine, msg: Message, now: dt.datetime | None = None) -> str:
-    delivery = getattr(engine, "delivery", None)
-    if delivery is not None and msg.id in getattr(delivery, "attempts", {}):
+    if msg.id in engine.delivery.attempts:
         return "sending"
     if msg.held:
         return "held"
@@ -136,8 +113,7 @@ def find(engine, msg_id: str) -> tuple[Message | None, str | None]:
     """(message, directory) of a queued message, looked up in memory first, then on disk."""
     if not is_message_id(msg_id):
         return None, None
-    delivery = getattr(engine, "delivery", None)
-    msg = delivery.messages.get(msg_id) if delivery is not None else None
+    msg = engine.delivery.messages.get(msg_id)
     for where in WHERE:
         if os.path.exists(engine.spool.inf_path(msg_id, where)):
             if msg is None:
@@ -179,5 +155,5 @@ def to_json(engine, m: Message, now: dt.datetime | None = None) -> dict:
             "retry_time": m.retry_time.isoformat() if m.retry_time else None,
             "tries": m.send_tries, "status": m.status, "held": m.held,
             "state": state_of(engine, m, now),
-            "last_replies": {a: {"time": w, "reply": r} for a, (w, r) in last_replies(m).items()
-                             if a in m.rcpt_to_send}}
+            "last_replies": {a: {"time": w, "reply": r, "category": categorize_reply(r)}
+                             for a, (w, r) in last_replies(m).items() if a in m.rcpt_to_send}}

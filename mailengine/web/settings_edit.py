@@ -10,13 +10,13 @@ the others are only saved and shown as "takes effect after restart" until then.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any
 
 import tomlkit
 
-from ..config import BY_NAME, CONFIG_FILE, SECTION_TITLES, SETTINGS, ConfigError, coerce
+from .. import config_file
+from ..config import BY_NAME, CONFIG_FILE, SETTINGS, ConfigError, coerce
 from ..setting import Setting
 
 log = logging.getLogger("mailengine.web")
@@ -89,37 +89,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _toml_item(value: Any) -> Any:
-    if isinstance(value, float) and value == int(value):
-        return int(value)
-    if isinstance(value, list):
-        arr = tomlkit.array()
-        for v in value:
-            arr.append(int(v) if isinstance(v, float) and v == int(v) else v)
-        return arr
-    return value
-
-
 def save(home, changes: dict[str, Any]) -> None:
     """Write `changes` ("section.key" -> checked value) into mailengine.toml, keeping comments."""
-    path = home / CONFIG_FILE
-    try:
-        doc = tomlkit.parse(path.read_text())
-    except FileNotFoundError:
-        doc = tomlkit.document()
-    for name, value in changes.items():
-        s = BY_NAME[name]
-        if s.section not in doc:
-            table = tomlkit.table()
-            table.comment(SECTION_TITLES.get(s.section, s.section))
-            doc[s.section] = table
-        doc[s.section][s.key] = _toml_item(value)
-    tmp = path.with_name(path.name + ".web.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(tomlkit.dumps(doc))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    config_file.save(home, changes)
 
 
 def apply(engine, changes: dict[str, Any]) -> None:

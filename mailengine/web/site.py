@@ -8,7 +8,8 @@ every address.
 
     /                   -> /gui/admin
     /gui/login          log in with a user of HOME/password.txt
-    /gui/admin/...      status, settings, queue, bounce lists, API tokens, account (admin.py)
+    /gui/admin/...      status, settings, queue, bounce lists, API tokens, account (admin.py);
+                        complaint rates (complaints_view.py, also /api/v1/complaints)
     /api/v1/...         JSON API with bearer tokens (api.py), /api/v1/openapi.json
     /metrics            Prometheus text format (metrics.py)
 """
@@ -21,7 +22,7 @@ import jinja2
 from aiohttp import web
 
 from ..config import AddressSet, parse_address_range
-from . import admin, api
+from . import admin, api, complaints_view
 from .auth import ApiTokens, Sessions, Throttle, TOKENS_FILE
 from .metrics import History, OutcomeCounter, prometheus
 
@@ -86,11 +87,13 @@ class WebSite:
         app.router.add_static("/gui/static", HERE / "static")
         admin.add_routes(app)
         api.add_routes(app)
+        complaints_view.add_routes(app)
         app.router.add_get("/metrics", self.metrics)
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=prometheus(self.engine, self.outcomes),
+        return web.Response(text=prometheus(self.engine, self.outcomes)
+                            + complaints_view.prometheus(self.engine),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
