@@ -104,6 +104,9 @@ class Engine:
         self.delivery = DeliveryEngine(self)
         # started after the SMTP listener (`await start()`), stopped before delivery
         self.services = [ControlServer(self), WebServer(self)]
+        if cfg.unsubscribe.listen:  # the public one-click unsubscribe listener (aiohttp)
+            from .unsubscribe_web import UnsubscribeListener
+            self.services.append(UnsubscribeListener(self))
 
     # --- intake ----------------------------------------------------------------------------------
 

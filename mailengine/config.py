@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,34 @@ def _check_web_ip(value: str) -> str | None:
     if value in ("", "0"):
         return None
     return _check_addresses([value])
+
+
+
+# [unsubscribe] (unsubscribe.py)
+def _is_domain(value: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.?", value.strip()) is not None
+
+
+def _check_unsub_domains(values: list[str]) -> str | None:
+    bad = [v for v in values if v != "*" and not _is_domain(v)]
+    return f"not domain names: {bad}" if bad else None
+
+
+def _check_unsub_url(value: str) -> str | None:
+    if value and not (value.startswith(("https://", "http://")) and value.isascii()
+                      and value.isprintable() and not any(c in value for c in " <>,?#\"")):
+        return "must be an http(s) URL without spaces, <>, commas, ? or # (https for Gmail)"
+    return None
+
+
+def _check_unsub_listen(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        split_host_port(value, 443)
+    except ValueError:
+        return f"{value!r} is not ip:port"
+    return None
 
 
 SETTINGS: list[Setting] = [
@@ -186,6 +215,26 @@ SETTINGS: list[Setting] = [
     Setting("logging", "stats_interval", 10, "float",
             "Seconds between console statistics lines (printed only when mail moved). 0 = off.",
             minimum=0, scope=DELIVERY),
+    # unsubscribe: one-click unsubscribe (unsubscribe.py, unsubscribe_web.py; issue 18 item 4)
+    Setting("unsubscribe", "sender_domains", [], "list[str]",
+            "Envelope sender (MAIL FROM) domains whose mail gets List-Unsubscribe and "
+            "List-Unsubscribe-Post fields naming each recipient (one transaction per recipient); "
+            "\"*\" = every sender. Empty: off.", check=_check_unsub_domains, scope=DELIVERY),
+    Setting("unsubscribe", "url_base", "", "str",
+            "The public URL of the unsubscribe listener, e.g. https://unsub.example.com: links "
+            "are URL_BASE/u/TOKEN. Empty: no link, no one-click (mailto only).",
+            check=_check_unsub_url, scope=DELIVERY),
+    Setting("unsubscribe", "mailto_domain", "", "str",
+            "Domain of the mailto address unsubscribe+TOKEN@DOMAIN (its MX must be this engine: "
+            "mail to it unsubscribes, and is not relayed). Empty: no mailto.",
+            check=lambda v: None if not v or _is_domain(v) else "must be a domain name"),
+    Setting("unsubscribe", "listen", "", "str",
+            "ip:port where the public unsubscribe listener answers (no login; separate from "
+            "the web admin). Empty: no listener.", check=_check_unsub_listen, restart=True,
+            scope=DELIVERY),
+    Setting("unsubscribe", "listen_tls", False, "bool",
+            "The listener speaks HTTPS with network.tls_cert / tls_key (else plain HTTP behind "
+            "a TLS proxy).", restart=True, scope=DELIVERY),
     # limits (制限)
     Setting("limits", "smtp_receive_timeout", 600, "float",
             "Seconds an idle inbound session may wait before it is dropped.", minimum=5,
@@ -301,6 +350,7 @@ SECTION_TITLES = {
     "limits": "Limits",
     "debug": "Troubleshooting",
     "reports": "Delivery reports",
+    "unsubscribe": "One-click unsubscribe",
     "complaints": "Complaints (feedback loops)",
 }
 

@@ -38,6 +38,11 @@ key is unusable under `dkim.missing_key = "hold"` leaves the message in retry/, 
 every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode (`mailengine test`)
 says RSET and QUIT where DATA would go. A server without 8BITMIME gets 8-bit MIME mail re-encoded
 in 7 bits (downgrade.py), made once per attempt and signed anew, as it is sent.
+
+Mail of the sender domains in `unsubscribe.sender_domains` gets List-Unsubscribe fields naming each
+recipient (unsubscribe.py), unless it has such a field of its own: it goes one recipient per
+transaction (as with VERP), each copy being the fields, then ID.dat, signed as one in a signing
+thread at each attempt (a signature per recipient: nothing is kept in ID.dkim).
 """
 from __future__ import annotations
 
@@ -71,6 +76,7 @@ from .smtp_session import ConnectError, SMTPSession
 from . import logs
 from .shared import CUT_POLL
 from .throttle import HourlyNotice, Windows, bandwidth_bucket, send_rate_bucket
+from .unsubscribe import SIGNED_FIELDS, HeaderMaker, has_own_field
 from . import verdict
 from .verdict import Action, Fate, Signal, Step
 
@@ -104,6 +110,11 @@ class Attempt:
     fresh_signature: bytes = b""  # DKIM signature made at this attempt (not kept in ID.dkim yet)
     dkim_hold: DKIMHold | None = None  # its domain's DKIM key is unusable and missing_key = hold
     seven_bit: asyncio.Future | None = None  # the body for servers without 8BITMIME (or None)
+    # Per-recipient header fields (unsubscribe.py): `body` then only gives the size and 8-bit
+    # flag, each recipient's copy is made from `data` (and `seven_data`, its 7-bit form)
+    personal: HeaderMaker | None = None  # what makes the fields, for the whole attempt
+    data: bytes = b""
+    seven_data: asyncio.Future | None = None
 
 
 class Pool:
@@ -409,6 +420,7 @@ class DeliveryEngine:
         self.debug_out = cfg.debug.smtp_out
         self.debug_loop = cfg.debug.send_loop
         self.signer = getattr(engine, "dkim", None)  # dkim.DKIMSigner, or None: no signing
+        self.unsub = HeaderMaker.from_config(cfg)  # List-Unsubscribe per recipient, or None
         self._signing: ThreadPoolExecutor | None = None  # its threads, made at the first use
         self._hold_noted: dict[str, tuple[float, int]] = {}  # domain -> (last line, held since)
         self.messages: dict[str, Message] = {}  # every message this engine holds, by id
@@ -484,6 +496,7 @@ class DeliveryEngine:
         if getattr(self.bandwidth, "rate", None) != cfg.limits.max_bandwidth:
             self.bandwidth = bandwidth_bucket(cfg.limits.max_bandwidth)
         self.helo = cfg.network.helo_text or self.engine.hostname
+        self.unsub = HeaderMaker.from_config(cfg)
         lim = cfg.limits  # the connection caps: lowered, connections beyond them are not reused
         self.sched.max_active = lim.max_outbound_connections
         self.windows.set_maximum(lim.max_connections_per_host)
@@ -730,12 +743,13 @@ class DeliveryEngine:
                 reused = sess.messages_sent > 0
                 try:
                     sent_body = body
-                    if body.eight_bit and not getattr(sess.capabilities, "eightbitmime", True):
+                    seven = body.eight_bit and not getattr(sess.capabilities, "eightbitmime", True)
+                    if seven and att.personal is None:
                         # RFC 6152 3: 8-bit MIME parts re-encoded; refused (5.6.3) only when
                         # the message cannot be converted
                         sent_body = await self._seven_bit_body(att) or body
                     rest, site, deferred = await self._transactions(
-                        sess, target, msg, pending, sent_body, dsn, final, last)
+                        sess, target, att, pending, sent_body, seven, dsn, final, last)
                 finally:
                     self.pool.release(sess)
                 soft += deferred
@@ -753,20 +767,25 @@ class DeliveryEngine:
             final[o.address] = o
         return [final[a] for a in u.rcpts if a in final], mx.text
 
-    async def _transactions(self, sess: SMTPSession, target: Target, msg: Message,
-                            rcpts: list[str], body: Body, dsn: DSNRequest | None,
+    async def _transactions(self, sess: SMTPSession, target: Target, att: Attempt,
+                            rcpts: list[str], body: Body, seven: bool, dsn: DSNRequest | None,
                             final: dict[str, RcptOutcome], last: dict[str, RcptOutcome]
                             ) -> tuple[list[str], bool, list[str]]:
         """Send to `rcpts` over `sess`; decided recipients go to `final`. Returns the recipients
         left, whether a site failure (lost connection, 421...) left them (then they go to the
         next MX host, else to a new connection to this one), and the recipients this server
         refused with a 4xx (at MAIL, RCPT, DATA or the end of data): these go to the next MX
-        host as well, the others' transactions carrying on here meanwhile."""
-        groups = self._envelopes(msg, rcpts)
+        host as well, the others' transactions carrying on here meanwhile. `seven`: the server
+        lacks 8BITMIME and `body` needs it (per-recipient copies are re-encoded here)."""
+        msg = att.msg
+        groups = self._envelopes(msg, rcpts, att.personal is not None)
         soft: list[str] = []
         while groups:
             sender, todo = groups.pop(0)
-            rest, deferred = await self._transaction(sess, target, msg, sender, todo, body, dsn,
+            sent = body
+            if att.personal is not None:  # one recipient: its own copy
+                sent = await self._personal_body(att, todo[0], seven) or body
+            rest, deferred = await self._transaction(sess, target, msg, sender, todo, sent, dsn,
                                                      final, last)
             soft += deferred
             if rest:
@@ -775,12 +794,16 @@ class DeliveryEngine:
                 return [a for _, g in groups for a in g], False, soft  # session over: reconnect
         return [], False, soft
 
-    def _envelopes(self, msg: Message, rcpts: list[str]) -> list[tuple[str, list[str]]]:
+    def _envelopes(self, msg: Message, rcpts: list[str],
+                   personal: bool = False) -> list[tuple[str, list[str]]]:
         """(MAIL FROM, recipients) per transaction: one for all, or with `logging.bounce_host`
         one per recipient from mailengine-bounce-USER%DOMAIN@bounce_host (VERP), so a bounce
-        names the address that failed. The null sender stays null."""
+        names the address that failed. The null sender stays null. `personal`: each recipient
+        gets its own copy (List-Unsubscribe fields), so its own transaction."""
         host = self.cfg.logging.bounce_host
         if not host or not msg.mail_from:
+            if personal:
+                return [(msg.mail_from, [a]) for a in rcpts]
             return [(msg.mail_from, rcpts)]
         return [(verp_encode(a, host), [a]) for a in rcpts]
 
@@ -871,6 +894,9 @@ class DeliveryEngine:
     async def _body(self, att: Attempt) -> Body:
         """The attempt's Body, made once for all its units. Signing runs in a signing thread,
         so units of other domains starting meanwhile wait for the same one (signed once)."""
+        if (self.unsub is not None and att.preparing is None
+                and self.unsub.applies(att.msg.mail_from) and self._personal(att)):
+            return att.body
         if self.signer is None:
             att.body = self._prepare_body(att.msg)
             return att.body
@@ -879,16 +905,63 @@ class DeliveryEngine:
             data = self._data.pop(msg.id, None)
             if data is not None:
                 self._cached_bytes -= len(data)
-            if self._signing is None:
-                self._signing = ThreadPoolExecutor(SIGN_THREADS, "dkim-sign")
             att.preparing = asyncio.get_running_loop().run_in_executor(
-                self._signing, self._signed_body, msg, data)
+                self._signing_pool(), self._signed_body, msg, data)
             # retrieved even when every unit waiting for it was cancelled (a stop)
             att.preparing.add_done_callback(lambda f: f.cancelled() or f.exception())
         # DKIMHold is raised to each unit
         body, att.fresh_signature = await asyncio.shield(att.preparing)
         att.body = body
         return body
+
+    def _personal(self, att: Attempt) -> bool:
+        """Whether the message gets per-recipient fields: yes unless it has a List-Unsubscribe
+        field of its own. Then its bytes are kept in the attempt for the copies, and `att.body`
+        (never sent as it is) gives the size and the 8-bit flag."""
+        msg = att.msg
+        data = self._data.pop(msg.id, None)
+        if data is not None:
+            self._cached_bytes -= len(data)
+        else:
+            data = self.spool.read_data(msg.id, WORKING)
+        if has_own_field(data):  # the sender's own unsubscribe: sent as it is, signed once
+            self._data[msg.id] = data
+            self._cached_bytes += len(data)
+            return False
+        att.personal, att.data = self.unsub, data
+        att.body = Body.from_bytes(received_header(msg, self.engine.hostname) + data)
+        return True
+
+    def _signing_pool(self) -> ThreadPoolExecutor:
+        if self._signing is None:
+            self._signing = ThreadPoolExecutor(SIGN_THREADS, "dkim-sign")
+        return self._signing
+
+    async def _personal_body(self, att: Attempt, rcpt: str, seven: bool) -> Body | None:
+        """One recipient's copy: its List-Unsubscribe fields, then ID.dat (re-encoded in 7 bits
+        for a server without 8BITMIME: None when it cannot be), DKIM-signed as one, in a
+        signing thread. A DKIMHold is raised at the first copy, before anything of its unit
+        is sent (a key, once loaded, stays usable)."""
+        loop = asyncio.get_running_loop()
+        data = att.data
+        if seven:
+            if att.seven_data is None:
+                att.seven_data = loop.run_in_executor(self._signing_pool(), seven_bit, data)
+                att.seven_data.add_done_callback(lambda f: f.cancelled() or f.exception())
+            data = await asyncio.shield(att.seven_data)
+            if data is None:
+                return None
+        return await loop.run_in_executor(self._signing_pool(), self._make_personal, att,
+                                          rcpt, data)
+
+    def _make_personal(self, att: Attempt, rcpt: str, data: bytes) -> Body:
+        msg = att.msg
+        copy = att.personal.fields(rcpt, msg.mail_from) + data
+        signature = b""
+        if self.signer is not None:
+            signature = self.signer.sign(copy, msg.mail_from.rpartition("@")[2] or None,
+                                         SIGNED_FIELDS)
+        return Body.from_bytes(signature + received_header(msg, self.engine.hostname) + copy)
 
     def _signed_body(self, msg: Message, data: bytes | None) -> tuple[Body, bytes]:
         """In a signing thread: DKIM-Signature field(s), then our Received field, then ID.dat;

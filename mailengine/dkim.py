@@ -453,20 +453,28 @@ class DKIMSigner:
                 return None
             d = d.split(".", 1)[1]
 
-    def sign(self, data: bytes, sender_domain: str | None = None) -> bytes:
+    def sign(self, data: bytes, sender_domain: str | None = None,
+             also: Iterable[str] = ()) -> bytes:
         """The DKIM-Signature field(s) to prepend to `data` (b"" when its domain is not signed).
 
         The signing domain comes from the From header, else from `sender_domain` (the envelope
-        sender's domain). Raises DKIMHold when the domain's keys are unusable and missing_key is
+        sender's domain). `also`: header fields signed when present even if `dkim.headers`
+        leaves them out (the engine's own List-Unsubscribe fields, which RFC 8058 requires
+        signed). Raises DKIMHold when the domain's keys are unusable and missing_key is
         "hold"; logs a warning and returns b"" when it is "unsigned".
         """
         if not self._slots:
             return b""
+        plan, wanted = self._plan, self._wanted
+        extra = [h.lower() for h in also if h.lower() not in self.headers]
+        if extra:
+            plan = plan + [(h, h.encode(), False) for h in dict.fromkeys(extra)]
+            wanted = wanted | {h.encode() for h in extra}
         fields, body = split_message(data)
         by_name: dict[bytes, list[bytes]] = {}
         for f in fields:
             name = f.split(b":", 1)[0].strip().lower()
-            if name in self._wanted:
+            if name in wanted:
                 by_name.setdefault(name, []).append(f)
         found = None
         if len(by_name.get(b"from", ())) == 1:
@@ -494,7 +502,7 @@ class DKIMSigner:
         h_names: list[str] = []
         signed = []
         relaxed = self._header_relaxed
-        for name, key, over in self._plan:
+        for name, key, over in plan:
             present = by_name.get(key)
             if present:
                 signed += [canon_header(f, relaxed) for f in reversed(present)]

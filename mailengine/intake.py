@@ -24,6 +24,7 @@ from .policy import is_verp
 from .events import EventLog
 from .smtp.server import MessageReceived, Reply, Session
 from .spool import Spool
+from .unsubscribe import Unsubscriber, mailto_token
 from .suppression import dropped_records
 
 if TYPE_CHECKING:
@@ -62,8 +63,9 @@ class Intake:
             bounces = BounceLog(cfg.home, AddressLists(cfg.home, mirror=list_mirror(cfg)),
                                 log_dir=cfg.log_dir)
         self.bounces = bounces  # mail to mailengine-bounce-USER%DOMAIN@... (SPEC 2.3)
-        self.complaints = ComplaintDesk(cfg)  # mail to complaints.addresses (feedback loops)
+        self._unsubscriber: Unsubscriber | None = None  # made at the first unsubscribe mail
         self._events: EventLog | None = None  # for suppressed recipients dropped (rare)
+        self.complaints = ComplaintDesk(cfg)  # mail to complaints.addresses (feedback loops)
 
     async def on_message(self, ev: MessageReceived) -> Reply:
         try:
@@ -90,6 +92,19 @@ class Intake:
                     "datasize": str(len(data)), "protocol": with_protocol(s),
                     "tls": f"{s.tls} with cipher {s.tls_cipher}" if s.tls_cipher else s.tls}
         msg_id = self.spool.new_id()
+        # --- unsubscribe mail (unsubscribe.py): recorded before anything is stored, so that a
+        # failure answers 451 with nothing promised and the sender tries again ---
+        unsub_domain = self.cfg.unsubscribe.mailto_domain
+        unsubs = [r for r in local if mailto_token(r, unsub_domain)] if unsub_domain else []
+        if unsubs:
+            try:
+                if self._unsubscriber is None:
+                    self._unsubscriber = Unsubscriber.for_config(self.cfg)
+                await asyncio.to_thread(self._unsubscriber.mailto, unsubs, unsub_domain,
+                                        msg_id, s.peer_ip)
+            except Exception:
+                log.exception("unsubscribe mail to %s could not be recorded", ",".join(unsubs))
+                return Reply(451, "4.3.0", "Cannot record the unsubscribe now, try again later")
         relayed = None
         where = RETRY
         if relay:

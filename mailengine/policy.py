@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 
+from . import recipient_token
 from .config import AddressSet, Config
 from .hostname import host_name
 from .smtp import wire
 from .smtp.server import Reply, Session, Transaction
+from .unsubscribe import mailto_token
 from .suppression import FILE as SUPPRESSION_FILE, SuppressionStore
 from .users import PasswordFile
 
@@ -19,6 +21,8 @@ log = logging.getLogger("mailengine.policy")
 BOUNCE_PREFIX = "mailengine-bounce-"
 
 RELAY_DENIED = Reply(554, "5.7.1", "relay not approved")
+# A forged or damaged unsubscribe+TOKEN address: refused, so nothing is stored for it
+NO_SUCH_UNSUBSCRIBE = Reply(550, "5.1.1", "no such unsubscribe address")
 
 
 def is_verp(address: str) -> bool:
@@ -39,6 +43,7 @@ def suppressed_reply(address: str, entry) -> Reply:
 class Policy:
     def __init__(self, cfg: Config, users: PasswordFile | None = None):
         self.users = users
+        self._token_key: bytes | None = None  # the home's recipient-token key, read when needed
         self._suppression: SuppressionStore | None = None  # opened at the first relayed RCPT
         self.reload(cfg)
         # Set by the disk-space watcher: new mail is refused for a while, never accepted and lost.
@@ -59,14 +64,18 @@ class Policy:
         # bounce host and at local domains (where all mail is local): elsewhere they are
         # ordinary addresses, relayed only for a client that may relay.
         self.bounce_host = cfg.logging.bounce_host.strip().lower().rstrip(".")
-        # Feedback-loop report addresses (complaints.py): taken from anyone, kept local.
-        self.complaint_addresses = frozenset(a.strip().lower()
-                                             for a in cfg.complaints.addresses)
+        # unsubscribe+TOKEN@mailto_domain (unsubscribe.py) is local mail from anyone when its
+        # token is one of ours; intake.py unsubscribes the address it names
+        self.home = cfg.home
+        self.unsubscribe_domain = cfg.unsubscribe.mailto_domain.strip().lower().rstrip(".")
         self.cfg = cfg
         self.suppress_on = cfg.suppression.enabled
         self.suppress_drop = cfg.suppression.action == "drop"
         if self.suppress_on and (cfg.home / SUPPRESSION_FILE).exists():
             self.suppression.lookup("")  # the list into memory now, not at the first RCPT
+        # Feedback-loop report addresses (complaints.py): taken from anyone, kept local.
+        self.complaint_addresses = frozenset(a.strip().lower()
+                                             for a in cfg.complaints.addresses)
         if self.relay_ips.everyone:
             log.warning("policy.relay_ips contains '0': this engine is an OPEN RELAY and will "
                         "relay mail for anyone on the internet. Restrict it unless this is a test.")
@@ -99,6 +108,17 @@ class Policy:
         # already stripped, and '%' or quoted '@' in the local part never select another domain.
         domain = wire.domain_of(address)
         lowered = address.lower()
+        if self.unsubscribe_domain and domain == self.unsubscribe_domain:
+            token = mailto_token(address, domain)
+            if token is not None:
+                if self._token_key is None:
+                    self._token_key = recipient_token.load_secret(self.home)
+                if recipient_token.verify(self._token_key, token) is None:
+                    log.info("RCPT %s from %s: not a token of this engine; refused", address,
+                             session.peer_ip)
+                    return NO_SUCH_UNSUBSCRIBE
+                txn.local.add(address)
+                return None
         if self.all_local or domain in self.local_domains or lowered == self.postmaster \
                 or (domain == self.bounce_host and is_verp(address)) \
                 or lowered in self.complaint_addresses:

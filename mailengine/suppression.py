@@ -192,7 +192,13 @@ class _Db:
         self.path = path
         self.lock = threading.RLock()
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # private: it lists addresses
+        try:  # private: it lists addresses. O_EXCL: never open (and close) a file SQLite
+            # may hold in this process already (the unsubscribe listener's store beside the
+            # policy's): closing any descriptor of it drops the process's POSIX locks, and
+            # another process closing its last connection then deletes the WAL under ours
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         self.conn = sqlite3.connect(path, timeout=10.0, isolation_level=None,
                                     check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer

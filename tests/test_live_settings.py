@@ -86,11 +86,14 @@ LIVE = {
     "reports.delivery_reports": "Notices reads cfg",
     "reports.recipients": "Notices reads cfg",
     "reports.domains": "Notices reads cfg",
+    "unsubscribe.sender_domains": "DeliveryEngine.apply -> HeaderMaker.from_config",
+    "unsubscribe.url_base": "DeliveryEngine.apply -> HeaderMaker.from_config",
+    "unsubscribe.mailto_domain": "Policy.reload; Intake reads cfg; DeliveryEngine.apply",
+    "suppression.enabled": "Policy.reload (intake workers are replaced)",
+    "suppression.action": "Policy.reload (intake workers are replaced); sendmail reads cfg",
     "complaints.addresses": "Policy.reload; ComplaintDesk (intake) reads cfg",
     "complaints.suppress_all_senders": "ComplaintDesk reads cfg",
     "complaints.rate_threshold_percent": "the complaints page reads cfg",
-    "suppression.enabled": "Policy.reload (intake workers are replaced)",
-    "suppression.action": "Policy.reload (intake workers are replaced); sendmail reads cfg",
 }
 
 
