@@ -1,6 +1,6 @@
 """The durable spool: `mailq/{retry,working,done,incoming}` holding `ID.dat` + `ID.inf` pairs.
 
-It owns message ids, the write-then-rename protocol with group commit, moves between
+It owns the write-then-rename protocol with group commit, moves between
 directories, removal, start-up recovery, the scan for mail dropped in by other programs, and the
 expiry of `done/` and `incoming/`. docs/QUEUE.md is the contract: every state a message's files
 can be in, the commit point (a `250` is sent only after `store()` returns), and what `recover()`
@@ -50,9 +50,7 @@ import asyncio
 import ctypes
 import logging
 import os
-import re
 import shutil
-import socket
 import threading
 from collections import deque
 import time
@@ -63,6 +61,7 @@ from typing import Callable
 
 from .queue_dirs import DIRS, DONE, INCOMING, RETRY, WORKING
 from .envelope import InfError, Message, format_inf, parse_inf
+from .message_ids import default_host, new_id, safe_host
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
 from .spare import fsync_dir as _fsync_dir
@@ -81,71 +80,6 @@ _O_REUSE = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)  # a spare file: overwritte
 SPARE_DIR = "spare"
 # Spare files kept for reuse (spare.py); the variable is for measuring with and without them.
 SPARE_FILES = int(os.environ.get("MAILENGINE_SPOOL_SPARE", "4096"))
-
-
-# ---------------------------------------------------------------- ids
-
-def _safe_host(name: str) -> str:
-    # the host ends up in a file name and in comma lists: keep it to harmless characters
-    out = "".join(c if (c.isascii() and (c.isalnum() or c in ".-_")) else "-" for c in name)
-    return out.strip(".") or "localhost"
-
-
-class _IdClock:
-    """Process-wide source of (T, C): the microsecond the id was made, strictly increasing.
-
-    T is the unix second and C the microsecond within it, so an id never repeats one made
-    earlier by any process with the same pid (a restarted container is pid 1 again), as long as
-    the clock does not go back. Ids are never made ahead of the clock: a burst of more than one
-    per microsecond waits for it, which caps the rate at a million a second."""
-
-    def __init__(self) -> None:
-        self.last = 0
-        self.lock = threading.Lock()
-
-    def next(self) -> int:
-        with self.lock:
-            now = time.time_ns() // 1000
-            if now <= self.last:
-                if self.last - now < 1000:  # a burst: wait for the clock (under a microsecond)
-                    while now <= self.last:
-                        now = time.time_ns() // 1000
-                else:  # the clock was set back: keep counting up (O_EXCL still guards)
-                    now = self.last + 1
-            self.last = now
-            return now
-
-
-_clock = _IdClock()
-if hasattr(os, "register_at_fork"):  # a lock held by another thread at fork would stay held
-    os.register_at_fork(after_in_child=lambda: setattr(_clock, "lock", threading.Lock()))
-
-
-def make_id(hostname: str | None = None) -> str:
-    """A new message id `P{pid}T{unixtime}C{microsecond}@{host}`, unique on this host."""
-    host = _safe_host(hostname) if hostname else _default_host()
-    us = _clock.next()
-    return f"P{os.getpid()}T{us // 1_000_000}C{us % 1_000_000}@{host}"
-
-
-# What an operator may name as a message id (`mailengine queue show ID`, the control socket,
-# the web admin): the characters of the ids made above (and by the old product), which keep a
-# name inside its directory. Anything else (`../../x`, a NUL, a space) is refused, not looked up.
-_ID_RE = re.compile(r"[A-Za-z0-9_@=+-][A-Za-z0-9._@=+-]{0,199}")
-
-
-def is_message_id(text: str) -> bool:
-    """True when `text` is a well-formed message id: one file name in one queue directory."""
-    return bool(_ID_RE.fullmatch(text))
-
-
-_host_cache: list[str] = []
-
-
-def _default_host() -> str:
-    if not _host_cache:
-        _host_cache.append(_safe_host(socket.gethostname()))
-    return _host_cache[0]
 
 
 # ---------------------------------------------------------------- flushing
@@ -325,7 +259,7 @@ class Spool:
                  strategy: str | None = None, fdatasync_threads: int = 32):
         self.root = Path(root)
         self.durable = durable
-        self.hostname = _safe_host(hostname) if hostname else _default_host()
+        self.hostname = safe_host(hostname) if hostname else default_host()
         self.strategy = strategy or DEFAULT_STRATEGY
         if self.strategy not in STRATEGIES or (self.strategy == "syncfs" and _syncfs is None):
             raise ValueError(f"flush strategy {self.strategy!r} is not available here")
@@ -357,8 +291,7 @@ class Spool:
         os.makedirs(f"{self.spare.path}/{SPARE_NEW}", exist_ok=True)
 
     def new_id(self) -> str:
-        us = _clock.next()
-        return f"P{os.getpid()}T{us // 1_000_000}C{us % 1_000_000}@{self.hostname}"
+        return new_id(self.hostname)
 
     def dir(self, where: str) -> Path:
         return self.root / where

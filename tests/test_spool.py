@@ -81,17 +81,6 @@ def test_ids_unique_across_processes(method):
     assert len(set(all_ids)) == 15000
 
 
-def test_a_restart_with_the_same_pid_in_the_same_second_makes_new_ids():
-    # a container restarts as the same pid; even a burst of ids just before the "crash" must
-    # not be repeated by the next run (a fresh clock is what a new process starts with)
-    def ids(clock, n):
-        return [(us // 1_000_000, us % 1_000_000) for us in (clock.next() for _ in range(n))]
-    earlier = ids(spool_mod._IdClock(), 20000)
-    later = ids(spool_mod._IdClock(), 20000)
-    assert len(set(earlier)) == len(set(later)) == 20000
-    assert not set(earlier) & set(later)
-
-
 # ------------------------------------------------------------------ store
 
 @pytest.mark.parametrize("strategy", AVAILABLE)
