@@ -7,71 +7,29 @@ can be in, the commit point (a `250` is sent only after `store()` returns), and 
 does in each state. The spool knows nothing of SMTP or scheduling, so intake and delivery can run
 in separate processes sharing one spool.
 
-Group commit. `store()` hands the message to a writer thread (more start while stores wait:
-`_Writers`), which creates `ID.dat` and `ID.inf.tmp` (page cache only; not on the event loop,
-because creating a file can take hundreds of µs, see spare.py, and that stalled every session;
-spare files make it cheap once mail is being delivered) and queues it for the one flusher
-thread; the store awaits the flusher. The flusher takes everything queued and makes it durable
-in two pipelined phases (docs/QUEUE.md says why two): sync #1 makes the batch's data durable,
-the batch's `.inf.tmp` files are renamed, and sync #2 makes the renames durable. Sync #2 of
-batch N is the same system call as sync #1 of batch N+1, so under load there is one sync per
-batch, and while it runs the writers fill the next one. (`update_inf(flush=True)` and `sync()`
-hand their jobs over once per event-loop pass, so one pass's jobs share a sync.)
-
-Strategy: syncfs(2) of the spool's file system, chosen by `bench/spool_commit.py` on this
-project's 2-core VM (ext4 on virtio, 4 KiB messages). What differs between the strategies is
-the time to make a batch durable (`--primitive --repeat 10`, two runs, median ms per batch):
-
-    batch of           1          10          100          300
-    syncfs x2       1.24-1.39   1.00-1.02   6.7-7.0     15.7-16.9   (up to 19,000 msg/s)
-    fdatasync       0.59-0.66   2.1-2.2     16.7-17.7   49.8-50.5   (at most 6,000 msg/s)
-
-fdatasync (every new file, in a 32-thread pool so the journal can merge them, plus fsync of the
-directory) costs a journal commit per file; syncfs one per batch, so from 10 messages a batch
-on it takes a half to a third of the time. It loses only for a batch of one (an idle engine,
-where 1.3 ms does not matter). End to end, stores/s, best of 5 one-second runs per line, each
-run checked to have left every acknowledged message whole on disk (the VM was shared with
-other work and most runs were CPU-starved, at 1-3 ms of CPU per message instead of ~60 us, so
-these are lower bounds and much noisier than the figures above):
-
-    writers          1      10     100     300
-    syncfs         660     830     883     850
-    fdatasync      602     581     645     659
-    not durable   1958    1972    1921    1545   (writes on the event loop, no threads)
-
-syncfs writes back all dirty data of the file system, not only the spool's: keep large writers
-off the spool's file system (the engine's own logs are small). Before Linux 5.8 it did not
-report writeback errors. Where syncfs is missing (not Linux) the spool uses fdatasync; either can
-be chosen with `Spool(strategy=...)`.
+Making a store durable, many stores per sync (the writer threads, the flusher and the
+syncfs/fdatasync strategy), is group_commit.py's; message ids are message_ids.py's.
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import logging
 import os
 import shutil
-import threading
-from collections import deque
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .queue_dirs import DIRS, DONE, INCOMING, RETRY, WORKING
 from .envelope import InfError, Message, format_inf, parse_inf
+from .group_commit import GroupCommit, Job, unlink_quiet
 from .message_ids import default_host, new_id, safe_host
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
-from .spare import fsync_dir as _fsync_dir
 
-log = logging.getLogger("mailengine.spool")
 
 SHUTDOWN_FILE = "shutdown.txt"
 LONE_DAT_WARN_AGE = 600  # s: a younger lone .dat in retry/ may be a drop-in being written
 TMPDIR_MAX_AGE = 3600  # s: a client.enqueue() private directory older than this was abandoned
-KICK_BATCH = 64  # jobs waiting in one event-loop pass before the flusher is woken anyway
 DROPIN_SETTLE = 60  # s: an .inf not ending in a newline and younger than this may be mid-write
 
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -80,148 +38,6 @@ _O_REUSE = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)  # a spare file: overwritte
 SPARE_DIR = "spare"
 # Spare files kept for reuse (spare.py); the variable is for measuring with and without them.
 SPARE_FILES = int(os.environ.get("MAILENGINE_SPOOL_SPARE", "4096"))
-
-
-# ---------------------------------------------------------------- flushing
-
-def _load_syncfs():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_syncfs = _load_syncfs()
-WRITER_THREADS = int(os.environ.get("MAILENGINE_SPOOL_WRITERS", "4"))  # at most; see _Writers
-WRITER_SLOW = 0.010  # s a store waited for a writer thread before another one starts
-WRITER_PARK = 0.2  # s an extra writer thread waits for more slow work before it ends
-STRATEGIES = ("syncfs", "fdatasync")
-DEFAULT_STRATEGY = os.environ.get("MAILENGINE_SPOOL_SYNC") or (
-    "syncfs" if _syncfs is not None else "fdatasync")  # the variable: for measuring, see bench/
-
-
-class _Writers:
-    """The threads that create stores' files. One while it keeps up; when the oldest waiting
-    store has waited WRITER_SLOW, one more (up to `max_threads`), e.g. while creating a file
-    takes hundreds of µs (spare.py). An extra thread helps while stores wait over a quarter of
-    that, then parks WRITER_PARK s for more slow work before it ends. Not a fixed pool: threads
-    busy at once compete for the interpreter lock, and bench/intake (b) was 14 % faster with one
-    writer than with four always there (five interleaved pairs: 2,805, 2,622, 2,780, 2,801,
-    2,743 against 2,344, 2,359, 2,419, 2,416, 2,458 msg/s)."""
-
-    def __init__(self, max_threads: int) -> None:
-        lock = threading.Lock()
-        self._work = threading.Condition(lock)  # the first thread waits here for any store
-        self._help = threading.Condition(lock)  # parked extra threads wait here for slow ones
-        self._jobs: deque = deque()  # (time queued, function, arguments)
-        self._max = max(1, max_threads)
-        self._running = 0
-        self._parked = 0
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        self.most = 0  # the most threads at once, for tests
-
-    def submit(self, fn: Callable, *args) -> None:
-        now = time.monotonic()
-        with self._work:
-            if self._closed:
-                raise RuntimeError("the spool's writer threads are shut down")
-            self._jobs.append((now, fn, args))
-            if self._running == 0:
-                if not self._start(first=True):
-                    self._jobs.pop()  # refused to the caller: it must never be written later
-                    raise RuntimeError("cannot start a spool writer thread")
-                return
-            self._work.notify()
-            self._more_help(now)
-
-    def _behind(self, now: float, limit: float) -> bool:
-        return bool(self._jobs) and now - self._jobs[0][0] > limit
-
-    def _more_help(self, now: float) -> None:
-        """With the lock held: stores wait too long, so a parked thread or a new one helps."""
-        if self._behind(now, WRITER_SLOW):
-            if self._parked:
-                self._help.notify()
-            elif self._running < self._max:
-                self._start(first=False)
-
-    def _start(self, first: bool) -> bool:
-        self._threads = [t for t in self._threads if t.is_alive()]
-        t = threading.Thread(target=self._run, args=(first,), name="spool-writer", daemon=True)
-        try:
-            t.start()
-        except RuntimeError as e:  # "can't start new thread": the ones running go on
-            log.error("cannot start a spool writer thread: %s", e)
-            return False
-        self._running += 1
-        self.most = max(self.most, self._running)
-        self._threads.append(t)
-        return True
-
-    def _run(self, first: bool) -> None:
-        while True:
-            with self._work:
-                if first:
-                    while not self._jobs:
-                        if self._closed:
-                            self._running -= 1
-                            return
-                        self._work.wait()
-                else:
-                    while not (self._jobs and (self._closed or
-                                               self._behind(time.monotonic(), WRITER_SLOW / 4))):
-                        if self._closed:
-                            self._running -= 1
-                            return
-                        self._parked += 1
-                        woken = self._help.wait(WRITER_PARK)
-                        self._parked -= 1
-                        if not woken and not self._behind(time.monotonic(), WRITER_SLOW / 4):
-                            self._running -= 1  # nothing slow for a while: end
-                            return
-                _, fn, args = self._jobs.popleft()
-                self._more_help(time.monotonic())
-            try:
-                fn(*args)
-            except BaseException:  # noqa: BLE001 - a job reports its own errors; keep serving
-                log.exception("spool writer job failed")
-
-    def shutdown(self) -> None:
-        """Run what was submitted, then end the threads."""
-        with self._work:
-            self._closed = True
-            self._work.notify_all()
-            self._help.notify_all()
-        while True:  # including helpers started while the last stores were written
-            with self._work:
-                threads = [t for t in self._threads if t.is_alive()]
-            if not threads:
-                return
-            for t in threads:
-                t.join()
-
-
-class _Job:
-    """One thing the flusher must make durable: a `.inf.tmp` to rename (store, update_inf), or
-    nothing but a barrier (`sync()`)."""
-
-    __slots__ = ("loop", "fut", "tmp", "final", "dat", "fds", "dir", "msg_id", "error",
-                 "msg", "data")
-
-    def __init__(self, tmp: str | None, final: str | None, dat: str | None, fds: list[int],
-                 dir: str | None, msg_id: str | None):
-        self.tmp, self.final, self.dat, self.fds, self.dir = tmp, final, dat, fds, dir
-        self.msg_id = msg_id
-        self.error: BaseException | None = None
-        self.msg: Message | None = None  # a store whose files the flusher's writers create
-        self.data: bytes | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.fut: asyncio.Future | None = None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -260,23 +76,13 @@ class Spool:
         self.root = Path(root)
         self.durable = durable
         self.hostname = safe_host(hostname) if hostname else default_host()
-        self.strategy = strategy or DEFAULT_STRATEGY
-        if self.strategy not in STRATEGIES or (self.strategy == "syncfs" and _syncfs is None):
-            raise ValueError(f"flush strategy {self.strategy!r} is not available here")
-        self._fdatasync_threads = fdatasync_threads
         self._dir = {d: str(self.root / d) for d in DIRS}
         self.stores = 0
-        self.flushes = 0
         self._inflight: set[str] = set()  # ids being stored: not drop-ins
         self._warned: set[tuple] = set()  # (file name, size, mtime) already warned about
-        self._cond = threading.Condition()
-        self._queue: list[_Job] = []
-        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}  # not yet kicked
-        self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._writers: _Writers | None = None
-        self._root_fd = -1
-        self._closing = False
+        self._commit = GroupCommit(str(self.root), self._dir.values(), strategy,
+                                   fdatasync_threads, self._inflight.discard)
+        self.strategy = self._commit.strategy
         # Files kept beside ID.dat that go where it goes (".dkim": the DKIM signature made at
         # the first attempt, dkim.load_or_sign). Set by the engine when it uses them, so that
         # moves cost no extra system call otherwise; recover() deletes orphans.
@@ -316,22 +122,22 @@ class Spool:
             # The files are created by the flusher's writer threads, not here: creating a file
             # can take hundreds of µs (spare.py), and on the event loop that stalled every
             # session (40 % of intake time in bench/intake's profile).
-            if self._closing:
+            if self._commit.closing:
                 raise RuntimeError("spool is closed")
-            job = _Job(None, None, None, [], d, msg.id)
+            job = Job(None, None, None, [], d, msg.id)
             job.msg, job.data = msg, data
             job.loop = asyncio.get_running_loop()
             job.fut = job.loop.create_future()
             self._inflight.add(msg.id)
             # Writer threads create the files while the flusher syncs the previous batch.
-            self._writers_pool().submit(self._write_job, job)
+            self._commit.writers().submit(self._write_job, job)
             try:
                 await job.fut
             except asyncio.CancelledError:
                 raise  # the flusher still finishes the job: a commit without a 250 is a duplicate
             except BaseException:
                 if job.final:
-                    _unlink_quiet(job.final, job.tmp, job.dat)  # not acknowledged: leave nothing
+                    unlink_quiet(job.final, job.tmp, job.dat)  # not acknowledged: leave nothing
                 raise
             self.stores += 1
             return
@@ -374,7 +180,7 @@ class Spool:
         except BaseException:
             for f in fds:
                 os.close(f)
-            _unlink_quiet(tmp, dat)
+            unlink_quiet(tmp, dat)
             raise
         if not keep_fds:
             for f in fds:
@@ -390,11 +196,11 @@ class Spool:
             try:
                 return os.open(path, _O_REUSE), True
             except BaseException:
-                _unlink_quiet(path)
+                unlink_quiet(path)
                 raise
         return os.open(path, _O_NEW, 0o644), False
 
-    def _write_job(self, job: _Job) -> None:
+    def _write_job(self, job: Job) -> None:
         """Writer thread: create a store job's files (the flusher syncs them afterwards)."""
         msg = job.msg
         try:
@@ -408,20 +214,9 @@ class Spool:
             job.msg_id = msg.id
         job.data = None
         if job.error is not None:
-            self._resolve([job])
+            self._commit.resolve([job])
             return
-        try:
-            with self._cond:  # written: the flusher makes it durable with the next sync
-                if self._thread is None:
-                    self._start_flusher()
-                self._queue.append(job)
-                self._cond.notify()
-        except BaseException as e:  # noqa: BLE001 - e.g. EMFILE starting the flusher
-            for f in job.fds:
-                os.close(f)
-            job.fds, job.error = [], e
-            _unlink_quiet(job.tmp, job.dat)  # not acknowledged: leave nothing
-            self._resolve([job])
+        self._commit.hand_over(job)  # written: the flusher makes it durable with the next sync
 
     async def update_inf(self, msg: Message, where: str, flush: bool = False) -> None:
         """Replace `ID.inf` atomically (write `.inf.tmp`, rename over). With `flush` (and a
@@ -433,7 +228,7 @@ class Spool:
             _write_all(fd, format_inf(msg))
         except BaseException:
             os.close(fd)
-            _unlink_quiet(tmp)
+            unlink_quiet(tmp)
             raise
         if not (self.durable and flush):
             os.close(fd)
@@ -443,12 +238,12 @@ class Spool:
         if self.strategy != "fdatasync":
             os.close(fd)
             fds = []
-        await self._submit(_Job(tmp, final, None, fds, self._dir[where], None))
+        await self._commit.submit(Job(tmp, final, None, fds, self._dir[where], None))
 
     async def sync(self) -> None:
         """Make every rename, move and removal done so far durable (a barrier)."""
         if self.durable:
-            await self._submit(_Job(None, None, None, [], None, None))
+            await self._commit.submit(Job(None, None, None, [], None, None))
 
     def move(self, msg_id: str, src: str, dst: str) -> None:
         """Move a message between directories: `.dat` first, `.inf` (the marker) last."""
@@ -469,10 +264,10 @@ class Spool:
     def remove(self, msg_id: str, where: str) -> None:
         """Delete a message: `.inf` first (the message is gone), then `.dat` (and side files).
         Delivered mail goes through `recycle` instead."""
-        _unlink_quiet(self.inf_path(msg_id, where))
-        _unlink_quiet(self.dat_path(msg_id, where))
+        unlink_quiet(self.inf_path(msg_id, where))
+        unlink_quiet(self.dat_path(msg_id, where))
         for suffix in self.side_files:
-            _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
+            unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
 
     def recycle(self, msg_ids: list[str], where: str) -> None:
         """Remove delivered messages, their files becoming spare files (spare.py): usable by a
@@ -481,7 +276,7 @@ class Spool:
             self._recycle(self.inf_path(msg_id, where), "inf")
             self._recycle(self.dat_path(msg_id, where), "dat")
             for suffix in self.side_files:
-                _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
+                unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
         self.spare.commit([self._dir[where]])
 
     def _recycle(self, path: str, kind: str) -> None:
@@ -624,14 +419,14 @@ class Spool:
         for d, kinds in where.items():
             if "tmp" not in kinds:
                 continue
-            _unlink_quiet(self.inf_path(mid, d) + ".tmp")
+            unlink_quiet(self.inf_path(mid, d) + ".tmp")
             kinds.discard("tmp")
             if "inf" in kinds:
                 rep.removed_stale_tmp += 1  # state 5: an update that never happened
             else:
                 rep.removed_uncommitted += 1  # states 4, 6: a store that never committed
                 if "dat" in kinds:
-                    _unlink_quiet(self.dat_path(mid, d))
+                    unlink_quiet(self.dat_path(mid, d))
                     kinds.discard("dat")
         lone_dat = [d for d in DIRS if where.get(d) == {"dat"}]
         lone_inf = [d for d in DIRS if where.get(d) == {"inf"}]
@@ -647,7 +442,7 @@ class Spool:
         for d in lone_dat:
             path = self.dat_path(mid, d)
             if d != RETRY and not lone_inf:
-                _unlink_quiet(path)
+                unlink_quiet(path)
                 rep.removed_uncommitted += 1
                 where[d].discard("dat")
             elif d != RETRY:
@@ -682,13 +477,13 @@ class Spool:
         for d, name in side:
             path = f"{self._dir[d]}/{name}"
             if name.endswith(".tmp") or not any(name.endswith(s) for s in self.side_files):
-                _unlink_quiet(path)
+                unlink_quiet(path)
                 continue
             mid = name[:name.rindex(".")]
             if not os.path.exists(path):
                 continue  # moved along with its message (working/ -> retry/)
             if not os.path.exists(self.dat_path(mid, d)):
-                _unlink_quiet(path)
+                unlink_quiet(path)
 
     def _remove_old_tmpdirs(self, rep: RecoveryReport, now: float) -> None:
         try:
@@ -731,11 +526,11 @@ class Spool:
                 self.remove(name[:-4], where)
                 removed += 1
             elif name.endswith(".dat") and name[:-4] not in infs:
-                _unlink_quiet(e.path)  # the .dat of a half-done removal
+                unlink_quiet(e.path)  # the .dat of a half-done removal
             elif name.endswith(".dkim") and name[:-5] not in infs:
-                _unlink_quiet(e.path)  # a signature kept while DKIM signing was on
+                unlink_quiet(e.path)  # a signature kept while DKIM signing was on
             elif name.endswith(".inf.tmp"):
-                _unlink_quiet(e.path)
+                unlink_quiet(e.path)
         return removed
 
     def usage(self) -> dict[str, tuple[int, int]]:
@@ -758,159 +553,14 @@ class Spool:
             out[d] = (count, size)
         return out
 
-    # ---- the flusher
-
-    def _submit(self, job: _Job) -> asyncio.Future:
-        # Jobs are handed to the flusher once per event-loop pass, not one by one: everything
-        # the sessions made ready in this pass store goes into one batch (a sync is faster than
-        # a pass, so a flusher woken per job would sync nearly every message alone).
-        loop = asyncio.get_running_loop()
-        if self._closing:
-            for f in job.fds:
-                os.close(f)
-            raise RuntimeError("spool is closed")
-        job.loop = loop
-        job.fut = loop.create_future()
-        pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            loop.call_soon(self._kick, loop)  # runs after the tasks already ready in this pass
-        pending.append(job)
-        if len(pending) >= KICK_BATCH:  # a long pass: let the flusher start on these
-            self._kick(loop)
-        return job.fut
-
-    def _kick(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        jobs = self._pending.pop(loop, None) if loop else None
-        with self._cond:
-            if jobs:
-                if self._thread is None:
-                    self._start_flusher()
-                self._queue.extend(jobs)
-            self._cond.notify()
-
-    def _start_flusher(self) -> None:
-        self._root_fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        if self.strategy == "fdatasync":
-            self._pool = ThreadPoolExecutor(self._fdatasync_threads, "spool-fsync")
-        self._thread = threading.Thread(target=self._flusher, name="spool-flusher", daemon=True)
-        self._thread.start()
-
-    def _flusher(self) -> None:
-        renaming: list[_Job] = []  # data durable; rename, then the next sync commits them
-        while True:
-            with self._cond:
-                while not self._queue and not renaming:
-                    if self._closing:
-                        return
-                    self._cond.wait()
-                batch, self._queue = self._queue, []
-            for job in renaming:
-                _rename_job(job)
-            try:
-                self._sync(batch, renaming)
-                err = None
-            except OSError as e:
-                err = e
-            finally:
-                for job in batch:
-                    for f in job.fds:
-                        os.close(f)
-                    job.fds = []
-            self.flushes += 1
-            finished = renaming
-            renaming = []
-            for job in batch:
-                if err is not None:
-                    job.error = err
-                    _unlink_quiet(*(p for p in (job.tmp, job.dat) if p))
-                    finished.append(job)
-                elif job.tmp is None:
-                    finished.append(job)  # a barrier: this sync was all it needed
-                else:
-                    renaming.append(job)
-            if err is not None:
-                for job in finished:
-                    job.error = job.error or err
-            self._resolve(finished)
-
-    def _writers_pool(self) -> _Writers:
-        if self._writers is None:
-            self._writers = _Writers(WRITER_THREADS)
-        return self._writers
-
-    def _sync(self, batch: list[_Job], renamed: list[_Job]) -> None:
-        if self.strategy == "syncfs":
-            if _syncfs(self._root_fd) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, f"syncfs: {os.strerror(e)}")
-            return
-        # fdatasync: every new file's data, and each directory that got a rename; in parallel so
-        # the journal can commit many of them together
-        dirs = {job.dir for job in renamed if job.error is None}
-        if any(job.tmp is None for job in batch):  # a barrier: all directories
-            dirs.update(self._dir.values())
-        assert self._pool is not None
-        futs = [self._pool.submit(os.fdatasync, f) for job in batch for f in job.fds]
-        futs += [self._pool.submit(_fsync_dir, d) for d in dirs]
-        for f in futs:
-            f.result()
-
-    def _resolve(self, jobs: list[_Job]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
-        for job in jobs:
-            by_loop.setdefault(job.loop, []).append(job)
-        for loop, js in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(self._finish, js)
-            except RuntimeError:  # that loop is closed: nobody waits any more
-                for job in js:
-                    self._inflight.discard(job.msg_id)
-
-    def _finish(self, jobs: list[_Job]) -> None:
-        for job in jobs:
-            self._inflight.discard(job.msg_id)
-            if job.fut.done():
-                continue  # the waiter was cancelled
-            if job.error is not None:
-                job.fut.set_exception(job.error)
-            else:
-                job.fut.set_result(None)
+    @property
+    def flushes(self) -> int:
+        """Sync system-call rounds so far (group_commit.py), for tests and metrics."""
+        return self._commit.flushes
 
     def close(self) -> None:
         """Finish pending flushes and stop the flusher thread."""
-        for loop in list(self._pending):
-            self._kick(loop)
-        if self._writers is not None:
-            self._writers.shutdown()  # stores being written reach the flusher's queue first
-            self._writers = None
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        if self._root_fd >= 0:
-            os.close(self._root_fd)
-            self._root_fd = -1
-
-
-def _rename_job(job: _Job) -> None:
-    try:
-        os.rename(job.tmp, job.final)
-    except OSError as e:
-        job.error = e
-
-
-def _unlink_quiet(*paths: str) -> None:
-    for p in paths:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
+        self._commit.close()
 
 
 def _ends_with_newline(path: str) -> bool:
