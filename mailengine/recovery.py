@@ -34,6 +34,8 @@ DROPIN_SETTLE = 60  # s: an .inf not ending in a newline and younger than this m
 
 @dataclass
 class RecoveryReport:
+    """What `recover()` found and did; the engine logs it and queues `messages` / `ids`."""
+
     messages: list[Message] = field(default_factory=list)  # valid messages now in retry/
     ids: list[str] = field(default_factory=list)  # with load=False: the ids in retry/, unread
     warnings: list[str] = field(default_factory=list)  # broken files, all left in place
