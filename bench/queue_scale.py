@@ -55,7 +55,7 @@ def rss_kib(pid: int) -> int:
 def fill(mailq: Path, n: int, size: int) -> float:
     """N messages in mailq/retry/, written directly (no sync); returns the seconds it took."""
     from mailengine.envelope import Message, format_inf
-    from mailengine.spool import make_id
+    from mailengine.message_ids import make_id
 
     retry = mailq / "retry"
     retry.mkdir(parents=True, exist_ok=True)

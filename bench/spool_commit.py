@@ -106,7 +106,7 @@ def primitive(root: Path, sizes: list[int], repeat: int, size: int) -> None:
     see the same disk and the same neighbours; this is the part of a store that differs between
     the strategies (the rest is the same CPU work)."""
     from concurrent.futures import ThreadPoolExecutor
-    from mailengine.spool import _syncfs
+    from mailengine.group_commit import _syncfs
     pool = ThreadPoolExecutor(32)
     d = root / "working"
     d.mkdir(parents=True)

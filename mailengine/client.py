@@ -27,7 +27,7 @@ from .queue_dirs import RETRY
 from .envelope import InfError, Message, format_inf
 from .events import EventLog
 from .smtp.wire import SyntaxProblem, parse_mailbox
-from .spool import make_id
+from .message_ids import make_id
 
 
 def _crlf(data: bytes) -> bytes:

@@ -34,7 +34,8 @@ from typing import Iterable
 
 from .queue_dirs import RETRY, WORKING
 from .envelope import InfError, Message, format_log_entry, last_replies
-from .spool import Spool, is_message_id
+from .message_ids import is_message_id
+from .spool import Spool
 
 ACTIONS = ("delete", "hold", "release", "retry")
 TIME_FMT = "%Y/%m/%d %H:%M:%S"
@@ -50,7 +51,7 @@ def domain_of(address: str) -> str:
 
 
 def check_id(text: str) -> str:
-    """A message id as given, or ValueError when it is not well formed (spool.is_message_id):
+    """A message id as given, or ValueError when it is not well formed (message_ids.is_message_id):
     a name such as `../../x` must never reach a path."""
     if not is_message_id(text):
         raise ValueError(f"{text!r} is not a message id (such as P123T1700000000C1@host)")

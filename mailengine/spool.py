@@ -1,79 +1,32 @@
 """The durable spool: `mailq/{retry,working,done,incoming}` holding `ID.dat` + `ID.inf` pairs.
 
-It owns message ids, the write-then-rename protocol with group commit, moves between
-directories, removal, start-up recovery, the scan for mail dropped in by other programs, and the
-expiry of `done/` and `incoming/`. docs/QUEUE.md is the contract: every state a message's files
-can be in, the commit point (a `250` is sent only after `store()` returns), and what `recover()`
-does in each state. The spool knows nothing of SMTP or scheduling, so intake and delivery can run
-in separate processes sharing one spool.
+`Spool` is the one door to the queue's files: stores (write, then rename; a `250` is sent only
+after `store()` returns: the commit point), `.inf` updates, moves between directories, removal
+and recycling, reading, the expiry of `done/` and `incoming/`, and usage. docs/QUEUE.md is the
+contract: every state a message's files can be in and what each operation does to them. The
+spool knows nothing of SMTP or scheduling, so intake and delivery can run in separate processes
+sharing one spool.
 
-Group commit. `store()` hands the message to a writer thread (more start while stores wait:
-`_Writers`), which creates `ID.dat` and `ID.inf.tmp` (page cache only; not on the event loop,
-because creating a file can take hundreds of µs, see spare.py, and that stalled every session;
-spare files make it cheap once mail is being delivered) and queues it for the one flusher
-thread; the store awaits the flusher. The flusher takes everything queued and makes it durable
-in two pipelined phases (docs/QUEUE.md says why two): sync #1 makes the batch's data durable,
-the batch's `.inf.tmp` files are renamed, and sync #2 makes the renames durable. Sync #2 of
-batch N is the same system call as sync #1 of batch N+1, so under load there is one sync per
-batch, and while it runs the writers fill the next one. (`update_inf(flush=True)` and `sync()`
-hand their jobs over once per event-loop pass, so one pass's jobs share a sync.)
-
-Strategy: syncfs(2) of the spool's file system, chosen by `bench/spool_commit.py` on this
-project's 2-core VM (ext4 on virtio, 4 KiB messages). What differs between the strategies is
-the time to make a batch durable (`--primitive --repeat 10`, two runs, median ms per batch):
-
-    batch of           1          10          100          300
-    syncfs x2       1.24-1.39   1.00-1.02   6.7-7.0     15.7-16.9   (up to 19,000 msg/s)
-    fdatasync       0.59-0.66   2.1-2.2     16.7-17.7   49.8-50.5   (at most 6,000 msg/s)
-
-fdatasync (every new file, in a 32-thread pool so the journal can merge them, plus fsync of the
-directory) costs a journal commit per file; syncfs one per batch, so from 10 messages a batch
-on it takes a half to a third of the time. It loses only for a batch of one (an idle engine,
-where 1.3 ms does not matter). End to end, stores/s, best of 5 one-second runs per line, each
-run checked to have left every acknowledged message whole on disk (the VM was shared with
-other work and most runs were CPU-starved, at 1-3 ms of CPU per message instead of ~60 us, so
-these are lower bounds and much noisier than the figures above):
-
-    writers          1      10     100     300
-    syncfs         660     830     883     850
-    fdatasync      602     581     645     659
-    not durable   1958    1972    1921    1545   (writes on the event loop, no threads)
-
-syncfs writes back all dirty data of the file system, not only the spool's: keep large writers
-off the spool's file system (the engine's own logs are small). Before Linux 5.8 it did not
-report writeback errors. Where syncfs is missing (not Linux) the spool uses fdatasync; either can
-be chosen with `Spool(strategy=...)`.
+Its parts: message_ids.py makes the ids; group_commit.py makes stores durable, many per sync
+(the writer threads, the flusher, the syncfs/fdatasync strategy); recovery.py repairs what a
+crash left, at start (`Spool.recover`), and finds mail that other programs drop into retry/
+(`Spool.scan_dropins`).
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import logging
 import os
-import re
-import shutil
-import socket
-import threading
-from collections import deque
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .queue_dirs import DIRS, DONE, INCOMING, RETRY, WORKING
+from .queue_dirs import DIRS, DONE, INCOMING, RETRY
 from .envelope import InfError, Message, format_inf, parse_inf
+from .group_commit import GroupCommit, Job, unlink_quiet
+from .message_ids import default_host, new_id, safe_host
+from . import recovery
+from .recovery import RecoveryReport
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
-from .spare import fsync_dir as _fsync_dir
-
-log = logging.getLogger("mailengine.spool")
-
-SHUTDOWN_FILE = "shutdown.txt"
-LONE_DAT_WARN_AGE = 600  # s: a younger lone .dat in retry/ may be a drop-in being written
-TMPDIR_MAX_AGE = 3600  # s: a client.enqueue() private directory older than this was abandoned
-KICK_BATCH = 64  # jobs waiting in one event-loop pass before the flusher is woken anyway
-DROPIN_SETTLE = 60  # s: an .inf not ending in a newline and younger than this may be mid-write
 
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _O_TRUNC = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -83,232 +36,11 @@ SPARE_DIR = "spare"
 SPARE_FILES = int(os.environ.get("MAILENGINE_SPOOL_SPARE", "4096"))
 
 
-# ---------------------------------------------------------------- ids
-
-def _safe_host(name: str) -> str:
-    # the host ends up in a file name and in comma lists: keep it to harmless characters
-    out = "".join(c if (c.isascii() and (c.isalnum() or c in ".-_")) else "-" for c in name)
-    return out.strip(".") or "localhost"
-
-
-class _IdClock:
-    """Process-wide source of (T, C): the microsecond the id was made, strictly increasing.
-
-    T is the unix second and C the microsecond within it, so an id never repeats one made
-    earlier by any process with the same pid (a restarted container is pid 1 again), as long as
-    the clock does not go back. Ids are never made ahead of the clock: a burst of more than one
-    per microsecond waits for it, which caps the rate at a million a second."""
-
-    def __init__(self) -> None:
-        self.last = 0
-        self.lock = threading.Lock()
-
-    def next(self) -> int:
-        with self.lock:
-            now = time.time_ns() // 1000
-            if now <= self.last:
-                if self.last - now < 1000:  # a burst: wait for the clock (under a microsecond)
-                    while now <= self.last:
-                        now = time.time_ns() // 1000
-                else:  # the clock was set back: keep counting up (O_EXCL still guards)
-                    now = self.last + 1
-            self.last = now
-            return now
-
-
-_clock = _IdClock()
-if hasattr(os, "register_at_fork"):  # a lock held by another thread at fork would stay held
-    os.register_at_fork(after_in_child=lambda: setattr(_clock, "lock", threading.Lock()))
-
-
-def make_id(hostname: str | None = None) -> str:
-    """A new message id `P{pid}T{unixtime}C{microsecond}@{host}`, unique on this host."""
-    host = _safe_host(hostname) if hostname else _default_host()
-    us = _clock.next()
-    return f"P{os.getpid()}T{us // 1_000_000}C{us % 1_000_000}@{host}"
-
-
-# What an operator may name as a message id (`mailengine queue show ID`, the control socket,
-# the web admin): the characters of the ids made above (and by the old product), which keep a
-# name inside its directory. Anything else (`../../x`, a NUL, a space) is refused, not looked up.
-_ID_RE = re.compile(r"[A-Za-z0-9_@=+-][A-Za-z0-9._@=+-]{0,199}")
-
-
-def is_message_id(text: str) -> bool:
-    """True when `text` is a well-formed message id: one file name in one queue directory."""
-    return bool(_ID_RE.fullmatch(text))
-
-
-_host_cache: list[str] = []
-
-
-def _default_host() -> str:
-    if not _host_cache:
-        _host_cache.append(_safe_host(socket.gethostname()))
-    return _host_cache[0]
-
-
-# ---------------------------------------------------------------- flushing
-
-def _load_syncfs():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_syncfs = _load_syncfs()
-WRITER_THREADS = int(os.environ.get("MAILENGINE_SPOOL_WRITERS", "4"))  # at most; see _Writers
-WRITER_SLOW = 0.010  # s a store waited for a writer thread before another one starts
-WRITER_PARK = 0.2  # s an extra writer thread waits for more slow work before it ends
-STRATEGIES = ("syncfs", "fdatasync")
-DEFAULT_STRATEGY = os.environ.get("MAILENGINE_SPOOL_SYNC") or (
-    "syncfs" if _syncfs is not None else "fdatasync")  # the variable: for measuring, see bench/
-
-
-class _Writers:
-    """The threads that create stores' files. One while it keeps up; when the oldest waiting
-    store has waited WRITER_SLOW, one more (up to `max_threads`), e.g. while creating a file
-    takes hundreds of µs (spare.py). An extra thread helps while stores wait over a quarter of
-    that, then parks WRITER_PARK s for more slow work before it ends. Not a fixed pool: threads
-    busy at once compete for the interpreter lock, and bench/intake (b) was 14 % faster with one
-    writer than with four always there (five interleaved pairs: 2,805, 2,622, 2,780, 2,801,
-    2,743 against 2,344, 2,359, 2,419, 2,416, 2,458 msg/s)."""
-
-    def __init__(self, max_threads: int) -> None:
-        lock = threading.Lock()
-        self._work = threading.Condition(lock)  # the first thread waits here for any store
-        self._help = threading.Condition(lock)  # parked extra threads wait here for slow ones
-        self._jobs: deque = deque()  # (time queued, function, arguments)
-        self._max = max(1, max_threads)
-        self._running = 0
-        self._parked = 0
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        self.most = 0  # the most threads at once, for tests
-
-    def submit(self, fn: Callable, *args) -> None:
-        now = time.monotonic()
-        with self._work:
-            if self._closed:
-                raise RuntimeError("the spool's writer threads are shut down")
-            self._jobs.append((now, fn, args))
-            if self._running == 0:
-                if not self._start(first=True):
-                    self._jobs.pop()  # refused to the caller: it must never be written later
-                    raise RuntimeError("cannot start a spool writer thread")
-                return
-            self._work.notify()
-            self._more_help(now)
-
-    def _behind(self, now: float, limit: float) -> bool:
-        return bool(self._jobs) and now - self._jobs[0][0] > limit
-
-    def _more_help(self, now: float) -> None:
-        """With the lock held: stores wait too long, so a parked thread or a new one helps."""
-        if self._behind(now, WRITER_SLOW):
-            if self._parked:
-                self._help.notify()
-            elif self._running < self._max:
-                self._start(first=False)
-
-    def _start(self, first: bool) -> bool:
-        self._threads = [t for t in self._threads if t.is_alive()]
-        t = threading.Thread(target=self._run, args=(first,), name="spool-writer", daemon=True)
-        try:
-            t.start()
-        except RuntimeError as e:  # "can't start new thread": the ones running go on
-            log.error("cannot start a spool writer thread: %s", e)
-            return False
-        self._running += 1
-        self.most = max(self.most, self._running)
-        self._threads.append(t)
-        return True
-
-    def _run(self, first: bool) -> None:
-        while True:
-            with self._work:
-                if first:
-                    while not self._jobs:
-                        if self._closed:
-                            self._running -= 1
-                            return
-                        self._work.wait()
-                else:
-                    while not (self._jobs and (self._closed or
-                                               self._behind(time.monotonic(), WRITER_SLOW / 4))):
-                        if self._closed:
-                            self._running -= 1
-                            return
-                        self._parked += 1
-                        woken = self._help.wait(WRITER_PARK)
-                        self._parked -= 1
-                        if not woken and not self._behind(time.monotonic(), WRITER_SLOW / 4):
-                            self._running -= 1  # nothing slow for a while: end
-                            return
-                _, fn, args = self._jobs.popleft()
-                self._more_help(time.monotonic())
-            try:
-                fn(*args)
-            except BaseException:  # noqa: BLE001 - a job reports its own errors; keep serving
-                log.exception("spool writer job failed")
-
-    def shutdown(self) -> None:
-        """Run what was submitted, then end the threads."""
-        with self._work:
-            self._closed = True
-            self._work.notify_all()
-            self._help.notify_all()
-        while True:  # including helpers started while the last stores were written
-            with self._work:
-                threads = [t for t in self._threads if t.is_alive()]
-            if not threads:
-                return
-            for t in threads:
-                t.join()
-
-
-class _Job:
-    """One thing the flusher must make durable: a `.inf.tmp` to rename (store, update_inf), or
-    nothing but a barrier (`sync()`)."""
-
-    __slots__ = ("loop", "fut", "tmp", "final", "dat", "fds", "dir", "msg_id", "error",
-                 "msg", "data")
-
-    def __init__(self, tmp: str | None, final: str | None, dat: str | None, fds: list[int],
-                 dir: str | None, msg_id: str | None):
-        self.tmp, self.final, self.dat, self.fds, self.dir = tmp, final, dat, fds, dir
-        self.msg_id = msg_id
-        self.error: BaseException | None = None
-        self.msg: Message | None = None  # a store whose files the flusher's writers create
-        self.data: bytes | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.fut: asyncio.Future | None = None
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-# ---------------------------------------------------------------- reports
-
-@dataclass
-class RecoveryReport:
-    messages: list[Message] = field(default_factory=list)  # valid messages now in retry/
-    ids: list[str] = field(default_factory=list)  # with load=False: the ids in retry/, unread
-    warnings: list[str] = field(default_factory=list)  # broken files, all left in place
-    moved_from_working: int = 0
-    finished_moves: int = 0
-    removed_uncommitted: int = 0  # .dat / .inf.tmp files of stores that never committed
-    removed_stale_tmp: int = 0  # .inf.tmp of updates that never happened
-    removed_tmpdirs: int = 0
 
 
 # ---------------------------------------------------------------- the spool
@@ -325,24 +57,14 @@ class Spool:
                  strategy: str | None = None, fdatasync_threads: int = 32):
         self.root = Path(root)
         self.durable = durable
-        self.hostname = _safe_host(hostname) if hostname else _default_host()
-        self.strategy = strategy or DEFAULT_STRATEGY
-        if self.strategy not in STRATEGIES or (self.strategy == "syncfs" and _syncfs is None):
-            raise ValueError(f"flush strategy {self.strategy!r} is not available here")
-        self._fdatasync_threads = fdatasync_threads
+        self.hostname = safe_host(hostname) if hostname else default_host()
         self._dir = {d: str(self.root / d) for d in DIRS}
         self.stores = 0
-        self.flushes = 0
         self._inflight: set[str] = set()  # ids being stored: not drop-ins
         self._warned: set[tuple] = set()  # (file name, size, mtime) already warned about
-        self._cond = threading.Condition()
-        self._queue: list[_Job] = []
-        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}  # not yet kicked
-        self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._writers: _Writers | None = None
-        self._root_fd = -1
-        self._closing = False
+        self._commit = GroupCommit(str(self.root), self._dir.values(), strategy,
+                                   fdatasync_threads, self._inflight.discard)
+        self.strategy = self._commit.strategy
         # Files kept beside ID.dat that go where it goes (".dkim": the DKIM signature made at
         # the first attempt, dkim.load_or_sign). Set by the engine when it uses them, so that
         # moves cost no extra system call otherwise; recover() deletes orphans.
@@ -357,8 +79,7 @@ class Spool:
         os.makedirs(f"{self.spare.path}/{SPARE_NEW}", exist_ok=True)
 
     def new_id(self) -> str:
-        us = _clock.next()
-        return f"P{os.getpid()}T{us // 1_000_000}C{us % 1_000_000}@{self.hostname}"
+        return new_id(self.hostname)
 
     def dir(self, where: str) -> Path:
         return self.root / where
@@ -383,22 +104,22 @@ class Spool:
             # The files are created by the flusher's writer threads, not here: creating a file
             # can take hundreds of µs (spare.py), and on the event loop that stalled every
             # session (40 % of intake time in bench/intake's profile).
-            if self._closing:
+            if self._commit.closing:
                 raise RuntimeError("spool is closed")
-            job = _Job(None, None, None, [], d, msg.id)
+            job = Job(None, None, None, [], d, msg.id)
             job.msg, job.data = msg, data
             job.loop = asyncio.get_running_loop()
             job.fut = job.loop.create_future()
             self._inflight.add(msg.id)
             # Writer threads create the files while the flusher syncs the previous batch.
-            self._writers_pool().submit(self._write_job, job)
+            self._commit.writers().submit(self._write_job, job)
             try:
                 await job.fut
             except asyncio.CancelledError:
                 raise  # the flusher still finishes the job: a commit without a 250 is a duplicate
             except BaseException:
                 if job.final:
-                    _unlink_quiet(job.final, job.tmp, job.dat)  # not acknowledged: leave nothing
+                    unlink_quiet(job.final, job.tmp, job.dat)  # not acknowledged: leave nothing
                 raise
             self.stores += 1
             return
@@ -441,7 +162,7 @@ class Spool:
         except BaseException:
             for f in fds:
                 os.close(f)
-            _unlink_quiet(tmp, dat)
+            unlink_quiet(tmp, dat)
             raise
         if not keep_fds:
             for f in fds:
@@ -457,11 +178,11 @@ class Spool:
             try:
                 return os.open(path, _O_REUSE), True
             except BaseException:
-                _unlink_quiet(path)
+                unlink_quiet(path)
                 raise
         return os.open(path, _O_NEW, 0o644), False
 
-    def _write_job(self, job: _Job) -> None:
+    def _write_job(self, job: Job) -> None:
         """Writer thread: create a store job's files (the flusher syncs them afterwards)."""
         msg = job.msg
         try:
@@ -475,20 +196,9 @@ class Spool:
             job.msg_id = msg.id
         job.data = None
         if job.error is not None:
-            self._resolve([job])
+            self._commit.resolve([job])
             return
-        try:
-            with self._cond:  # written: the flusher makes it durable with the next sync
-                if self._thread is None:
-                    self._start_flusher()
-                self._queue.append(job)
-                self._cond.notify()
-        except BaseException as e:  # noqa: BLE001 - e.g. EMFILE starting the flusher
-            for f in job.fds:
-                os.close(f)
-            job.fds, job.error = [], e
-            _unlink_quiet(job.tmp, job.dat)  # not acknowledged: leave nothing
-            self._resolve([job])
+        self._commit.hand_over(job)  # written: the flusher makes it durable with the next sync
 
     async def update_inf(self, msg: Message, where: str, flush: bool = False) -> None:
         """Replace `ID.inf` atomically (write `.inf.tmp`, rename over). With `flush` (and a
@@ -500,7 +210,7 @@ class Spool:
             _write_all(fd, format_inf(msg))
         except BaseException:
             os.close(fd)
-            _unlink_quiet(tmp)
+            unlink_quiet(tmp)
             raise
         if not (self.durable and flush):
             os.close(fd)
@@ -510,12 +220,12 @@ class Spool:
         if self.strategy != "fdatasync":
             os.close(fd)
             fds = []
-        await self._submit(_Job(tmp, final, None, fds, self._dir[where], None))
+        await self._commit.submit(Job(tmp, final, None, fds, self._dir[where], None))
 
     async def sync(self) -> None:
         """Make every rename, move and removal done so far durable (a barrier)."""
         if self.durable:
-            await self._submit(_Job(None, None, None, [], None, None))
+            await self._commit.submit(Job(None, None, None, [], None, None))
 
     def move(self, msg_id: str, src: str, dst: str) -> None:
         """Move a message between directories: `.dat` first, `.inf` (the marker) last."""
@@ -536,10 +246,10 @@ class Spool:
     def remove(self, msg_id: str, where: str) -> None:
         """Delete a message: `.inf` first (the message is gone), then `.dat` (and side files).
         Delivered mail goes through `recycle` instead."""
-        _unlink_quiet(self.inf_path(msg_id, where))
-        _unlink_quiet(self.dat_path(msg_id, where))
+        unlink_quiet(self.inf_path(msg_id, where))
+        unlink_quiet(self.dat_path(msg_id, where))
         for suffix in self.side_files:
-            _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
+            unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
 
     def recycle(self, msg_ids: list[str], where: str) -> None:
         """Remove delivered messages, their files becoming spare files (spare.py): usable by a
@@ -548,7 +258,7 @@ class Spool:
             self._recycle(self.inf_path(msg_id, where), "inf")
             self._recycle(self.dat_path(msg_id, where), "dat")
             for suffix in self.side_files:
-                _unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
+                unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
         self.spare.commit([self._dir[where]])
 
     def _recycle(self, path: str, kind: str) -> None:
@@ -579,194 +289,14 @@ class Spool:
 
     def scan_dropins(self, known: set[str] | frozenset[str]) -> tuple[list[Message], list[str]]:
         """New messages dropped into retry/ by other programs: `.inf` files whose id is not in
-        `known`. Broken ones are reported once per process and left in place."""
-        new: list[Message] = []
-        warnings: list[str] = []
-        now = time.time()
-        try:
-            it = os.scandir(self._dir[RETRY])
-        except FileNotFoundError:
-            return new, warnings
-        with it:
-            for e in it:
-                name = e.name
-                if name[0] == "." or not name.endswith(".inf"):
-                    continue
-                mid = name[:-4]
-                if mid in known or mid in self._inflight:
-                    continue
-                st = None
-                try:
-                    st = e.stat()
-                    if now - st.st_mtime < DROPIN_SETTLE and not _ends_with_newline(e.path):
-                        continue  # probably still being written in place: look next scan
-                    msg = self.load(mid, RETRY)
-                except FileNotFoundError:
-                    continue  # gone meanwhile (taken back by its writer)
-                except (InfError, OSError) as ex:
-                    key = (name, st.st_size, st.st_mtime_ns) if st else (name,)
-                    if key not in self._warned:
-                        self._warned.add(key)
-                        warnings.append(f"retry/{name}: {_reason(ex)}; skipped, left in place")
-                    continue
-                new.append(msg)
-        return new, warnings
+        `known`. Broken ones are reported once per process and left in place (recovery.py)."""
+        return recovery.scan_dropins(self, known, self._inflight, self._warned)
 
     def recover(self, load: bool = True, retry_known: bool = False) -> RecoveryReport:
-        """Start-up recovery, per the state table of docs/QUEUE.md. Run once, before intake.
-
-        `load=False` reads no `.inf`: the ids in retry/ are returned instead (the engine reads
-        them as their turn comes, backlog.py). `retry_known`: the caller knows what retry/ held
-        at the last clean stop (the backlog index, valid while retry/ is unchanged since); retry/
-        is then not listed (a listing of millions of files takes seconds), only probed for the
-        ids found elsewhere, and the ids returned are those that recovery put into retry/.
-        Everything that needs no repair (a message whole in one directory other than working/)
-        is recognised with set operations, so the cost per message is small."""
-        self.ensure_dirs()
-        self.spare.adopt_new()  # spare files given just before the last stop
-        rep = RecoveryReport()
-        now = time.time()
-        self._remove_old_tmpdirs(rep, now)
-        side: list[tuple[str, str]] = []  # (dir, file name) of side files (ID.dkim)
-        found: dict[str, tuple[set[str], set[str], set[str]]] = {}  # dir -> inf, dat, tmp ids
-        for d in DIRS:
-            if d == RETRY and retry_known:
-                continue
-            names = [n for n in os.listdir(self._dir[d])
-                     if n[:1] != "." and n != SHUTDOWN_FILE]
-            side += [(d, n) for n in names if n.endswith((".dkim", ".dkim.tmp"))]
-            found[d] = ({n[:-4] for n in names if n.endswith(".inf")},
-                        {n[:-4] for n in names if n.endswith(".dat")},
-                        {n[:-8] for n in names if n.endswith(".inf.tmp")})
-        # Ids that may need repair: anything in working/, any .inf.tmp, a .dat or .inf alone in
-        # its directory, an id in more than one listed directory. With retry/ unlisted, these
-        # still cover every state that involves it (a move cut in half leaves a lone piece in
-        # the other directory); a message whole in done/ or incoming/ needs no look at retry/.
-        odd: set[str] = set(found[WORKING][0] | found[WORKING][1] | found[WORKING][2]) \
-            if WORKING in found else set()
-        seen: set[str] = set()
-        for d, (inf, dat, tmp) in found.items():
-            here = inf | dat | tmp
-            odd |= tmp | (inf ^ dat) | (here & seen)
-            seen |= here
-        for mid in odd:
-            where: dict[str, set[str]] = {}
-            for d in DIRS:
-                if d in found:
-                    inf, dat, tmp = found[d]
-                    kinds = {k for k, ids in (("inf", inf), ("dat", dat), ("tmp", tmp))
-                             if mid in ids}
-                else:  # retry/ not listed: probe it for this id
-                    kinds = {k for k, path in (("inf", self.inf_path(mid, d)),
-                                               ("dat", self.dat_path(mid, d)),
-                                               ("tmp", self.inf_path(mid, d) + ".tmp"))
-                             if os.path.exists(path)}
-                if kinds:
-                    where[d] = kinds
-            self._recover_one(mid, where, rep, now)
-        self._remove_orphan_side_files(side)
-        # what is now in retry/: valid messages, or warnings
-        ids = set() if retry_known else found[RETRY][0] - odd
-        ids |= {mid for mid in odd if os.path.exists(self.inf_path(mid, RETRY))}
-        if not load:
-            rep.ids = list(ids)
-            return rep
-        for mid in sorted(ids):
-            try:
-                rep.messages.append(self.load(mid, RETRY))
-            except (InfError, OSError) as ex:
-                rep.warnings.append(f"retry/{mid}.inf: {_reason(ex)}; skipped, left in place")
-                try:
-                    st = os.stat(self.inf_path(mid, RETRY))
-                    self._warned.add((f"{mid}.inf", st.st_size, st.st_mtime_ns))  # scans quiet
-                except OSError:
-                    pass
-        return rep
-
-    def _recover_one(self, mid: str, where: dict[str, set[str]], rep: RecoveryReport,
-                     now: float) -> None:
-        # One id may legitimately be whole in two directories (a message with relayed and local
-        # recipients is stored in retry/ and incoming/), so each directory is judged by itself.
-        # states 4, 5, 6: .inf.tmp files
-        for d, kinds in where.items():
-            if "tmp" not in kinds:
-                continue
-            _unlink_quiet(self.inf_path(mid, d) + ".tmp")
-            kinds.discard("tmp")
-            if "inf" in kinds:
-                rep.removed_stale_tmp += 1  # state 5: an update that never happened
-            else:
-                rep.removed_uncommitted += 1  # states 4, 6: a store that never committed
-                if "dat" in kinds:
-                    _unlink_quiet(self.dat_path(mid, d))
-                    kinds.discard("dat")
-        lone_dat = [d for d in DIRS if where.get(d) == {"dat"}]
-        lone_inf = [d for d in DIRS if where.get(d) == {"inf"}]
-        # state 10: a move that stopped between its two renames
-        if len(lone_inf) == 1 and len(lone_dat) == 1:
-            x, y = lone_inf[0], lone_dat[0]
-            os.rename(self.inf_path(mid, x), self.inf_path(mid, y))
-            where[x].discard("inf")
-            where[y].add("inf")
-            rep.finished_moves += 1
-            lone_dat, lone_inf = [], []
-        # states 2, 3: .dat without its .inf
-        for d in lone_dat:
-            path = self.dat_path(mid, d)
-            if d != RETRY and not lone_inf:
-                _unlink_quiet(path)
-                rep.removed_uncommitted += 1
-                where[d].discard("dat")
-            elif d != RETRY:
-                rep.warnings.append(f"{d}/{mid}.dat has no .inf, and {mid}.inf is in more than "
-                                    "one other place; left in place")
-            else:
-                try:
-                    age = now - os.stat(path).st_mtime
-                except FileNotFoundError:
-                    continue
-                if age > LONE_DAT_WARN_AGE:
-                    rep.warnings.append(f"retry/{mid}.dat has no .inf; left in place")
-        # states 8, 12: everything in working/ goes back to retry/
-        kinds = where.get(WORKING, set())
-        if "inf" in kinds:
-            if where.get(RETRY):
-                rep.warnings.append(f"{mid}: in both working/ and retry/; left in working/")
-            elif "dat" in kinds:
-                self.move(mid, WORKING, RETRY)
-                rep.moved_from_working += 1
-            else:  # state 12: the .inf alone; the retry/ listing then reports it (state 11)
-                os.rename(self.inf_path(mid, WORKING), self.inf_path(mid, RETRY))
-                rep.moved_from_working += 1
-        # state 13 (state 11 is reported by the retry/ listing in recover())
-        for d in (DONE, INCOMING):
-            if where.get(d) == {"inf"}:
-                rep.warnings.append(f"{d}/{mid}.inf has no .dat; left in place")
-
-    def _remove_orphan_side_files(self, side: list[tuple[str, str]]) -> None:
-        """A side file whose message is gone (or of a kind no longer used) is deleted: it is
-        only a cache (a message is signed again when its signature is missing)."""
-        for d, name in side:
-            path = f"{self._dir[d]}/{name}"
-            if name.endswith(".tmp") or not any(name.endswith(s) for s in self.side_files):
-                _unlink_quiet(path)
-                continue
-            mid = name[:name.rindex(".")]
-            if not os.path.exists(path):
-                continue  # moved along with its message (working/ -> retry/)
-            if not os.path.exists(self.dat_path(mid, d)):
-                _unlink_quiet(path)
-
-    def _remove_old_tmpdirs(self, rep: RecoveryReport, now: float) -> None:
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return
-        for e in entries:
-            if e.name.startswith(".tmp-") and e.is_dir(follow_symlinks=False):
-                if now - e.stat(follow_symlinks=False).st_mtime > TMPDIR_MAX_AGE:
-                    shutil.rmtree(e.path, ignore_errors=True)
-                    rep.removed_tmpdirs += 1
+        """Start-up recovery, per the state table of docs/QUEUE.md (recovery.py). Run once,
+        before intake. `load=False` reads no `.inf`: the ids in retry/ are returned instead.
+        `retry_known`: retry/ is as the backlog index says, so it is not listed."""
+        return recovery.recover(self, self._warned, load, retry_known)
 
     def expire(self, where: str, retention_minutes: float, now: float | None = None) -> int:
         """Remove messages older than the retention from done/ or incoming/ (0 = keep forever).
@@ -798,11 +328,11 @@ class Spool:
                 self.remove(name[:-4], where)
                 removed += 1
             elif name.endswith(".dat") and name[:-4] not in infs:
-                _unlink_quiet(e.path)  # the .dat of a half-done removal
+                unlink_quiet(e.path)  # the .dat of a half-done removal
             elif name.endswith(".dkim") and name[:-5] not in infs:
-                _unlink_quiet(e.path)  # a signature kept while DKIM signing was on
+                unlink_quiet(e.path)  # a signature kept while DKIM signing was on
             elif name.endswith(".inf.tmp"):
-                _unlink_quiet(e.path)
+                unlink_quiet(e.path)
         return removed
 
     def usage(self) -> dict[str, tuple[int, int]]:
@@ -825,173 +355,11 @@ class Spool:
             out[d] = (count, size)
         return out
 
-    # ---- the flusher
-
-    def _submit(self, job: _Job) -> asyncio.Future:
-        # Jobs are handed to the flusher once per event-loop pass, not one by one: everything
-        # the sessions made ready in this pass store goes into one batch (a sync is faster than
-        # a pass, so a flusher woken per job would sync nearly every message alone).
-        loop = asyncio.get_running_loop()
-        if self._closing:
-            for f in job.fds:
-                os.close(f)
-            raise RuntimeError("spool is closed")
-        job.loop = loop
-        job.fut = loop.create_future()
-        pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            loop.call_soon(self._kick, loop)  # runs after the tasks already ready in this pass
-        pending.append(job)
-        if len(pending) >= KICK_BATCH:  # a long pass: let the flusher start on these
-            self._kick(loop)
-        return job.fut
-
-    def _kick(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        jobs = self._pending.pop(loop, None) if loop else None
-        with self._cond:
-            if jobs:
-                if self._thread is None:
-                    self._start_flusher()
-                self._queue.extend(jobs)
-            self._cond.notify()
-
-    def _start_flusher(self) -> None:
-        self._root_fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        if self.strategy == "fdatasync":
-            self._pool = ThreadPoolExecutor(self._fdatasync_threads, "spool-fsync")
-        self._thread = threading.Thread(target=self._flusher, name="spool-flusher", daemon=True)
-        self._thread.start()
-
-    def _flusher(self) -> None:
-        renaming: list[_Job] = []  # data durable; rename, then the next sync commits them
-        while True:
-            with self._cond:
-                while not self._queue and not renaming:
-                    if self._closing:
-                        return
-                    self._cond.wait()
-                batch, self._queue = self._queue, []
-            for job in renaming:
-                _rename_job(job)
-            try:
-                self._sync(batch, renaming)
-                err = None
-            except OSError as e:
-                err = e
-            finally:
-                for job in batch:
-                    for f in job.fds:
-                        os.close(f)
-                    job.fds = []
-            self.flushes += 1
-            finished = renaming
-            renaming = []
-            for job in batch:
-                if err is not None:
-                    job.error = err
-                    _unlink_quiet(*(p for p in (job.tmp, job.dat) if p))
-                    finished.append(job)
-                elif job.tmp is None:
-                    finished.append(job)  # a barrier: this sync was all it needed
-                else:
-                    renaming.append(job)
-            if err is not None:
-                for job in finished:
-                    job.error = job.error or err
-            self._resolve(finished)
-
-    def _writers_pool(self) -> _Writers:
-        if self._writers is None:
-            self._writers = _Writers(WRITER_THREADS)
-        return self._writers
-
-    def _sync(self, batch: list[_Job], renamed: list[_Job]) -> None:
-        if self.strategy == "syncfs":
-            if _syncfs(self._root_fd) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, f"syncfs: {os.strerror(e)}")
-            return
-        # fdatasync: every new file's data, and each directory that got a rename; in parallel so
-        # the journal can commit many of them together
-        dirs = {job.dir for job in renamed if job.error is None}
-        if any(job.tmp is None for job in batch):  # a barrier: all directories
-            dirs.update(self._dir.values())
-        assert self._pool is not None
-        futs = [self._pool.submit(os.fdatasync, f) for job in batch for f in job.fds]
-        futs += [self._pool.submit(_fsync_dir, d) for d in dirs]
-        for f in futs:
-            f.result()
-
-    def _resolve(self, jobs: list[_Job]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
-        for job in jobs:
-            by_loop.setdefault(job.loop, []).append(job)
-        for loop, js in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(self._finish, js)
-            except RuntimeError:  # that loop is closed: nobody waits any more
-                for job in js:
-                    self._inflight.discard(job.msg_id)
-
-    def _finish(self, jobs: list[_Job]) -> None:
-        for job in jobs:
-            self._inflight.discard(job.msg_id)
-            if job.fut.done():
-                continue  # the waiter was cancelled
-            if job.error is not None:
-                job.fut.set_exception(job.error)
-            else:
-                job.fut.set_result(None)
+    @property
+    def flushes(self) -> int:
+        """Sync system-call rounds so far (group_commit.py), for tests and metrics."""
+        return self._commit.flushes
 
     def close(self) -> None:
         """Finish pending flushes and stop the flusher thread."""
-        for loop in list(self._pending):
-            self._kick(loop)
-        if self._writers is not None:
-            self._writers.shutdown()  # stores being written reach the flusher's queue first
-            self._writers = None
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        if self._root_fd >= 0:
-            os.close(self._root_fd)
-            self._root_fd = -1
-
-
-def _rename_job(job: _Job) -> None:
-    try:
-        os.rename(job.tmp, job.final)
-    except OSError as e:
-        job.error = e
-
-
-def _unlink_quiet(*paths: str) -> None:
-    for p in paths:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-
-
-def _ends_with_newline(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
-    except OSError:
-        return False  # empty or vanished
-
-
-def _reason(ex: BaseException) -> str:
-    if isinstance(ex, InfError):
-        return ex.reason
-    if isinstance(ex, OSError) and ex.strerror:
-        return ex.strerror
-    return str(ex)
+        self._commit.close()

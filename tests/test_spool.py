@@ -14,7 +14,8 @@ import pytest
 
 from mailengine import spool as spool_mod
 from mailengine.envelope import InfError, Message, format_inf, parse_inf
-from mailengine.spool import DIRS, STRATEGIES, Spool, _syncfs
+from mailengine.group_commit import STRATEGIES, _syncfs
+from mailengine.spool import DIRS, Spool
 
 AVAILABLE = [s for s in STRATEGIES if s != "syncfs" or _syncfs is not None]
 
@@ -81,17 +82,6 @@ def test_ids_unique_across_processes(method):
     assert len(set(all_ids)) == 15000
 
 
-def test_a_restart_with_the_same_pid_in_the_same_second_makes_new_ids():
-    # a container restarts as the same pid; even a burst of ids just before the "crash" must
-    # not be repeated by the next run (a fresh clock is what a new process starts with)
-    def ids(clock, n):
-        return [(us // 1_000_000, us % 1_000_000) for us in (clock.next() for _ in range(n))]
-    earlier = ids(spool_mod._IdClock(), 20000)
-    later = ids(spool_mod._IdClock(), 20000)
-    assert len(set(earlier)) == len(set(later)) == 20000
-    assert not set(earlier) & set(later)
-
-
 # ------------------------------------------------------------------ store
 
 @pytest.mark.parametrize("strategy", AVAILABLE)
@@ -117,7 +107,7 @@ async def test_memory_mode_store_never_syncs(tmp_path):
     await s.store(m, b"data\r\n")
     assert m.id and s.read_data(m.id, "retry") == b"data\r\n"
     assert s.load(m.id, "retry").rcpt_to_send == ["rcpt@example.net"]
-    assert s.flushes == 0 and s._thread is None
+    assert s.flushes == 0 and s._commit._thread is None
     s.close()
 
 
@@ -175,7 +165,7 @@ async def test_store_of_an_unwritable_record_leaves_nothing(sp):
 async def test_store_failing_its_flush_leaves_nothing(sp, monkeypatch):
     def broken_sync(batch, renamed):
         raise OSError(5, "Input/output error")
-    monkeypatch.setattr(sp, "_sync", broken_sync)
+    monkeypatch.setattr(sp._commit, "_sync", broken_sync)
     with pytest.raises(OSError, match="Input/output"):
         await sp.store(msg(sp.new_id()), b"data")
     assert files(sp.root)["retry"] == []  # no 250, and nothing left to deliver
@@ -485,80 +475,6 @@ def test_usage_counts_messages_and_bytes(sp):
     assert u["retry"] == (1, 5) and u["done"] == (1, 3) and u["working"] == (0, 0)
 
 
-def test_one_writer_thread_while_it_keeps_up_more_while_stores_wait():
-    """Fast stores one after another need one thread; slow ones (file creation after mass
-    deletions, spare.py) that keep stores waiting start more, up to the maximum, which end
-    once caught up."""
-    import threading
-    from mailengine.spool import _Writers
-
-    w = _Writers(4)
-    done = []
-    for i in range(50):  # each finishes before the next comes
-        ev = threading.Event()
-        w.submit(lambda i=i, ev=ev: (done.append(i), ev.set()))
-        assert ev.wait(5)
-    assert w.most == 1 and len(done) == 50
-
-    for i in range(40):  # stores keep coming while each takes 20 ms
-        w.submit(lambda i=i: (time.sleep(0.02), done.append(i)))
-        time.sleep(0.002)
-    deadline = time.monotonic() + 5
-    while len(done) < 90 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(done) == 90 and 1 < w.most <= 4
-    deadline = time.monotonic() + 3
-    while w._running > 1:  # the extra threads end a moment after the backlog
-        assert time.monotonic() < deadline, w._running
-        time.sleep(0.05)
-    w.shutdown()
-    with pytest.raises(RuntimeError):
-        w.submit(done.append, 0)
-
-
-def test_writer_threads_shutdown_runs_what_was_submitted():
-    from mailengine.spool import _Writers
-
-    w = _Writers(2)
-    got = []
-    for i in range(30):
-        w.submit(lambda i=i: (time.sleep(0.001), got.append(i)))
-    w.shutdown()
-    assert sorted(got) == list(range(30))
-
-
-def test_a_burst_of_slow_stores_gets_more_writer_threads():
-    """40 stores arrive at once and each takes 10 ms: the threads that take them call for help
-    (no later store is needed to notice the backlog)."""
-    from mailengine.spool import _Writers
-
-    w = _Writers(4)
-    done = []
-    t0 = time.monotonic()
-    for i in range(40):
-        w.submit(lambda i=i: (time.sleep(0.010), done.append(i)))
-    deadline = t0 + 5
-    while len(done) < 40:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    took = time.monotonic() - t0
-    w.shutdown()
-    assert w.most > 1 and took < 0.3, (w.most, took)  # one thread alone: 0.4 s
-
-
-def test_a_writer_thread_that_cannot_start_refuses_the_store_and_keeps_nothing(monkeypatch):
-    import threading
-    from mailengine.spool import _Writers
-
-    def refuse(self):
-        raise RuntimeError("can't start new thread")
-    monkeypatch.setattr(threading.Thread, "start", refuse)
-    w = _Writers(2)
-    with pytest.raises(RuntimeError):
-        w.submit(print, "never")
-    assert not w._jobs and w._running == 0  # not written later behind the caller's back
-
-
 def test_a_store_whose_hand_over_to_the_flusher_fails_is_answered_and_leaves_nothing(
         tmp_path, monkeypatch):
     sp = spool_mod.Spool(tmp_path / "mailq")
@@ -566,7 +482,7 @@ def test_a_store_whose_hand_over_to_the_flusher_fails_is_answered_and_leaves_not
 
     def no_fds():
         raise OSError(24, "Too many open files")
-    monkeypatch.setattr(sp, "_start_flusher", no_fds)
+    monkeypatch.setattr(sp._commit, "_start", no_fds)
     msg = Message(id="", mail_from="a@b.test", rcpt_to_send=["c@d.test"])
 
     async def main():

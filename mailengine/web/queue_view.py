@@ -17,7 +17,7 @@ from ..queue_dirs import RETRY, WORKING
 from ..categories import categorize_reply
 from ..envelope import InfError, Message, last_replies
 from ..scheduler import domain_of
-from ..spool import is_message_id
+from ..message_ids import is_message_id
 
 SCAN_LIMIT = 20000
 WHERE = (RETRY, WORKING)
