@@ -15,7 +15,8 @@ import logging
 import os
 
 from .config import Config
-from .spool import DIRS, SPARE_DIR
+from .queue_dirs import DIRS
+from .spool import SPARE_DIR
 from .spare import NEW as SPARE_NEW
 
 log = logging.getLogger("mailengine")

@@ -10,7 +10,8 @@ import pytest
 
 from mailengine import client
 from mailengine.envelope import parse_inf
-from mailengine.spool import DIRS, Spool
+from mailengine.queue_dirs import DIRS
+from mailengine.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,8 @@ import pytest
 from mailengine import spool as spool_mod
 from mailengine.envelope import InfError, Message, format_inf, parse_inf
 from mailengine.group_commit import STRATEGIES, _syncfs
-from mailengine.spool import DIRS, Spool
+from mailengine.queue_dirs import DIRS
+from mailengine.spool import Spool
 
 AVAILABLE = [s for s in STRATEGIES if s != "syncfs" or _syncfs is not None]
 
