@@ -390,8 +390,8 @@ class ComplaintDesk:
 
     def store(self):
         if self._store is None:
-            from .suppression import SuppressionStore
-            self._store = SuppressionStore.for_config(self.cfg)
+            from .suppression import shared_store
+            self._store = shared_store(self.cfg)
         return self._store
 
     def handle(self, rcpts: list[str], data: bytes, mail_from: str = "",

@@ -16,16 +16,17 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Callable
 
+from . import bounce_suppression
 from .complaints import ComplaintDesk, addressed
-from .queue_dirs import INCOMING, RETRY
 from .config import Config
 from .envelope import Message, format_address_list
-from .policy import is_verp
 from .events import EventLog
+from .policy import is_verp
+from .queue_dirs import INCOMING, RETRY
 from .smtp.server import MessageReceived, Reply, Session
 from .spool import Spool
+from .suppression import dropped_records, shared_store
 from .unsubscribe import Unsubscriber, mailto_token
-from .suppression import dropped_records
 
 if TYPE_CHECKING:
     from .bounces import BounceLog
@@ -135,7 +136,13 @@ class Intake:
         verp = [r for r in local if is_verp(r)]
         if verp:
             try:
-                await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from, msg_id)
+                found = await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from,
+                                                msg_id)
+                failures = bounce_suppression.from_bounces(
+                    self.cfg.suppression.bounce_categories, found)
+                if failures:
+                    await asyncio.to_thread(bounce_suppression.suppress, shared_store(self.cfg),
+                                            failures, self.cfg.suppression.bounce_days)
             except Exception:
                 log.exception("bounce %s to %s could not be recorded", msg_id, ",".join(verp))
         # --- complaint intake (complaints.py): the same, for feedback-loop reports ---

@@ -9,18 +9,19 @@ original message). Mail the engine makes itself is stored in `mailq/retry` like 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .queue_dirs import RETRY, WORKING
-from . import dsn, reports
+from . import bounce_suppression, dsn, reports
 from .categories import use_home
 from .complaint_rates import DeliveredTally
 from .envelope import Message
 from .events import EventLog
 from .lists import AddressLists
 from .outcome import AttemptResult, RcptOutcome
+from .queue_dirs import RETRY, WORKING
 from .shared import list_mirror
 
 if TYPE_CHECKING:
@@ -53,6 +54,9 @@ class Notices:
             return  # a notice, report or alert of ours: nothing more
         if self.delivered is not None and res.sent:
             self.delivered.add(msg.mail_from, len(res.sent))
+        if res.failed and not self.engine.test_mode:
+            await self._suppress(bounce_suppression.from_attempt(
+                cfg.suppression.bounce_categories, outcomes, res), msg.id)
         try:
             if cfg.queue.dsn and msg.mail_from:
                 wanted = dsn.notices(msg, res, outcomes)
@@ -71,6 +75,17 @@ class Notices:
                                 f"delivery report about {msg.id}")
         except Exception:
             log.exception("%s: cannot queue its delivery notice or report", msg.id)
+
+    async def _suppress(self, failures: list[tuple[str, str]], msg_id: str) -> None:
+        """Addresses that will never work onto the suppression list (bounce_suppression.py)."""
+        if not failures:
+            return
+        try:
+            await asyncio.to_thread(bounce_suppression.suppress, self.engine.policy.suppression,
+                                    failures, self.cfg.suppression.bounce_days)
+        except Exception:
+            log.exception("%s: cannot put its hard-bounced recipients on the suppression list",
+                          msg_id)
 
     def _data(self, msg: Message, where: str) -> bytes | None:
         try:

@@ -13,7 +13,7 @@ from .hostname import host_name
 from .smtp import wire
 from .smtp.server import Reply, Session, Transaction
 from .unsubscribe import mailto_token
-from .suppression import FILE as SUPPRESSION_FILE, SuppressionStore
+from .suppression import FILE as SUPPRESSION_FILE, SuppressionStore, shared_store
 from .users import PasswordFile
 
 log = logging.getLogger("mailengine.policy")
@@ -131,7 +131,7 @@ class Policy:
     @property
     def suppression(self) -> SuppressionStore:
         if self._suppression is None:
-            self._suppression = SuppressionStore.for_config(self.cfg)
+            self._suppression = shared_store(self.cfg)
         return self._suppression
 
     def _suppressed(self, txn: Transaction, address: str, drop: bool) -> Reply | None:
@@ -149,11 +149,6 @@ class Policy:
             txn.dropped[address] = entry
             return None
         return suppressed_reply(address, entry)
-
-    def close(self) -> None:
-        if self._suppression is not None:
-            self._suppression.close()
-            self._suppression = None
 
     def on_auth(self, session: Session, user: str, password: str) -> bool:
         return self.users is not None and self.users.check(user, password)

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Iterable
 
+from .categories import CATEGORIES, PERMANENT
 from .events import EventLog, iso_time
 from .setting import INTAKE, Setting
 
@@ -61,6 +62,12 @@ def _check_action(value: str) -> str | None:
     return None if value in ACTIONS else f"must be one of {', '.join(ACTIONS)}"
 
 
+def _check_categories(value: list[str]) -> str | None:
+    unknown = [c for c in value if c not in CATEGORIES]
+    return (f"no such bounce category: {', '.join(unknown)} (one of: {', '.join(CATEGORIES)})"
+            if unknown else None)
+
+
 SUPPRESSION_SECTION_TITLE = ("suppression", "Suppression list (addresses not to send to)")
 SUPPRESSION_SETTINGS = [
     Setting("suppression", "enabled", True, "bool",
@@ -70,7 +77,16 @@ SUPPRESSION_SETTINGS = [
             "What happens to a suppressed recipient: 'reject' answers RCPT with 550 5.7.1 "
             "naming the suppression; 'drop' accepts it, delivers nothing to it and writes a "
             "'dropped' line to log/events.jsonl.", check=_check_action, scope=INTAKE),
+    # bounce_suppression.py: the engine after each attempt, the intake processes per bounce
+    Setting("suppression", "bounce_categories", sorted(PERMANENT), "list[str]",
+            "Bounce categories (categories.py) whose hard failures, at RCPT or DATA or in a "
+            "bounce report, put the address on the list for every sender; [] = none.",
+            check=_check_categories),
+    Setting("suppression", "bounce_days", 0, "float",
+            "Days an address suppressed after a hard bounce stays on the list; 0 = for good.",
+            minimum=0, zero_ok=True),
 ]
+
 
 
 @dataclass(frozen=True)
@@ -564,6 +580,22 @@ class SuppressionStore:
             self.redis.close()
         self.events.close()
         self.db.close()
+
+
+_shared: dict[tuple, SuppressionStore] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_store(cfg) -> SuppressionStore:
+    """This process's one store of `cfg`'s home: intake's RCPT check, complaints, unsubscribes,
+    bounces and the web admin use it together, so a process keeps one copy of the list in
+    memory and one Redis link. Lives as long as the process (nothing closes it)."""
+    key = (str(cfg.home), cfg.shared.redis_url, cfg.shared.key_prefix)
+    with _shared_lock:
+        store = _shared.get(key)
+        if store is None:
+            store = _shared[key] = SuppressionStore.for_config(cfg)
+        return store
 
 
 def _field(address: str, domain: str) -> str:

@@ -133,8 +133,8 @@ class Unsubscriber:
     @classmethod
     def for_config(cls, cfg: Any) -> Unsubscriber:
         def make_store():
-            from .suppression import SuppressionStore
-            return SuppressionStore.for_config(cfg)
+            from .suppression import shared_store
+            return shared_store(cfg)
         return cls(cfg.home, make_store, cfg.log_dir)
 
     @property

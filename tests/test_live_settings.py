@@ -91,6 +91,8 @@ LIVE = {
     "unsubscribe.mailto_domain": "Policy.reload; Intake reads cfg; DeliveryEngine.apply",
     "suppression.enabled": "Policy.reload (intake workers are replaced)",
     "suppression.action": "Policy.reload (intake workers are replaced); sendmail reads cfg",
+    "suppression.bounce_categories": "Notices.after_attempt and Intake (bounces) read cfg",
+    "suppression.bounce_days": "Notices.after_attempt and Intake (bounces) read cfg",
     "complaints.addresses": "Policy.reload; ComplaintDesk (intake) reads cfg",
     "complaints.suppress_all_senders": "ComplaintDesk reads cfg",
     "complaints.rate_threshold_percent": "the complaints page reads cfg",

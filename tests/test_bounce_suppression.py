@@ -1,0 +1,108 @@
+"""Hard bounces fill the suppression list (issue 18 items 1+2, bounce_suppression.py): a
+recipient refused for good in a category that means "this address will never work" is
+suppressed for every sender, whether the refusal came in the SMTP session or later as a bounce
+report; soft failures, give-ups and other categories are not."""
+from __future__ import annotations
+
+import smtplib
+import time
+from pathlib import Path
+
+import pytest
+
+from mailengine import bounce_suppression as bs
+from mailengine.bounces import Bounce
+from mailengine.outcome import AttemptResult, Kind, RcptOutcome
+from mailengine.suppression import SuppressionStore
+from mailengine.testing.engine import RunningEngine, wait_until
+from mailengine.testing.sink import SinkScript, ThreadedSink
+
+CORPUS = Path(__file__).parent / "bounce_corpus"
+PERMANENT = ["bad-domain", "bad-mailbox", "inactive-mailbox"]
+
+
+def out(addr, kind, code, enhanced, text):
+    return RcptOutcome(addr, kind, code, enhanced, text, stage="rcpt")
+
+
+def test_only_hard_failures_of_the_chosen_categories_are_suppressed():
+    outcomes = [out("gone@d.test", Kind.HARD, 550, "5.1.1", "User unknown"),
+                out("full@d.test", Kind.HARD, 552, "5.2.2", "Mailbox full"),
+                out("spam@d.test", Kind.HARD, 554, "5.7.1", "Message rejected as spam"),
+                out("grey@d.test", Kind.SOFT, 450, "4.1.1", "User unknown (try later)"),
+                out("late@d.test", Kind.HARD, 550, "5.1.1", "User unknown"),
+                out("ok@d.test", Kind.SENT, 250, "2.0.0", "OK")]
+    res = AttemptResult(sent=["ok@d.test"], failed=["gone@d.test", "full@d.test", "spam@d.test",
+                                                    "late@d.test"],
+                        deferred=["grey@d.test"], gave_up=["late@d.test"])
+    got = bs.from_attempt(PERMANENT, outcomes, res)
+    assert [a for a, _ in got] == ["gone@d.test"]  # give-ups are not the address's fault
+    assert got[0][1] == "bad-mailbox: 550 5.1.1 User unknown"
+    assert bs.from_attempt([], outcomes, res) == []
+    assert [a for a, _ in bs.from_attempt(["spam-related"], outcomes, res)] == ["spam@d.test"]
+
+
+def test_bounce_reports_count_when_hard():
+    hard = Bounce("gone@d.test", "hard", status="5.1.1", code=550, reason="no such user")
+    soft = Bounce("busy@d.test", "soft", status="4.1.1", code=450, reason="no such user")
+    full = Bounce("full@d.test", "hard", status="5.2.2", code=552, reason="quota")
+    got = bs.from_bounces(PERMANENT, [hard, soft, full])
+    assert got == [("gone@d.test", "bad-mailbox: bounce report: 550 5.1.1 no such user")]
+
+
+def test_suppress_writes_for_every_sender_with_the_configured_expiry(tmp_path):
+    store = SuppressionStore(tmp_path)
+    assert bs.suppress(store, [("Gone@D.test", "bad-mailbox: 550 5.1.1 x"),
+                               ("not an address", "x")], days=2) == 1
+    e = store.lookup("gone@d.test", "any-sender.test")
+    assert e is not None and e.source == "bounce" and e.sender_domain == ""
+    assert abs(e.expires - (time.time() + 2 * 86400)) < 60
+    bs.suppress(store, [("forever@d.test", "r")], days=0)
+    assert store.lookup("forever@d.test").expires is None
+    store.close()
+
+
+def test_bad_category_setting_is_refused(tmp_path):
+    from mailengine import config
+    with pytest.raises(config.ConfigError, match="no such bounce category: bad-mailboxes"):
+        config.from_dict(tmp_path, {"suppression": {"bounce_categories": ["bad-mailboxes"]}})
+
+
+def test_engine_suppresses_after_a_hard_refusal_and_a_bounce_report(tmp_path):
+    """A real engine: the sink refuses one recipient 550 5.1.1 and another 552 (quota); a bounce
+    report comes back by SMTP for a third. The first and third are then refused at RCPT for any
+    sender, the quota one is not; test mode (`mailengine test`) would change nothing."""
+    sink = ThreadedSink("127.0.0.172", 0, SinkScript(rcpt={
+        "gone@sup.test": "550 5.1.1 The email account that you tried to reach does not exist",
+        "full@sup.test": "552 5.2.2 Mailbox full"})).start()
+    try:
+        with RunningEngine(tmp_path, {
+                "queue.pause_sending": False, "network.helo_text": "engine.test",
+                "logging.bounce_host": "bounces.sender.test",
+                "basic.local_domains": ["bounces.sender.test"],
+                "basic.dns_servers": [f"sup.test,mx.sup.test,MX,127.0.0.172:{sink.port}"]}) as eng:
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("news@sender.test", ["ok@sup.test", "gone@sup.test", "full@sup.test"],
+                           b"Subject: t\r\n\r\nhi\r\n")
+            store = SuppressionStore(tmp_path)
+            wait_until(lambda: store.lookup("gone@sup.test") is not None, 20, "suppressed")
+            report = (CORPUS / "gmail_address_not_found.eml").read_bytes().replace(b"\n", b"\r\n")
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("", ["mailengine-bounce-kim%gmail.test@bounces.sender.test"], report)
+                # recorded before the 250: refused at once, for another sender too
+                s.ehlo()
+                s.mail("other@elsewhere.test")
+                code, text = s.rcpt("kim@gmail.test")
+                assert code == 550 and b"suppression list" in text
+                assert s.rcpt("gone@sup.test")[0] == 550
+                assert s.rcpt("full@sup.test")[0] == 250
+                s.rset()
+    finally:
+        sink.stop()
+    # another process's addition shows in this store within suppression.REFRESH_EVERY
+    wait_until(lambda: store.lookup("kim@gmail.test") is not None, 5, "kim suppressed")
+    gone, kim = store.lookup("gone@sup.test"), store.lookup("kim@gmail.test")
+    assert gone.source == "bounce" and gone.reason.startswith("bad-mailbox: 550 5.1.1")
+    assert kim.source == "bounce" and "bounce report" in kim.reason
+    assert store.lookup("full@sup.test") is None and store.lookup("ok@sup.test") is None
+    store.close()
