@@ -28,6 +28,7 @@ from .intake import Intake
 from .notices import Notices
 from .policy import Policy
 from .spool import Spool
+from .suppression import FILE as SUPPRESSION_FILE
 from .stats import Stats
 from .users import PasswordFile
 from .web.server import WebServer
@@ -382,6 +383,19 @@ class Engine:
             if minutes % 60 == 0:  # a quiet engine opens no new log file: prune here too
                 for f in logs.prune(self.cfg.log_dir, self.cfg.logging.log_retention_days):
                     log.debug("removed the old log file %s", f)
+                await self._purge_suppressions()
+
+    async def _purge_suppressions(self) -> None:
+        """Expired suppression entries count for nothing already: removed hourly to save room."""
+        if not (self.cfg.home / SUPPRESSION_FILE).exists():
+            return
+        try:
+            n = await asyncio.to_thread(self.policy.suppression.purge_expired)
+        except Exception:
+            log.exception("cannot remove expired entries from the suppression list")
+            return
+        if n:
+            log.info("suppression list: %d expired entries removed", n)
 
     def queue_lines(self) -> list[str]:
         """`debug.queue_size` / `debug.queue_memory`: what the queue holds now."""

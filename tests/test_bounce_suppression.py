@@ -106,3 +106,20 @@ def test_engine_suppresses_after_a_hard_refusal_and_a_bounce_report(tmp_path):
     assert kim.source == "bounce" and "bounce report" in kim.reason
     assert store.lookup("full@sup.test") is None and store.lookup("ok@sup.test") is None
     store.close()
+
+
+def test_the_engine_removes_expired_entries_in_its_housekeeping(tmp_path):
+    """app.Engine._purge_suppressions (hourly, from the expiry loop): expired entries go, others
+    stay; a home without a list opens none."""
+    import asyncio
+    from mailengine.app import Engine
+    from mailengine.config import from_dict
+    eng = Engine(from_dict(tmp_path, {}))
+    asyncio.run(eng._purge_suppressions())
+    assert not (tmp_path / "suppression.db").exists()
+    store = SuppressionStore(tmp_path)
+    store.add("old@d.test", reason="r", expires=time.time() - 10)
+    store.add("new@d.test", reason="r", expires=time.time() + 3600)
+    asyncio.run(eng._purge_suppressions())
+    assert [e.address for e in store.entries(include_expired=True)] == ["new@d.test"]
+    store.close()
