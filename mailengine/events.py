@@ -1,7 +1,14 @@
-"""The JSON-lines event log `HOME/log/events.jsonl`: one line per delivery attempt per recipient.
+"""The JSON-lines event log `HOME/log/events.jsonl`: one line per delivery attempt per recipient,
+and one per change of an address's standing (sender reputation, issue 18).
 
 Other programs follow it (`tail -F`, a log shipper) to learn what happened to each address
-without reading the queue. Every line is one JSON object:
+without reading the queue. Every line is one JSON object whose `event` says what it is:
+`attempt` (below), `suppressed` (an address put on the suppression list: suppression.py, with
+`source` bounce / complaint / unsubscribe / manual; `suppressions-imported` for a CSV import),
+`dropped` (a suppressed recipient accepted
+and not delivered, `suppression.action = "drop"`), `complaint` (a feedback-loop report:
+complaints.py), `unsubscribed` (one-click or mailto: unsubscribe.py). A reader that wants only
+deliveries keeps the `attempt` lines. An attempt line:
 
     {"time": "2026-03-03T10:12:31.402+0000", "event": "attempt", "id": "P17000T1C3@host",
      "from": "news@sender.test", "rcpt": "alice@dest.test", "attempt": 1,

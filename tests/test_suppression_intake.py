@@ -171,7 +171,6 @@ def test_policy_switches_and_precedence(tmp_path):
         p = Policy(config.Config(home=tmp_path, values={**values, **settings}))
         txn = Transaction(mail_from="a@src.test")
         reply = p.on_rcpt(Session(peer_ip=peer), txn, "gone@dest.test")
-        p.close()
         return reply, txn
 
     reply, _ = rcpt("10.9.9.9")
