@@ -29,6 +29,7 @@ from .policy import Policy
 from .spool import Spool
 from .stats import Stats
 from .users import PasswordFile
+from .webhooks import Webhooks
 from .web.server import WebServer
 from .workers import WorkerPool
 
@@ -95,6 +96,8 @@ class Engine:
         self.workers: WorkerPool | None = None
         self.intake = Intake(cfg, self.spool, self.hostname, self.stored,
                              relay_dir=self.relay_dir)
+        # events posted to webhooks.urls (webhooks.py): captured after each attempt, then sent
+        self.webhooks = Webhooks(cfg, test_mode)
         # after each send attempt: lists, event log, DSNs, delivery reports (notices.py)
         self.notices = Notices(self)
         self.diskwatch = diskwatch.for_engine(self)  # low disk space: 452 4.3.1 and an alert
@@ -493,7 +496,7 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,
-                self.diskwatch.run, self._log_queue, self._load_backlog)]
+                self.diskwatch.run, self._log_queue, self._load_backlog, self.webhooks.run)]
             if self.delivery is not None:
                 tasks.append(tg.create_task(self.delivery.run()))
             if ready is not None:
@@ -508,6 +511,7 @@ class Engine:
                 await self.workers.stop()
             if self.delivery is not None:
                 await self.delivery.stop()  # unfinished mail is left in retry/
+            await self.webhooks.stop()  # captured events committed; posting stops
             for t in tasks:
                 t.cancel()
         for line in self.stats.lines():

@@ -75,7 +75,8 @@ class EventLog:
         self.file = AppendFile(Path(log_dir) / name, recheck=1.0)
 
     def attempt(self, msg: Message, outcomes: Iterable[RcptOutcome],
-                res: AttemptResult | None = None) -> None:
+                res: AttemptResult | None = None) -> list[dict]:
+        """Write the attempt's records; returns them (webhooks.py posts them too)."""
         records = attempt_events(msg, outcomes, res)
         if self.test_mode:
             for r in records:
@@ -83,6 +84,7 @@ class EventLog:
                 if r["result"] == Kind.SENT.value:
                     r["result"] = "tested"
         self.write(records)
+        return records
 
     def write(self, records: list[dict]) -> None:
         if not records:

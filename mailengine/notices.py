@@ -37,12 +37,18 @@ class Notices:
     async def after_attempt(self, msg: Message, res: AttemptResult,
                             outcomes: list[RcptOutcome], where: str = "working") -> None:
         cfg = self.cfg
+        committed = None
         try:
             if cfg.logging.log_undeliverable and (res.failed or res.gave_up):
                 self.lists.undeliverable(res.failed, res.gave_up)
-            self.events.attempt(msg, outcomes, res)
+            records = self.events.attempt(msg, outcomes, res)
+            webhooks = getattr(self.engine, "webhooks", None)
+            if webhooks is not None:
+                committed = webhooks.attempt(records)
         except Exception:
-            log.exception("%s: cannot write the lists or the event log", msg.id)
+            log.exception("%s: cannot write the lists, the event log or webhook events", msg.id)
+        if committed is not None:  # its files stay until its webhook events are on disk
+            await committed
         if msg.extra.get(dsn.GENERATED_KEY):
             return  # a notice, report or alert of ours: nothing more
         try:

@@ -86,6 +86,15 @@ LIVE = {
     "reports.delivery_reports": "Notices reads cfg",
     "reports.recipients": "Notices reads cfg",
     "reports.domains": "Notices reads cfg",
+    "webhooks.urls": "Webhooks.run reconciles its URL tasks each second; Webhooks.attempt and "
+                     "webhooks.emit read cfg",
+    "webhooks.secret": "Webhooks._post reads cfg",
+    "webhooks.events": "Webhooks.attempt and webhooks.emit read cfg",
+    "webhooks.batch_size": "Webhooks._serve reads cfg",
+    "webhooks.batch_wait": "Webhooks._serve reads cfg",
+    "webhooks.timeout": "Webhooks._post reads cfg",
+    "webhooks.retry_max_seconds": "Webhooks._serve reads cfg",
+    "webhooks.max_age_hours": "Webhooks._deliver and Webhooks.prune read cfg",
 }
 
 
