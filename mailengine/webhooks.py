@@ -11,9 +11,11 @@ Three parts, all in this module because they share one file format:
   events older than `webhooks.max_age_hours`, are deleted (the latter with a warning).
 - **Capture** in the engine process (`Webhooks.attempt`): the attempt records of events.py
   become `delivered` / `deferred` / `bounced` events. They are collected while one commit runs
-  and written together by the next one in the outbox's thread (a commit per recipient would cost
-  more than the delivery), and the attempt's end waits for its commit, so the message's files are
-  removed only once its events are on disk: a crash loses none (it may send an event twice).
+  (and for at least COMMIT_SPACING after it started) and written together by the next one, in
+  the outbox's thread: a commit (an fsync) per recipient would cost more than the delivery. The
+  attempt's end waits for its commit, so the message's files are removed only once its events
+  are on disk: a crash loses none (it may send an event twice). The delivery slot is free by
+  then, so the wait holds up no other mail.
 - **The sender** (`Webhooks.run`, a housekeeping loop of app.Engine): one asyncio task per URL,
   each with its own progress, POSTs `{"events": [...]}` (up to `batch_size` events, or what came
   within `batch_wait` seconds), signed (`sign`), with `timeout`. A 2xx acknowledges the batch;
@@ -57,6 +59,9 @@ IDLE_POLL = 1.0  # s between looks at the outbox when idle (other processes put 
 PRUNE_SECONDS = 60.0  # s between deletions of acknowledged and expired events
 PENDING_SECONDS = 2.0  # s between counts of each URL's pending events (status, /metrics)
 BUSY_TIMEOUT = 30.0  # s a writer waits for another process's transaction
+# s at least between two commits of captured events: each is an fsync, and back-to-back fsyncs
+# compete with the spool's own (a 250 at intake waits for those)
+COMMIT_SPACING = 0.02
 
 
 # --- events ----------------------------------------------------------------------------------------
@@ -307,7 +312,8 @@ class Webhooks:
         self._pending: list[dict] = []  # captured, waiting for the next commit
         self._next: asyncio.Future | None = None  # resolved when they are committed
         self._flushing = False
-        self._retry: asyncio.TimerHandle | None = None
+        self._last_commit = 0.0  # loop time the last commit started
+        self._retry: asyncio.TimerHandle | None = None  # the next commit, when it must wait
         self._wake: set[asyncio.Event] = set()  # the URL tasks idling
         self.urls: dict[str, UrlState] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -340,8 +346,16 @@ class Webhooks:
             self._next = asyncio.get_running_loop().create_future()
         fut = self._next
         if not self._flushing and self._retry is None:
-            self._flush()
+            self._schedule()
         return fut
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait = self._last_commit + COMMIT_SPACING - loop.time()
+        if wait > 0:
+            self._retry = loop.call_later(wait, self._flush)
+        else:
+            self._flush()
 
     def _flush(self) -> None:
         self._retry = None
@@ -352,6 +366,7 @@ class Webhooks:
                 fut.set_result(True)
             return
         self._flushing = True
+        self._last_commit = asyncio.get_running_loop().time()
         if self._db_thread is None:
             self._db_thread = ThreadPoolExecutor(1, "webhooks-db")
         done = asyncio.get_running_loop().run_in_executor(self._db_thread, self.outbox.put, batch)
@@ -360,7 +375,7 @@ class Webhooks:
     def _flushed(self, done: asyncio.Future, batch: list[dict],
                  fut: asyncio.Future | None) -> None:
         self._flushing = False
-        err = done.exception()
+        err = RuntimeError("the commit was cancelled") if done.cancelled() else done.exception()
         if err is not None:
             # Kept in memory and tried again: delivery goes on (a disk problem must not stop
             # mail), and the events reach the outbox once it can be written.
@@ -376,7 +391,7 @@ class Webhooks:
         for wake in self._wake:
             wake.set()
         if self._pending:
-            self._flush()
+            self._schedule()
 
     # -- the sender -----------------------------------------------------------------------------
 

@@ -144,6 +144,49 @@ def test_emit_puts_only_when_configured_and_wanted(tmp_path):
     assert WebhookOutbox(tmp_path).pending("http://127.0.0.1:9/") == 1
 
 
+def test_a_failed_commit_keeps_the_events_and_tries_again(tmp_path, caplog):
+    """A disk problem must not lose events nor stop delivery: the attempt goes on (its future
+    says False), and the events reach the outbox with the next commit."""
+    cfg = Config(home=tmp_path, values={"webhooks.urls": ["http://127.0.0.1:9/"]})
+    hooks = Webhooks(cfg)
+    real_put, calls = hooks.outbox.put, []
+
+    def flaky_put(events):
+        calls.append(len(events))
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_put(events)
+
+    hooks.outbox.put = flaky_put
+
+    async def scenario():
+        first = hooks.attempt([{"result": "sent", "final": True, "rcpt": "a@d.test",
+                                "id": "M@h", "time": "t"}])
+        assert await first is False
+        assert await hooks.submit([event("complained", "b@d.test")]) is True
+        await hooks.stop()
+
+    with caplog.at_level(logging.ERROR, "mailengine.webhooks"):
+        asyncio.run(scenario())
+    assert "cannot write 1 webhook events" in caplog.text and calls == [1, 2]
+    rows = WebhookOutbox(tmp_path).take("http://127.0.0.1:9/", 10)
+    assert [json.loads(r[2])["type"] for r in rows] == ["delivered", "complained"]
+
+
+def test_the_readme_verification_snippet_works():
+    from pathlib import Path
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Webhooks", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(code, scope)
+    body, ts = b'{"events":[]}', str(int(time.time()))
+    headers = {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: sign("k", ts, body)}
+    assert scope["verified"]("k", headers, body)
+    assert not scope["verified"]("k", headers, body + b"x")
+    assert not scope["verified"]("j", headers, body)
+
+
 # --- the sender against a real receiver ------------------------------------------------------------------
 
 def _hooks_cfg(tmp_path, urls, **extra) -> Config:
