@@ -10,12 +10,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
 from mailengine import control
 from mailengine.config import ConfigError, Config, from_dict
-from mailengine.testing.engine import RunningEngine, wait_until
+from mailengine.testing.engine import RunningEngine, free_port, wait_until
 from mailengine.testing.sink import SinkScript, ThreadedSink
 from mailengine.testing.webhook_receiver import WebhookReceiver
 from mailengine.webhooks import (FILE, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookOutbox,
@@ -308,7 +309,8 @@ def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
                 "queue.queue_check_interval": 0.5, "network.helo_text": "engine.test",
                 "basic.dns_servers": ["wh.test,mx.wh.test,MX,127.0.0.52:25"],
                 "webhooks.urls": [rx.url], "webhooks.secret": "k3y",
-                "webhooks.retry_max_seconds": 0.3, "webhooks.batch_wait": 0.05}
+                "webhooks.retry_max_seconds": 0.3, "webhooks.batch_wait": 0.05,
+                "network.web_port": free_port()}
     db = tmp_path / FILE
 
     def stored() -> list[dict]:
@@ -327,6 +329,11 @@ def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
             status = control.request(tmp_path / "mailengine.sock", "status")
             wait_until(lambda: control.request(tmp_path / "mailengine.sock", "status")
                        ["webhooks"]["urls"][0]["failures"] > 0, 10, "a failure in the status")
+            wait_until(lambda: control.request(tmp_path / "mailengine.sock", "status")
+                       ["webhooks"]["pending"] >= 4, 10, "the pending count")
+            metrics = urllib.request.urlopen(
+                f"http://127.0.0.1:{settings['network.web_port']}/metrics", timeout=10).read()
+            assert f'mailengine_webhook_pending{{url="{rx.url}"}} 4' in metrics.decode()
             out = subprocess.run([sys.executable, "-m", "mailengine.cli", "--home",
                                   str(tmp_path), "status"], capture_output=True, text=True)
             assert f"webhooks  {rx.url}:" in out.stdout and "failures in a row" in out.stdout
