@@ -47,14 +47,16 @@ def test_attempt_records_become_delivered_deferred_bounced():
                dict(base, rcpt="c@d.test", result="soft", final=False, code=451),
                dict(base, rcpt="d@d.test", result="soft", final=True, code=451),  # gave up
                dict(base, rcpt="e@d.test", result="tested", final=True)]  # test mode: none
-    evs = from_attempts(records)
+    evs = [json.loads(t) for t in from_attempts((r, json.dumps(r)) for r in records)]
     assert [(e["type"], e["address"]) for e in evs] == [
         ("delivered", "a@d.test"), ("bounced", "b@d.test"), ("deferred", "c@d.test"),
         ("bounced", "d@d.test")]
     assert evs[1]["category"] == "bad-mailbox" and "category" not in evs[0]
-    assert evs[0]["message_id"] == "M1@h" and evs[0]["time"] == base["time"]
-    assert evs[1]["code"] == 550 and evs[3]["result"] == "soft"
-    assert [e["type"] for e in from_attempts(records, ["bounced"])] == ["bounced", "bounced"]
+    assert evs[0]["id"] == "M1@h" and evs[0]["time"] == base["time"]  # the line's fields
+    assert evs[1]["code"] == 550 and evs[3]["result"] == "soft" and evs[3]["final"] is True
+    assert len({e["event_id"] for e in evs}) == 4
+    assert [json.loads(t)["type"] for t in from_attempts(
+        [(r, json.dumps(r)) for r in records], ["bounced"])] == ["bounced", "bounced"]
 
 
 def test_signature_covers_timestamp_and_body():
@@ -150,7 +152,7 @@ def test_a_failed_commit_keeps_the_events_and_tries_again(tmp_path, caplog):
     says False), and the events reach the outbox with the next commit."""
     cfg = Config(home=tmp_path, values={"webhooks.urls": ["http://127.0.0.1:9/"]})
     hooks = Webhooks(cfg)
-    real_put, calls = hooks.outbox.put, []
+    real_put, calls = hooks.outbox.put_json, []
 
     def flaky_put(events):
         calls.append(len(events))
@@ -158,11 +160,11 @@ def test_a_failed_commit_keeps_the_events_and_tries_again(tmp_path, caplog):
             raise sqlite3.OperationalError("disk I/O error")
         real_put(events)
 
-    hooks.outbox.put = flaky_put
+    hooks.outbox.put_json = flaky_put
 
     async def scenario():
-        first = hooks.attempt([{"result": "sent", "final": True, "rcpt": "a@d.test",
-                                "id": "M@h", "time": "t"}])
+        rec = {"result": "sent", "final": True, "rcpt": "a@d.test", "id": "M@h", "time": "t"}
+        first = hooks.attempt([(rec, json.dumps(rec))])
         assert await first is False
         assert await hooks.submit([event("complained", "b@d.test")]) is True
         await hooks.stop()
@@ -359,5 +361,6 @@ def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
     assert {e["event_id"] for e in before} <= {e["event_id"] for e in rx.events}
     bounced = next(e for e in rx.events if e["type"] == "bounced")
     assert bounced["code"] == 550 and bounced["enhanced"] == "5.1.1"
-    assert bounced["message_id"].endswith("@engine.test") and bounced["from"] == "s@src.test"
+    assert bounced["id"].endswith("@engine.test") and bounced["from"] == "s@src.test"
+    assert bounced["rcpt"] == bounced["address"] and bounced["event"] == "attempt"
     assert rx.bad_signatures == 0 and rx.requests
