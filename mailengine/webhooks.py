@@ -7,7 +7,9 @@ Three parts, all in this module because they share one file format:
   and may be called from any process of the engine (the engine, intake workers, the CLI): SQLite
   serialises the writers, and an event's `seq` (AUTOINCREMENT, never reused) grows in commit
   order, so each URL's progress is one number, the last `seq` it acknowledged (`cursors`).
-  A URL added later receives the events still held. Events every URL has acknowledged, and
+  A URL added later receives the events still held. A row holds up to ROW_EVENTS events of
+  one put (at most `batch_size`), never split between two POSTs: a row per event made a large
+  commit slow. Events every URL has acknowledged, and
   events older than `webhooks.max_age_hours`, are deleted (the latter with a warning).
 - **Capture** in the engine process (`Webhooks.attempt`): the attempt records of events.py
   become `delivered` / `deferred` / `bounced` events. They are collected while one commit runs
@@ -59,6 +61,9 @@ IDLE_POLL = 1.0  # s between looks at the outbox when idle (other processes put 
 PRUNE_SECONDS = 60.0  # s between deletions of acknowledged and expired events
 PENDING_SECONDS = 2.0  # s between counts of each URL's pending events (status, /metrics)
 BUSY_TIMEOUT = 30.0  # s a writer waits for another process's transaction
+# Events stored per row: a row per event made the commit of a 100,000-recipient message's
+# events take 0.4 s more (bench/fanout.py)
+ROW_EVENTS = 50
 # s at least between two commits of captured events: each is an fsync, and back-to-back fsyncs
 # compete with the spool's own (a 250 at intake waits for those)
 COMMIT_SPACING = 0.02
@@ -171,29 +176,34 @@ class WebhookOutbox:
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")  # readers (the sender) never wait for writers
             db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when put() returns
+            # A row holds up to ROW_EVENTS events of one put(), their JSON joined by commas
             db.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-                       " created REAL NOT NULL, body TEXT NOT NULL)")
+                       " created REAL NOT NULL, n INTEGER NOT NULL, body TEXT NOT NULL)")
             db.execute("CREATE TABLE IF NOT EXISTS cursors (url TEXT PRIMARY KEY,"
                        " acked INTEGER NOT NULL)")
             db.execute("CREATE INDEX IF NOT EXISTS events_created ON events (created)")
             self._db, self._pid = db, os.getpid()
         return self._db
 
-    def put(self, events: list[dict]) -> None:
-        """Add events (JSON objects), durably when it returns; raises sqlite3.Error or OSError."""
-        self.put_json(encode(events))
+    def put(self, events: list[dict], per_row: int = ROW_EVENTS) -> None:
+        """Add events (JSON objects), durably when it returns; raises sqlite3.Error or OSError.
+        `per_row`: events stored together, never split between two POSTs (at most
+        webhooks.batch_size)."""
+        self.put_json(encode(events), per_row)
 
-    def put_json(self, texts: list[str]) -> None:
+    def put_json(self, texts: list[str], per_row: int = ROW_EVENTS) -> None:
         """put() of events already encoded, each a JSON object's text."""
         if not texts:
             return
         now = time.time()
-        rows = [(now, t) for t in texts]
+        k = max(1, min(per_row, ROW_EVENTS))
+        rows = [(now, len(texts[i:i + k]), ",".join(texts[i:i + k]))
+                for i in range(0, len(texts), k)]
         with self._lock:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")  # the seqs of one commit are above every earlier one
             try:
-                db.executemany("INSERT INTO events (created, body) VALUES (?, ?)", rows)
+                db.executemany("INSERT INTO events (created, n, body) VALUES (?, ?, ?)", rows)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -205,13 +215,21 @@ class WebhookOutbox:
                                        (url,)).fetchone()
         return row[0] if row else 0
 
-    def take(self, url: str, limit: int) -> list[tuple[int, float, str]]:
-        """The next `limit` events `url` has not acknowledged: (seq, created, JSON text)."""
+    def take(self, url: str, limit: int) -> list[tuple[int, float, int, str]]:
+        """The next rows `url` has not acknowledged, `limit` events at most (but at least one
+        row): (seq, created, number of events, their JSON objects joined by commas)."""
         with self._lock:
             db = self._conn()
             row = db.execute("SELECT acked FROM cursors WHERE url = ?", (url,)).fetchone()
-            return db.execute("SELECT seq, created, body FROM events WHERE seq > ? ORDER BY seq "
-                              "LIMIT ?", (row[0] if row else 0, limit)).fetchall()
+            rows = db.execute("SELECT seq, created, n, body FROM events WHERE seq > ? "
+                              "ORDER BY seq LIMIT ?", (row[0] if row else 0, limit)).fetchall()
+        out, total = [], 0
+        for r in rows:
+            if out and total + r[2] > limit:
+                break
+            out.append(r)
+            total += r[2]
+        return out
 
     def ack(self, url: str, seq: int) -> None:
         """`url` has every event up to `seq`."""
@@ -224,7 +242,7 @@ class WebhookOutbox:
         with self._lock:
             db = self._conn()
             row = db.execute("SELECT acked FROM cursors WHERE url = ?", (url,)).fetchone()
-            return db.execute("SELECT count(*) FROM events WHERE seq > ?",
+            return db.execute("SELECT coalesce(sum(n), 0) FROM events WHERE seq > ?",
                               (row[0] if row else 0,)).fetchone()[0]
 
     def prune(self, urls: list[str], max_age: float, now: float | None = None) -> tuple[int, int]:
@@ -234,12 +252,21 @@ class WebhookOutbox:
         with self._lock:
             db = self._conn()
             acked = expired = 0
-            if urls:
-                marks = [self._cursor_of(db, u) for u in urls]
-                acked = db.execute("DELETE FROM events WHERE seq <= ?", (min(marks),)).rowcount
-            if max_age > 0:
-                expired = db.execute("DELETE FROM events WHERE created < ?",
-                                     (now - max_age,)).rowcount
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if urls:
+                    mark = min(self._cursor_of(db, u) for u in urls)
+                    acked = db.execute("SELECT coalesce(sum(n), 0) FROM events WHERE seq <= ?",
+                                       (mark,)).fetchone()[0]
+                    db.execute("DELETE FROM events WHERE seq <= ?", (mark,))
+                if max_age > 0:
+                    expired = db.execute("SELECT coalesce(sum(n), 0) FROM events WHERE "
+                                         "created < ?", (now - max_age,)).fetchone()[0]
+                    db.execute("DELETE FROM events WHERE created < ?", (now - max_age,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
             return acked, expired
 
     @staticmethod
@@ -278,7 +305,7 @@ def emit(cfg: "Config", events: list[dict]) -> int:
         return 0
     wanted = set(w.events)
     kept = [e for e in events if e.get("type") in wanted]
-    outbox_for(cfg.home).put(kept)
+    outbox_for(cfg.home).put(kept, w.batch_size)
     return len(kept)
 
 
@@ -374,8 +401,8 @@ class Webhooks:
         self._last_commit = asyncio.get_running_loop().time()
         if self._db_thread is None:
             self._db_thread = ThreadPoolExecutor(1, "webhooks-db")
-        done = asyncio.get_running_loop().run_in_executor(self._db_thread, self.outbox.put_json,
-                                                          batch)
+        done = asyncio.get_running_loop().run_in_executor(
+            self._db_thread, self.outbox.put_json, batch, self.cfg.webhooks.batch_size)
         done.add_done_callback(lambda d: self._flushed(d, batch, fut))
 
     def _flushed(self, done: asyncio.Future, batch: list[str],
@@ -473,7 +500,7 @@ class Webhooks:
                         pass
                     continue
                 now = time.time()
-                if len(rows) < w.batch_size and now - rows[0][1] < w.batch_wait:
+                if sum(r[2] for r in rows) < w.batch_size and now - rows[0][1] < w.batch_wait:
                     await asyncio.sleep(rows[0][1] + w.batch_wait - now)  # let the batch fill
                     continue
                 if not await self._deliver(url, state, rows, now):
@@ -488,31 +515,32 @@ class Webhooks:
         w = self.cfg.webhooks
         max_age = w.max_age_hours * 3600
         fresh = [r for r in rows if not max_age or now - r[1] <= max_age]
-        if len(fresh) < len(rows):
-            state.dropped += len(rows) - len(fresh)
+        taken, sending = sum(r[2] for r in rows), sum(r[2] for r in fresh)
+        if sending < taken:
+            state.dropped += taken - sending
             log.warning("webhooks: %s: dropped %d events older than %g hours "
-                        "(webhooks.max_age_hours)", url, len(rows) - len(fresh), w.max_age_hours)
+                        "(webhooks.max_age_hours)", url, taken - sending, w.max_age_hours)
         if fresh:
-            body = b'{"events":[' + ",".join(r[2] for r in fresh).encode() + b"]}"
+            body = b'{"events":[' + ",".join(r[3] for r in fresh).encode() + b"]}"
             error = await self._post(url, body, w)
             if error:
                 state.failures += 1
                 state.last_error = error
                 log.warning("webhooks: %s: %s (failure %d in a row; %d events wait)", url,
-                            error, state.failures, state.pending or len(rows))
+                            error, state.failures, state.pending or taken)
                 return False
             if state.failures:
                 log.info("webhooks: %s accepts events again after %d failures", url,
                          state.failures)
             state.failures = 0
-            state.sent += len(fresh)
+            state.sent += sending
             state.last_ok = time.time()
         try:
             await self._db(self.outbox.ack, url, rows[-1][0])
         except (sqlite3.Error, OSError) as e:  # sent again later: at least once
             log.error("webhooks: cannot record what %s acknowledged: %s", url, e)
             return False
-        state.pending = max(0, state.pending - len(rows))
+        state.pending = max(0, state.pending - taken)
         return True
 
     async def _post(self, url: str, body: bytes, w) -> str:
@@ -557,7 +585,7 @@ class Webhooks:
         if self._pending:
             batch, self._pending = self._pending, []
             try:
-                await self._db(self.outbox.put_json, batch)
+                await self._db(self.outbox.put_json, batch, self.cfg.webhooks.batch_size)
             except (sqlite3.Error, OSError) as e:
                 log.error("webhooks: %d events lost, %s cannot be written: %s", len(batch),
                           self.outbox.path, e)
