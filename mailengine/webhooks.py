@@ -222,14 +222,15 @@ class WebhookOutbox:
             db = self._conn()
             row = db.execute("SELECT acked FROM cursors WHERE url = ?", (url,)).fetchone()
             rows = db.execute("SELECT seq, created, n, body FROM events WHERE seq > ? "
-                              "ORDER BY seq LIMIT ?", (row[0] if row else 0, limit)).fetchall()
-        out, total = [], 0
-        for r in rows:
-            if out and total + r[2] > limit:
-                break
-            out.append(r)
-            total += r[2]
-        return out
+                              "ORDER BY seq LIMIT ?", (row[0] if row else 0, limit))
+            out, total = [], 0
+            for r in rows:  # read one at a time: the rows beyond the limit are never built
+                if out and total + r[2] > limit:
+                    break
+                out.append(r)
+                total += r[2]
+            rows.close()
+            return out
 
     def ack(self, url: str, seq: int) -> None:
         """`url` has every event up to `seq`."""
