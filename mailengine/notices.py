@@ -1,5 +1,6 @@
-"""What follows each send attempt, in one place: undeliverable lists, the event log, DSNs and
-delivery reports; and how the engine sends mail of its own (notices, reports, alerts).
+"""What follows each send attempt, in one place: undeliverable lists, the event log (and its
+events for webhooks.py: the attempt waits until they are on disk), DSNs and delivery reports;
+and how the engine sends mail of its own (notices, reports, alerts).
 
 The delivery engine calls `await engine.notices.after_attempt(msg, res, outcomes)` once an
 attempt is recorded in the message and before its files leave `working/` (the DSN may need the

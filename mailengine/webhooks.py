@@ -69,7 +69,7 @@ ROW_EVENTS = 50
 COMMIT_SPACING = 0.02
 
 
-# --- events ----------------------------------------------------------------------------------------
+# --- events ---------------------------------------------------------------------------------------
 
 def _new_prefix() -> str:
     return os.urandom(8).hex() + "-"
@@ -137,7 +137,7 @@ def encode(events: list[dict]) -> list[str]:
     return [json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in events]
 
 
-# --- signatures -------------------------------------------------------------------------------------
+# --- signatures -----------------------------------------------------------------------------------
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
     """The X-MailEngine-Signature value: HMAC-SHA256 of b"<timestamp>." + body, in hex."""
@@ -156,7 +156,7 @@ def verify(secret: str, timestamp: str, signature: str, body: bytes,
     return age <= tolerance and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-# --- the outbox -------------------------------------------------------------------------------------
+# --- the outbox -----------------------------------------------------------------------------------
 
 class WebhookOutbox:
     """HOME/webhooks.db. Blocking calls, safe from several threads (one connection, a lock) and
@@ -310,7 +310,7 @@ def emit(cfg: "Config", events: list[dict]) -> int:
     return len(kept)
 
 
-# --- the engine's part: capture and sender ------------------------------------------------------------
+# --- the engine's part: capture and sender --------------------------------------------------------
 
 class UrlState:
     """What `mailengine status` and /metrics show about one URL."""

@@ -23,7 +23,7 @@ from mailengine.webhooks import (FILE, SIGNATURE_HEADER, TIMESTAMP_HEADER, Webho
                                  Webhooks, emit, event, from_attempts, sign, verify)
 
 
-# --- events and signatures -------------------------------------------------------------------------
+# --- events and signatures ------------------------------------------------------------------------
 
 def test_event_has_id_type_time_address_and_fields():
     a = event("suppressed", "x@dest.test", reason="hard bounce", sender_domain="src.test")
@@ -80,7 +80,7 @@ def test_settings_are_checked():
     assert cfg.webhooks.urls == ["https://hooks.test/in"] and cfg.webhooks.batch_size == 5
 
 
-# --- the outbox ----------------------------------------------------------------------------------------
+# --- the outbox -----------------------------------------------------------------------------------
 
 def _events(rows) -> list[dict]:
     return [e for r in rows for e in json.loads("[" + r[3] + "]")]
@@ -197,7 +197,7 @@ def test_the_readme_verification_snippet_works():
     assert not scope["verified"]("j", headers, body)
 
 
-# --- the sender against a real receiver ------------------------------------------------------------------
+# --- the sender against a real receiver -----------------------------------------------------------
 
 def _hooks_cfg(tmp_path, urls, **extra) -> Config:
     values = {"webhooks.urls": urls, "webhooks.secret": "s3cret", "webhooks.batch_size": 7,
@@ -303,7 +303,7 @@ def test_events_older_than_max_age_are_dropped_with_a_warning(tmp_path, caplog):
     assert "older than 0.0003 hours" in caplog.text
 
 
-# --- a real engine -------------------------------------------------------------------------------------------
+# --- a real engine --------------------------------------------------------------------------------
 
 def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
     """A real engine delivers to a sink that takes one recipient, refuses one and defers one;
