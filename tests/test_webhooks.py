@@ -372,3 +372,37 @@ def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
     assert bounced["id"].endswith("@engine.test") and bounced["from"] == "s@src.test"
     assert bounced["rcpt"] == bounced["address"] and bounced["event"] == "attempt"
     assert rx.bad_signatures == 0 and rx.requests
+
+
+def test_urls_changed_while_running_are_followed(tmp_path):
+    """webhooks.urls is live: a URL added gets the events still held, one removed is left."""
+    a = WebhookReceiver().start()
+    b = WebhookReceiver().start()
+    try:
+        cfg = _hooks_cfg(tmp_path, [a.url], secret="")
+
+        async def scenario():
+            hooks = Webhooks(cfg)
+            runner = asyncio.create_task(hooks.run())
+            await hooks.submit([event("unsubscribed", "one@d.test")])
+            await _until(lambda: len(a.events) == 1, what="a has the first")
+            b.close_port()
+            cfg.set("webhooks.urls", [a.url, b.url])
+            await _until(lambda: b.url in hooks.urls and hooks.urls[b.url].failures, what="b")
+            b.open_port()
+            await _until(lambda: len(b.events) == 1, what="b has the event still held")
+            cfg.set("webhooks.urls", [b.url])
+            await _until(lambda: a.url not in hooks.urls, what="a left")
+            await hooks.submit([event("complained", "two@d.test")])
+            await _until(lambda: len(b.events) == 2, what="b has the second")
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            await hooks.stop()
+
+        asyncio.run(scenario())
+    finally:
+        a.stop()
+        b.stop()
+    assert [e["address"] for e in a.events] == ["one@d.test"]
+    assert [e["address"] for e in b.events] == ["one@d.test", "two@d.test"]
+    assert SIGNATURE_HEADER not in a.requests[0]["headers"]  # no secret: unsigned
