@@ -29,8 +29,8 @@ from .policy import Policy
 from .spool import Spool
 from .stats import Stats
 from .users import PasswordFile
-from .webhooks import Webhooks
 from .web.server import WebServer
+from .webhooks import Webhooks
 from .workers import WorkerPool
 
 log = logging.getLogger("mailengine")

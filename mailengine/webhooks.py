@@ -348,6 +348,7 @@ class Webhooks:
         self.urls: dict[str, UrlState] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._session = None
+        self._stopped = False  # stop() was called: run() starts nothing more
 
     @property
     def enabled(self) -> bool:
@@ -437,7 +438,7 @@ class Webhooks:
         unsigned_noted = False
         loop = asyncio.get_running_loop()
         try:
-            while True:
+            while not self._stopped:
                 urls = list(dict.fromkeys(self.cfg.webhooks.urls)) if not self.test_mode else []
                 if urls and not self.cfg.webhooks.secret and not unsigned_noted:
                     log.warning("webhooks: webhooks.secret is empty: events are posted "
@@ -577,6 +578,7 @@ class Webhooks:
     async def stop(self) -> None:
         """After delivery stopped: stop posting (a batch in flight is sent again at the next
         start) and commit what was captured."""
+        self._stopped = True
         await self._stop_senders()
         if self._retry is not None:
             self._retry.cancel()

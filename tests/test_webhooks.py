@@ -359,7 +359,8 @@ def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
             wait_until(lambda: control.request(tmp_path / "mailengine.sock", "status")
                        ["webhooks"]["pending"] == 0, 10, "nothing pending")
         finally:
-            eng.stop()
+            assert eng.stop() == 0
+            assert "Traceback" not in eng.read_output()
     finally:
         rx.stop()
         sink.stop()
