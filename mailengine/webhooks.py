@@ -464,9 +464,10 @@ class Webhooks:
                         for url in urls:
                             if url in self.urls:
                                 self.urls[url].pending = await self._db(self.outbox.pending, url)
-                    if now >= next_prune:
+                    if now >= next_prune:  # (no file is made in a home that never used it)
                         next_prune = now + PRUNE_SECONDS
-                        await self.prune(urls)
+                        if urls or self.outbox.path.exists():
+                            await self.prune(urls)
                 except (sqlite3.Error, OSError) as e:
                     log.error("webhooks: cannot read %s: %s", self.outbox.path, e)
                 await asyncio.sleep(1.0)

@@ -147,6 +147,15 @@ def test_two_processes_put_at_once_and_a_reader_following_misses_none(tmp_path):
 def test_emit_puts_only_when_configured_and_wanted(tmp_path):
     off = Config(home=tmp_path)
     assert emit(off, [event("suppressed", "a@d.test")]) == 0
+
+    async def idle_engine_part():  # webhooks off: the engine's loop makes no file either
+        hooks = Webhooks(off)
+        runner = asyncio.create_task(hooks.run())
+        await asyncio.sleep(0.2)
+        await hooks.stop()
+        await asyncio.wait_for(runner, 5)
+
+    asyncio.run(idle_engine_part())
     assert not (tmp_path / FILE).exists()
     on = Config(home=tmp_path, values={"webhooks.urls": ["http://127.0.0.1:9/"],
                                        "webhooks.events": ["suppressed"]})
