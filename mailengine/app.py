@@ -32,6 +32,7 @@ from .suppression import FILE as SUPPRESSION_FILE
 from .stats import Stats
 from .users import PasswordFile
 from .web.server import WebServer
+from .webhooks import Webhooks
 from .workers import WorkerPool
 
 log = logging.getLogger("mailengine")
@@ -97,6 +98,8 @@ class Engine:
         self.workers: WorkerPool | None = None
         self.intake = Intake(cfg, self.spool, self.hostname, self.stored,
                              relay_dir=self.relay_dir)
+        # events posted to webhooks.urls (webhooks.py): captured after each attempt, then sent
+        self.webhooks = Webhooks(cfg, test_mode)
         # after each send attempt: lists, event log, DSNs, delivery reports (notices.py)
         self.notices = Notices(self)
         self.diskwatch = diskwatch.for_engine(self)  # low disk space: 452 4.3.1 and an alert
@@ -504,7 +507,8 @@ class Engine:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(c()) for c in (
                 self._watch_shutdown_file, self._print_stats, self._scan_dropins, self._expire,
-                self.diskwatch.run, self._log_queue, self._load_backlog, self.delivery.run)]
+                self.diskwatch.run, self._log_queue, self._load_backlog, self.delivery.run,
+                self.webhooks.run)]
             if ready is not None:
                 ready.set()
             await self.stopping.wait()
@@ -516,6 +520,7 @@ class Engine:
             if self.workers:
                 await self.workers.stop()
             await self.delivery.stop()  # unfinished mail is left in retry/
+            await self.webhooks.stop()  # captured events committed; posting stops
             for t in tasks:
                 t.cancel()
         for line in self.stats.lines():

@@ -589,6 +589,10 @@ def format_status(st: dict) -> str:
         lines.append(f"shared    limits and lists through {sh['redis']} (keys {sh['prefix']}*): "
                      + (f"reachable, {sh['connections_held']} connections leased"
                         if sh["reachable"] else "NOT REACHABLE, using this engine's own limits"))
+    for u in (st.get("webhooks") or {}).get("urls", []):
+        lines.append(f"webhooks  {u['url']}: {u['pending']} events pending, {u['sent']} posted"
+                     + (f", {u['failures']} failures in a row ({u['last_error']})"
+                        if u["failures"] else ""))
     return "\n".join(lines)
 
 

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from email.message import Message as EmailMessage
 from typing import Any
 
-from . import recipient_token
+from . import recipient_token, webhooks
 from .bounces import _RETURNED_MARKERS, _header, _id_from_headers, _is_autoreply, _text_of
 from .bounces import verp_decode
 from .events import EventLog, iso_time
@@ -417,6 +417,11 @@ class ComplaintDesk:
                 "id": c.queue_id, "message_id": c.message_id, "matched_by": c.matched_by,
                 "user_agent": c.user_agent, "source_ip": c.source_ip,
                 "report_id": report_id, "suppressed": line["suppressed"]}])
+            webhooks.emit_quietly(self.cfg, [webhooks.event(
+                "complained", c.address, sender_domain=c.sender_domain,
+                feedback_type=c.feedback_type, id=c.queue_id, message_id=c.message_id,
+                matched_by=c.matched_by, user_agent=c.user_agent, source_ip=c.source_ip,
+                report_id=report_id)])
         if c.address:
             log.info("complaint: %s (%s) about mail from %s, matched by %s%s%s", c.address,
                      c.feedback_type, c.sender_domain or "?", c.matched_by,

@@ -20,6 +20,9 @@ CONFIG_FILE = "mailengine.toml"
 
 from .home import resolve_home  # noqa: F401  (config.resolve_home for the commands)
 from .setting import DELIVERY, INTAKE, Setting  # noqa: E402  (the record type; its table below)
+from .webhooks import TYPES as WEBHOOK_TYPES  # noqa: E402
+from .webhooks import check_types as _check_webhook_types  # noqa: E402
+from .webhooks import check_urls as _check_webhook_urls  # noqa: E402
 
 
 class ConfigError(ValueError):
@@ -339,6 +342,33 @@ SETTINGS: list[Setting] = [
             "Complaint rate (complaints per delivered recipient, per sender domain) above which "
             "the web admin flags a domain; Gmail and Yahoo require senders to stay under 0.3 %.",
             minimum=0, scope=DELIVERY),
+    # webhooks (webhooks.py: events posted to the operator's URLs)
+    Setting("webhooks", "urls", [], "list[str]",
+            "URLs that every delivery and reputation event is POSTed to as JSON, each with its own "
+            "progress (HOME/webhooks.db keeps events until each URL answers 2xx). Empty: off.",
+            check=_check_webhook_urls),
+    Setting("webhooks", "secret", "", "str",
+            "Key of the HMAC-SHA256 signature in X-MailEngine-Signature. Empty: unsigned "
+            "(a warning at start).", scope=DELIVERY),
+    Setting("webhooks", "events", list(WEBHOOK_TYPES), "list[str]",
+            "Event types posted: delivered, deferred, bounced, complained, unsubscribed, "
+            "suppressed.", check=_check_webhook_types),
+    Setting("webhooks", "batch_size", 100, "int",
+            "Events per POST at most.", minimum=1,
+            check=lambda v: None if v <= 10000 else "must be at most 10000", scope=DELIVERY),
+    Setting("webhooks", "batch_wait", 1.0, "float",
+            "Seconds an event waits for others to fill a batch before it is posted anyway.",
+            minimum=0, scope=DELIVERY),
+    Setting("webhooks", "timeout", 10.0, "float",
+            "Seconds a receiver has to answer a POST; then it is a failure, retried.",
+            minimum=0.1, scope=DELIVERY),
+    Setting("webhooks", "retry_max_seconds", 300.0, "float",
+            "Longest wait between two tries of a failing URL (waits double from 1 s).",
+            minimum=0.1, scope=DELIVERY),
+    Setting("webhooks", "max_age_hours", 72.0, "float",
+            "Events not acknowledged this many hours after they happened are dropped, with a "
+            "warning. 0 = kept until acknowledged.", minimum=0.0001, zero_ok=True,
+            scope=DELIVERY),
 ]
 
 SECTION_TITLES = {
@@ -352,6 +382,7 @@ SECTION_TITLES = {
     "reports": "Delivery reports",
     "unsubscribe": "One-click unsubscribe",
     "complaints": "Complaints (feedback loops)",
+    "webhooks": "Webhooks (events posted to your URLs)",
 }
 
 # Settings of other parts, defined beside the code that uses them (their checks live there).

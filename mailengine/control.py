@@ -289,6 +289,9 @@ class ControlServer:
         out["connections"] = conns
         if d is not None and d.shared is not None:
             out["shared"] = d.shared.state()
+        hooks = getattr(eng, "webhooks", None)
+        if hooks is not None and hooks.status() is not None:
+            out["webhooks"] = hooks.status()
         return out
 
     async def op_queue_scan(self, req: dict) -> dict:

@@ -646,6 +646,9 @@ class DeliveryEngine:
             att.outcomes += outcomes
             self._feedback(u.dest, outcomes)
             if self.sched.unit_done(u):
+                # its place is free now: the next unit need not wait while the attempt is
+                # recorded (its webhook events' commit, notices.py)
+                self._kick()
                 try:
                     await self._finish(att)
                 except Exception:

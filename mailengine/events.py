@@ -97,23 +97,27 @@ class EventLog:
         self.file = AppendFile(Path(log_dir) / name, recheck=1.0)
 
     def attempt(self, msg: Message, outcomes: Iterable[RcptOutcome],
-                res: AttemptResult | None = None) -> None:
+                res: AttemptResult | None = None) -> list[tuple[dict, str]]:
+        """Write the attempt's records; returns each with its JSON line (webhooks.py posts
+        them too, without encoding them again)."""
         records = attempt_events(msg, outcomes, res)
         if self.test_mode:
             for r in records:
                 r["test"] = True
                 if r["result"] == Kind.SENT.value:
                     r["result"] = "tested"
-        self.write(records)
+        return list(zip(records, self.write(records)))
 
-    def write(self, records: list[dict]) -> None:
+    def write(self, records: list[dict]) -> list[str]:
+        """Append the records; returns their lines."""
         if not records:
-            return
+            return []
+        lines = [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in records]
         try:
-            self.file.append_lines([json.dumps(r, ensure_ascii=False, separators=(",", ":"))
-                                    for r in records])
+            self.file.append_lines(lines)
         except OSError as e:
             log.warning("cannot append to %s: %s", self.file.path, e)
+        return lines
 
     def close(self) -> None:
         self.file.close()

@@ -1,5 +1,6 @@
-"""What follows each send attempt, in one place: undeliverable lists, the event log, DSNs and
-delivery reports; and how the engine sends mail of its own (notices, reports, alerts).
+"""What follows each send attempt, in one place: undeliverable lists, the event log (and its
+events for webhooks.py: the attempt waits until they are on disk), DSNs and delivery reports;
+and how the engine sends mail of its own (notices, reports, alerts).
 
 The delivery engine calls `await engine.notices.after_attempt(msg, res, outcomes)` once an
 attempt is recorded in the message and before its files leave `working/` (the DSN may need the
@@ -44,12 +45,18 @@ class Notices:
     async def after_attempt(self, msg: Message, res: AttemptResult,
                             outcomes: list[RcptOutcome], where: str = WORKING) -> None:
         cfg = self.cfg
+        committed = None
         try:
             if cfg.logging.log_undeliverable and (res.failed or res.gave_up):
                 self.lists.undeliverable(res.failed, res.gave_up)
-            self.events.attempt(msg, outcomes, res)
+            records = self.events.attempt(msg, outcomes, res)
+            webhooks = getattr(self.engine, "webhooks", None)
+            if webhooks is not None:
+                committed = webhooks.attempt(records)
         except Exception:
-            log.exception("%s: cannot write the lists or the event log", msg.id)
+            log.exception("%s: cannot write the lists, the event log or webhook events", msg.id)
+        if committed is not None:  # its files stay until its webhook events are on disk
+            await committed
         if msg.extra.get(dsn.GENERATED_KEY):
             return  # a notice, report or alert of ours: nothing more
         if self.delivered is not None and res.sent:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Iterable
 
 from .categories import CATEGORIES, PERMANENT
+from . import webhooks
 from .events import EventLog, iso_time
 from .setting import INTAKE, Setting
 
@@ -379,6 +380,7 @@ class SuppressionStore:
         self.cache = _Cache()
         self._next_check = 0.0  # monotonic time of the next look at PRAGMA data_version
         self.events = EventLog(self.home / "log")
+        self.cfg = None  # set by for_config: additions are then posted to webhooks too
         self.redis: _RedisLink | None = None
         if redis_url:
             self.redis = _RedisLink(self.home / FILE, redis_url, key_prefix)
@@ -387,7 +389,9 @@ class SuppressionStore:
 
     @classmethod
     def for_config(cls, cfg) -> "SuppressionStore":
-        return cls(cfg.home, cfg.shared.redis_url, cfg.shared.key_prefix)
+        store = cls(cfg.home, cfg.shared.redis_url, cfg.shared.key_prefix)
+        store.cfg = cfg
+        return store
 
     # --- changes ---
 
@@ -426,6 +430,9 @@ class SuppressionStore:
         self.events.write([{"time": iso_time(), "event": "suppressed", "address": e.address,
                             "sender_domain": e.sender_domain, "reason": e.reason,
                             "source": e.source, "expires": e.expires}])
+        webhooks.emit_quietly(self.cfg, [webhooks.event(
+            "suppressed", e.address, sender_domain=e.sender_domain, reason=e.reason,
+            source=e.source, expires=e.expires)])
 
     def purge_expired(self, now: float | None = None) -> int:
         """Remove the entries that have expired; how many."""

@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
 def suppress_main(cfg, argv: list[str]) -> int:
     args = parser().parse_args(argv)
     store = SuppressionStore(cfg.home, cfg.shared.redis_url, cfg.shared.key_prefix, sync=False)
+    store.cfg = cfg  # additions by hand are posted to webhooks too
     try:
         if args.action in ("list", "check", "export") and store.redis:
             _sync(store)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import recipient_token
+from . import recipient_token, webhooks
 from .events import EventLog, iso_time
 
 log = logging.getLogger("mailengine.unsubscribe")
@@ -129,13 +129,16 @@ class Unsubscriber:
         self.secret = recipient_token.load_secret(home)
         self._store = store
         self.events = EventLog(Path(log_dir) if log_dir else Path(home) / "log")
+        self.cfg: Any = None  # set by for_config: unsubscribes are posted to webhooks too
 
     @classmethod
     def for_config(cls, cfg: Any) -> Unsubscriber:
         def make_store():
             from .suppression import shared_store
             return shared_store(cfg)
-        return cls(cfg.home, make_store, cfg.log_dir)
+        unsubscriber = cls(cfg.home, make_store, cfg.log_dir)
+        unsubscriber.cfg = cfg
+        return unsubscriber
 
     @property
     def store(self) -> Any:
@@ -157,6 +160,8 @@ class Unsubscriber:
         self.events.write([{"time": iso_time(), "event": "unsubscribed", "address": who.address,
                             "sender_domain": who.sender_domain, "via": via,
                             "issued": who.issued, "peer": peer}])
+        webhooks.emit_quietly(self.cfg, [webhooks.event(
+            "unsubscribed", who.address, sender_domain=who.sender_domain, via=via, peer=peer)])
         log.info("unsubscribe: %s for mail from %s (via %s%s, link of %s)", who.address,
                  who.sender_domain or "every sender", via, f" from {peer}" if peer else "",
                  time.strftime("%Y-%m-%d", time.gmtime(who.issued)))

@@ -96,6 +96,15 @@ LIVE = {
     "complaints.addresses": "Policy.reload; ComplaintDesk (intake) reads cfg",
     "complaints.suppress_all_senders": "ComplaintDesk reads cfg",
     "complaints.rate_threshold_percent": "the complaints page reads cfg",
+    "webhooks.urls": "Webhooks.run reconciles its URL tasks each second; Webhooks.attempt and "
+                     "webhooks.emit read cfg",
+    "webhooks.secret": "Webhooks._post reads cfg",
+    "webhooks.events": "Webhooks.attempt and webhooks.emit read cfg",
+    "webhooks.batch_size": "Webhooks._serve reads cfg",
+    "webhooks.batch_wait": "Webhooks._serve reads cfg",
+    "webhooks.timeout": "Webhooks._post reads cfg",
+    "webhooks.retry_max_seconds": "Webhooks._serve reads cfg",
+    "webhooks.max_age_hours": "Webhooks._deliver and Webhooks.prune read cfg",
 }
 
 

@@ -195,4 +195,18 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
           s["memory_bytes"])
     _line(out, "mailengine_shared_redis_up", "gauge",
           "1 when the Redis of shared.redis_url answers (absent when not shared).", s["shared_up"])
+    hooks = getattr(engine, "webhooks", None)
+    urls = (hooks.status() or {}).get("urls", []) if hooks is not None else []
+    for name, key, kind, help_ in (
+            ("mailengine_webhook_pending", "pending", "gauge",
+             "Events waiting for a webhook URL to acknowledge them."),
+            ("mailengine_webhook_posted_total", "sent", "counter",
+             "Events a webhook URL acknowledged since the start."),
+            ("mailengine_webhook_failures", "failures", "gauge",
+             "Failed posts in a row to a webhook URL.")):
+        if urls:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        for u in urls:
+            label = u["url"].replace("\\", "\\\\").replace('"', '\\"')
+            out.append(f'{name}{{url="{label}"}} {u[key]}')
     return "\n".join(out) + "\n"
