@@ -344,15 +344,16 @@ def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
             with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
                 s.sendmail("s@src.test", ["ok@wh.test", "bad@wh.test", "later@wh.test"],
                            b"Subject: t\r\n\r\nhi\r\n")
-            wait_until(lambda: len(stored()) >= 4, 30, "4 events in webhooks.db")
+            # 4 delivery events, and bad@wh.test put on the suppression list (bounce_suppression)
+            wait_until(lambda: len(stored()) >= 5, 30, "5 events in webhooks.db")
             status = control.request(tmp_path / "mailengine.sock", "status")
             wait_until(lambda: control.request(tmp_path / "mailengine.sock", "status")
                        ["webhooks"]["urls"][0]["failures"] > 0, 10, "a failure in the status")
             wait_until(lambda: control.request(tmp_path / "mailengine.sock", "status")
-                       ["webhooks"]["pending"] >= 4, 10, "the pending count")
+                       ["webhooks"]["pending"] >= 5, 10, "the pending count")
             metrics = urllib.request.urlopen(
                 f"http://127.0.0.1:{settings['network.web_port']}/metrics", timeout=10).read()
-            assert f'mailengine_webhook_pending{{url="{rx.url}"}} 4' in metrics.decode()
+            assert f'mailengine_webhook_pending{{url="{rx.url}"}} 5' in metrics.decode()
             out = subprocess.run([sys.executable, "-m", "mailengine.cli", "--home",
                                   str(tmp_path), "status"], capture_output=True, text=True)
             assert f"webhooks  {rx.url}:" in out.stdout and "failures in a row" in out.stdout
@@ -363,7 +364,7 @@ def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
         rx.open_port()
         eng = RunningEngine(tmp_path, settings).start()
         try:
-            wait_until(lambda: len({e["event_id"] for e in rx.events}) >= 4, 30,
+            wait_until(lambda: len({e["event_id"] for e in rx.events}) >= 5, 30,
                        "the events after the restart")
             wait_until(lambda: control.request(tmp_path / "mailengine.sock", "status")
                        ["webhooks"]["pending"] == 0, 10, "nothing pending")
@@ -375,7 +376,8 @@ def test_engine_posts_delivery_events_and_a_sigkill_loses_none(tmp_path):
         sink.stop()
     got = {(e["type"], e["address"]) for e in rx.events}
     assert got == {("delivered", "ok@wh.test"), ("bounced", "bad@wh.test"),
-                   ("deferred", "later@wh.test"), ("delivered", "later@wh.test")}
+                   ("deferred", "later@wh.test"), ("delivered", "later@wh.test"),
+                   ("suppressed", "bad@wh.test")}
     assert {e["event_id"] for e in before} <= {e["event_id"] for e in rx.events}
     bounced = next(e for e in rx.events if e["type"] == "bounced")
     assert bounced["code"] == 550 and bounced["enhanced"] == "5.1.1"
