@@ -64,7 +64,8 @@ from .envelope import Message, set_last_replies
 from .loops import Listeners
 from .bounces import verp_encode
 from .outcome import Kind, RcptOutcome, failure_outcomes, record_attempt
-from .scheduler import Scheduler, Unit
+from .scheduler import Scheduler, Unit, domain_of
+from .shaping import Shaping
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
 from . import logs
@@ -326,7 +327,8 @@ class Pool:
 
     def release(self, s: SMTPSession) -> None:
         key = (s.ip, s.port)
-        if s.is_reusable and not self.closed and not self._over_caps(key):
+        if s.is_reusable and not self.closed and not self._over_caps(key) and \
+                not getattr(s, "retire", False):
             self.idle.setdefault(key, []).append(s)
             self._notify(key, freed=False)
         elif s.is_reusable:
@@ -393,7 +395,9 @@ class DeliveryEngine:
         self.listeners = Listeners(cfg)  # our own SMTP addresses: never delivered to (loops.py)
         self.windows = Windows(lim.max_connections_per_host,
                                min(INITIAL_WINDOW, lim.max_connections_per_host))
-        self.sched = Scheduler(time.time, limit=self.windows.limit,
+        # traffic shaping per provider (shaping.py): a provider's domains share one destination
+        self.shaping = Shaping.from_home(cfg.home)
+        self.sched = Scheduler(time.time, limit=self._limit, dest_of=self.shaping.dest,
                                max_active=lim.max_outbound_connections)
         self.sched.paused = cfg.queue.pause_sending
         self.shared = None
@@ -508,12 +512,15 @@ class DeliveryEngine:
                     (polling is None or polling.done()):
                 polling = self._spawn(self._adopt_cuts())
                 next_cuts = loop.time() + CUT_POLL
+            for dest in self.shaping.tick():  # a suspension over, a throttle easing
+                self.sched.recheck(dest)
             self.sched.release_due()
             while (u := self.sched.next_unit()) is not None:
                 self._start_unit(u)
             now = loop.time()
             if now >= next_sweep:
                 self.pool.sweep(now)
+                self.shaping.reload_if_changed()  # HOME/shaping.toml edited
                 next_sweep = now + 1
                 if now >= next_tidy:
                     self._tidy()
@@ -629,6 +636,7 @@ class DeliveryEngine:
             outcomes = failure_outcomes(u.rcpts, 451, "4.3.0", "Internal error while sending",
                                         "local")
         finally:
+            outcomes = self._react(u, outcomes)
             att.outcomes += outcomes
             self._feedback(u.dest, outcomes)
             if self.sched.unit_done(u):
@@ -653,6 +661,29 @@ class DeliveryEngine:
             self._mx_memo.clear()
         self._mx_memo[dest] = (mx, now + MX_MEMO)
         return mx
+
+    def _limit(self, dest: str) -> int:
+        """The scheduler's limit: the destination's window within its shaping rules."""
+        return self.shaping.limit(dest, self.windows.limit(dest))
+
+    def _react(self, u: Unit, outcomes: list[RcptOutcome]) -> list[RcptOutcome]:
+        """The unit's replies to the shaping reactions (suspend, throttle, bounce)."""
+        if not outcomes:
+            return outcomes
+        # its provider, learnt by this very unit maybe (its dest was still the domain then)
+        bounce = self.shaping.react(self.shaping.dest(u.domain), outcomes)
+        if not bounce:
+            return outcomes
+        return [replace(o, kind=Kind.HARD, text=o.text + " (failed for good by a traffic "
+                        "shaping rule)") if o.address in bounce else o for o in outcomes]
+
+    def lift(self, dest: str):
+        """`mailengine shaping lift DEST`: its suspension or throttle ends now."""
+        o = self.shaping.lift(dest)
+        if o is not None:
+            self.sched.recheck(dest)
+            self._kick()
+        return o
 
     def _feedback(self, dest: str, outcomes: list[RcptOutcome]) -> None:
         if not outcomes:
@@ -688,7 +719,9 @@ class DeliveryEngine:
 
     async def _deliver_unit(self, u: Unit, att: Attempt) -> tuple[list[RcptOutcome], str]:
         msg = att.msg
-        mx = await self._resolve(u.dest)
+        mx = await self._resolve(u.domain)
+        if mx.ok and (joined := self.shaping.learn(u.domain, [t.host for t in mx.targets])):
+            self.sched.regroup(u.domain, joined)  # its waiting units: under the provider's limits
         if not mx.ok:  # the resolver's status: null MX, no such domain, no such MX host...
             return failure_outcomes(u.rcpts, mx.code, mx.enhanced, mx.text, "dns"), ""
         targets = [t for t in mx.targets if t.ip not in self.refused]
@@ -706,7 +739,8 @@ class DeliveryEngine:
         targets = up + [t for t in targets if t not in up]  # recently dead hosts last
         body = att.body if att.body is not None else await self._body(att)
         dsn = self._dsn(msg, u.rcpts)
-        await self._limit_rate(body.size)
+        await self._limit_rate(body.size, u.dest)
+        max_deliveries = self.shaping.rule_for_domain(u.domain).max_deliveries_per_connection
         pending = list(u.rcpts)
         final: dict[str, RcptOutcome] = {}
         last: dict[str, RcptOutcome] = {}
@@ -714,6 +748,9 @@ class DeliveryEngine:
             fresh = False
             soft: list[str] = []  # refused with a 4xx here: for the next MX host (Postfix)
             while pending:
+                if not self.pool.idle.get((target.ip, target.port)):  # a new connection, likely
+                    if (wait := self.shaping.connect_delay(u.dest)) > 0:
+                        await asyncio.sleep(wait)  # the provider's max_connections_per_minute
                 try:
                     sess = await self.pool.acquire(target, fresh, self._host_wait)
                 except ConnectError as e:  # verdict.py: the next MX host, this one last
@@ -736,6 +773,8 @@ class DeliveryEngine:
                     rest, site, deferred = await self._transactions(
                         sess, target, msg, pending, sent_body, dsn, final, last)
                 finally:
+                    if max_deliveries and sess.messages_sent >= max_deliveries:
+                        sess.retire = True  # max_deliveries_per_connection: closed, not kept
                     self.pool.release(sess)
                 soft += deferred
                 step = verdict.after_session(pending, rest, site, reused, fresh)
@@ -748,7 +787,7 @@ class DeliveryEngine:
             pending += soft
             if not pending:
                 break
-        for o in verdict.give_up(pending, last, u.dest):  # every host failed
+        for o in verdict.give_up(pending, last, u.domain):  # every host failed
             final[o.address] = o
         return [final[a] for a in u.rcpts if a in final], mx.text
 
@@ -762,6 +801,9 @@ class DeliveryEngine:
         refused with a 4xx (at MAIL, RCPT, DATA or the end of data): these go to the next MX
         host as well, the others' transactions carrying on here meanwhile."""
         groups = self._envelopes(msg, rcpts)
+        per = self.shaping.rule_for_domain(domain_of(rcpts[0])).max_recipients_per_transaction
+        if per:  # the provider's max_recipients_per_transaction: more transactions
+            groups = [(f, g[i:i + per]) for f, g in groups for i in range(0, len(g), per)]
         soft: list[str] = []
         while groups:
             sender, todo = groups.pop(0)
@@ -823,7 +865,9 @@ class DeliveryEngine:
         else:
             stats.sent.add(time.time(), n)
 
-    async def _limit_rate(self, size: int) -> None:
+    async def _limit_rate(self, size: int, dest: str) -> None:
+        if (wait := self.shaping.rate_delay(dest)) > 0:  # the provider's message rates
+            await asyncio.sleep(wait)
         rate = self.cfg.limits.max_send_rate
         taken = False
         if self.shared is not None and rate > 0:
@@ -984,8 +1028,9 @@ class DeliveryEngine:
             self.engine.known.discard(msg.id)
             return
         now = datetime.now()
-        res = record_attempt(msg, att.outcomes, self.cfg.queue.retry_intervals, now,
-                             att.interrupted)
+        intervals = self.shaping.retry_plan(  # the rules' retry_intervals and max_age
+            map(domain_of, msg.rcpt_to_send), self.cfg.queue.retry_intervals)
+        res = record_attempt(msg, att.outcomes, intervals, now, att.interrupted)
         if logs.tracing():
             logs.PROGRAM.debug("%s attempt over: %d sent, %d failed, %d to retry%s", msg.id,
                                len(res.sent), len(res.failed) + len(res.gave_up),

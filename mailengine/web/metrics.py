@@ -205,4 +205,13 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
           s["memory_bytes"])
     _line(out, "mailengine_shared_redis_up", "gauge",
           "1 when the Redis of shared.redis_url answers (absent when not shared).", s["shared_up"])
+    delivery = getattr(engine, "delivery", None)
+    active = delivery.shaping.active() if delivery is not None else []
+    if active:  # traffic shaping (shaping.py): one line per suspension or throttle in force
+        out.append("# HELP mailengine_shaping_factor Share of its limits a destination may use "
+                   "now: 0 while suspended, the throttle's factor while throttled.")
+        out.append("# TYPE mailengine_shaping_factor gauge")
+        for a in active:
+            out.append(f'mailengine_shaping_factor{{dest="{a["dest"]}",action="{a["action"]}"}} '
+                       f'{a["factor"]:g}')
     return "\n".join(out) + "\n"
