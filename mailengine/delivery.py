@@ -336,6 +336,23 @@ class Pool:
         else:
             self._forget(key, s)
 
+    def drop_idle(self, keys) -> bool:
+        """Close the longest-idle connection to any of these servers now (its place frees at
+        once); False when none is idle."""
+        best = None
+        for key in keys:
+            for s in self.idle.get(key, ()):
+                if best is None or s.last_used < best[1].last_used:
+                    best = (key, s)
+        if best is None:
+            return False
+        key, s = best
+        self.idle[key].remove(s)
+        if not self.idle[key]:
+            del self.idle[key]
+        self._forget(key, s)
+        return True
+
     def sweep(self, now: float) -> None:
         """Close connections idle longer than IDLE_CLOSE (loop time)."""
         for key, lst in list(self.idle.items()):
@@ -428,6 +445,7 @@ class DeliveryEngine:
         self._remove_queued = False
         self._in_working: set[str] = set()  # submitted in working/, not started yet
         self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
+        self._dest_hosts: dict[str, set] = {}  # a capped destination's servers (_within_cap)
         self._data: dict[str, bytes] = {}  # ID.dat bytes handed over by intake, until sent
         self._cached_bytes = 0
         self._cache_limit = cfg.limits.max_queue_memory_kb * 1024
@@ -541,6 +559,7 @@ class DeliveryEngine:
         for key in [k for k, until in self.host_down.items() if until < now]:
             del self.host_down[key]
         self.windows.forget_idle(set(self.sched.destinations()))
+        self._dest_hosts.clear()
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """No new work; transactions in flight get `grace` seconds; the rest stays in retry/."""
@@ -685,6 +704,18 @@ class DeliveryEngine:
             self._kick()
         return o
 
+    def _within_cap(self, dest: str, key: tuple[str, int]) -> None:
+        """A unit of `dest` is about to open a connection to server `key`. The scheduler keeps
+        `dest`'s running units within its max_connections, but connections kept idle to its
+        other servers count too: at the cap, one of those is closed first."""
+        cap = self.shaping.cap(dest)
+        if cap is None:
+            return
+        hosts = self._dest_hosts.setdefault(dest, set())
+        hosts.add(key)
+        if sum(self.pool.per_host.get(k, 0) for k in hosts) >= cap:
+            self.pool.drop_idle(hosts - {key})
+
     def _feedback(self, dest: str, outcomes: list[RcptOutcome]) -> None:
         if not outcomes:
             return
@@ -749,6 +780,7 @@ class DeliveryEngine:
             soft: list[str] = []  # refused with a 4xx here: for the next MX host (Postfix)
             while pending:
                 if not self.pool.idle.get((target.ip, target.port)):  # a new connection, likely
+                    self._within_cap(u.dest, (target.ip, target.port))
                     if (wait := self.shaping.connect_delay(u.dest)) > 0:
                         await asyncio.sleep(wait)  # the provider's max_connections_per_minute
                 try:

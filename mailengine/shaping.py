@@ -449,6 +449,10 @@ class Shaping:
         return (r.domains.get(domain) or Rule()).over(
             r.providers[p].rule if p else None, r.default)
 
+    def cap(self, dest: str) -> int | None:
+        """`dest`'s max_connections, or None."""
+        return self._caps.get(dest, self._default_cap)
+
     def limit(self, dest: str, base: int) -> int:
         """`dest`'s concurrency now: its window (`base`) within its max_connections, times a
         throttle's factor; 0 while it is suspended."""

@@ -308,6 +308,31 @@ def test_regroup_moves_a_domains_waiting_units_under_its_provider():
     assert sched.next_unit().dest == "gmail"
 
 
+def test_at_its_cap_a_providers_idle_connection_to_another_server_is_closed_first():
+    import asyncio
+    from types import SimpleNamespace
+    from mailengine.delivery import DeliveryEngine, Pool
+    from mailengine.dns import Target
+    from test_connection_pool import FakeSession
+
+    async def main():
+        pool = Pool(100, 10, FakeSession)
+        eng = SimpleNamespace(shaping=shaping("[provider.gmail]\nmax_connections = 2\n"),
+                              pool=pool, _dest_hosts={})
+        a, b, c = (Target(f"mx{i}.google.com", f"127.0.0.{i}") for i in (1, 2, 3))
+        for t in (a, b):  # two connections, then idle
+            DeliveryEngine._within_cap(eng, "gmail", (t.ip, t.port))
+            pool.release(await pool.acquire(t))
+        DeliveryEngine._within_cap(eng, "other.test", (c.ip, c.port))  # no cap: nothing closed
+        assert pool.total == 2
+        DeliveryEngine._within_cap(eng, "gmail", (c.ip, c.port))  # a third server of gmail
+        assert pool.total == 1
+        s = await pool.acquire(c)
+        assert pool.total == 2 and s is not None
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- end to end
 
 SHAPING_FAST = {**FAST, "limits.max_connections_per_host": 5}
@@ -391,3 +416,22 @@ def test_a_4_7_28_reply_suspends_gmail_shows_in_status_and_lift_ends_it(tmp_path
     assert msg.rcpt_sent == ["a@workspace.test"]
     log = "".join(p.read_text() for p in (tmp_path / "log").glob("*.log")) + eng.read_output()
     assert "gmail suspended until" in log and "lifted by hand" in log
+
+
+def test_recipients_per_transaction_and_deliveries_per_connection_per_provider(tmp_path, sinks):
+    sink = sinks.add("127.0.0.96")
+    (tmp_path / "shaping.toml").write_text(
+        "[provider.gmail]\nmax_recipients_per_transaction = 2\n"
+        "max_deliveries_per_connection = 3\n")
+    with RunningEngine(tmp_path, {**SHAPING_FAST, "basic.dns_servers": [
+            "ws.test,alt1.aspmx.l.google.com,MX,127.0.0.96:25"]}) as eng:
+        with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+            s.sendmail("sender@src.test", [f"r{i}@ws.test" for i in range(5)],
+                       b"Subject: t\r\n\r\nhi\r\n")
+        wait(lambda: len(infs(eng, "done")) == 1, what="delivery")
+        send_each(eng, ["later@ws.test"])
+        wait(lambda: len(infs(eng, "done")) == 2, what="delivery")
+    assert [len(m.rcpts) for m in sink.messages] == [2, 2, 1, 1]
+    # three transactions on the first connection, then it was closed: a new one for the next
+    assert len(sink.sessions) == 2
+    assert sink.sessions[0].verbs.count("MAIL") == 3
