@@ -13,6 +13,11 @@ The policy, in one comment (in the spirit of Postfix's qmgr):
 - **Fairness.** `next_unit` takes destinations round-robin: one huge domain gets one turn per
   round like every other, so it cannot starve the rest. A destination already running its
   concurrency limit (`limit(dest)`, from throttle.py) is set aside until one of its units ends.
+- **Providers.** `dest_of` (shaping.py) names a domain's destination: its provider when its MX
+  hosts roll up to one, so all the provider's domains share one queue and one `limit`; a unit
+  keeps its `domain` for the MX lookup. `regroup` moves a domain's waiting units under its
+  provider once that is learnt; `recheck` gives a destination a turn when its limit grew
+  without a unit ending (a suspension lifted: `limit` is 0 while one lasts).
 - **Caps.** At most `max_active` units run at once (`limits.max_outbound_connections`: one
   connection per running unit). `paused` (`queue.pause_sending`) stops `next_unit` giving out
   anything; timers keep running, so turning it off releases everything due at once.
