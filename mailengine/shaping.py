@@ -348,6 +348,7 @@ class Shaping:
                 self._caps[d] = cap
         self._default_cap = rules.default.max_connections
         self._buckets.clear()
+        self._by_domain: dict[str, Rule] = {}  # rule_for_domain's answers (asked per unit)
         # the rollup learnt so far, read again with the new providers
         self._learned = {d: (mx, self.match_mx(mx)) for d, (mx, _) in self._learned.items()}
 
@@ -427,6 +428,7 @@ class Shaping:
         if len(self._learned) >= MAX_LEARNED:
             self._learned.clear()
         self._learned[domain] = (mx, p)
+        self._by_domain.pop(domain, None)
         if p is not None and (hit is None or hit[1] != p):
             log.info("%s: its mail servers (%s) are %s's: it shares %s's limits", domain,
                      ", ".join(mx[:3]), p, p)
@@ -444,10 +446,16 @@ class Shaping:
 
     def rule_for_domain(self, domain: str) -> Rule:
         """domain > provider > default."""
-        r = self.rules
-        p = self.provider_of(domain)
-        return (r.domains.get(domain) or Rule()).over(
-            r.providers[p].rule if p else None, r.default)
+        rule = self._by_domain.get(domain)
+        if rule is None:
+            r = self.rules
+            p = self.provider_of(domain)
+            rule = (r.domains.get(domain) or Rule()).over(
+                r.providers[p].rule if p else None, r.default)
+            if len(self._by_domain) >= MAX_LEARNED:
+                self._by_domain.clear()
+            self._by_domain[domain] = rule
+        return rule
 
     def cap(self, dest: str) -> int | None:
         """`dest`'s max_connections, or None."""

@@ -8,6 +8,7 @@ import logging
 import os
 import smtplib
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from mailengine import cli
 from mailengine.outcome import Kind, RcptOutcome
 from mailengine.scheduler import Scheduler
 from mailengine.shaping import (Rules, Shaping, ShapingError, parse_rules, shipped_rules)
-from mailengine.testing.engine import RunningEngine, wait_until as wait
+from mailengine.testing.engine import RunningEngine, free_port, wait_until as wait
 from mailengine.testing.sink import SinkScript, SMTPSink
 
 from test_delivery import FAST, infs, sinks  # noqa: F401  (sinks: the fixture)
@@ -394,7 +395,9 @@ def test_a_4_7_28_reply_suspends_gmail_shows_in_status_and_lift_ends_it(tmp_path
                     "421 4.7.28 originating from your IP address. To protect our users ...")
         return "250 2.1.0 Ok"
     sinks.add("127.0.0.95", script=SinkScript(replies={"MAIL": mail}))
-    with RunningEngine(tmp_path, {**SHAPING_FAST, "basic.dns_servers": [
+    web_port = free_port()
+    with RunningEngine(tmp_path, {**SHAPING_FAST, "network.web_port": web_port,
+                                  "basic.dns_servers": [
             "workspace.test,aspmx.l.google.com,MX,127.0.0.95:25"]}) as eng:
         send_each(eng, ["a@workspace.test"])
         wait(lambda: tries["n"] >= 1, what="the first try")
@@ -403,6 +406,9 @@ def test_a_4_7_28_reply_suspends_gmail_shows_in_status_and_lift_ends_it(tmp_path
         assert "gmail: SUSPENDED for 59m" in out and "cause: 421 4.7.28" in out
         code, out = run_cli(tmp_path, "shaping", "list")
         assert code == 0 and "gmail: SUSPENDED" in out
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10)
+        assert 'mailengine_shaping_factor{dest="gmail",action="suspend"} 0' in \
+            metrics.read().decode()
         time.sleep(2.5)  # its retry (1.2 s) came and went: the message waits, untried
         assert tries["n"] == 1 and not infs(eng, "done")
         assert len(infs(eng, "retry")) + len(infs(eng, "working")) == 1

@@ -135,7 +135,11 @@ def openapi() -> dict:
                     "inbound_connections": {"type": "integer"},
                     "outbound_connections": {"type": "integer"},
                     "memory_bytes": {"type": "integer"},
-                    "destinations": {"type": "array", "items": {"type": "object"}}}},
+                    "destinations": {"type": "array", "items": {"type": "object"}},
+                    "shaping": {"type": "array", "items": {"type": "object", "properties": {
+                        "dest": {"type": "string"}, "action": {"type": "string"},
+                        "cause": {"type": "string"}, "until": {"type": "number"},
+                        "factor": {"type": "number"}}}}}},
                 "QueuedMessage": {"type": "object", "properties": {
                     "id": {"type": "string"}, "from": {"type": "string"},
                     "to": {"type": "array", "items": {"type": "string"}},
