@@ -441,3 +441,16 @@ def test_recipients_per_transaction_and_deliveries_per_connection_per_provider(t
     # three transactions on the first connection, then it was closed: a new one for the next
     assert len(sink.sessions) == 2
     assert sink.sessions[0].verbs.count("MAIL") == 3
+
+
+def test_a_bounce_reaction_fails_the_recipient_at_once_instead_of_retrying(tmp_path, sinks):
+    sinks.add("127.0.0.97", script=SinkScript(rcpt={"@aolish.test": (
+        "421 4.7.0 [TS03] All messages from 127.0.0.1 will be permanently deferred; "
+        "Retrying will NOT succeed.")}))
+    with RunningEngine(tmp_path, {**SHAPING_FAST, "basic.dns_servers": [
+            "aolish.test,mx-aol.mail.gm0.yahoodns.net,MX,127.0.0.97:25"]}) as eng:
+        send_each(eng, ["gone@aolish.test"])
+        wait(lambda: len(infs(eng, "done")) == 1, what="the final failure")
+    msg, = infs(eng, "done")
+    assert msg.rcpt_failed == ["gone@aolish.test"] and msg.send_tries == 1
+    assert "failed for good by a traffic shaping rule" in eng.read_output()
