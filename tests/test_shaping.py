@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from mailengine import cli
-from mailengine.outcome import Kind, RcptOutcome
+from mailengine.outcome import RcptOutcome
 from mailengine.scheduler import Scheduler
-from mailengine.shaping import (Rules, Shaping, ShapingError, parse_rules, shipped_rules)
+from mailengine.shaping import Shaping, ShapingError, parse_rules, shipped_rules
 from mailengine.testing.engine import RunningEngine, free_port, wait_until as wait
-from mailengine.testing.sink import SinkScript, SMTPSink
+from mailengine.testing.sink import SinkScript
 
 from test_delivery import FAST, infs, sinks  # noqa: F401  (sinks: the fixture)
 
