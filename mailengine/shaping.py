@@ -626,6 +626,17 @@ class Shaping:
                 times.append(o.until + (1 + int((now - o.until) // o.recover)) * o.recover)
         return min(times) if times else None
 
+    def explain(self, domain_or_dest: str) -> tuple[str, str] | None:
+        """(state, why) when a suspension or throttle holds this domain (or its provider)
+        back now, for the web admin's destinations; else None."""
+        dest = self.dest(domain_or_dest)
+        o = self.overrides.get(dest)
+        if o is None or o.over(self.clock()):
+            return None
+        a, = [x for x in self.active() if x["dest"] == dest]
+        return ("suspended" if o.action == "suspend" else "throttled",
+                "traffic shaping: " + describe([a], self.clock())[0])
+
     def active(self) -> list[dict]:
         """Every suspension and throttle in force, for `status`, the API and /metrics."""
         now = self.clock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import smtplib
@@ -204,6 +205,9 @@ def test_gmail_4_7_28_suspends_gmail_until_it_expires_or_is_lifted(caplog):
     clock.t += 1
     assert s.tick() == ["gmail"] and s.limit("gmail", 10) == 10 and s.active() == []
     s.react("gmail", [reply("a@gmail.com", text)])
+    state, why = s.explain("gmail.com")  # the web admin's line for a domain of gmail
+    assert state == "suspended" and "gmail: SUSPENDED for 60m 0s more" in why
+    assert s.explain("other.test") is None
     assert s.lift("gmail").action == "suspend" and s.limit("gmail", 10) == 10
     assert s.lift("gmail") is None
 
@@ -396,6 +400,8 @@ def test_a_4_7_28_reply_suspends_gmail_shows_in_status_and_lift_ends_it(tmp_path
         return "250 2.1.0 Ok"
     sinks.add("127.0.0.95", script=SinkScript(replies={"MAIL": mail}))
     web_port = free_port()
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "api-tokens.txt").write_text("tests:t0ken-for-shaping\n")
     with RunningEngine(tmp_path, {**SHAPING_FAST, "network.web_port": web_port,
                                   "basic.dns_servers": [
             "workspace.test,aspmx.l.google.com,MX,127.0.0.95:25"]}) as eng:
@@ -409,6 +415,13 @@ def test_a_4_7_28_reply_suspends_gmail_shows_in_status_and_lift_ends_it(tmp_path
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10)
         assert 'mailengine_shaping_factor{dest="gmail",action="suspend"} 0' in \
             metrics.read().decode()
+        stats = json.load(urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{web_port}/api/v1/stats",
+            headers={"Authorization": "Bearer t0ken-for-shaping"}), timeout=10))
+        assert [a["dest"] for a in stats["shaping"]] == ["gmail"]
+        rows = [d for d in stats["destinations"] if d["domain"] in ("gmail", "workspace.test")]
+        assert rows and all(d["state"] == "suspended" and "cause: 421 4.7.28" in d["why"]
+                            for d in rows)
         time.sleep(2.5)  # its retry (1.2 s) came and went: the message waits, untried
         assert tries["n"] == 1 and not infs(eng, "done")
         assert len(infs(eng, "retry")) + len(infs(eng, "working")) == 1

@@ -194,6 +194,10 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
                    f"after temporary failures there (busy replies or failed connections, "
                    f"{'once' if win.cuts == 1 else f'{win.cuts} times'}); back up step by step "
                    f"as mail gets through")
+        shaping = getattr(delivery, "shaping", None)
+        held_back = shaping.explain(dom) if shaping is not None else None
+        if held_back is not None:  # a provider's suspension or throttle (shaping.py)
+            state, why = held_back
         rate = getattr(delivery, "rate", None)
         if state == "ready" and rate is not None and not rate.unlimited and \
                 engine.cfg.limits.max_send_rate:
