@@ -753,6 +753,7 @@ class DeliveryEngine:
         mx = await self._resolve(u.domain)
         if mx.ok and (joined := self.shaping.learn(u.domain, [t.host for t in mx.targets])):
             self.sched.regroup(u.domain, joined)  # its waiting units: under the provider's limits
+            self._kick()
         if not mx.ok:  # the resolver's status: null MX, no such domain, no such MX host...
             return failure_outcomes(u.rcpts, mx.code, mx.enhanced, mx.text, "dns"), ""
         targets = [t for t in mx.targets if t.ip not in self.refused]
