@@ -2,25 +2,22 @@
 engine delivering to scripted sinks whose MX host names roll up to a provider."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
 import smtplib
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from mailengine import cli
 from mailengine.outcome import RcptOutcome
 from mailengine.scheduler import Scheduler
 from mailengine.shaping import Shaping, ShapingError, parse_rules, shipped_rules
 from mailengine.testing.engine import RunningEngine, free_port, wait_until as wait
 from mailengine.testing.sink import SinkScript
 
+from test_cli_queue import run_cli
 from test_delivery import FAST, infs, sinks  # noqa: F401  (sinks: the fixture)
 
 
@@ -341,16 +338,6 @@ def test_at_its_cap_a_providers_idle_connection_to_another_server_is_closed_firs
 # ---------------------------------------------------------------- end to end
 
 SHAPING_FAST = {**FAST, "limits.max_connections_per_host": 5}
-
-
-def run_cli(home: Path, *args: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            code = cli.main(["--home", str(home), *args])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (print(e.code) or 1)
-    return code, out.getvalue()
 
 
 def send_each(eng: RunningEngine, rcpts: list[str]) -> None:
