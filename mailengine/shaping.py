@@ -569,7 +569,8 @@ class Shaping:
         if o is not None and o.over(now):
             o = None
         if r.action == "suspend":
-            if o is not None and o.action == "suspend" and o.until >= until:
+            if o is not None and o.action == "suspend":
+                o.until = max(o.until, until)  # units still running say it again: no new line
                 return
             self.overrides[dest] = Override(dest, "suspend", reply, now, until, rule=r.where)
             log.warning("%s suspended until %s: %s (%s)", dest, _when(until), reply, r.where)
@@ -577,7 +578,8 @@ class Shaping:
         if o is not None and o.action == "suspend" and now < o.until:
             return  # suspended already: the stronger one stands
         factor = r.factor if o is None else min(o.factor_at(now), r.factor)
-        if o is not None and o.factor_at(now) <= factor and o.until >= until:
+        if o is not None and now < o.until and o.factor <= factor:
+            o.until = max(o.until, until)  # the same trouble again: it lasts longer, quietly
             return
         self.overrides[dest] = Override(dest, "throttle", reply, now, until, factor,
                                         r.recover or r.duration, r.where)

@@ -251,8 +251,10 @@ def test_a_second_reply_does_not_compound_the_throttle_and_a_suspension_wins():
     s = shaping(clock=clock)
     r = reply("a@gmail.com", "421 4.7.0 Try again later, closing connection.")
     s.react("gmail", [r, r])
+    clock.t += 60
     s.react("gmail", [r])
     assert s.limit("gmail", 20) == 10
+    assert s.active()[0]["until"] == clock.t + 1200  # it lasts longer, not lower
     s.react("gmail", [reply("b@gmail.com", "421 4.7.28 unusual rate")])
     assert s.limit("gmail", 20) == 0
     s.react("gmail", [r])  # a throttle does not end a suspension
