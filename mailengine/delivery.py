@@ -446,6 +446,8 @@ class DeliveryEngine:
         self._in_working: set[str] = set()  # submitted in working/, not started yet
         self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
         self._dest_hosts: dict[str, set] = {}  # a capped destination's servers (_within_cap)
+        self._unknown: set[str] = set()  # domains whose MX rollup is to be learnt (_limit)
+        self._probing: set[str] = set()  # ... and being looked up now (_probe)
         self._data: dict[str, bytes] = {}  # ID.dat bytes handed over by intake, until sent
         self._cached_bytes = 0
         self._cache_limit = cfg.limits.max_queue_memory_kb * 1024
@@ -535,6 +537,11 @@ class DeliveryEngine:
             self.sched.release_due()
             while (u := self.sched.next_unit()) is not None:
                 self._start_unit(u)
+            if self._unknown and not self.sched.paused:  # never a lookup while paused
+                for domain in self._unknown - self._probing:
+                    self._probing.add(domain)
+                    self._spawn(self._probe(domain))
+                self._unknown.clear()
             now = loop.time()
             if now >= next_sweep:
                 self.pool.sweep(now)
@@ -682,8 +689,29 @@ class DeliveryEngine:
         return mx
 
     def _limit(self, dest: str) -> int:
-        """The scheduler's limit: the destination's window within its shaping rules."""
+        """The scheduler's limit: the destination's window within its shaping rules; 0 for a
+        domain whose provider is not known yet (its MX hosts are looked up first: `_probe`)."""
+        if not self.shaping.known(dest):
+            self._unknown.add(dest)
+            return 0
         return self.shaping.limit(dest, self.windows.limit(dest))
+
+    async def _probe(self, domain: str) -> None:
+        """Learn whether `domain` belongs to a provider before its first unit starts, so a
+        mailing to a thousand domains of one provider does not open a connection per domain
+        at once. The answer is remembered (MX_MEMO, the resolver's cache) for the unit."""
+        hosts: list[str] = []
+        try:
+            mx = await self._resolve(domain)
+            hosts = [t.host for t in mx.targets] if mx.ok else []
+        finally:
+            joined = self.shaping.learn(domain, hosts)  # failed: no provider, the unit says why
+            self._probing.discard(domain)
+            if joined:
+                self.sched.regroup(domain, joined)
+            else:
+                self.sched.recheck(domain)
+            self._kick()
 
     def _react(self, u: Unit, outcomes: list[RcptOutcome]) -> list[RcptOutcome]:
         """The unit's replies to the shaping reactions (suspend, throttle, bounce)."""

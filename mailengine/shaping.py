@@ -347,6 +347,7 @@ class Shaping:
             if cap is not None:
                 self._caps[d] = cap
         self._default_cap = rules.default.max_connections
+        self._any_mx = any(p.mx for p in rules.providers.values())
         self._buckets.clear()
         self._by_domain: dict[str, Rule] = {}  # rule_for_domain's answers (asked per unit)
         # the rollup learnt so far, read again with the new providers
@@ -411,13 +412,22 @@ class Shaping:
             p = hit[1] if hit is not None else None
         return p
 
+    def known(self, dest: str) -> bool:
+        """Whether `dest` (a scheduler destination) is known to be a provider or not one.
+        False for a domain whose MX hosts were never looked at while providers are named by
+        their MX hosts: delivery looks them up before any of its units starts, so a provider's
+        limits hold from its domains' first message on."""
+        return (not self._any_mx or dest in self._learned or dest in self._static
+                or dest in self.rules.providers or dest in self._own)
+
     def dest(self, domain: str) -> str:
         """The scheduler's destination for a domain: its provider when known, else itself."""
         return self.provider_of(domain) or domain
 
     def learn(self, domain: str, mx_hosts: Iterable[str]) -> str | None:
-        """Delivery resolved `domain`'s MX hosts. Returns the provider when the domain has just
-        joined it (its waiting mail should move to the provider's queue), else None."""
+        """Delivery resolved `domain`'s MX hosts (none: the lookup failed). Returns the provider
+        when the domain has just joined it (its waiting mail should move to the provider's
+        queue), else None."""
         if domain in self._own or domain in self._static:
             return None
         mx = tuple(mx_hosts)
