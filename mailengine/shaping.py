@@ -7,8 +7,9 @@ and carries out its answers.
 - **Providers (MX rollup).** A provider is named by the suffixes of its MX host names
   (`mx = ["google.com", "googlemail.com"]`) and optionally by domain names it is known to hold.
   A domain whose MX hosts end in one of them belongs to it: `learn(domain, mx_hosts)`, told by
-  delivery after each MX lookup. From then on the scheduler queues that domain's mail under the
-  provider's name (`dest`), so every limit below is shared by all the provider's domains.
+  delivery after each MX lookup; a domain not `known` yet is looked up before its first unit
+  starts. From then on the scheduler queues that domain's mail under the provider's name
+  (`dest`), so every limit below is shared by all the provider's domains.
   Domains matching no provider (every `.test` domain) are their own destination, as before.
 - **Rules** (`HOME/shaping.toml`, merged over the shipped `data/shaping_defaults.toml`): limits
   per provider, per domain or as `[default]`; for one domain the first that sets a key wins:
