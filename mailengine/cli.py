@@ -38,6 +38,8 @@ COMMANDS = {
              " | flush",
     "config": "config show [KEY] | set KEY VALUE | upgrade OLD_HOME_OR_FILE",
     "status": "rates, queue size and connections of the running engine",
+    "shaping": "shaping list | lift PROVIDER_OR_DOMAIN: traffic shaping's suspensions and "
+               "throttles in force, or end one now",
     "send": "send --from A --to B[,C] [--subject S] [--body TEXT|-]: inject a test message",
     "suppress": "suppress add|remove|list|check|import|export: the suppression list",
     "install-service": "install-service [--user U]: write a systemd unit for this home "
@@ -584,6 +586,9 @@ def format_status(st: dict) -> str:
     lines.append("connections " + "; ".join(conn or ["-"]))
     if c.get("outbound_hosts"):
         lines.append("busiest    " + ", ".join(f"{h} {n}" for h, n in c["outbound_hosts"]))
+    from .shaping import describe
+    for i, line in enumerate(describe(st.get("shaping") or [])):
+        lines.append(("shaping   " if i == 0 else "          ") + line)
     sh = st.get("shared")
     if sh:
         lines.append(f"shared    limits and lists through {sh['redis']} (keys {sh['prefix']}*): "
@@ -594,6 +599,36 @@ def format_status(st: dict) -> str:
                      + (f", {u['failures']} failures in a row ({u['last_error']})"
                         if u["failures"] else ""))
     return "\n".join(lines)
+
+
+def cmd_shaping(cfg: config.Config, ns) -> int:
+    import json
+    from .shaping import describe
+    p = argparse.ArgumentParser(prog="mailengine shaping", description=(
+        "Traffic shaping (HOME/shaping.toml): the suspensions and throttles in force, with "
+        "their cause and expiry; `lift` ends one now."))
+    p.add_argument("--test", action="store_true", help="the test-mode engine")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("list", help="what is suspended or throttled, why and until when")
+    lift = sub.add_parser("lift", help="end a suspension or throttle now")
+    lift.add_argument("dest", metavar="PROVIDER_OR_DOMAIN")
+    args = p.parse_args(ns.args)
+    if not engine_answer(cfg, args.test):
+        print(f"MailEngine is not running in {cfg.home}: shaping state lives in the running "
+              "engine", file=sys.stderr)
+        return 3
+    if args.action == "lift":  # ask() exits with the engine's error (nothing to lift...)
+        res = ask(cfg, "shaping.lift", args.test, dest=args.dest)
+        print(json.dumps(res, indent=1) if args.json else
+              f"{res['lifted']}: {res['action']} lifted (it was for: {res['cause']})")
+        return 0
+    res = ask(cfg, "shaping.list", args.test)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print("\n".join(describe(res["active"])) or "nothing is suspended or throttled")
+    return 0
 
 
 def cmd_send(cfg: config.Config, ns) -> int:
@@ -700,6 +735,7 @@ OPERATOR_COMMANDS = {
     "queue": cmd_queue,
     "config": cmd_config,
     "status": cmd_status,
+    "shaping": cmd_shaping,
     "send": cmd_send,
     "suppress": cmd_suppress,
     "install-service": cmd_install_service,

@@ -7,7 +7,8 @@ request is one line `{"op": "...", ...}`, each answer one line `{"ok": true, ...
 user (or root) may connect: the socket is mode 600 and the peer's uid is checked.
 
 Operations: `ping`, `status`, `queue.list`, `queue.show`, `queue.apply` (delete, hold, release,
-retry, flush) and `config.set` (apply a setting that needs no restart). A test-mode engine
+retry, flush), `config.set` (apply a setting that needs no restart), `shaping.list` and
+`shaping.lift` (traffic shaping's suspensions and throttles, shaping.py). A test-mode engine
 (`mailengine test`) listens on `HOME/mailengine-test.sock`.
 
 Server side: `ControlServer(engine)`, one of app.Engine's services. Client side:
@@ -289,10 +290,26 @@ class ControlServer:
         out["connections"] = conns
         if d is not None and d.shared is not None:
             out["shared"] = d.shared.state()
-        hooks = getattr(eng, "webhooks", None)
-        if hooks is not None and hooks.status() is not None:
-            out["webhooks"] = hooks.status()
+        hooks = eng.webhooks.status()
+        if hooks is not None:
+            out["webhooks"] = hooks
+        if d is not None:
+            out["shaping"] = d.shaping.active()
         return out
+
+    def op_shaping_list(self, req: dict) -> dict:
+        d = self.engine.delivery
+        return {"active": d.shaping.active(), "providers": sorted(d.shaping.rules.providers)}
+
+    def op_shaping_lift(self, req: dict) -> dict:
+        dest = str(req.get("dest") or "").strip().lower()
+        d = self.engine.delivery
+        o = d.lift(dest)
+        if o is None:
+            active = [a["dest"] for a in d.shaping.active()]
+            raise ValueError(f"{dest}: nothing to lift (in force: "
+                             f"{', '.join(active) if active else 'none'})")
+        return {"lifted": dest, "action": o.action, "cause": o.cause}
 
     async def op_queue_scan(self, req: dict) -> dict:
         """Take in mail dropped into retry/ now (mailengine-sendmail), not at the next scan."""
@@ -341,6 +358,8 @@ OPS = {
     "queue.show": ControlServer.op_queue_show,
     "queue.apply": ControlServer.op_queue_apply,
     "config.set": ControlServer.op_config_set,
+    "shaping.list": ControlServer.op_shaping_list,
+    "shaping.lift": ControlServer.op_shaping_lift,
 }
 
 

@@ -70,7 +70,8 @@ from .envelope import Message, set_last_replies
 from .loops import Listeners
 from .bounces import verp_encode
 from .outcome import Kind, RcptOutcome, failure_outcomes, record_attempt
-from .scheduler import Scheduler, Unit
+from .scheduler import Scheduler, Unit, domain_of
+from .shaping import Shaping
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
 from . import logs
@@ -338,13 +339,31 @@ class Pool:
 
     def release(self, s: SMTPSession) -> None:
         key = (s.ip, s.port)
-        if s.is_reusable and not self.closed and not self._over_caps(key):
+        if s.is_reusable and not self.closed and not self._over_caps(key) and \
+                not getattr(s, "retire", False):
             self.idle.setdefault(key, []).append(s)
             self._notify(key, freed=False)
         elif s.is_reusable:
             self._close_later(key, s)
         else:
             self._forget(key, s)
+
+    def drop_idle(self, keys) -> bool:
+        """Close the longest-idle connection to any of these servers now (its place frees at
+        once); False when none is idle."""
+        best = None
+        for key in keys:
+            for s in self.idle.get(key, ()):
+                if best is None or s.last_used < best[1].last_used:
+                    best = (key, s)
+        if best is None:
+            return False
+        key, s = best
+        self.idle[key].remove(s)
+        if not self.idle[key]:
+            del self.idle[key]
+        self._forget(key, s)
+        return True
 
     def sweep(self, now: float) -> None:
         """Close connections idle longer than IDLE_CLOSE (loop time)."""
@@ -405,7 +424,9 @@ class DeliveryEngine:
         self.listeners = Listeners(cfg)  # our own SMTP addresses: never delivered to (loops.py)
         self.windows = Windows(lim.max_connections_per_host,
                                min(INITIAL_WINDOW, lim.max_connections_per_host))
-        self.sched = Scheduler(time.time, limit=self.windows.limit,
+        # traffic shaping per provider (shaping.py): a provider's domains share one destination
+        self.shaping = Shaping.from_home(cfg.home)
+        self.sched = Scheduler(time.time, limit=self._limit, dest_of=self.shaping.dest,
                                max_active=lim.max_outbound_connections)
         self.sched.paused = cfg.queue.pause_sending
         self.shared = None
@@ -437,6 +458,9 @@ class DeliveryEngine:
         self._remove_queued = False
         self._in_working: set[str] = set()  # submitted in working/, not started yet
         self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
+        self._dest_hosts: dict[str, set] = {}  # a capped destination's servers (_within_cap)
+        self._unknown: set[str] = set()  # domains whose MX rollup is to be learnt (_limit)
+        self._probing: set[str] = set()  # ... and being looked up now (_probe)
         self._data: dict[str, bytes] = {}  # ID.dat bytes handed over by intake, until sent
         self._cached_bytes = 0
         self._cache_limit = cfg.limits.max_queue_memory_kb * 1024
@@ -522,12 +546,20 @@ class DeliveryEngine:
                     (polling is None or polling.done()):
                 polling = self._spawn(self._adopt_cuts())
                 next_cuts = loop.time() + CUT_POLL
+            for dest in self.shaping.tick():  # a suspension over, a throttle easing
+                self.sched.recheck(dest)
             self.sched.release_due()
             while (u := self.sched.next_unit()) is not None:
                 self._start_unit(u)
+            if self._unknown and not self.sched.paused:  # never a lookup while paused
+                for domain in self._unknown - self._probing:
+                    self._probing.add(domain)
+                    self._spawn(self._probe(domain))
+                self._unknown.clear()
             now = loop.time()
             if now >= next_sweep:
                 self.pool.sweep(now)
+                self.shaping.reload_if_changed()  # HOME/shaping.toml edited
                 next_sweep = now + 1
                 if now >= next_tidy:
                     self._tidy()
@@ -548,6 +580,7 @@ class DeliveryEngine:
         for key in [k for k, until in self.host_down.items() if until < now]:
             del self.host_down[key]
         self.windows.forget_idle(set(self.sched.destinations()))
+        self._dest_hosts.clear()
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """No new work; transactions in flight get `grace` seconds; the rest stays in retry/."""
@@ -643,6 +676,7 @@ class DeliveryEngine:
             outcomes = failure_outcomes(u.rcpts, 451, "4.3.0", "Internal error while sending",
                                         "local")
         finally:
+            outcomes = self._react(u, outcomes)
             att.outcomes += outcomes
             self._feedback(u.dest, outcomes)
             if self.sched.unit_done(u):
@@ -670,6 +704,62 @@ class DeliveryEngine:
             self._mx_memo.clear()
         self._mx_memo[dest] = (mx, now + MX_MEMO)
         return mx
+
+    def _limit(self, dest: str) -> int:
+        """The scheduler's limit: the destination's window within its shaping rules; 0 for a
+        domain whose provider is not known yet (its MX hosts are looked up first: `_probe`)."""
+        if not self.shaping.known(dest):
+            self._unknown.add(dest)
+            return 0
+        return self.shaping.limit(dest, self.windows.limit(dest))
+
+    async def _probe(self, domain: str) -> None:
+        """Learn whether `domain` belongs to a provider before its first unit starts, so a
+        mailing to a thousand domains of one provider does not open a connection per domain
+        at once. The answer is remembered (MX_MEMO, the resolver's cache) for the unit."""
+        hosts: list[str] = []
+        try:
+            mx = await self._resolve(domain)
+            hosts = [t.host for t in mx.targets] if mx.ok else []
+        finally:
+            joined = self.shaping.learn(domain, hosts)  # failed: no provider, the unit says why
+            self._probing.discard(domain)
+            if joined:
+                self.sched.regroup(domain, joined)
+            else:
+                self.sched.recheck(domain)
+            self._kick()
+
+    def _react(self, u: Unit, outcomes: list[RcptOutcome]) -> list[RcptOutcome]:
+        """The unit's replies to the shaping reactions (suspend, throttle, bounce)."""
+        if not outcomes:
+            return outcomes
+        # its provider, learnt by this very unit maybe (its dest was still the domain then)
+        bounce = self.shaping.react(self.shaping.dest(u.domain), outcomes)
+        if not bounce:
+            return outcomes
+        return [replace(o, kind=Kind.HARD, text=o.text + " (failed for good by a traffic "
+                        "shaping rule)") if o.address in bounce else o for o in outcomes]
+
+    def lift(self, dest: str):
+        """`mailengine shaping lift DEST`: its suspension or throttle ends now."""
+        o = self.shaping.lift(dest)
+        if o is not None:
+            self.sched.recheck(dest)
+            self._kick()
+        return o
+
+    def _within_cap(self, dest: str, key: tuple[str, int]) -> None:
+        """A unit of `dest` is about to open a connection to server `key`. The scheduler keeps
+        `dest`'s running units within its max_connections, but connections kept idle to its
+        other servers count too: at the cap, one of those is closed first."""
+        cap = self.shaping.cap(dest)
+        if cap is None:
+            return
+        hosts = self._dest_hosts.setdefault(dest, set())
+        hosts.add(key)
+        if sum(self.pool.per_host.get(k, 0) for k in hosts) >= cap:
+            self.pool.drop_idle(hosts - {key})
 
     def _feedback(self, dest: str, outcomes: list[RcptOutcome]) -> None:
         if not outcomes:
@@ -705,7 +795,10 @@ class DeliveryEngine:
 
     async def _deliver_unit(self, u: Unit, att: Attempt) -> tuple[list[RcptOutcome], str]:
         msg = att.msg
-        mx = await self._resolve(u.dest)
+        mx = await self._resolve(u.domain)
+        if mx.ok and (joined := self.shaping.learn(u.domain, [t.host for t in mx.targets])):
+            self.sched.regroup(u.domain, joined)  # its waiting units: under the provider's limits
+            self._kick()
         if not mx.ok:  # the resolver's status: null MX, no such domain, no such MX host...
             return failure_outcomes(u.rcpts, mx.code, mx.enhanced, mx.text, "dns"), ""
         targets = [t for t in mx.targets if t.ip not in self.refused]
@@ -723,7 +816,8 @@ class DeliveryEngine:
         targets = up + [t for t in targets if t not in up]  # recently dead hosts last
         body = att.body if att.body is not None else await self._body(att)
         dsn = self._dsn(msg, u.rcpts)
-        await self._limit_rate(body.size)
+        await self._limit_rate(body.size, u.dest)
+        max_deliveries = self.shaping.rule_for_domain(u.domain).max_deliveries_per_connection
         pending = list(u.rcpts)
         final: dict[str, RcptOutcome] = {}
         last: dict[str, RcptOutcome] = {}
@@ -731,6 +825,10 @@ class DeliveryEngine:
             fresh = False
             soft: list[str] = []  # refused with a 4xx here: for the next MX host (Postfix)
             while pending:
+                if not self.pool.idle.get((target.ip, target.port)):  # a new connection, likely
+                    self._within_cap(u.dest, (target.ip, target.port))
+                    if (wait := self.shaping.connect_delay(u.dest)) > 0:
+                        await asyncio.sleep(wait)  # the provider's max_connections_per_minute
                 try:
                     sess = await self.pool.acquire(target, fresh, self._host_wait)
                 except ConnectError as e:  # verdict.py: the next MX host, this one last
@@ -754,6 +852,8 @@ class DeliveryEngine:
                     rest, site, deferred = await self._transactions(
                         sess, target, att, pending, sent_body, seven, dsn, final, last)
                 finally:
+                    if max_deliveries and sess.messages_sent >= max_deliveries:
+                        sess.retire = True  # max_deliveries_per_connection: closed, not kept
                     self.pool.release(sess)
                 soft += deferred
                 step = verdict.after_session(pending, rest, site, reused, fresh)
@@ -766,7 +866,7 @@ class DeliveryEngine:
             pending += soft
             if not pending:
                 break
-        for o in verdict.give_up(pending, last, u.dest):  # every host failed
+        for o in verdict.give_up(pending, last, u.domain):  # every host failed
             final[o.address] = o
         return [final[a] for a in u.rcpts if a in final], mx.text
 
@@ -782,6 +882,9 @@ class DeliveryEngine:
         lacks 8BITMIME and `body` needs it (per-recipient copies are re-encoded here)."""
         msg = att.msg
         groups = self._envelopes(msg, rcpts, att.personal is not None)
+        per = self.shaping.rule_for_domain(domain_of(rcpts[0])).max_recipients_per_transaction
+        if per:  # the provider's max_recipients_per_transaction: more transactions
+            groups = [(f, g[i:i + per]) for f, g in groups for i in range(0, len(g), per)]
         soft: list[str] = []
         while groups:
             sender, todo = groups.pop(0)
@@ -850,7 +953,9 @@ class DeliveryEngine:
         else:
             stats.sent.add(time.time(), n)
 
-    async def _limit_rate(self, size: int) -> None:
+    async def _limit_rate(self, size: int, dest: str) -> None:
+        if (wait := self.shaping.rate_delay(dest)) > 0:  # the provider's message rates
+            await asyncio.sleep(wait)
         rate = self.cfg.limits.max_send_rate
         taken = False
         if self.shared is not None and rate > 0:
@@ -1061,8 +1166,9 @@ class DeliveryEngine:
             self.engine.known.discard(msg.id)
             return
         now = datetime.now()
-        res = record_attempt(msg, att.outcomes, self.cfg.queue.retry_intervals, now,
-                             att.interrupted)
+        intervals = self.shaping.retry_plan(  # the rules' retry_intervals and max_age
+            map(domain_of, msg.rcpt_to_send), self.cfg.queue.retry_intervals)
+        res = record_attempt(msg, att.outcomes, intervals, now, att.interrupted)
         if logs.tracing():
             logs.PROGRAM.debug("%s attempt over: %d sent, %d failed, %d to retry%s", msg.id,
                                len(res.sent), len(res.failed) + len(res.gave_up),

@@ -13,6 +13,11 @@ The policy, in one comment (in the spirit of Postfix's qmgr):
 - **Fairness.** `next_unit` takes destinations round-robin: one huge domain gets one turn per
   round like every other, so it cannot starve the rest. A destination already running its
   concurrency limit (`limit(dest)`, from throttle.py) is set aside until one of its units ends.
+- **Providers.** `dest_of` (shaping.py) names a domain's destination: its provider when its MX
+  hosts roll up to one, so all the provider's domains share one queue and one `limit`; a unit
+  keeps its `domain` for the MX lookup. `regroup` moves a domain's waiting units under its
+  provider once that is learnt; `recheck` gives a destination a turn when its limit grew
+  without a unit ending (a suspension lifted: `limit` is 0 while one lasts).
 - **Caps.** At most `max_active` units run at once (`limits.max_outbound_connections`: one
   connection per running unit). `paused` (`queue.pause_sending`) stops `next_unit` giving out
   anything; timers keep running, so turning it off releases everything due at once.
@@ -43,6 +48,11 @@ class Unit:
     rcpts: list[str]
     priority: int = 0
     seq: int = 0
+    domain: str = ""  # the recipients' domain; `dest` may be their provider (shaping.py)
+
+    def __post_init__(self) -> None:
+        if not self.domain:
+            self.domain = self.dest
 
     def __repr__(self) -> str:
         return f"Unit({self.msg_id}, {self.dest}, {len(self.rcpts)} rcpts, prio {self.priority})"
@@ -71,9 +81,11 @@ class _Dest:
 class Scheduler:
     def __init__(self, clock: Callable[[], float] = time.time, *,
                  limit: Callable[[str], int] = lambda dest: 10, max_active: int = 500,
-                 max_rcpts: int = MAX_RCPTS_PER_UNIT) -> None:
+                 max_rcpts: int = MAX_RCPTS_PER_UNIT,
+                 dest_of: Callable[[str], str] | None = None) -> None:
         self.clock = clock
         self.limit = limit
+        self.dest_of = dest_of  # domain -> destination (its provider: shaping.py); None: itself
         self.max_active = max_active
         self.max_rcpts = max_rcpts
         self.paused = False
@@ -157,13 +169,14 @@ class Scheduler:
             by_dest.setdefault(domain_of(a), []).append(a)
         e.active = True
         e.units_left = 0
-        for dest, rcpts in by_dest.items():
+        for domain, rcpts in by_dest.items():
+            dest = domain if self.dest_of is None else self.dest_of(domain)
             d = self._dests.get(dest)
             if d is None:
                 d = self._dests[dest] = _Dest()
             for i in range(0, len(rcpts), self.max_rcpts):
                 self._seq += 1
-                u = Unit(mid, dest, rcpts[i:i + self.max_rcpts], e.priority, self._seq)
+                u = Unit(mid, dest, rcpts[i:i + self.max_rcpts], e.priority, self._seq, domain)
                 heapq.heappush(d.queue, (e.priority, self._seq, u))
                 e.units_left += 1
                 self._ready_units += 1
@@ -241,6 +254,30 @@ class Scheduler:
             self.host_waiting -= 1
             self.active += 1
         return True
+
+    def recheck(self, dest: str) -> None:
+        """`dest`'s limit may have grown without a unit of it ending (a suspension lifted or
+        over, a throttle easing): give it a turn again if it has ready units."""
+        d = self._dests.get(dest)
+        if d is not None:
+            self._wake(dest, d)
+
+    def regroup(self, domain: str, dest: str) -> None:
+        """`domain` turned out to belong to destination `dest` (its provider): its ready units
+        move to `dest`'s queue, under `dest`'s limit. Its running units end where they began."""
+        d = self._dests.get(domain)
+        if d is None or not d.queue or domain == dest:
+            return
+        to = self._dests.get(dest)
+        if to is None:
+            to = self._dests[dest] = _Dest()
+        for item in d.queue:
+            item[2].dest = dest
+            heapq.heappush(to.queue, item)
+        d.queue = []
+        if d.active == 0 and not d.in_rr:
+            del self._dests[domain]
+        self._wake(dest, to)
 
     def take_ready(self) -> list[Unit]:
         """Remove every unit not handed out yet (at shutdown); their messages stay active so the

@@ -196,6 +196,9 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
                    f"after temporary failures there (busy replies or failed connections, "
                    f"{'once' if win.cuts == 1 else f'{win.cuts} times'}); back up step by step "
                    f"as mail gets through")
+        held_back = delivery.shaping.explain(dom)
+        if held_back is not None:  # a provider's suspension or throttle (shaping.py)
+            state, why = held_back
         rate = delivery.rate
         if state == "ready" and not rate.unlimited and \
                 engine.cfg.limits.max_send_rate:

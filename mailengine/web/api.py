@@ -138,8 +138,11 @@ def _refused(reply, results, rcpt: str = "") -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     w = request.app["web"]
+    d = getattr(w.engine, "delivery", None)
     return web.json_response({**snapshot(w.engine, w.outcomes),
-                              "destinations": admin.cached_destinations(w)})
+                              "destinations": admin.cached_destinations(w),
+                              # traffic shaping's suspensions and throttles (shaping.py)
+                              "shaping": d.shaping.active() if d is not None else []})
 
 
 def _int(request, name: str, default: int, top: int) -> int:

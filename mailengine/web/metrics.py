@@ -195,8 +195,7 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
           s["memory_bytes"])
     _line(out, "mailengine_shared_redis_up", "gauge",
           "1 when the Redis of shared.redis_url answers (absent when not shared).", s["shared_up"])
-    hooks = getattr(engine, "webhooks", None)
-    urls = (hooks.status() or {}).get("urls", []) if hooks is not None else []
+    urls = (engine.webhooks.status() or {}).get("urls", [])
     for name, key, kind, help_ in (
             ("mailengine_webhook_pending", "pending", "gauge",
              "Events waiting for a webhook URL to acknowledge them."),
@@ -209,4 +208,12 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
         for u in urls:
             label = u["url"].replace("\\", "\\\\").replace('"', '\\"')
             out.append(f'{name}{{url="{label}"}} {u[key]}')
+    active = engine.delivery.shaping.active()
+    if active:  # traffic shaping (shaping.py): one line per suspension or throttle in force
+        out.append("# HELP mailengine_shaping_factor Share of its limits a destination may use "
+                   "now: 0 while suspended, the throttle's factor while throttled.")
+        out.append("# TYPE mailengine_shaping_factor gauge")
+        for a in active:
+            out.append(f'mailengine_shaping_factor{{dest="{a["dest"]}",action="{a["action"]}"}} '
+                       f'{a["factor"]:g}')
     return "\n".join(out) + "\n"

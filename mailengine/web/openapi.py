@@ -154,7 +154,11 @@ def openapi() -> dict:
                     "inbound_connections": {"type": "integer"},
                     "outbound_connections": {"type": "integer"},
                     "memory_bytes": {"type": "integer"},
-                    "destinations": {"type": "array", "items": {"type": "object"}}}},
+                    "destinations": {"type": "array", "items": {"type": "object"}},
+                    "shaping": {"type": "array", "items": {"type": "object", "properties": {
+                        "dest": {"type": "string"}, "action": {"type": "string"},
+                        "cause": {"type": "string"}, "until": {"type": "number"},
+                        "factor": {"type": "number"}}}}}},
                 "Complaints": {"type": "object", "properties": {
                     "threshold_percent": {"type": "number"},
                     "windows": {"type": "array", "items": {"type": "string"}},
