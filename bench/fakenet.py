@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": (f"> {r.seconds:.0f}" if x.get("pending") else
                                  f"{r.seconds:.1f}") if "sent" in x else "",
                      "sent": x.get("sent", ""), "failed": x.get("failed", ""),
+                     "given_up": x.get("given_up", ""),
                      "throttling": x.get("throttling", ""), "greylisted": x.get("greylisted", ""),
                      "connections": x.get("connections", ""),
                      "per_conn": f"{x['per_connection']:.1f}" if "per_connection" in x else "",
@@ -427,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                               "yes") if "sent" in x else ""})
     print()
     print_table(rows, [("case", "relay"), ("seconds", "s to all final"), ("sent", "sent"),
-                       ("failed", "failed"), ("throttling", "421s provoked"),
+                       ("failed", "failed"), ("given_up", "of them given up"),
+                       ("throttling", "421s provoked"),
                        ("greylisted", "greylisted"), ("connections", "connections"),
                        ("per_conn", "deliveries/conn"), ("once", "exactly once")])
     for c, r in runs.items():
