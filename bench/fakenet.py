@@ -1,7 +1,8 @@
 """bench/fakenet: a mailing through a simulated internet, MailEngine against Postfix.
 
     python bench/fakenet.py [--messages 5000] [--domains 1000] [--latency 20-200] [--quick]
-                            [--cases ab] [--time-scale 300] [--set KEY=VALUE ...]
+                            [--cases acb] [--time-scale 300] [--set KEY=VALUE ...]
+                            [--shaping bench/fakenet_shaping.toml]
 
 The internet is mailengine/testing/fakenet.py's `standard_internet()`: providers like Gmail,
 Yahoo and Outlook (connection caps and message rates per client IP, answered with provider-like
@@ -15,6 +16,9 @@ holds its mail, then released; the clock runs from the release until every recip
   (a) MailEngine with its defaults (`basic.nameservers` = the loopback DNS server), filled over
       SMTP with `queue.pause_sending = true`, released with `config.set` on the control socket;
       finality read from log/events.jsonl
+  (c) the same MailEngine with traffic shaping rules for these providers (`--shaping`, by
+      default bench/fakenet_shaping.toml, copied to HOME/shaping.toml with its retry_intervals
+      scaled as below): what a sender who wrote a shaping.toml for them gets
   (b) a private Postfix (bench/postfix.py) with its defaults for delivery (destination
       concurrency 20, process limit 100, connection cache on demand), resolving MX records
       through the same DNS server (Postfix asks /etc/resolv.conf's server on port 53: it is
@@ -60,7 +64,8 @@ from postfix import POSTCONF, PostfixInstance  # noqa: E402
 from mailengine.testing.dnsserver import TestDNSServer  # noqa: E402
 from mailengine.testing.fakenet import Internet, standard_internet  # noqa: E402
 
-CASES = {"a": "MailEngine", "b": "Postfix"}
+CASES = {"a": "MailEngine", "c": "MailEngine, shaping.toml", "b": "Postfix"}
+SHAPING_FILE = Path(__file__).resolve().parent / "fakenet_shaping.toml"
 SENDER_LOCAL = "news"
 ENGINE_RETRY_MINUTES = [30, 120, 240, 480, 960]   # queue.retry_intervals' default
 ENGINE_QUEUE_CHECK = 600                          # queue.queue_check_interval's default (s)
@@ -227,13 +232,25 @@ def settle(net, seconds: float = 1.0) -> None:
     time.sleep(seconds)
 
 
+def scaled_shaping(text: str, scale: float) -> str:
+    """A shaping.toml with every `retry_intervals = [...]` (minutes) divided by the time scale,
+    as queue.retry_intervals is."""
+    def scaled(m: re.Match) -> str:
+        return m.group(1) + json.dumps([float(x) / scale for x in json.loads(m.group(2))])
+    return re.sub(r"^(\s*retry_intervals\s*=\s*)(\[[^\]]*\])", scaled, text, flags=re.M)
+
+
 def run_engine(args, internet: Internet, dns: TestDNSServer, rcpts: list[str],
-               workdir: Path) -> Case:
+               workdir: Path, case: str = "a") -> Case:
     from mailengine import control
     from mailengine.testing.engine import RunningEngine
 
-    result = Case("a", CASES["a"], messages=len(rcpts))
+    result = Case(case, CASES[case], messages=len(rcpts))
     home = Path(tempfile.mkdtemp(prefix="engine-fakenet-", dir=workdir))
+    if case == "c":
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "shaping.toml").write_text(
+            scaled_shaping(Path(args.shaping).read_text(), args.time_scale))
     settings = {**ENGINE_DEFAULTS, "basic.nameservers": [dns.address],
                 "queue.pause_sending": True, "logging.stats_interval": 0,
                 "queue.retry_intervals": [m / args.time_scale for m in ENGINE_RETRY_MINUTES],
@@ -243,7 +260,7 @@ def run_engine(args, internet: Internet, dns: TestDNSServer, rcpts: list[str],
     eng = RunningEngine(home, settings)
     try:
         eng.start()
-        fill(eng.smtp_port, sender, rcpts, "a")
+        fill(eng.smtp_port, sender, rcpts, case)
         follower = LogFollower(home / "log" / "events.jsonl", engine_event)
         internet.net.reset()
         before = internet.net.stats()
@@ -255,7 +272,7 @@ def run_engine(args, internet: Internet, dns: TestDNSServer, rcpts: list[str],
             result.error = f"{left} recipients not final after {result.seconds:.0f}s"
         settle(internet.net)
         eng.stop()
-        judge(result, internet, rcpts, "a", follower.update(), before, internet.net.stats())
+        judge(result, internet, rcpts, case, follower.update(), before, internet.net.stats())
     except Exception as e:
         result.error = f"{type(e).__name__}: {e}\n{eng.read_output()[-1500:] if eng.proc else ''}"
     finally:
@@ -359,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                          "MailEngine's first retry after 6 s, Postfix's after 1 s)")
     ap.add_argument("--net", default="127.0.1", help="the first three octets of the providers' "
                     "loopback addresses (default 127.0.1: NET.1-9, DNS on NET.53)")
-    ap.add_argument("--cases", default="ab")
+    ap.add_argument("--cases", default="acb",
+                    help="a: MailEngine, c: MailEngine with --shaping, b: Postfix")
+    ap.add_argument("--shaping", type=Path, default=SHAPING_FILE,
+                    help="the shaping.toml of case (c) (default bench/fakenet_shaping.toml)")
     ap.add_argument("--set", action="append", type=parse_setting, default=[],
                     metavar="SECTION.KEY=VALUE", help="extra engine setting for (a)")
     ap.add_argument("--timeout", type=float, default=900.0,
@@ -375,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         if "--latency" not in given:
             args.latency = (0.005, 0.02)
     args.time_scale = args.time_scale or 300.0
-    cases = [c for c in "ab" if c in args.cases]
-    if not cases or set(args.cases) - set("ab"):
-        ap.error("--cases takes letters from ab")
+    cases = [c for c in "acb" if c in args.cases]
+    if not cases or set(args.cases) - set("acb"):
+        ap.error("--cases takes letters from acb")
     if not re.fullmatch(r"127\.\d{1,3}\.\d{1,3}", args.net):
         ap.error("--net must be three octets in 127.0.0.0/8, e.g. 127.0.1")
     if os.geteuid() != 0:
@@ -405,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
                 internet.net:
             for c in cases:
                 print(f"  ({c}) {CASES[c]} ...", end=" ", flush=True)
-                run = run_engine if c == "a" else run_postfix
-                res = run(args, internet, dns, rcpts, workdir)
+                if c == "b":
+                    res = run_postfix(args, internet, dns, rcpts, workdir)
+                else:
+                    res = run_engine(args, internet, dns, rcpts, workdir, c)
                 runs[c] = res
                 print(f"{res.seconds:.1f} s" if not res.error else "FAILED",
                       f"({res.check or res.error.splitlines()[0]})", flush=True)
@@ -438,11 +460,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"({c}) per provider: " + "; ".join(
                 f"{n} {p['connections']} conn, {p['throttling']} 421, peak {p['peak']}"
                 for n, p in per.items() if n != "home"))
-    a, b = runs.get("a"), runs.get("b")
-    if a and b and a.ok and b.ok:
-        print(f"Postfix/MailEngine time {ratio(b.seconds, a.seconds):.2f} (goal >= 3); "
-              f"MailEngine/Postfix 421s {a.extra['throttling']}/{b.extra['throttling']} "
-              "(goal <= 0.1)")
+    b = runs.get("b")
+    for c in "ac":
+        a = runs.get(c)
+        if a and b and a.ok and b.ok:
+            print(f"({c}) Postfix/MailEngine time {ratio(b.seconds, a.seconds):.2f} (goal >= 3); "
+                  f"MailEngine/Postfix 421s {a.extra['throttling']}/{b.extra['throttling']} "
+                  "(goal <= 0.1)")
     if not args.no_save:
         path = write_results("fakenet", {
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
