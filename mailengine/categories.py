@@ -43,7 +43,6 @@ override file is logged and ignored (the rules read before stay), never a traceb
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -51,6 +50,8 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from .file_stamp import file_stamp
 
 log = logging.getLogger("mailengine.categories")
 
@@ -228,13 +229,7 @@ class Categorizer:
         if now - self._checked < RECHECK:
             return
         self._checked = now
-        try:
-            st = os.stat(self.override)
-            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            seen = None
-        except OSError as e:
-            seen = ("error", str(e))
+        seen = file_stamp(self.override)
         if seen == self._seen:
             return
         self._seen = seen

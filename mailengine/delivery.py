@@ -239,18 +239,27 @@ class Pool:
             self.per_host.pop(key, None)
         self._notify(key)
 
-    def _evict_one_idle(self) -> bool:
-        """Close the longest-idle connection of any host to make room; False if none is idle."""
+    def _take_oldest_idle(self, keys) -> tuple | None:
+        """(key, session) of the longest-idle connection to any of `keys`, out of the idle
+        lists; None when none is idle."""
         best = None
-        for key, lst in self.idle.items():
-            for s in lst:
+        for key in keys:
+            for s in self.idle.get(key, ()):
                 if best is None or s.last_used < best[1].last_used:
                     best = (key, s)
+        if best is not None:
+            key, s = best
+            self.idle[key].remove(s)
+            if not self.idle[key]:
+                del self.idle[key]
+        return best
+
+    def _evict_one_idle(self) -> bool:
+        """Close the longest-idle connection of any host to make room; False if none is idle."""
+        best = self._take_oldest_idle(list(self.idle))
         if best is None:
             return False
-        key, s = best
-        self.idle[key].remove(s)
-        self._close_later(key, s)
+        self._close_later(*best)
         return True
 
     def _close_later(self, key, s: SMTPSession) -> None:
@@ -351,18 +360,10 @@ class Pool:
     def drop_idle(self, keys) -> bool:
         """Close the longest-idle connection to any of these servers now (its place frees at
         once); False when none is idle."""
-        best = None
-        for key in keys:
-            for s in self.idle.get(key, ()):
-                if best is None or s.last_used < best[1].last_used:
-                    best = (key, s)
+        best = self._take_oldest_idle(keys)
         if best is None:
             return False
-        key, s = best
-        self.idle[key].remove(s)
-        if not self.idle[key]:
-            del self.idle[key]
-        self._forget(key, s)
+        self._forget(*best)
         return True
 
     def sweep(self, now: float) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 import tomllib
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .file_stamp import file_stamp
 from .outcome import Kind
 from .throttle import TokenBucket
 
@@ -360,13 +360,7 @@ class Shaping:
         as they were, with an error logged."""
         if self.path is None:
             return None
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = None
-        except OSError as e:
-            stamp = ("error", str(e))
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return None
         first = not hasattr(self, "_loaded")
