@@ -304,7 +304,7 @@ class ControlServer:
     def op_shaping_lift(self, req: dict) -> dict:
         dest = str(req.get("dest") or "").strip().lower()
         d = self.engine.delivery
-        o = d.lift(dest)
+        o = d.lift(d.shaping.dest(dest))  # a provider's name, or one of its domains
         if o is None:
             active = [a["dest"] for a in d.shaping.active()]
             raise ValueError(f"{dest}: nothing to lift (in force: "

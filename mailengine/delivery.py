@@ -93,6 +93,7 @@ MAX_SLEEP = 1.0           # s: the send loop looks at its timers at least this o
 WAKE_SCAN = 64  # waiters for the total cap looked through for one that wants an idle session
 INITIAL_WINDOW = 5        # connections a new destination starts with (slow start)
 MX_MEMO = 1.0             # s: a destination's MX answer is reused this long without asking
+MAX_PROBES = 100          # MX lookups of new domains at once (shaping: a provider?, _probe)
 DKIM_HOLD_RETRY = 30.0    # s: a message held for a missing DKIM key is looked at again after
 # Threads signing DKIM: RSA-2048 costs ~250 us of CPU, which OpenSSL spends without the GIL, so
 # signing off the event loop leaves the loop ~20 us per message (bench figures in docs/DKIM.md).
@@ -553,10 +554,11 @@ class DeliveryEngine:
             while (u := self.sched.next_unit()) is not None:
                 self._start_unit(u)
             if self._unknown and not self.sched.paused:  # never a lookup while paused
-                for domain in self._unknown - self._probing:
+                self._unknown -= self._probing
+                while self._unknown and len(self._probing) < MAX_PROBES:
+                    domain = self._unknown.pop()  # the rest wait: a resolver flooded fails
                     self._probing.add(domain)
                     self._spawn(self._probe(domain))
-                self._unknown.clear()
             now = loop.time()
             if now >= next_sweep:
                 self.pool.sweep(now)

@@ -47,6 +47,7 @@ MAX_LEARNED = 100_000  # domains whose MX rollup is remembered (forgotten all at
 ACTIONS = ("suspend", "throttle", "bounce")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION = 365 * 86400.0  # s: the longest suspension, throttle, max_age or retry interval
 
 
 class ShapingError(ValueError):
@@ -148,6 +149,8 @@ def parse_duration(value, where: str) -> float:
         secs = float(m.group(1)) * _UNITS[m.group(2) or "s"]
     if secs <= 0 or not math.isfinite(secs):
         raise ShapingError(f"{where}: must be more than zero, not {value!r}")
+    if secs > MAX_DURATION:  # beyond, clock arithmetic overflows; nothing needs that long
+        raise ShapingError(f"{where}: at most 365 days, not {value!r}")
     return secs
 
 
@@ -176,9 +179,10 @@ def _rule(table, where: str, known: set[str] = _RULE_KEYS) -> Rule:
             continue
         if k == "retry_intervals":
             if not isinstance(v, list) or not all(
-                    isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
-                    for x in v):
-                raise ShapingError(f"{at}: a list of minutes (numbers 0 or more), not {v!r}")
+                    isinstance(x, (int, float)) and not isinstance(x, bool)
+                    and 0 <= x <= MAX_DURATION / 60 for x in v):
+                raise ShapingError(f"{at}: a list of minutes (numbers from 0 to 525600, a "
+                                   f"year), not {v!r}")
             vals[k] = tuple(float(x) for x in v)
         elif k == "max_age":
             vals[k] = parse_duration(v, at)
@@ -203,6 +207,8 @@ def _reaction(table, where: str, providers: set[str]) -> Reaction:
     if action not in ACTIONS:
         raise ShapingError(f"{where} action: one of {', '.join(ACTIONS)}, not {action!r}")
     provider = table.get("provider", "")
+    if not isinstance(provider, str):
+        raise ShapingError(f"{where} provider: the name of one provider, not {provider!r}")
     if provider and provider not in providers:
         raise ShapingError(f"{where} provider: no provider {provider!r} is defined "
                            f"(known: {', '.join(sorted(providers))})")
@@ -374,7 +380,9 @@ class Shaping:
         else:
             try:
                 rules = parse_rules(self.path.read_text(), str(self.path), base)
-            except (ShapingError, OSError, UnicodeDecodeError) as e:
+            except Exception as e:  # ShapingError, OSError...: a bad file never stops delivery
+                if not isinstance(e, (ShapingError, OSError, UnicodeDecodeError)):
+                    e = ShapingError(f"{self.path}: cannot be used ({type(e).__name__}: {e})")
                 line = (f"{e}; " + ("the shipped rules are used alone" if first else
                                     "the rules in force stay as they were"))
                 log.error("%s", line)
@@ -389,14 +397,18 @@ class Shaping:
     # -- who a destination is ------------------------------------------------------------------
 
     def match_mx(self, hosts: Iterable[str]) -> str | None:
-        """The provider whose MX suffixes match these MX host names (the best first)."""
+        """The provider whose MX suffixes match every one of these MX host names. One match
+        among others (a company's own server with a Google backup MX) is no match: that
+        domain's mail goes to its own server, not to the provider."""
+        found = None
         for h in hosts:
             h = h.lower().rstrip(".")
-            for p in self.rules.providers.values():
-                for suffix in p.mx:
-                    if h == suffix or h.endswith("." + suffix):
-                        return p.name
-        return None
+            name = next((p.name for p in self.rules.providers.values()
+                         if any(h == s or h.endswith("." + s) for s in p.mx)), None)
+            if name is None or (found is not None and name != found):
+                return None
+            found = name
+        return found
 
     def provider_of(self, domain: str) -> str | None:
         if domain in self._own:
@@ -551,8 +563,8 @@ class Shaping:
         bounce: set[str] = set()
         seen: dict[str, Reaction | None] = {}
         for o in outcomes:
-            if o.kind is Kind.SENT or not o.code:
-                continue
+            if o.kind is Kind.SENT or not o.code or o.stage in ("dns", "local"):
+                continue  # our own lookups and errors are not the provider speaking
             reply = o.reply
             if reply not in seen:
                 seen[reply] = next((r for r in self.rules.reactions
@@ -640,9 +652,13 @@ class Shaping:
         o = self.overrides.get(dest)
         if o is None or o.over(self.clock()):
             return None
-        a, = [x for x in self.active() if x["dest"] == dest]
+        now = self.clock()
+        a = {"dest": o.dest, "action": o.action, "cause": o.cause, "rule": o.rule,
+             "since": o.since, "until": o.until,
+             "factor": 0.0 if o.action == "suspend" else o.factor_at(now),
+             "recovering": o.action == "throttle" and now >= o.until}
         return ("suspended" if o.action == "suspend" else "throttled",
-                "traffic shaping: " + describe([a], self.clock())[0])
+                "traffic shaping: " + describe([a], now)[0])
 
     def active(self) -> list[dict]:
         """Every suspension and throttle in force, for `status`, the API and /metrics."""

@@ -62,6 +62,20 @@ def test_mx_rollup_puts_a_workspace_domain_under_gmail_and_test_domains_nowhere(
     # a domain whose MX moved away leaves the provider
     assert s.learn("example.org", ["mx.example.org"]) is None
     assert s.dest("example.org") == "example.org"
+    # its own server first and a Google backup: its mail goes to its own server, not Gmail's
+    assert s.learn("own.example", ["mx.own.example", "alt1.aspmx.l.google.com"]) is None
+    assert s.dest("own.example") == "own.example"
+    assert s.match_mx(["alt1.aspmx.l.google.com", "mx1.mail.protection.outlook.com"]) is None
+
+
+def test_our_own_dns_and_internal_failures_are_not_the_providers_replies():
+    s = shaping("[[reaction]]\ncode = 451\naction = \"suspend\"\nduration = \"1h\"\n")
+    dns = RcptOutcome.from_reply("a@gmail.com", 451, "4.4.3", "DNS lookup failed", "dns")
+    local = RcptOutcome.from_reply("b@gmail.com", 451, "4.3.0", "Internal error", "local")
+    s.react("gmail", [dns, local])
+    assert s.active() == []
+    s.react("gmail", [reply("c@gmail.com", "451 4.3.0 try later")])  # the provider said it
+    assert [a["dest"] for a in s.active()] == ["gmail"]
 
 
 def test_rule_precedence_domain_over_provider_over_default():
@@ -143,6 +157,10 @@ max_age = "1h"
     ("[[reaction]]\ncode = 421\naction = \"throttle\"\nduration = \"1m\"\nfactor = 2\n",
      "between 0 and 1"),
     ("max_connections = 3\n", "unknown key 'max_connections'"),
+    ("[[reaction]]\nprovider = [\"gmail\"]\ncode = 421\naction = \"bounce\"\n",
+     "the name of one provider"),  # a list crashed the engine at reload
+    ("[[reaction]]\ncode = 421\naction = \"suspend\"\nduration = 1e300\n", "at most 365 days"),
+    ("[provider.gmail]\nretry_intervals = [10, inf]\n", "a list of minutes"),
     ("[provider.gmail\n", "not valid TOML"),
 ])
 def test_bad_rules_are_refused_with_a_clear_line(text, words):
@@ -416,8 +434,8 @@ def test_a_4_7_28_reply_suspends_gmail_shows_in_status_and_lift_ends_it(tmp_path
         time.sleep(2.5)  # its retry (1.2 s) came and went: the message waits, untried
         assert tries["n"] == 1 and not infs(eng, "done")
         assert len(infs(eng, "retry")) + len(infs(eng, "working")) == 1
-        code, out = run_cli(tmp_path, "shaping", "lift", "gmail")
-        assert code == 0 and "gmail: suspend lifted" in out
+        code, out = run_cli(tmp_path, "shaping", "lift", "workspace.test")  # one of its domains
+        assert code == 0 and "suspend lifted" in out
         wait(lambda: len(infs(eng, "done")) == 1, what="delivery after the lift")
         code, out = run_cli(tmp_path, "shaping", "lift", "gmail")
         assert code == 1 and "nothing to lift" in out
