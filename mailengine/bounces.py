@@ -198,8 +198,9 @@ _AUTO_SUBJECTS = re.compile(
     r"out of (?:the )?office|abwesenheit|vacation|away from|on leave|r[ée]ponse automatique|"
     r"respuesta autom[áa]tica|thank you for (?:your )?(?:e-?mail|message|contacting))", re.I)
 # Where a report starts quoting the returned message: addresses below are not failures.
+# [ \t], not \s: \s crosses lines, and a run of blank lines made the search take minutes.
 _RETURNED_MARKERS = re.compile(
-    r"^\s*-*\s*(?:below this line is a copy of the message|this is a copy of the message|"
+    r"^[ \t]*-*[ \t]*(?:below this line is a copy of the message|this is a copy of the message|"
     r"original message follows|the original message (?:follows|headers)|"
     r"returned message follows|unsent message below|the header of the original message|"
     r"a copy of (?:your|the) message|original message headers|"

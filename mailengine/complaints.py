@@ -68,7 +68,8 @@ _COMPLAINT_WORDS = re.compile(
     r"as (?:spam|junk)|marked as (?:spam|junk)|feedback[- ]loop|this is spam|junk mail report|"
     r"email feedback report|scomp", re.I)
 _FORWARD_MARKERS = re.compile(
-    r"^\s*-{2,}\s*(?:forwarded message|original message)\s*-{2,}\s*$|^begin forwarded message:",
+    r"^[ \t]*-{2,}[ \t]*(?:forwarded message|original message)[ \t]*-{2,}[ \t]*$|"
+    r"^begin forwarded message:",
     re.I | re.M)
 _REDACTED_LOCAL = re.compile(r"^(?:x+|\*+|-+|#+|\.+|redacted|\[redacted\]|<redacted>|"
                              r"removed|unknown|anonymous|hidden)$", re.I)

@@ -472,3 +472,17 @@ def test_a_base64_encoded_feedback_part_is_decoded():
     c = parse(data, SECRET)
     assert (c.is_complaint, c.feedback_type, c.user_agent, c.address) == (
         True, "fraud", "B64/1", "kim@b64.example")
+
+
+def test_blank_lines_do_not_make_parsing_take_minutes():
+    """A mail of a few thousand blank lines to a complaint (or VERP) address made the search
+    for the quoted original backtrack for minutes (`\\s` crossing lines), holding a thread."""
+    import threading
+    from mailengine import bounces
+    data = b"From: a@b.test\r\nTo: fbl@x.test\r\nSubject: x\r\n\r\n" + b"\r\n" * 4000
+    done = []
+    t = threading.Thread(target=lambda: done.append((parse(data, b"k" * 32),
+                                                     bounces.parse_report(data))), daemon=True)
+    t.start()
+    t.join(10)
+    assert done and not done[0][0].is_complaint
