@@ -409,7 +409,7 @@ class ComplaintDesk:
             self._write(self.jsonl, line)
             return c
         with self._lock:
-            if c.address:
+            if c.address and (c.matched_by == "token" or self.cfg.complaints.trust_unsigned):
                 line["suppressed"] = self._suppress(c)
             self._write(self.jsonl, line)
             self.events.write([{
@@ -427,7 +427,9 @@ class ComplaintDesk:
             log.info("complaint: %s (%s) about mail from %s, matched by %s%s%s", c.address,
                      c.feedback_type, c.sender_domain or "?", c.matched_by,
                      f", original {c.queue_id}" if c.queue_id else "",
-                     "; suppressed" if line["suppressed"] else "")
+                     "; suppressed" if line["suppressed"] else
+                     "; not suppressed: only a signed token proves the report is about our "
+                     "mail (complaints.trust_unsigned)" if c.matched_by != "token" else "")
         else:
             log.warning("complaint (%s) about mail from %s could not be matched to a recipient: "
                         "%s (report %s)", c.feedback_type, c.sender_domain or "?",

@@ -338,6 +338,11 @@ SETTINGS: list[Setting] = [
     Setting("complaints", "suppress_all_senders", False, "bool",
             "A complaint suppresses the recipient for every sender domain. False: only for "
             "the domain of the mail complained about.", scope=INTAKE),
+    Setting("complaints", "trust_unsigned", False, "bool",
+            "Also suppress complaints matched by VERP or Original-Rcpt-To, not only by the "
+            "signed token of List-Unsubscribe. Those are not signed: anyone who can mail the "
+            "complaint address could then suppress any address. Turn it on only when the "
+            "complaint address takes mail from the feedback loops alone.", scope=INTAKE),
     Setting("complaints", "rate_threshold_percent", 0.3, "float",
             "Complaint rate (complaints per delivered recipient, per sender domain) above which "
             "the web admin flags a domain; Gmail and Yahoo require senders to stay under 0.3 %.",

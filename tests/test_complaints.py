@@ -188,7 +188,8 @@ def test_desk_suppresses_records_and_logs(tmp_path, caplog):
 
 def test_desk_may_suppress_for_every_sender(tmp_path):
     cfg = _cfg(tmp_path, **{"complaints.addresses": ["fbl@news.example"],
-                            "complaints.suppress_all_senders": True})
+                            "complaints.suppress_all_senders": True,
+                            "complaints.trust_unsigned": True})  # JMRP names the recipient
     desk = ComplaintDesk(cfg)
     desk.handle(["fbl@news.example"], (CORPUS / "arf_jmrp_microsoft.eml").read_bytes())
     store = SuppressionStore(tmp_path, sync=False)
@@ -364,7 +365,9 @@ def test_complaint_by_smtp_end_to_end(tmp_path):
             assert lines[0]["queue_id"]  # our Received: line named the original
             store = SuppressionStore(home, sync=False)
             assert store.lookup("r1@dest.example", "news.example").source == "complaint"
-            assert store.lookup("r2@dest.example", "news.example") is not None
+            # matched by VERP only, which anyone can write: counted, not suppressed
+            assert store.lookup("r2@dest.example", "news.example") is None
+            assert lines[1]["suppressed"] is False
             assert store.lookup("r3@dest.example", "news.example") is None
             store.close()
             events = [x for x in _jsonl(home / "log" / "events.jsonl")
@@ -448,6 +451,7 @@ def test_complaint_taken_by_an_intake_worker_process(tmp_path):
     """With several intake processes the report is parsed, suppressed and logged in the worker
     that took it, before its 250, as in the engine's own process."""
     with RunningEngine(tmp_path, {"network.intake_workers": 2,
+                                  "complaints.trust_unsigned": True,  # VERP-matched
                                   "complaints.addresses": ["fbl@news.example"]}) as eng:
         with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10,
                           source_address=("127.0.0.3", 0)) as s:
@@ -486,3 +490,24 @@ def test_blank_lines_do_not_make_parsing_take_minutes():
     t.start()
     t.join(10)
     assert done and not done[0][0].is_complaint
+
+
+def test_an_unsigned_match_is_counted_but_suppresses_only_when_trusted(tmp_path):
+    """Anyone may mail the complaint address: a report naming its recipient in Original-Rcpt-To
+    (or by an unsigned VERP address) is recorded, and suppresses only with
+    complaints.trust_unsigned; a signed List-Unsubscribe token always does."""
+    data = (CORPUS / "arf_jmrp_microsoft.eml").read_bytes()
+    for trusted in (False, True):
+        home = tmp_path / str(trusted)
+        home.mkdir()
+        cfg = _cfg(home, **{"complaints.addresses": ["fbl@news.example"],
+                            "complaints.trust_unsigned": trusted})
+        desk = ComplaintDesk(cfg)
+        c = desk.handle(["fbl@news.example"], data)
+        assert c.is_complaint and c.matched_by == "original-rcpt-to"
+        store = SuppressionStore(home, sync=False)
+        assert (store.lookup("frank@hotmail.example", c.sender_domain) is not None) is trusted
+        line, = _jsonl(home / "log" / "complaints.jsonl")
+        assert line["suppressed"] is trusted
+        desk.close()
+        store.close()

@@ -95,6 +95,7 @@ LIVE = {
     "suppression.bounce_days": "Notices.after_attempt and Intake (bounces) read cfg",
     "complaints.addresses": "Policy.reload; ComplaintDesk (intake) reads cfg",
     "complaints.suppress_all_senders": "ComplaintDesk reads cfg",
+    "complaints.trust_unsigned": "ComplaintDesk reads cfg",
     "complaints.rate_threshold_percent": "the complaints page reads cfg",
     "webhooks.urls": "Webhooks.run reconciles its URL tasks each second; Webhooks.attempt and "
                      "webhooks.emit read cfg",

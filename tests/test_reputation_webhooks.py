@@ -29,6 +29,7 @@ def test_suppressed_complained_and_unsubscribed_events_are_posted(tmp_path):
                 "queue.pause_sending": False, "network.helo_text": "out.news.test",
                 "webhooks.urls": [rx.url], "webhooks.secret": "k3y", "webhooks.batch_wait": 0.05,
                 "complaints.addresses": ["fbl@news.test"],
+                "complaints.trust_unsigned": True,  # the report names carol unsigned
                 "unsubscribe.mailto_domain": "unsub.news.test",
                 "basic.dns_servers": [f"dest.test,mx.dest.test,MX,127.0.0.173:{sink.port}"]}) as eng:
             token = recipient_token.make(recipient_token.load_secret(tmp_path), "dave@dest.test",
