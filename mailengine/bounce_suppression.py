@@ -13,6 +13,13 @@ may pass), a recipient given up after the last retry (message-expired: nothing s
 is bad), failures of the engine's own notices, and anything in test mode (`mailengine test`
 changes nothing). The engine process calls `from_attempt` after each send attempt, the intake
 processes `from_bounces` for each bounce report; `suppress` writes (blocking: run it in a thread).
+
+A bounce report is mail anyone can send to a VERP address (`mailengine-bounce-USER%DOMAIN@...`
+carries no signature): it suppresses only when the returned copy it quotes holds this engine's
+signed List-Unsubscribe token for that very address (recipient_token.quoted_recipients; with
+one-click unsubscribe on, every copy has one), or when the operator trusts every report that
+reaches the bounce host (`suppression.trust_unsigned_bounces`). Otherwise it is recorded in the
+bounce lists as before, and suppresses nothing.
 """
 from __future__ import annotations
 
@@ -47,11 +54,14 @@ def from_attempt(categories: Iterable[str], outcomes: list[RcptOutcome],
     return out
 
 
-def from_bounces(categories: Iterable[str], bounces: list) -> list[tuple[str, str]]:
-    """(address, reason) of each bounces.Bounce to suppress: hard ones of the categories."""
+def from_bounces(categories: Iterable[str], bounces: list,
+                 proven: set[str] | None = None) -> list[tuple[str, str]]:
+    """(address, reason) of each bounces.Bounce to suppress: hard ones of the categories whose
+    address is `proven` (None: all are trusted, suppression.trust_unsigned_bounces)."""
     wanted = set(categories)
     return [(b.address, f"{b.category}: bounce report: {_reply(b.code, b.status, b.reason)}")
-            for b in bounces if b.kind == "hard" and b.category in wanted]
+            for b in bounces if b.kind == "hard" and b.category in wanted
+            and (proven is None or b.address.lower() in proven)]
 
 
 def suppress(store, failures: list[tuple[str, str]], days: float) -> int:

@@ -16,7 +16,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from . import bounce_suppression
+from . import bounce_suppression, recipient_token
 from .complaints import ComplaintDesk, addressed
 from .config import Config
 from .envelope import Message, format_address_list
@@ -138,8 +138,11 @@ class Intake:
             try:
                 found = await asyncio.to_thread(self.bounces.handle, verp, data, txn.mail_from,
                                                 msg_id)
+                proven = None if self.cfg.suppression.trust_unsigned_bounces else \
+                    recipient_token.quoted_recipients(
+                        recipient_token.load_secret(self.cfg.home), data)
                 failures = bounce_suppression.from_bounces(
-                    self.cfg.suppression.bounce_categories, found)
+                    self.cfg.suppression.bounce_categories, found, proven)
                 if failures:
                     await asyncio.to_thread(bounce_suppression.suppress, shared_store(self.cfg),
                                             failures, self.cfg.suppression.bounce_days)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,22 @@ def make(secret: bytes, address: str, sender_domain: str = "", issued: float | N
     payload = f"{VERSION}|{address.lower()}|{sender_domain.lower()}|{stamp}".encode()
     mac = hmac.new(secret, payload, hashlib.sha256).digest()[:_MAC_BYTES]
     return f"{_b64(payload)}.{_b64(mac)}"
+
+
+# A token as the engine writes it into List-Unsubscribe: after the listener's path or the mailto
+# prefix (unsubscribe.py); quoted messages (bounces, complaints) are searched for it.
+_QUOTED = re.compile(rb"(?:/u/|unsubscribe\+)([A-Za-z0-9_-]{8,700}\.[A-Za-z0-9_-]{8,200})")
+
+
+def quoted_recipients(secret: bytes, data: bytes, limit: int = 50) -> set[str]:
+    """The addresses named by valid tokens anywhere in `data` (a returned or reported copy of
+    mail this engine sent): proof that the report is about our mail to them."""
+    out = set()
+    for m in itertools.islice(_QUOTED.finditer(data), limit):
+        who = verify(secret, m.group(1).decode("ascii"))
+        if who is not None:
+            out.add(who.address)
+    return out
 
 
 def verify(secret: bytes, token: str) -> Recipient | None:

@@ -83,6 +83,11 @@ SUPPRESSION_SETTINGS = [
             "Bounce categories (categories.py) whose hard failures, at RCPT or DATA or in a "
             "bounce report, put the address on the list for every sender; [] = none.",
             check=_check_categories),
+    Setting("suppression", "trust_unsigned_bounces", False, "bool",
+            "Also suppress after bounce reports that do not quote this engine's signed "
+            "List-Unsubscribe token for the address. A VERP address is not signed: anyone could "
+            "then suppress any address with a forged bounce. Failures in our own SMTP sessions "
+            "always count."),
     Setting("suppression", "bounce_days", 0, "float",
             "Days an address suppressed after a hard bounce stays on the list; 0 = for good.",
             minimum=0, zero_ok=True),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import smtplib
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from mailengine.suppression import SuppressionStore
 from mailengine.testing.engine import RunningEngine, wait_until
 from mailengine.testing.sink import SinkScript, ThreadedSink
 
-CORPUS = Path(__file__).parent / "bounce_corpus"
 PERMANENT = ["bad-domain", "bad-mailbox", "inactive-mailbox"]
 
 
@@ -68,10 +66,48 @@ def test_bad_category_setting_is_refused(tmp_path):
         config.from_dict(tmp_path, {"suppression": {"bounce_categories": ["bad-mailboxes"]}})
 
 
-def test_engine_suppresses_after_a_hard_refusal_and_a_bounce_report(tmp_path):
-    """A real engine: the sink refuses one recipient 550 5.1.1 and another 552 (quota); a bounce
-    report comes back by SMTP for a third. The first and third are then refused at RCPT for any
-    sender, the quota one is not; test mode (`mailengine test`) would change nothing."""
+def bounce_report(address: str, quoted: bytes = b"") -> bytes:
+    """A plain bounce for `address` quoting part of the returned message."""
+    local, domain = address.split("@")
+    return (f"From: MAILER-DAEMON@mx.{domain}\r\n"
+            f"To: mailengine-bounce-{local}%{domain}@bounces.sender.test\r\n"
+            f"Subject: Undelivered Mail Returned to Sender\r\n\r\n"
+            f"<{address}>: host mx.{domain} said: 550 5.1.1 user unknown\r\n\r\n"
+            f"--- Below this line is a copy of the message.\r\n\r\n").encode() + quoted + \
+        b"Subject: t\r\n\r\nhi\r\n"
+
+
+def test_a_bounce_report_counts_only_with_our_token_for_that_address(tmp_path):
+    """Anyone can mail a VERP address: a report suppresses only when the copy it quotes holds
+    this engine's signed List-Unsubscribe token for the same address."""
+    from mailengine import recipient_token
+    from mailengine.bounces import parse_report
+    secret = recipient_token.load_secret(tmp_path)
+    tok = recipient_token.make(secret, "tom@gmail.test", "sender.test")
+    other = recipient_token.make(secret, "ann@gmail.test", "sender.test")
+    forged = recipient_token.make(b"x" * 32, "tom@gmail.test", "sender.test")
+    for quoted, want in [(b"", []),
+                         (f"List-Unsubscribe: <https://u.test/u/{tok}>\r\n".encode(),
+                          ["tom@gmail.test"]),
+                         (f"List-Unsubscribe: <mailto:unsubscribe+{tok}@u.test>\r\n".encode(),
+                          ["tom@gmail.test"]),
+                         (f"List-Unsubscribe: <https://u.test/u/{other}>\r\n".encode(), []),
+                         (f"List-Unsubscribe: <https://u.test/u/{forged}>\r\n".encode(), [])]:
+        data = bounce_report("tom@gmail.test", quoted)
+        rep = parse_report(data)
+        proven = recipient_token.quoted_recipients(secret, data)
+        got = bs.from_bounces(PERMANENT, rep.bounces, proven)
+        assert [a for a, _ in got] == want, quoted
+        assert [a for a, _ in bs.from_bounces(PERMANENT, rep.bounces, None)] == \
+            ["tom@gmail.test"]  # suppression.trust_unsigned_bounces
+
+
+def test_engine_suppresses_after_a_hard_refusal_and_a_proven_bounce_report(tmp_path):
+    """A real engine: the sink refuses one recipient 550 5.1.1 and another 552 (quota); bounce
+    reports come back by SMTP for two more, one quoting our token for its address. The refused
+    one and the proven one are then refused at RCPT for any sender; the quota one and the one
+    of the unproven report are not."""
+    from mailengine import recipient_token
     sink = ThreadedSink("127.0.0.172", 0, SinkScript(rcpt={
         "gone@sup.test": "550 5.1.1 The email account that you tried to reach does not exist",
         "full@sup.test": "552 5.2.2 Mailbox full"})).start()
@@ -86,24 +122,32 @@ def test_engine_suppresses_after_a_hard_refusal_and_a_bounce_report(tmp_path):
                            b"Subject: t\r\n\r\nhi\r\n")
             store = SuppressionStore(tmp_path)
             wait_until(lambda: store.lookup("gone@sup.test") is not None, 20, "suppressed")
-            report = (CORPUS / "gmail_address_not_found.eml").read_bytes().replace(b"\n", b"\r\n")
+            tok = recipient_token.make(recipient_token.load_secret(tmp_path), "tom@gmail.test",
+                                       "sender.test")
             with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
-                s.sendmail("", ["mailengine-bounce-kim%gmail.test@bounces.sender.test"], report)
+                s.sendmail("", ["mailengine-bounce-kim%gmail.test@bounces.sender.test"],
+                           bounce_report("kim@gmail.test"))
+                s.sendmail("", ["mailengine-bounce-tom%gmail.test@bounces.sender.test"],
+                           bounce_report("tom@gmail.test", (
+                               f"List-Unsubscribe: <https://u.test/u/{tok}>\r\n").encode()))
                 # recorded before the 250: refused at once, for another sender too
                 s.ehlo()
                 s.mail("other@elsewhere.test")
-                code, text = s.rcpt("kim@gmail.test")
+                code, text = s.rcpt("tom@gmail.test")
                 assert code == 550 and b"suppression list" in text
                 assert s.rcpt("gone@sup.test")[0] == 550
                 assert s.rcpt("full@sup.test")[0] == 250
+                assert s.rcpt("kim@gmail.test")[0] == 250  # a report anyone could have sent
                 s.rset()
+            hard = (tmp_path / "hard-bounces.txt").read_text()
     finally:
         sink.stop()
-    # another process's addition shows in this store within suppression.REFRESH_EVERY
-    wait_until(lambda: store.lookup("kim@gmail.test") is not None, 5, "kim suppressed")
-    gone, kim = store.lookup("gone@sup.test"), store.lookup("kim@gmail.test")
+    assert "kim@gmail.test" in hard and "tom@gmail.test" in hard  # both recorded as bounces
+    wait_until(lambda: store.lookup("tom@gmail.test") is not None, 5, "tom suppressed")
+    gone, tom = store.lookup("gone@sup.test"), store.lookup("tom@gmail.test")
     assert gone.source == "bounce" and gone.reason.startswith("bad-mailbox: 550 5.1.1")
-    assert kim.source == "bounce" and "bounce report" in kim.reason
+    assert tom.source == "bounce" and "bounce report" in tom.reason
+    assert store.lookup("kim@gmail.test") is None
     assert store.lookup("full@sup.test") is None and store.lookup("ok@sup.test") is None
     store.close()
 

@@ -93,6 +93,7 @@ LIVE = {
     "suppression.action": "Policy.reload (intake workers are replaced); sendmail reads cfg",
     "suppression.bounce_categories": "Notices.after_attempt and Intake (bounces) read cfg",
     "suppression.bounce_days": "Notices.after_attempt and Intake (bounces) read cfg",
+    "suppression.trust_unsigned_bounces": "Intake (bounces) reads cfg",
     "complaints.addresses": "Policy.reload; ComplaintDesk (intake) reads cfg",
     "complaints.suppress_all_senders": "ComplaintDesk reads cfg",
     "complaints.trust_unsigned": "ComplaintDesk reads cfg",
