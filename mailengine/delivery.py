@@ -67,6 +67,7 @@ from .dkim import DKIMHold, load_or_sign
 from .dns import MXResolver, Target
 from .downgrade import seven_bit
 from .envelope import Message, set_last_replies
+from .dsn import GENERATED_KEY
 from .loops import Listeners
 from .bounces import verp_encode
 from .outcome import Kind, RcptOutcome, failure_outcomes, record_attempt
@@ -74,6 +75,7 @@ from .scheduler import Scheduler, Unit, domain_of
 from .shaping import Shaping
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
+from .suppression import FILE as SUPPRESSION_FILE
 from . import logs
 from .shared import CUT_POLL
 from .throttle import HourlyNotice, Windows, bandwidth_bucket, send_rate_bucket
@@ -789,12 +791,36 @@ class DeliveryEngine:
         """One unit's outcomes, each with the attempt's duration and, in front of its
         transcript, the DNS line of the manual's transcript (for DSNs, reports, the event log)."""
         t0 = time.monotonic()
+        barred = self._suppressed_since(att.msg, u.rcpts)
+        if barred and len(barred) == len(u.rcpts):
+            return barred
+        if barred:
+            gone = {o.address for o in barred}
+            u = replace(u, rcpts=[r for r in u.rcpts if r not in gone])  # a copy for this call
         outcomes, dns_line = await self._deliver_unit(u, att)
         took = round(time.monotonic() - t0, 3)
-        return [replace(o, duration=took,
+        return barred + [replace(o, duration=took,
                         transcript=((f"<-- {dns_line}",) + o.transcript
                                     if dns_line and o.stage != "dns" else o.transcript))
                 for o in outcomes]
+
+    def _suppressed_since(self, msg: Message, rcpts: list[str]) -> list[RcptOutcome]:
+        """Recipients put on the suppression list since the message was queued (unsubscribed,
+        complained, bounced elsewhere): failed for good here, never sent. An in-memory check
+        (suppression.py); intake refused the ones suppressed before."""
+        if not self.cfg.suppression.enabled or msg.extra.get(GENERATED_KEY) or \
+                not (self.cfg.home / SUPPRESSION_FILE).exists():
+            return []
+        store = self.engine.policy.suppression
+        domain = domain_of(msg.mail_from) if msg.mail_from else ""
+        out = []
+        for r in rcpts:
+            e = store.lookup(r, domain)
+            if e is not None:
+                out.append(RcptOutcome(r, Kind.HARD, 550, "5.7.1", f"<{r}> was put on the "
+                                       f"suppression list after this message was queued "
+                                       f"({e.source}: {e.reason[:200]})", "local"))
+        return out
 
     async def _deliver_unit(self, u: Unit, att: Attempt) -> tuple[list[RcptOutcome], str]:
         msg = att.msg
