@@ -164,9 +164,12 @@ def _time_value(value, what: str) -> float | None:
     return dt.timestamp()
 
 
+LAST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: later times cannot be written as dates
+
+
 def _finite(t: float, what: str, value) -> float:
-    if not math.isfinite(t):
-        raise ValueError(f"{what}: {value!r} is not a finite time")
+    if not math.isfinite(t) or not 0 <= t <= LAST_TIME:
+        raise ValueError(f"{what}: {value!r} is not a time between 1970 and 9999")
     return t
 
 

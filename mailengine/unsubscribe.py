@@ -43,7 +43,7 @@ POST_FIELD = b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
 SIGNED_FIELDS = ("List-Unsubscribe", "List-Unsubscribe-Post")
 # RFC 5321 allows servers to refuse longer local parts; ours takes up to 256 (smtp/wire.py)
 MAX_LOCAL_PART = 240
-_OWN_FIELD = re.compile(rb"(?im)^list-unsubscribe[ \t]*:")
+_OWN_FIELD = re.compile(rb"(?im)^list-unsubscribe(?:-post)?[ \t]*:")
 
 
 def sender_domain(mail_from: str) -> str:
@@ -52,7 +52,8 @@ def sender_domain(mail_from: str) -> str:
 
 
 def has_own_field(data: bytes) -> bool:
-    """Whether the message's header section already has a List-Unsubscribe field."""
+    """Whether the message's header section already has a List-Unsubscribe (or
+    List-Unsubscribe-Post) field: the sender's own stay, alone."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         end = data.find(b"\n\n")
@@ -114,8 +115,9 @@ class HeaderMaker:
         if not uris:
             return b""
         field = ("List-Unsubscribe: " + ",\r\n ".join(uris) + "\r\n").encode("ascii")
-        # One-click (RFC 8058) needs the HTTPS URI; a mailto alone gets no Post field
-        return field + POST_FIELD if self.url_base else field
+        # One-click (RFC 8058 section 3.1) needs an HTTPS URI: a mailto or an http:// link alone
+        # gets no Post field
+        return field + POST_FIELD if self.url_base.startswith("https://") else field
 
 
 class Unsubscriber:
@@ -155,6 +157,8 @@ class Unsubscriber:
         who = self.verify(token)
         if who is None:
             return None
+        if self.store.lookup(who.address, who.sender_domain) is not None:
+            return who  # already: a link POSTed again (or by a scanner) writes nothing more
         self.store.add(who.address, reason=f"unsubscribed via {via}", source="unsubscribe",
                        sender_domain=who.sender_domain)
         self.events.write([{"time": iso_time(), "event": "unsubscribed", "address": who.address,

@@ -240,3 +240,12 @@ def test_a_change_not_sent_yet_is_not_undone_by_redis(tmp_path, redis_server):
     finally:
         for s in (x, y, other):
             s.close()
+
+
+def test_times_beyond_year_9999_are_refused(tmp_path):
+    """An expiry that cannot be written as a date broke the CSV export and the admin list."""
+    store = SuppressionStore(tmp_path)
+    for bad in (1e18, -5, float("inf")):
+        with pytest.raises(ValueError, match="between 1970 and 9999"):
+            store.add("a@b.test", reason="r", expires=bad)
+    store.close()

@@ -72,12 +72,16 @@ def test_header_fields_name_the_recipient_and_sender_domain():
     assert HeaderMaker(key, ["*"], "", MAILTO).applies("x@any.test")
     only_mailto = HeaderMaker(key, ["*"], "", MAILTO).fields("a@b.test", "x@any.test")
     assert b"mailto:" in only_mailto and b"Post" not in only_mailto  # one-click needs https
+    plain = HeaderMaker(key, ["*"], "http://u.test", MAILTO).fields("a@b.test", "x@any.test")
+    assert b"<http://u.test/u/" in plain and b"Post" not in plain  # nor an http:// link
     assert HeaderMaker(key, ["*"], URL, "").fields("a|b@b.test", "x@y.test") == b""
 
 
 def test_own_field_and_mailto_address_recognised():
     assert has_own_field(b"From: a@b\r\nlist-UNSUBSCRIBE : <x>\r\n\r\nbody")
-    assert not has_own_field(b"From: a@b\r\nList-Unsubscribe-Post: x\r\n\r\nList-Unsubscribe: y")
+    # the sender's own Post field alone: ours would make a second one (RFC 8058 wants one)
+    assert has_own_field(b"From: a@b\r\nList-Unsubscribe-Post: x\r\n\r\nbody")
+    assert not has_own_field(b"From: a@b\r\n\r\nList-Unsubscribe: y")  # in the body
     assert mailto_token("Unsubscribe+abc.def@UNSUB.news.test", MAILTO) == "abc.def"
     assert mailto_token("unsubscribe+@unsub.news.test", MAILTO) is None
     assert mailto_token("unsubscribe+abc@other.test", MAILTO) is None
@@ -395,3 +399,20 @@ def test_two_stores_in_one_process_keep_their_locks(tmp_path):
     assert (tmp_path / "suppression.db-wal").exists()  # still ours
     first.add("z@d.test", reason="r", sender_domain=SRC)
     assert second.lookup("z@d.test", SRC) is not None
+
+
+def test_a_link_used_again_writes_nothing_more(tmp_path):
+    """A link POSTed again (a user's second click, a scanner, a loop) finds the address
+    suppressed already: no second entry, event line or webhook event."""
+    from mailengine.suppression import SuppressionStore
+    from mailengine.unsubscribe import Unsubscriber
+    store = SuppressionStore(tmp_path)
+    u = Unsubscriber(tmp_path, store)
+    tok = T.make(T.load_secret(tmp_path), "pat@dest.test", SRC)
+    for _ in range(3):
+        assert u.unsubscribe(tok, "https").address == "pat@dest.test"
+    lines = (tmp_path / "log" / "events.jsonl").read_text().splitlines()
+    assert len([x for x in lines if '"unsubscribed"' in x]) == 1
+    assert len([x for x in lines if '"suppressed"' in x]) == 1
+    u.events.close()
+    store.close()
