@@ -41,6 +41,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .loop_thread import LoopThread
+
 MAX_LINE = 65536
 MAX_DATA = 64 * 1024 * 1024
 
@@ -383,7 +385,7 @@ class FakeNet:
         self._servers: list[asyncio.AbstractServer] = []
         self._sessions: set[_Session] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._background: LoopThread | None = None
         self._changed: asyncio.Event | None = None
 
     # -- DNS ----------------------------------------------------------------------------------
@@ -441,45 +443,22 @@ class FakeNet:
 
     def __enter__(self) -> "FakeNet":
         """Run the servers on a loop in a background thread (for synchronous callers)."""
-        started = threading.Event()
-        error: list[BaseException] = []
-        loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.start())
-            except BaseException as e:  # reported to the caller below
-                error.append(e)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(self.stop())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="fakenet", daemon=True)
-        self._thread.start()
-        started.wait()
-        if error:
-            self._thread.join()
-            loop.close()
-            self._thread = None
-            raise error[0]
+        self._background = LoopThread("fakenet", self.start, self.stop)
+        self._background.run()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._thread is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
 
     # -- what was seen ------------------------------------------------------------------------
 
     def _call(self, fn: Callable):
         """fn() on the servers' loop (a consistent picture while they run in a thread)."""
-        if self._thread is not None and self._loop is not None and self._loop.is_running() \
-                and threading.current_thread() is not self._thread:
+        bg = self._background
+        if bg is not None and bg.thread is not None and self._loop is not None and \
+                self._loop.is_running() and threading.current_thread() is not bg.thread:
             async def call():
                 return fn()
             return asyncio.run_coroutine_threadsafe(call(), self._loop).result(10)

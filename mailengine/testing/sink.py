@@ -32,13 +32,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
 from ..smtp.wire import dot_unstuff
+from .loop_thread import LoopThread
 
 Spec = Union[str, list, Callable[..., Any], None]
 
@@ -483,41 +483,20 @@ class ThreadedSink:
                  script: SinkScript | None = None) -> None:
         self.sink = SMTPSink(host, port, script)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._background: LoopThread | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sink, name)
 
     def start(self) -> "ThreadedSink":
-        ready = threading.Event()
-        error: list[BaseException] = []
-
-        def run() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self.sink.start())
-            except BaseException as e:  # report to the starting thread
-                error.append(e)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self.sink.stop())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"sink-{self.sink.host}", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if error:
-            raise error[0]
+        self._background = LoopThread(f"sink-{self.sink.host}", self.sink.start, self.sink.stop)
+        self._loop = self._background.run()
         return self
 
     def stop(self) -> None:
-        if self._thread is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
 
     def wait_messages(self, n: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -24,6 +24,7 @@ import time
 from aiohttp import web
 
 from ..webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from .loop_thread import LoopThread
 
 
 class WebhookReceiver:
@@ -37,7 +38,7 @@ class WebhookReceiver:
         self.bad_signatures = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._background: LoopThread | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -84,28 +85,9 @@ class WebhookReceiver:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     def start(self) -> "WebhookReceiver":
-        ready = threading.Event()
-        error: list[BaseException] = []
-
-        def run() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self._start())
-            except BaseException as e:
-                error.append(e)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="webhook-receiver", daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        if error:
-            raise error[0]
+        self._background = LoopThread("webhook-receiver", self._start,
+                                      lambda: self._runner.cleanup())
+        self._loop = self._background.run(10)
         return self
 
     def close_port(self) -> None:
@@ -116,10 +98,9 @@ class WebhookReceiver:
         self._call(self._open())
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
 
     def snapshot(self) -> tuple[list[dict], list[dict]]:
         """(requests, events) as of now."""
