@@ -716,6 +716,9 @@ class DeliveryEngine:
         if not self.shaping.known(dest):
             self._unknown.add(dest)
             return 0
+        # a provider's max_connections, not max_connections_per_host, bounds its window: its
+        # connections spread over its many servers (each still under the per-host cap)
+        self.windows.own_maximum(dest, self.shaping.cap(dest))
         return self.shaping.limit(dest, self.windows.limit(dest))
 
     async def _probe(self, domain: str) -> None:

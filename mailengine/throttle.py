@@ -84,23 +84,43 @@ class Windows:
         self.clock = clock
         self.kwargs = kwargs
         self._w: dict[str, Window] = {}
+        self._own: dict[str, int] = {}  # dest -> its own maximum (a provider's max_connections)
 
     def get(self, dest: str) -> Window:
         w = self._w.get(dest)
         if w is None:
-            w = self._w[dest] = Window(self.initial, self.maximum, clock=self.clock, **self.kwargs)
+            w = self._w[dest] = Window(self.initial, self._own.get(dest, self.maximum),
+                                       clock=self.clock, **self.kwargs)
         return w
 
     def set_maximum(self, maximum: int) -> None:
-        """A new `max_connections_per_host` while running: every window keeps within it."""
+        """A new `max_connections_per_host` while running: every window keeps within it (but
+        those with a maximum of their own)."""
         self.maximum = maximum
-        for w in self._w.values():
-            w.maximum = max(1, maximum)
+        for dest, w in self._w.items():
+            if dest not in self._own:
+                w.maximum = max(1, maximum)
+                w.value = min(w.value, float(w.maximum))
+
+    def own_maximum(self, dest: str, maximum: int | None) -> None:
+        """`dest`'s window grows up to `maximum` instead of max_connections_per_host (a
+        provider's max_connections spread over its many servers); None: back to the common."""
+        if self._own.get(dest) == maximum:
+            return
+        if maximum is None:
+            del self._own[dest]
+        else:
+            self._own[dest] = maximum
+        w = self._w.get(dest)
+        if w is not None:
+            w.maximum = max(1, self._own.get(dest, self.maximum))
             w.value = min(w.value, float(w.maximum))
 
     def limit(self, dest: str) -> int:
         w = self._w.get(dest)
-        return min(self.initial, self.maximum) if w is None else w.limit
+        if w is None:
+            return min(self.initial, self._own.get(dest, self.maximum))
+        return w.limit
 
     def forget_idle(self, keep: set[str], remember: float = 600.0) -> None:
         """Drop the windows of destinations not in `keep` (nothing queued or running), except
@@ -110,6 +130,7 @@ class Windows:
         for d in [d for d, w in self._w.items()
                   if d not in keep and (w.cuts == 0 or now - w._last_cut > remember)]:
             del self._w[d]
+            self._own.pop(d, None)  # set again by the next unit's limit
 
 
 class TokenBucket:

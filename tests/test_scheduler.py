@@ -283,3 +283,22 @@ def test_windows_forget_idle_destinations_but_remember_recent_trouble():
     c.t += 601
     ws.forget_idle(set())
     assert ws._w == {} and ws.limit("bad.test") == 5
+
+
+def test_a_destination_with_its_own_maximum_grows_past_the_common_one():
+    """A provider's max_connections (shaping) spreads over its many servers: its window may
+    grow past max_connections_per_host, which still bounds every other destination."""
+    c = Clock()
+    ws = Windows(maximum=10, initial=5, clock=c)
+    ws.own_maximum("gmail", 20)
+    assert ws.limit("gmail") == 5 and ws.limit("x.test") == 5
+    for _ in range(200):
+        ws.get("gmail").success()
+        ws.get("x.test").success()
+    assert ws.limit("gmail") == 20 and ws.limit("x.test") == 10
+    ws.set_maximum(8)  # max_connections_per_host lowered while running
+    assert ws.limit("gmail") == 20 and ws.limit("x.test") == 8
+    ws.own_maximum("gmail", 12)  # the rules changed
+    assert ws.limit("gmail") == 12
+    ws.own_maximum("gmail", None)  # no rule any more: the common maximum again
+    assert ws.limit("gmail") == 8
