@@ -249,3 +249,28 @@ def test_times_beyond_year_9999_are_refused(tmp_path):
         with pytest.raises(ValueError, match="between 1970 and 9999"):
             store.add("a@b.test", reason="r", expires=bad)
     store.close()
+
+
+def test_a_lookup_does_not_wait_behind_a_writer(tmp_path):
+    """Intake's RCPT check runs on the event loop: while another process holds the file's write
+    lock and a thread here waits to add (holding the store's write lock), a lookup still
+    answers at once from its own connection (it waited up to the 10 s busy timeout)."""
+    import sqlite3
+    import threading
+    import time as _time
+    store = SuppressionStore(tmp_path)
+    store.add("old@b.test", reason="r")
+    other = sqlite3.connect(tmp_path / "suppression.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing
+    adder = threading.Thread(target=lambda: store.add("new@b.test", reason="r"), daemon=True)
+    adder.start()
+    _time.sleep(0.3)  # the adder now holds the store's write lock, waiting for the file's
+    store._next_check = 0.0  # make this lookup ask SQLite too
+    t0 = _time.monotonic()
+    assert store.lookup("old@b.test") is not None and store.lookup("x@b.test") is None
+    assert _time.monotonic() - t0 < 1.0
+    other.execute("COMMIT")
+    adder.join(15)
+    assert store.lookup("new@b.test") is not None
+    other.close()
+    store.close()
