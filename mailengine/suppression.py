@@ -274,9 +274,16 @@ class _Db:
             self.conn.executemany("DELETE FROM removed WHERE address = ? AND sender_domain = ?",
                                   [(e.address, e.sender_domain) for e in entries])
 
-    def delete(self, address: str, domain: str, seq: int) -> bool:
-        gone = self.conn.execute("DELETE FROM entries WHERE address = ? AND sender_domain = ?",
-                                 (address, domain)).rowcount > 0
+    def delete(self, address: str, domain: str, seq: int,
+               expired_by: float | None = None) -> bool:
+        """`expired_by`: only an entry expired by then (not one added again since a look)."""
+        if expired_by is None:
+            gone = self.conn.execute("DELETE FROM entries WHERE address = ? AND "
+                                     "sender_domain = ?", (address, domain)).rowcount > 0
+        else:
+            gone = self.conn.execute("DELETE FROM entries WHERE address = ? AND sender_domain = ? "
+                                     "AND expires IS NOT NULL AND expires <= ?",
+                                     (address, domain, expired_by)).rowcount > 0
         if gone:
             self.conn.execute("INSERT OR REPLACE INTO removed VALUES (?, ?, ?, ?)",
                               (address, domain, seq, time.time()))
@@ -420,11 +427,12 @@ class SuppressionStore:
         self._event(e)
         return e
 
-    def remove(self, address, sender_domain="") -> bool:
-        """Take the entry for (address, sender_domain) away; False when there was none."""
+    def remove(self, address, sender_domain="", *, expired_by: float | None = None) -> bool:
+        """Take the entry for (address, sender_domain) away; False when there was none.
+        `expired_by`: only if it had expired by then (purge_expired)."""
         a, d = normal_address(address), normal_domain(sender_domain)
         with self.db.write() as conn:
-            gone = self.db.delete(a, d, self.db.next_seq())
+            gone = self.db.delete(a, d, self.db.next_seq(), expired_by)
             if gone and self.redis:
                 conn.execute("INSERT INTO outbox (address, sender_domain) VALUES (?, ?)", (a, d))
         self.cache.version = None  # our own commits leave data_version as it was
@@ -457,7 +465,8 @@ class SuppressionStore:
             rows = self.db.conn.execute(
                 "SELECT address, sender_domain FROM entries WHERE expires IS NOT NULL "
                 "AND expires <= ?", (now,)).fetchall()
-        n = sum(self.remove(a, d) for a, d in rows)
+        # each delete checks the expiry again: one added anew since the select stays
+        n = sum(self.remove(a, d, expired_by=now) for a, d in rows)
         with self.db.write() as conn:  # forget old removals; caches older than them reload
             top = conn.execute("SELECT max(seq) FROM removed WHERE time < ?",
                                (now - REMOVED_KEPT,)).fetchone()[0]

@@ -274,3 +274,18 @@ def test_a_lookup_does_not_wait_behind_a_writer(tmp_path):
     assert store.lookup("new@b.test") is not None
     other.close()
     store.close()
+
+
+def test_purge_keeps_an_entry_added_again_since_it_looked(tmp_path):
+    """purge_expired selects the expired entries, then removes them one by one: one suppressed
+    again in between (a new bounce, another process) must stay."""
+    import time as _time
+    store = SuppressionStore(tmp_path)
+    store.add("a@b.test", reason="old", expires=_time.time() - 10)
+    assert store.remove("a@b.test", expired_by=_time.time()) is True
+    store.add("a@b.test", reason="again", expires=None)  # re-added: never expires
+    assert store.remove("a@b.test", expired_by=_time.time()) is False
+    assert store.lookup("a@b.test").reason == "again"
+    store.add("c@b.test", reason="old", expires=_time.time() - 10)
+    assert store.purge_expired() == 1 and store.lookup("a@b.test") is not None
+    store.close()
