@@ -465,6 +465,7 @@ class DeliveryEngine:
         self._dest_hosts: dict[str, set] = {}  # a capped destination's servers (_within_cap)
         self._unknown: set[str] = set()  # domains whose MX rollup is to be learnt (_limit)
         self._probing: set[str] = set()  # ... and being looked up now (_probe)
+        self._suppression_seen = False  # HOME/suppression.db exists (_suppressed_since)
         self._data: dict[str, bytes] = {}  # ID.dat bytes handed over by intake, until sent
         self._cached_bytes = 0
         self._cache_limit = cfg.limits.max_queue_memory_kb * 1024
@@ -811,9 +812,12 @@ class DeliveryEngine:
         """Recipients put on the suppression list since the message was queued (unsubscribed,
         complained, bounced elsewhere): failed for good here, never sent. An in-memory check
         (suppression.py); intake refused the ones suppressed before."""
-        if not self.cfg.suppression.enabled or msg.extra.get(GENERATED_KEY) or \
-                not (self.cfg.home / SUPPRESSION_FILE).exists():
+        if not self.cfg.suppression.enabled or msg.extra.get(GENERATED_KEY):
             return []
+        if not self._suppression_seen:  # no list yet: no store opened, one stat per unit
+            if not (self.cfg.home / SUPPRESSION_FILE).exists():
+                return []
+            self._suppression_seen = True  # a list file, once made, stays
         store = self.engine.policy.suppression
         domain = domain_of(msg.mail_from) if msg.mail_from else ""
         out = []

@@ -2,22 +2,13 @@
 it in the menu, add an entry, search, import a CSV file, remove, export."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
-
-import pytest
 
 from mailengine.suppression import SuppressionStore
 from mailengine.testing.engine import RunningEngine, free_port
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason="Debian's chromium is not installed")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run",
-        "--disable-dev-shm-usage"]
+# the browser, its flags and the skips of tests/test_web_browser.py
+from test_web_browser import ARGS, CHROMIUM, pytestmark, sync_api  # noqa: E402,F401
 
 
 def test_suppression_page_in_a_browser(tmp_path):
