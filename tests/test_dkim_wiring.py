@@ -151,6 +151,8 @@ def test_a_retry_reuses_the_kept_signature(tmp_path, keys):
         sink.wait_messages(2, timeout=30)
         wait(lambda: len(infs(eng, "done")) == 1, what="done")
         msg, = infs(eng, "done")
+        # the move to done/ takes ID.inf, ID.dat and ID.dkim one after another
+        wait(lambda: (eng.mailq / "done" / f"{msg.id}.dkim").exists(), what="ID.dkim in done/")
         kept = (eng.mailq / "done" / f"{msg.id}.dkim").read_bytes()
         dat = (eng.mailq / "done" / f"{msg.id}.dat").read_bytes()
     assert msg.send_tries == 2
