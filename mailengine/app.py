@@ -480,6 +480,8 @@ class Engine:
         # The control socket and the web admin first: once SMTP answers, they answer too.
         for service in self.services:
             await service.start()
+        # before SMTP: mail taken from the first session on is sent at once
+        await self.delivery.start_processes()
         if cfg.network.smtp_port != 1:
             ctx = tls.server_context(cfg.home, cfg.network.tls_cert, cfg.network.tls_key,
                                      self.hostname)

@@ -582,7 +582,11 @@ def format_status(st: dict) -> str:
                     f"{c['intake_processes']} intake processes)")
     if "outbound" in c:
         conn.append(f"outbound {c['outbound']}/{c['outbound_max']} ({c['outbound_idle']} idle, "
-                    f"peak {c['outbound_peak']})")
+                    f"peak {c['outbound_peak']}"
+                    + (f", {c['delivery_processes']} delivery processes"
+                       if c.get("delivery_processes") else "")
+                    + (f", {c['delivery_process_restarts']} restarted"
+                       if c.get("delivery_process_restarts") else "") + ")")
     lines.append("connections " + "; ".join(conn or ["-"]))
     if c.get("outbound_hosts"):
         lines.append("busiest    " + ", ".join(f"{h} {n}" for h, n in c["outbound_hosts"]))

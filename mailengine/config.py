@@ -170,6 +170,13 @@ SETTINGS: list[Setting] = [
             "0 = one per CPU core. "
             "With 2 or more, the engine process itself takes no SMTP and only delivers.",
             minimum=0, restart=True, check=lambda v: None if v <= 64 else "must be at most 64"),
+    Setting("network", "delivery_processes", 0, "int",
+            "Processes running the outbound SMTP sessions, so delivery uses several cores; the "
+            "engine process still decides what goes where and when, and counts every limit for "
+            "all of them together. 1 = the engine process runs them itself. 0 = one per four "
+            "CPU cores (1 on up to 7 cores).",
+            minimum=0, restart=True, scope=DELIVERY,
+            check=lambda v: None if v <= 64 else "must be at most 64"),
     # policy (許可と制限)
     Setting("policy", "rcpt_relay_domains", [], "list[str]",
             "'@example.com' entries: accept and relay mail for these domains from anyone (backup "
@@ -577,6 +584,12 @@ class Config:
     def intake_processes(self) -> int:
         n = self.values["network.intake_workers"]
         return n if n > 0 else max(1, os.cpu_count() or 1)
+
+    @property
+    def delivery_process_count(self) -> int:
+        """Delivery processes to start (network.delivery_processes); 1: none, the engine sends."""
+        n = self.values["network.delivery_processes"]
+        return n if n > 0 else max(1, (os.cpu_count() or 1) // 4)
 
     @property
     def log_dir(self) -> Path:

@@ -287,6 +287,10 @@ class ControlServer:
                           "outbound_peak": pool.peak,
                           "outbound_max": eng.cfg.limits.max_outbound_connections,
                           "outbound_hosts": [[f"{ip}:{port}", n] for (ip, port), n in hosts]})
+            dp = d.deliverers.counts() if d.deliverers is not None else None
+            conns["delivery_processes"] = dp["running"] if dp else 0  # 0: the engine sends
+            if dp:
+                conns["delivery_process_restarts"] = dp["restarts"]
         out["connections"] = conns
         if d is not None and d.shared is not None:
             out["shared"] = d.shared.state()

@@ -64,6 +64,7 @@ from .queue_dirs import DONE, RETRY, WORKING
 from .backlog import due_time
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
+from .deliverers import Deliverers, RemoteSession
 from .dns import MXResolver, Target
 from .downgrade import seven_bit
 from .envelope import Message, set_last_replies
@@ -439,6 +440,10 @@ class DeliveryEngine:
             self.shared = SharedLimits(cfg.shared.redis_url, cfg.shared.key_prefix)
         self.pool = Pool(lim.max_outbound_connections, lim.max_connections_per_host,
                          self._new_session, self.shared)
+        # network.delivery_processes: the sessions run there, every decision stays here
+        n = cfg.delivery_process_count
+        self.deliverers = (Deliverers(n, cfg.log_dir, cfg.logging.log_retention_days)
+                           if n > 1 else None)
         self.rate = send_rate_bucket(lim.max_send_rate)
         self.bandwidth = bandwidth_bucket(lim.max_bandwidth)
         self.rate_notice = HourlyNotice()
@@ -531,6 +536,12 @@ class DeliveryEngine:
         self.windows.set_maximum(lim.max_connections_per_host)
         self.pool.set_caps(lim.max_outbound_connections, lim.max_connections_per_host)
 
+    async def start_processes(self) -> None:
+        """network.delivery_processes: start them (before run(); app.py does it before SMTP)."""
+        if self.deliverers is not None and not self.deliverers.current:
+            await self.deliverers.start()
+            log.info("delivering through %d delivery processes", self.deliverers.count)
+
     def set_paused(self, paused: bool) -> None:
         """`queue.pause_sending`: mail waits in retry/; turning it off releases everything."""
         self.sched.paused = paused
@@ -540,6 +551,7 @@ class DeliveryEngine:
         self._wake = asyncio.Event()
         self._running = True
         loop = asyncio.get_running_loop()
+        await self.start_processes()  # unless started already
         if self.cfg.basic.preload_domains:
             self._spawn(self.resolver.preload(self.cfg.basic.preload_domains))
         next_sweep = loop.time() + 1
@@ -612,6 +624,8 @@ class DeliveryEngine:
                 log.warning("%s: cannot move it back to retry/: %s", mid, e)
         self._in_working.clear()
         await self.pool.close_all()
+        if self.deliverers is not None:
+            await self.deliverers.stop()
         if self.shared is not None:
             await self.shared.close()
         await self.resolver.aclose()
@@ -1015,16 +1029,18 @@ class DeliveryEngine:
                         "mail waits in the queue (this is said once an hour)",
                         self.cfg.limits.max_send_rate)
 
-    def _new_session(self, target: Target) -> SMTPSession:
+    def _new_session(self, target: Target) -> SMTPSession | RemoteSession:
         lim = self.cfg.limits
         src = self.cfg.network.smtp_source_ip or None
         if src and (":" in src) != (":" in target.ip):
             src = None  # an IPv4 source address cannot reach an IPv6 server, and back
-        return SMTPSession(target.ip, target.port, helo_name=self.helo, host_name=target.host,
-                           source_ip=src, connect_timeout=lim.smtp_connect_timeout,
-                           read_timeout=lim.smtp_read_timeout,
-                           write_timeout=lim.smtp_write_timeout,
-                           body_timeout=lim.smtp_body_timeout)
+        kwargs = dict(helo_name=self.helo, host_name=target.host, source_ip=src,
+                      connect_timeout=lim.smtp_connect_timeout,
+                      read_timeout=lim.smtp_read_timeout, write_timeout=lim.smtp_write_timeout,
+                      body_timeout=lim.smtp_body_timeout)
+        if self.deliverers is not None:  # the same session, run in a delivery process
+            return RemoteSession(self.deliverers, target.ip, target.port, **kwargs)
+        return SMTPSession(target.ip, target.port, **kwargs)
 
     def _prepare_body(self, msg: Message) -> Body:
         """The bytes that go out: a Received: header, then ID.dat as received (no signing)."""

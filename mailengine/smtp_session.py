@@ -127,6 +127,8 @@ class SMTPSession:
         self.bytes_sent = 0
         self.last_used = 0.0  # loop time of the last transaction's end (for idle eviction)
         self.lease: str | None = None  # its place in the engines' shared per-host cap (shared.py)
+        # called when the connection ends while idle (a delivery process tells the engine)
+        self.on_lost: Callable[[], None] | None = None
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False
@@ -288,6 +290,8 @@ class SMTPSession:
         if self.client is not None:
             self.client.connection_lost()
         self._check()
+        if self.on_lost is not None and not self._busy:
+            self.on_lost()
 
     def _flush(self) -> None:
         out = self.client.data_to_send()  # type: ignore[union-attr]

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .child_process import die_with_parent
 from .queue_dirs import RETRY, WORKING
 from .config import BY_NAME
 from .session_slots import SessionSlots
@@ -355,19 +356,6 @@ async def _report_connections(server, notify) -> None:
                 return
             last = now
         await asyncio.sleep(1.0)
-
-
-def die_with_parent() -> None:
-    """Linux: get SIGTERM when the engine dies (even by SIGKILL), so no worker outlives it and
-    keeps the SMTP port."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the engine died before prctl took effect
-        sys.exit(0)
 
 
 def main() -> None:

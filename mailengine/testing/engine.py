@@ -74,6 +74,10 @@ class RunningEngine:
                          # server): nothing may query the system's resolvers or leave loopback.
                          "queue.pause_sending": True,
                          "network.intake_workers": 1,  # tests of several processes say so
+                         # the engine sends itself unless a test says otherwise; the whole
+                         # suite runs with delivery processes given this variable
+                         "network.delivery_processes": int(os.environ.get(
+                             "MAILENGINE_TEST_DELIVERY_PROCESSES", "1")),
                          **(settings or {})}
         self.smtp_port = self.settings["network.smtp_port"]
         self.command = command

@@ -87,6 +87,10 @@ def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False)
         "inbound_sessions_total": ins["sessions_total"],
         "inbound_refused_busy": ins["refused_busy"],
         "outbound_connections": delivery.pool.total,
+        "delivery_processes": (delivery.deliverers.counts()["running"]
+                               if delivery.deliverers is not None else 0),
+        "delivery_process_restarts": (delivery.deliverers.counts()["restarts"]
+                                      if delivery.deliverers is not None else 0),
         "memory_bytes": rss_bytes(),
         "spool_stores": engine.spool.stores,
         "spool_flushes": engine.spool.flushes,
@@ -185,6 +189,11 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
           s["inbound_refused_busy"])
     _line(out, "mailengine_outbound_connections", "gauge", "Open outbound SMTP connections.",
           s["outbound_connections"])
+    _line(out, "mailengine_delivery_processes", "gauge",
+          "Delivery processes running (0: the engine process sends itself).",
+          s["delivery_processes"])
+    _line(out, "mailengine_delivery_process_restarts_total", "counter",
+          "Delivery processes started again after they died.", s["delivery_process_restarts"])
     _line(out, "mailengine_spool_stores_total", "counter", "Messages written to the spool.",
           s["spool_stores"])
     _line(out, "mailengine_spool_flushes_total", "counter", "Spool sync rounds (group commits).",

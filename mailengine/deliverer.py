@@ -1,0 +1,198 @@
+"""A delivery process: runs the SMTP sessions the engine asks for, and decides nothing.
+
+Started by the engine (deliverers.py) as `python -m mailengine.deliverer` with
+`network.delivery_processes` of 2 or more. It reads a small JSON spec on stdin (the home, for
+its log) and then frames (frames.py) on one pipe, answering on another:
+
+    ("open", cid, kwargs)                  -> ("up", cid, capabilities, tls_version)
+                                              or ("down", cid, reply, transcript)
+    ("send", cid, mail_from, rcpts, body, dsn, test_mode)
+                                           -> ("sent", cid, TransactionResult, reusable)
+    ("close", cid, timeout)                -> ("closed", cid)
+    ("abort", cid)                         (no answer)
+    and, unasked, ("lost", cid) when an idle connection is closed by its server.
+
+`kwargs` are SMTPSession's own (the engine builds them as it would for a session of its own),
+so every setting a session reads reaches this process with each new connection. Which server,
+when, how many connections and what a reply means stay the engine's (its queue manager, pool
+and verdict.py), so every limit holds for the engine as a whole.
+
+The engine's death ends this process (PR_SET_PDEATHSIG), and end of its pipe too: a session in
+the middle of a transaction is dropped, the engine's recovery sends that message again.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .frames import FrameError, FrameReader, encode
+from .smtp.client import SMTPClientError, TransactionResult, RecipientResult, local_reply
+from .smtp_session import ConnectError, SMTPSession
+
+log = logging.getLogger("mailengine.deliverer")
+
+READ_CHUNK = 1 << 18
+
+
+def failed_result(mail_from: str, rcpts, test_mode: bool, why: str) -> TransactionResult:
+    """A transaction that never ran because its session is gone: every recipient a temporary
+    connection failure, so verdict.py sends them to a new connection or the next MX host."""
+    reply = local_reply(451, "4.4.2", why)
+    return TransactionResult(mail_from, [RecipientResult(a, reply.code, reply.enhanced,
+                                                         reply.text, "connection")
+                                         for a in rcpts],
+                             reply, True, test_mode, [f"<-- [local] {reply}"], [])
+
+
+class Deliverer:
+    """The sessions of this process by the engine's connection id; answers go out in one write
+    per turn of the event loop."""
+
+    def __init__(self, write_fd: int) -> None:
+        self.write_fd = write_fd
+        self.sessions: dict[int, SMTPSession] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self._out: list[bytes] = []
+        self._flushing = False
+        self._writer: asyncio.WriteTransport | None = None
+
+    async def attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._writer, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(self.write_fd, "wb", buffering=0))
+
+    def answer(self, frame: tuple) -> None:
+        self._out.append(encode(frame))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        out, self._out = self._out, []
+        if out and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(b"".join(out))
+
+    def handle(self, frame: tuple) -> None:
+        op, cid = frame[0], frame[1]
+        if op == "open":
+            self._spawn(self._open(cid, frame[2]))
+        elif op == "send":
+            self._spawn(self._send(cid, *frame[2:]))
+        elif op == "close":
+            self._spawn(self._close(cid, frame[2]))
+        elif op == "abort":
+            s = self.sessions.pop(cid, None)
+            if s is not None:
+                s.abort()
+        else:
+            log.error("unknown request %r from the engine", op)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    async def _open(self, cid: int, kwargs: dict) -> None:
+        s = SMTPSession(**kwargs)
+        self.sessions[cid] = s
+        try:
+            await s.connect()
+        except ConnectError as e:
+            self.sessions.pop(cid, None)
+            self.answer(("down", cid, e.reply, e.transcript))
+            return
+        except Exception as e:  # never a traceback for the engine to miss: a failed connect
+            self.sessions.pop(cid, None)
+            log.exception("connecting to %s failed unexpectedly", kwargs.get("ip"))
+            reply = local_reply(451, "4.3.0", f"Delivery process error: {e}")
+            self.answer(("down", cid, reply, [f"<-- [local] {reply}"]))
+            return
+        s.on_lost = lambda: self._lost(cid, s)
+        self.answer(("up", cid, s.capabilities, s.tls_version))
+
+    def _lost(self, cid: int, s: SMTPSession) -> None:
+        if self.sessions.get(cid) is s:
+            self.answer(("lost", cid))
+
+    async def _send(self, cid: int, mail_from, rcpts, body, dsn, test_mode) -> None:
+        s = self.sessions.get(cid)
+        try:
+            if s is None:
+                raise SMTPClientError("no such session")
+            result = await s.send(mail_from, rcpts, body, dsn=dsn, test_mode=test_mode)
+        except SMTPClientError as e:
+            result = failed_result(mail_from, rcpts, test_mode, f"Session not ready: {e}")
+        reusable = s is not None and s.is_reusable
+        if not reusable:
+            self.sessions.pop(cid, None)
+        self.answer(("sent", cid, result, reusable))
+
+    async def _close(self, cid: int, timeout) -> None:
+        s = self.sessions.pop(cid, None)
+        if s is not None:
+            try:
+                await s.close(timeout)
+            except Exception:
+                s.abort()
+        self.answer(("closed", cid))
+
+
+class _Requests(asyncio.Protocol):
+    def __init__(self, deliverer: Deliverer, done: asyncio.Future) -> None:
+        self.deliverer = deliverer
+        self.done = done
+        self.reader = FrameReader()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except FrameError as e:
+            log.error("the engine's pipe: %s; stopping", e)
+            self._end()
+            return
+        for f in frames:
+            self.deliverer.handle(f)
+
+    def connection_lost(self, exc) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def serve(read_fd: int, write_fd: int) -> None:
+    """Until the engine closes its end of the request pipe."""
+    loop = asyncio.get_running_loop()
+    d = Deliverer(write_fd)
+    await d.attach()
+    done = loop.create_future()
+    await loop.connect_read_pipe(lambda: _Requests(d, done),
+                                 os.fdopen(read_fd, "rb", buffering=0))
+    d.answer(("ready", 0))
+    await done
+    for s in d.sessions.values():
+        s.abort()
+    for t in list(d.tasks):
+        t.cancel()
+
+
+def main() -> None:
+    from .child_process import die_with_parent
+    die_with_parent()
+    from . import logs
+    from .eventloop import loop_factory
+    spec = json.loads(sys.stdin.read())
+    logs.setup(Path(spec["log_dir"]), spec.get("log_retention_days", 0), debug_any=False,
+               program=False)
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve(spec["read_fd"], spec["write_fd"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""The engine's delivery processes, and the session object that stands for one of their connections.
+
+With `network.delivery_processes` of 2 or more, the SMTP conversations (sockets, TLS, the
+sans-IO client) run in that many processes (deliverer.py); the engine stays the queue manager,
+as Postfix's qmgr is for its `smtp` processes. Its connection pool (delivery.Pool) holds
+`RemoteSession`s instead of `SMTPSession`s: the same interface, so the pool, the scheduler, the
+windows, the rate and bandwidth buckets and verdict.py count and decide for every connection of
+every process in one place, and every limit is exact for the engine as a whole with nothing
+shared between processes.
+
+A connection lives in one process for its whole life; a new one goes to the process with the
+fewest connections. A process that dies (even SIGKILL) is started again after RESTART_DELAY; its
+connections end: a connect in progress fails like a refused connection, a transaction waiting
+for its reply ends as a lost connection (temporary, site failure), so verdict.py takes the
+recipients to a new connection or the next MX host. Only that transaction's message may reach its
+recipients twice, as when any connection is lost while waiting for the reply to the data.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .deliverer import failed_result
+from .frames import FrameError, FrameReader, encode
+from .smtp.client import Body, DSNRequest, SMTPClientError, TransactionResult, local_reply
+from .smtp_session import ConnectError
+
+log = logging.getLogger("mailengine.deliverers")
+
+RESTART_DELAY = 1.0  # s before a delivery process that died is started again
+START_TIMEOUT = 20.0  # s a new process has to say it is ready
+
+_cids = itertools.count(1)  # connection ids, unique in the engine's life (not reused after a death)
+
+
+class _Process:
+    """One delivery process: its pipes, the calls waiting for its answer, its connections."""
+
+    def __init__(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        self.index = index
+        self.proc = proc
+        self.writer: asyncio.WriteTransport | None = None
+        self.calls: dict[int, asyncio.Future] = {}  # cid -> the answer to its one request
+        self.sessions: dict[int, "RemoteSession"] = {}  # cid -> its connection (open or opening)
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.alive = True
+        self._out: list[bytes] = []
+        self._flushing = False
+
+    def post(self, frame: tuple) -> None:
+        """Send a request; requests made in one turn of the event loop go in one write."""
+        self._out.append(encode(frame))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def call(self, cid: int, frame: tuple) -> asyncio.Future:
+        """The answer to `frame` (None if the process dies first)."""
+        fut = asyncio.get_running_loop().create_future()
+        if not self.alive:
+            fut.set_result(None)
+            return fut
+        self.calls[cid] = fut
+        self.post(frame)
+        return fut
+
+    def _flush(self) -> None:
+        self._flushing = False
+        out, self._out = self._out, []
+        if out and self.alive and self.writer is not None and not self.writer.is_closing():
+            self.writer.write(b"".join(out))
+
+    def answered(self, frame: tuple) -> None:
+        kind, cid = frame[0], frame[1]
+        if kind == "lost":  # an idle connection its server closed: not to be reused
+            s = self.sessions.get(cid)
+            if s is not None and not s._busy:
+                s._ended()
+            return
+        if kind == "ready":
+            if not self.ready.done():
+                self.ready.set_result(True)
+            return
+        fut = self.calls.pop(cid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(frame)
+
+    def died(self) -> None:
+        """Its pipe closed: every call waiting is answered None, every connection ends."""
+        if not self.alive:
+            return
+        self.alive = False
+        if not self.ready.done():
+            self.ready.set_result(False)
+        calls, self.calls = self.calls, {}
+        for fut in calls.values():
+            if not fut.done():
+                fut.set_result(None)
+        for s in list(self.sessions.values()):
+            s._ended()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _Answers(asyncio.Protocol):
+    def __init__(self, process: _Process) -> None:
+        self.process = process
+        self.reader = FrameReader()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except FrameError as e:
+            log.error("delivery process %d (pid %d): %s; stopping it", self.process.index,
+                      self.process.proc.pid, e)
+            self.process.proc.kill()
+            self.process.died()
+            return
+        for f in frames:
+            self.process.answered(f)
+
+    def connection_lost(self, exc) -> None:
+        self.process.died()
+
+
+class Deliverers:
+    """Starts, watches and stops the delivery processes; picks one for each new connection."""
+
+    def __init__(self, count: int, log_dir: Path, retention_days: int) -> None:
+        self.count = count
+        self.log_dir = log_dir
+        self.retention_days = retention_days
+        self.current: dict[int, _Process] = {}
+        self.started = 0  # processes started in all, restarts included (for status)
+        self.stopping = False
+        self._watch: dict[int, asyncio.Task] = {}
+
+    async def start(self) -> None:
+        for i in range(self.count):
+            await self._spawn(i)
+        for p in list(self.current.values()):
+            await self._wait_ready(p)
+
+    async def _wait_ready(self, p: _Process) -> bool:
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                return await asyncio.shield(p.ready)
+        except TimeoutError:
+            log.error("delivery process %d (pid %d) did not start within %g s", p.index,
+                      p.proc.pid, START_TIMEOUT)
+            return False
+
+    async def _spawn(self, index: int) -> _Process:
+        loop = asyncio.get_running_loop()
+        to_child, from_engine = os.pipe()[::-1]  # (write end, read end)
+        from_child, to_engine = os.pipe()
+        spec = {"read_fd": from_engine, "write_fd": to_engine, "log_dir": str(self.log_dir),
+                "log_retention_days": self.retention_days}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mailengine.deliverer", stdin=asyncio.subprocess.PIPE,
+                pass_fds=[from_engine, to_engine])
+        except BaseException:
+            for fd in (to_child, from_child):
+                os.close(fd)
+            raise
+        finally:
+            os.close(from_engine)
+            os.close(to_engine)
+        proc.stdin.write(json.dumps(spec).encode())
+        proc.stdin.close()
+        p = _Process(index, proc)
+        p.writer, _ = await loop.connect_write_pipe(asyncio.Protocol,
+                                                    os.fdopen(to_child, "wb", buffering=0))
+        await loop.connect_read_pipe(lambda: _Answers(p), os.fdopen(from_child, "rb", buffering=0))
+        self.current[index] = p
+        self.started += 1
+        self._watch[index] = asyncio.create_task(self._keep_running(p))
+        log.info("delivery process %d started, pid %d", index, proc.pid)
+        return p
+
+    async def _keep_running(self, p: _Process) -> None:
+        code = await p.proc.wait()
+        p.died()  # its pipe may close after the exit is seen
+        if self.stopping or self.current.get(p.index) is not p:
+            return
+        log.error("delivery process %d (pid %d) exited with %s; its connections are lost, "
+                  "starting it again", p.index, p.proc.pid, code)
+        await asyncio.sleep(RESTART_DELAY)
+        if not self.stopping and self.current.get(p.index) is p:
+            await self._wait_ready(await self._spawn(p.index))
+
+    def pick(self) -> _Process | None:
+        """The live process with the fewest connections (None: all are down for now)."""
+        live = [p for p in self.current.values() if p.alive and p.ready.done() and
+                p.ready.result()]
+        return min(live, key=lambda p: len(p.sessions)) if live else None
+
+    def counts(self) -> dict:
+        """For status and /metrics."""
+        live = [p for p in self.current.values() if p.alive]
+        return {"processes": self.count, "running": len(live),
+                "connections": sum(len(p.sessions) for p in live),
+                "restarts": max(0, self.started - self.count)}
+
+    def pids(self) -> list[int]:
+        return [p.proc.pid for p in self.current.values() if p.alive]
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Close the request pipes (each process drops what it still holds and exits)."""
+        self.stopping = True
+        for t in self._watch.values():
+            t.cancel()
+        procs = list(self.current.values())
+        for p in procs:
+            if p.writer is not None:
+                p.writer.close()
+        try:
+            async with asyncio.timeout(timeout):
+                for p in procs:
+                    await p.proc.wait()
+        except TimeoutError:
+            for p in procs:
+                if p.proc.returncode is None:
+                    p.proc.send_signal(signal.SIGKILL)
+        for p in procs:
+            p.died()
+
+
+class RemoteSession:
+    """A connection held by a delivery process, with SMTPSession's interface for delivery.Pool and
+    delivery.py (connect, send, close, abort, is_reusable, capabilities, messages_sent...)."""
+
+    def __init__(self, deliverers: Deliverers, ip: str, port: int = 25, **kwargs) -> None:
+        self.deliverers = deliverers
+        self.ip = ip
+        self.port = port
+        self.kwargs = dict(kwargs, ip=ip, port=port)  # SMTPSession's, made in the process
+        self.capabilities = None
+        self.tls_version: str | None = None
+        self.messages_sent = 0
+        self.last_used = 0.0
+        self.lease: str | None = None  # its place in the engines' shared per-host cap
+        self._proc: _Process | None = None
+        self._cid = 0
+        self._ready = False
+        self._busy = False
+
+    @property
+    def is_reusable(self) -> bool:
+        return self._ready and not self._busy
+
+    async def connect(self) -> None:
+        if self._cid:
+            raise SMTPClientError("connect() called twice")
+        proc = self.deliverers.pick()
+        if proc is None:
+            reply = local_reply(451, "4.3.0", "No delivery process is running")
+            raise ConnectError(reply, [f"<-- [local] {reply}"])
+        self._cid = cid = next(_cids)
+        self._proc = proc
+        proc.sessions[cid] = self
+        try:
+            answer = await proc.call(cid, ("open", cid, self.kwargs))
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        if answer is None:
+            self._ended()
+            reply = local_reply(451, "4.3.0", "The delivery process ended while connecting")
+            raise ConnectError(reply, [f"<-- [local] {reply}"])
+        if answer[0] == "down":
+            self._ended()
+            raise ConnectError(answer[2], answer[3])
+        self.capabilities, self.tls_version = answer[2], answer[3]
+        self._ready = self._proc is not None  # a "lost" may have come meanwhile
+
+    async def send(self, mail_from: str, rcpts, data: bytes | Body, *,
+                   dsn: DSNRequest | None = None, test_mode: bool = False) -> TransactionResult:
+        if not self.is_reusable or self._proc is None:
+            raise SMTPClientError("send() on a session that is not ready")
+        rcpts = list(rcpts)
+        body = data if isinstance(data, Body) else Body.from_bytes(data)
+        self._busy = True
+        try:
+            answer = await self._proc.call(self._cid, ("send", self._cid, mail_from, rcpts, body,
+                                                       dsn, test_mode))
+        except asyncio.CancelledError:
+            self.abort()  # half a conversation cannot be resumed
+            raise
+        finally:
+            self._busy = False
+        self.messages_sent += 1
+        self.last_used = asyncio.get_running_loop().time()
+        if answer is None:
+            self._ended()
+            return failed_result(mail_from, rcpts, test_mode,
+                                 "Connection lost: the delivery process ended")
+        result, reusable = answer[2], answer[3]
+        if not reusable:
+            self._ended()
+        return result
+
+    async def close(self, timeout: float | None = None) -> None:
+        """QUIT (in the process), or drop it when it is not idle."""
+        proc = self._proc
+        if proc is None:
+            return
+        if not self.is_reusable:
+            self.abort()
+            return
+        self._ready = False
+        try:
+            await proc.call(self._cid, ("close", self._cid, timeout))
+        finally:
+            self._ended()
+
+    def abort(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.alive:
+            proc.calls.pop(self._cid, None)
+            proc.post(("abort", self._cid))
+        self._ended()
+
+    def _ended(self) -> None:
+        self._ready = False
+        if self._proc is not None:
+            self._proc.sessions.pop(self._cid, None)
+            self._proc = None

@@ -1,0 +1,248 @@
+"""Delivery on several cores (issue 12): the engine decides, delivery processes run the SMTP
+sessions (deliverers.py, deliverer.py, frames.py).
+
+The frames are tested alone; the processes through RemoteSession against a real sink, with one
+killed by SIGKILL mid-transaction; the engine end to end with `network.delivery_processes` = 3
+against real sinks: every connection cap holds for all processes together, nothing is lost when
+a delivery process is killed, and status counts them."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailengine.deliverers import Deliverers, RemoteSession
+from mailengine.frames import FrameError, FrameReader, encode
+from mailengine.smtp.client import Body
+from mailengine.smtp_session import ConnectError
+from mailengine.testing.engine import RunningEngine, free_port, wait_until as wait
+from mailengine.testing.sink import SinkScript, SMTPSink, ThreadedSink
+
+BODY = b"Subject: t\r\n\r\nhello\r\n"
+
+
+# --- frames ----------------------------------------------------------------------------------------
+
+def test_frames_come_out_whole_however_the_pipe_cuts_them():
+    frames = [("send", 1, "a@b", ["c@d"], Body.from_bytes(BODY * 50), None, False),
+              ("up", 2, None, "TLSv1.3"), ("lost", 3)]
+    wire = b"".join(encode(f) for f in frames)
+    for cut in (1, 3, 4, 5, 17, len(wire) // 2, len(wire)):
+        r = FrameReader()
+        got = []
+        for i in range(0, len(wire), cut):
+            got += r.feed(wire[i:i + cut])
+        assert got == frames and r.pending == 0
+
+
+def test_a_bad_frame_is_an_error_not_a_guess():
+    with pytest.raises(FrameError):
+        FrameReader().feed(b"\xff\xff\xff\xff" + b"x" * 10)  # longer than any frame may be
+    with pytest.raises(FrameError):
+        FrameReader().feed(b"\x00\x00\x00\x03abc")  # not a pickle
+
+
+# --- the processes, through RemoteSession ---------------------------------------------------------
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_remote_sessions_send_reuse_and_spread_over_the_processes(tmp_path):
+    async def main():
+        sink = SMTPSink("127.0.0.1", 0)
+        await sink.start()
+        d = Deliverers(2, tmp_path, 0)
+        await d.start()
+        try:
+            a = RemoteSession(d, "127.0.0.1", sink.port, helo_name="one.test")
+            b = RemoteSession(d, "127.0.0.1", sink.port, helo_name="two.test")
+            await a.connect()
+            await b.connect()
+            assert a._proc is not b._proc  # the new connection went to the idle process
+            assert a.capabilities.pipelining and a.is_reusable
+            for i in range(3):
+                r = await a.send("s@src.test", [f"r{i}@dst.test"], BODY)
+                assert [x.code for x in r.recipients] == [250] and not r.site_failure
+            r = await b.send("s@src.test", ["x@dst.test", "y@dst.test"], Body.from_bytes(BODY))
+            assert [x.code for x in r.recipients] == [250, 250]
+            assert a.messages_sent == 3 and a.is_reusable
+            await a.close()
+            await b.close()
+            assert d.counts()["connections"] == 0
+        finally:
+            await d.stop()
+            await sink.stop()
+        assert [s.helo for s in sink.sessions] == ["one.test", "two.test"]  # one connection each
+        assert len(sink.messages) == 4
+
+    run(main())
+
+
+def test_a_refused_connection_is_a_connect_error_with_its_transcript(tmp_path):
+    async def main():
+        d = Deliverers(2, tmp_path, 0)
+        await d.start()
+        try:
+            s = RemoteSession(d, "127.0.0.1", free_port(), helo_name="h.test", connect_timeout=5)
+            with pytest.raises(ConnectError) as e:
+                await s.connect()
+            assert e.value.reply.code == 451 and any("refused" in line.lower() or
+                                                      "failed" in line.lower()
+                                                      for line in e.value.transcript)
+            assert not s.is_reusable and d.counts()["connections"] == 0
+        finally:
+            await d.stop()
+
+    run(main())
+
+
+def test_killed_process_fails_its_transaction_as_a_lost_connection_and_comes_back(tmp_path):
+    async def main():
+        sink = SMTPSink("127.0.0.1", 0, SinkScript(delays={"BODY": 30}))  # never answers in time
+        await sink.start()
+        d = Deliverers(1, tmp_path, 0)
+        await d.start()
+        try:
+            s = RemoteSession(d, "127.0.0.1", sink.port, helo_name="h.test")
+            await s.connect()
+            sending = asyncio.create_task(s.send("s@src.test", ["a@dst.test", "b@dst.test"], BODY))
+            await asyncio.sleep(0.5)  # the data is out, the reply awaited
+            victim = d.pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            r = await asyncio.wait_for(sending, 10)
+            assert r.site_failure and [x.code for x in r.recipients] == [451, 451]
+            assert all(x.stage == "connection" for x in r.recipients)
+            assert not s.is_reusable
+            # started again: a new connection works
+            for _ in range(100):
+                if d.pick() is not None and d.pids() and d.pids()[0] != victim:
+                    break
+                await asyncio.sleep(0.1)
+            assert d.counts()["restarts"] == 1
+            fast = SMTPSink("127.0.0.1", 0)
+            await fast.start()
+            t = RemoteSession(d, "127.0.0.1", fast.port, helo_name="h.test")
+            await t.connect()
+            r = await t.send("s@src.test", ["c@dst.test"], BODY)
+            assert r.recipients[0].code == 250
+            await t.close()
+            await fast.stop()
+        finally:
+            await d.stop()
+            await sink.stop()
+
+    run(main())
+
+
+def test_an_idle_connection_the_server_closes_is_not_reused(tmp_path):
+    async def main():
+        sink = SMTPSink("127.0.0.1", 0, SinkScript(replies={"BODY": "250 2.0.0 ok"}))
+        await sink.start()
+        d = Deliverers(1, tmp_path, 0)
+        await d.start()
+        try:
+            s = RemoteSession(d, "127.0.0.1", sink.port, helo_name="h.test")
+            await s.connect()
+            await s.send("s@src.test", ["a@dst.test"], BODY)
+            assert s.is_reusable
+            await sink.stop()  # the server hangs up on its idle connections
+            for _ in range(50):
+                if not s.is_reusable:
+                    break
+                await asyncio.sleep(0.1)
+            assert not s.is_reusable and d.counts()["connections"] == 0
+        finally:
+            await d.stop()
+
+    run(main())
+
+
+# --- the engine with delivery processes ----------------------------------------------------------
+
+FAST = {"queue.pause_sending": False, "queue.retry_intervals": [0.02, 0.02],
+        "queue.save_done": False, "network.helo_text": "engine.test",
+        "network.delivery_processes": 3}
+
+
+def send_many(eng: RunningEngine, rcpts: list[str]) -> None:
+    with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=30) as s:
+        for r in rcpts:
+            s.sendmail("sender@src.test", [r], BODY)
+
+
+def empty_queue(eng: RunningEngine) -> bool:
+    return not list((eng.mailq / "working").iterdir()) and \
+        not list((eng.mailq / "retry").glob("*.inf"))
+
+
+def status(eng: RunningEngine) -> dict:
+    out = subprocess.run([sys.executable, "-m", "mailengine.cli", "--home", str(eng.home),
+                          "status", "--json"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_connection_caps_hold_for_all_delivery_processes_together(tmp_path):
+    """max_connections_per_host 2 and max_outbound_connections 3, three slow servers, three
+    processes: never more than 2 connections to a server nor 3 in all, however the processes
+    share them."""
+    slow = SinkScript(delays={"BODY": 0.05})
+    sinks = [ThreadedSink(f"127.0.0.{81 + i}", 25, slow).start() for i in range(3)]
+    try:
+        with RunningEngine(tmp_path, {
+                **FAST, "limits.max_connections_per_host": 2,
+                "limits.max_outbound_connections": 3,
+                "basic.dns_servers": [f"d{i}.test,mx.d{i}.test,MX,127.0.0.{81 + i}:25"
+                                      for i in range(3)]}) as eng:
+            rcpts = [f"u{n}@d{n % 3}.test" for n in range(90)]
+            send_many(eng, rcpts)
+            wait(lambda: sum(len(s.messages) for s in sinks) == 90, timeout=60,
+                 what="90 messages at the sinks")
+            wait(lambda: empty_queue(eng), what="an empty queue")
+            st = status(eng)
+        assert st["connections"]["delivery_processes"] == 3
+        assert st["connections"]["outbound_peak"] <= 3
+        for s in sinks:
+            assert s.peak_connections <= 2, s.host
+        got = sorted(r for s in sinks for m in s.messages for r in m.rcpts)
+        assert got == sorted(rcpts)
+        assert all(sess.helo == "engine.test" for s in sinks for sess in s.sessions)
+    finally:
+        for s in sinks:
+            s.stop()
+
+
+def test_sigkill_of_a_delivery_process_loses_no_message(tmp_path):
+    """Kill a delivery process while it holds transactions waiting for their reply: it is
+    started again, and every message reaches its recipient (a transaction that was waiting for
+    its 250 may arrive twice, nothing is missing)."""
+    sink = ThreadedSink("127.0.0.86", 25, SinkScript(delays={"BODY": 0.3})).start()
+    try:
+        with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+                "k.test,mx.k.test,MX,127.0.0.86:25"]}) as eng:
+            rcpts = [f"u{n}@k.test" for n in range(40)]
+            send_many(eng, rcpts)
+            wait(lambda: len(sink.messages) >= 3, what="the first deliveries")
+            kids = subprocess.run(["pgrep", "-P", str(eng.proc.pid), "-f", "mailengine.deliverer"],
+                                  capture_output=True, text=True).stdout.split()
+            assert len(kids) == 3
+            os.kill(int(kids[0]), signal.SIGKILL)
+            wait(lambda: set(r for m in sink.messages for r in m.rcpts) == set(rcpts),
+                 timeout=60, what="every recipient delivered")
+            wait(lambda: empty_queue(eng), what="an empty queue")
+            st = status(eng)
+            assert st["connections"]["delivery_process_restarts"] == 1
+            assert st["connections"]["delivery_processes"] == 3
+        out = eng.output.decode()
+        assert "exited with" in out and "starting it again" in out
+    finally:
+        sink.stop()
