@@ -476,6 +476,7 @@ def summarise(runs: dict[str, list[Case]], labels: dict[str, str], messages: int
     """The table every benchmark ends with: the median rate of each case (0 when any round
     failed), seconds and the relay's CPU; returns the medians by case."""
     summary, rates = [], {}
+    manager = any("manager_cpu_percent" in r.extra for rs in runs.values() for r in rs)
     for c, rs in runs.items():
         ok_rates = [r.rate for r in rs if r.ok]
         med = statistics.median(ok_rates) if ok_rates and len(ok_rates) == len(rs) else 0.0
@@ -485,9 +486,11 @@ def summarise(runs: dict[str, list[Case]], labels: dict[str, str], messages: int
                         "seconds": f"{messages / med:.1f}" if med else "",
                         "cpu": f"{statistics.median(cpu):.0f}%" if cpu and None not in cpu
                         else ""})
+        own = [r.extra["manager_cpu_percent"] for r in rs if r.ok and "manager_cpu_percent" in r.extra]
+        summary[-1]["own"] = f"{statistics.median(own):.0f}%" if own else ""
     print()
     print_table(summary, [("case", "case"), ("rate", rate_heading), ("seconds", "seconds"),
-                          ("cpu", "relay CPU")])
+                          ("cpu", "relay CPU")] + ([("own", "engine process CPU")] if manager else []))
     return rates
 
 

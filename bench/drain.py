@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (parse_delivery_args, Case, SinkGroup,  # noqa: E402
                     announce, machine_info, ratio, summarise, run_rounds, run_smtp_sources,
                     run_workdir, sink_recipients, wait_count, write_results)
-from intake import parse_setting, tree_cpu  # noqa: E402
+from intake import own_cpu, parse_setting, tree_cpu  # noqa: E402
 from postfix import POSTCONF, PostfixInstance  # noqa: E402
 from relay import (SENT_LINE, _tail, engine_settings, postfix_routes, queued,  # noqa: E402
                    wait_queue_empty)
@@ -45,8 +45,10 @@ def fill(port: int, args) -> None:
                      max(args.sources, args.sinks), sink_recipients(args.sinks))
 
 
-def timed_drain(release, sinks: SinkGroup, args, result: Case, cpu_pid: int) -> bool:
-    cpu0 = tree_cpu(cpu_pid)
+def timed_drain(release, sinks: SinkGroup, args, result: Case, cpu_pid: int,
+                manager: bool = False) -> bool:
+    """`manager`: also the CPU of `cpu_pid` alone (the engine process: the queue manager)."""
+    cpu0, own0 = tree_cpu(cpu_pid), own_cpu(cpu_pid)
     t0 = time.perf_counter()
     release()
     got = sinks.wait_messages(args.messages, timeout=args.timeout)
@@ -54,6 +56,8 @@ def timed_drain(release, sinks: SinkGroup, args, result: Case, cpu_pid: int) -> 
     result.seconds, result.rate = seconds, args.messages / seconds
     result.extra.update(sink_counted=got, per_sink=[s.count() for s in sinks.sinks],
                         relay_cpu_percent=100 * (tree_cpu(cpu_pid) - cpu0) / seconds)
+    if manager:
+        result.extra["manager_cpu_percent"] = 100 * (own_cpu(cpu_pid) - own0) / seconds
     if got < args.messages:
         result.error = f"the sinks counted {got} of {args.messages} after {seconds:.0f}s"
         return False
@@ -85,7 +89,7 @@ def run_engine_case(args, workdir: Path) -> Case:
                 control.request(home / "mailengine.sock", "config.set",
                                 name="queue.pause_sending", value=False)
 
-            ok = timed_drain(release, sinks, args, result, eng.proc.pid)
+            ok = timed_drain(release, sinks, args, result, eng.proc.pid, manager=True)
             left = wait_queue_empty(eng.mailq)
             eng.stop()
             sent = [m.group(0) for m in SENT_LINE.finditer(eng.output.decode(errors="replace"))]

@@ -75,6 +75,16 @@ def _stat(pid: int) -> tuple[int, float] | None:
     return int(fields[1]), (utime + stime + cutime + cstime) / CLK_TCK
 
 
+def own_cpu(pid: int) -> float:
+    """CPU seconds of pid itself (the engine process without its intake and delivery processes:
+    the queue manager's share, what bounds delivery on many cores)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, no reaped children
+
+
 def tree_cpu(root: int) -> float:
     """CPU seconds used so far by root and all its descendants, live or reaped."""
     info = {}
