@@ -29,7 +29,7 @@ import tomlkit
 
 from . import config
 from .config_file import read_doc, set_in_doc, write_atomically
-from .secret_values import shown
+from .secret_values import mask_text, shown
 from .setting import READ_BY
 
 BACKUP_SUFFIX = ".before-upgrade"
@@ -130,7 +130,7 @@ def cmd_set(cfg: config.Config, key: str, text: str, engine_answer=None, ask=Non
         hint = ""
         if setting.kind.startswith("list") and "; write " not in str(e):
             hint = f" (write {list_syntax(setting)})"
-        print(f"Not changed: {e}{hint}", file=sys.stderr)
+        print(f"Not changed: {mask_text(str(e))}{hint}", file=sys.stderr)  # it may quote a URL
         return 2
     write_atomically(path, new_text)
     print(f"{setting.name} = {_shown(setting.name, value)}  (written to {path})")

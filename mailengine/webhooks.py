@@ -340,7 +340,7 @@ class UrlState:
     def as_dict(self) -> dict:
         return {"url": mask_text(self.url), "pending": self.pending, "sent": self.sent,
                 "dropped": self.dropped, "failures": self.failures,
-                "last_error": self.last_error, "last_ok": self.last_ok}
+                "last_error": mask_text(self.last_error), "last_ok": self.last_ok}
 
 
 class Webhooks:

@@ -91,6 +91,8 @@ def test_show_and_set_mask_secrets(tmp_path):
     assert 'webhooks.secret = "********"' in out
     assert 'shared.redis_url = "redis://:********@127.0.0.1:6379/0"' in out
     assert 'webhooks.urls = ["https://crm:********@crm.example/hook"]' in out
+    code, out = run_cli(home, "config", "set", "webhooks.urls", "ftp://u:bad-pw-4@h.example/x")
+    assert code == 2 and "not an http://" in out and "bad-pw-4" not in out  # the refusal too
 
 
 # ---------------------------------------------------------------- set

@@ -47,3 +47,17 @@ def test_passwords_in_urls_are_masked_and_come_back():
         urls[0], "https://new.example/"]
     assert mask_text("no url here, a@b.example") == "no url here, a@b.example"
     assert shown(BY_NAME["limits.max_recipients"], 5) == 5
+
+
+def test_webhook_status_shows_no_url_password():
+    """`mailengine status` and /metrics show each webhook URL's progress from this record."""
+    from mailengine.webhooks import UrlState
+    st = UrlState("https://crm:pw-5@crm.example/hook")
+    st.last_error = "POST https://crm:pw-5@crm.example/hook: 500"
+    d = st.as_dict()
+    assert "pw-5" not in json_text(d) and d["url"] == f"https://crm:{MASK}@crm.example/hook"
+
+
+def json_text(d: dict) -> str:
+    import json
+    return json.dumps(d)

@@ -17,7 +17,7 @@ import tomlkit
 
 from .. import config_file
 from ..config import BY_NAME, CONFIG_FILE, SETTINGS, ConfigError, coerce
-from ..secret_values import shown, unmask
+from ..secret_values import mask_text, shown, unmask
 from ..setting import Setting
 
 log = logging.getLogger("mailengine.web")
@@ -123,7 +123,7 @@ def submit(engine, section: str | None, form) -> tuple[dict[str, str], list[str]
         try:
             new[s.name] = coerce(s, unmask(s, parse_field(s, form.get(s.name)), showed))
         except ConfigError as e:
-            errors[s.name] = str(e)
+            errors[s.name] = mask_text(str(e))  # a check may quote a URL with its password
     if errors:
         return errors, [], []
     live = {n: v for n, v in new.items() if not BY_NAME[n].restart and v != engine.cfg.values[n]}
