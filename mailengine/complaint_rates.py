@@ -167,14 +167,17 @@ class ComplaintCounts:
             except OSError as e:
                 log.warning("cannot stat %s: %s", self.path, e)
                 return
-            if st is not None and self._ino == (st.st_dev, st.st_ino) and \
+            # .1 changes only at a rotation, or when a writer's line lands in it just after
+            # one (as with any log rotation): then both are read again
+            old_key = self._stat_old()
+            if old_key != self._old_key:
+                self._reload(st, old_key)
+            elif st is not None and self._ino == (st.st_dev, st.st_ino) and \
                     st.st_size >= self._offset:
                 if st.st_size > self._offset:
                     self._take_new(st.st_size)
-                return
-            if st is None and self._ino is None and self._old_key == self._stat_old():
-                return  # no complaints.jsonl and its .1 as read last time: nothing to do
-            self._reload(st)
+            elif st is not None or self._ino is not None:  # rotated, truncated or deleted
+                self._reload(st, old_key)
 
     def _stat_old(self) -> tuple[int, int, int] | None:
         try:
@@ -183,7 +186,7 @@ class ComplaintCounts:
         except OSError:
             return None
 
-    def _reload(self, st) -> None:
+    def _reload(self, st, old_key: tuple | None) -> None:
         """Read the tail of complaints.jsonl.1 and complaints.jsonl afresh (MAX_READ in all)."""
         parts: list[bytes] = []
         budget = MAX_READ
@@ -194,7 +197,6 @@ class ComplaintCounts:
             ino = (st.st_dev, st.st_ino)
             parts.append(data)
             budget -= len(data)
-        old_key = self._stat_old()
         if budget > 0 and old_key and old_key[1]:
             data, _end = self._read(self.old_path, old_key[1], budget)
             parts.insert(0, data)

@@ -268,3 +268,22 @@ def test_a_file_emptied_or_removed_by_hand_is_read_again(tmp_path, cut):
     read = counts.bytes_read
     counts.refresh()  # nothing changed since: nothing read again
     assert counts.bytes_read == read
+
+
+def test_a_line_landing_in_the_rotated_file_is_counted(tmp_path):
+    """A writer in another process may put one line into complaints.jsonl.1 just after the
+    rotation (its check came before the rename): the next refresh sees .1 changed."""
+    log = tmp_path / "log"
+    log.mkdir()
+    path, old = log / COMPLAINTS_JSONL, log / (COMPLAINTS_JSONL + ".1")
+    path.write_text(_line(NOW - 60, "a.example") * 2)
+    counts = ComplaintCounts(log, clock=Clock(NOW))
+    counts.refresh()
+    assert rotate_if_over(path, 10)
+    path.write_text(_line(NOW - 20, "b.example"))
+    counts.refresh()
+    assert counts.counts(NOW - 86400, NOW) == {"a.example": 2, "b.example": 1}
+    with open(old, "a") as f:  # the late line
+        f.write(_line(NOW - 10, "a.example"))
+    counts.refresh()
+    assert counts.counts(NOW - 86400, NOW) == {"a.example": 3, "b.example": 1}
