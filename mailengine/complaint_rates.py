@@ -134,7 +134,7 @@ class ComplaintCounts:
     memory: each sender domain's complaint times, sorted, and the newest records.
 
     `refresh()` brings them up to date and does all the file reading: run it in a thread
-    (asyncio.to_thread), never on the event loop. Unchanged file: one stat. Lines appended
+    (asyncio.to_thread), never on the event loop. Unchanged files: two stats. Lines appended
     since: only those bytes are read (at most MAX_STEP a call). Rotated, truncated or first
     call: the tail of both files is read again (MAX_READ in all), as the figures must be those
     of the lines the files hold. `counts()`, `recent()` and `rates()` then only look at memory:
