@@ -166,6 +166,7 @@ def cmd_init(ns) -> int:
     import tomlkit
 
     from . import config_file
+    from .secret_values import shown
     from .spool import Spool
     home = config.resolve_home(ns.home)
     path = home / config.CONFIG_FILE
@@ -199,7 +200,8 @@ def cmd_init(ns) -> int:
         print(f"{path} exists already: left as it is.")
     else:
         print(f"Wrote {path}: every setting with its default and meaning"
-              + "".join(f"\n  {n} = {config.toml_value(cfg.values[n])}" for n in given))
+              + "".join(f"\n  {n} = {config.toml_value(shown(config.BY_NAME[n], cfg.values[n]))}"
+                        for n in given))
     first_user(cfg)
     print(f"Made {cfg.mailq()} and {cfg.log_dir}. Start it with: "
           f"mailengine --home {home} start")

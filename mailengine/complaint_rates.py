@@ -12,8 +12,12 @@ Where the numbers come from, chosen to cost delivery nothing measurable:
   and when the engine stops, so a restart keeps the week (a crash loses at most that minute).
   Reading events.jsonl instead would mean parsing every delivery line again, and the file may be
   rotated away by other programs at any time.
-- **complaints**: the lines of `log/complaints.jsonl` (complaints.py; few by nature, at most a
-  few per thousand messages), read again only when the file changed.
+- **complaints**: `ComplaintCounts`, the lines of `log/complaints.jsonl` and its rotated
+  `complaints.jsonl.1` (complaints.py, which writes complaints only and rotates the file at
+  16 MiB: anyone may mail the complaint address), each sender domain's complaint times held in
+  memory, sorted. The intake processes write the file; the engine follows it: each view first
+  takes in, in a thread, only the lines appended since the last one, so no view reads the
+  whole file, and none reads it on the event loop.
 
 "Last day" is the last 24 hours (the delivered count to the hour: the oldest bucket counted is the
 one the window starts in); "last week" the last 7 days. A complaint counts for the sender domain
@@ -27,6 +31,9 @@ import logging
 import os
 import threading
 import time
+from array import array
+from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from pathlib import Path
 
 from .complaints import COMPLAINTS_JSONL
@@ -38,7 +45,9 @@ BUCKET = 3600  # s: one bucket per hour
 KEEP = 8 * 86400  # s of buckets kept
 SAVE_EVERY = 60.0  # s between writes of the counts while mail flows
 WINDOWS = {"1d": 86400, "7d": 7 * 86400}
-MAX_READ = 32 << 20  # bytes of complaints.jsonl read (its end)
+MAX_READ = 32 << 20  # bytes of complaints.jsonl(.1) read when (re)loaded: their end
+MAX_STEP = 4 << 20  # bytes of new lines taken in by one refresh (the rest by the next)
+RECENT_KEPT = 100  # newest complaint records held for the page and the API
 
 
 def domain_of(address: str) -> str:
@@ -120,62 +129,182 @@ class DeliveredTally:
             self._dirty = True
 
 
-class ComplaintLines:
-    """The complaints of log/complaints.jsonl as (unix time, sender domain, record), read again
-    only when the file changed."""
+class ComplaintCounts:
+    """The complaints of log/complaints.jsonl (and complaints.jsonl.1, its rotated part) held in
+    memory: each sender domain's complaint times, sorted, and the newest records.
 
-    def __init__(self, log_dir: Path | str) -> None:
+    `refresh()` brings them up to date and does all the file reading: run it in a thread
+    (asyncio.to_thread), never on the event loop. Unchanged files: two stats. Lines appended
+    since: only those bytes are read (at most MAX_STEP a call). Rotated, truncated or first
+    call: the tail of both files is read again (MAX_READ in all), as the figures must be those
+    of the lines the files hold. `counts()`, `recent()` and `rates()` then only look at memory:
+    bisections in the sorted times, so a view costs the same with ten complaints or a million.
+    Times older than KEEP are dropped; what is held is bounded by the files, which
+    complaints.py rotates at complaints.MAX_BYTES."""
+
+    def __init__(self, log_dir: Path | str, clock=time.time) -> None:
         self.path = Path(log_dir) / COMPLAINTS_JSONL
-        self._key: tuple | None = None
-        self._items: list[tuple[float, str, dict]] = []
+        self.old_path = self.path.with_name(COMPLAINTS_JSONL + ".1")
+        self.clock = clock
+        self.bytes_read = 0  # all refreshes together (tests, and a sense of the cost)
+        self._ino: tuple[int, int] | None = None  # the followed file (dev, inode); None: unread
+        self._offset = 0  # bytes of it taken in: whole lines only
+        self._old_key: tuple | None = ()  # complaints.jsonl.1 as last read (() = never)
+        self._times: dict[str, array] = {}  # sender domain -> unix times, sorted
+        self._recent: deque[dict] = deque(maxlen=RECENT_KEPT)
+        self._lock = threading.Lock()  # the in-memory state: held for moments only
+        self._refreshing = threading.Lock()  # one refresh at a time (views run them in threads)
 
-    def items(self) -> list[tuple[float, str, dict]]:
+    # --- reading (in a thread) -------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Take in what changed in the files since the last call. Never raises."""
+        with self._refreshing:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            except OSError as e:
+                log.warning("cannot stat %s: %s", self.path, e)
+                return
+            # .1 changes only at a rotation, or when a writer's line lands in it just after
+            # one (as with any log rotation): then both are read again
+            old_key = self._stat_old()
+            if old_key != self._old_key:
+                self._reload(st, old_key)
+            elif st is not None and self._ino == (st.st_dev, st.st_ino) and \
+                    st.st_size >= self._offset:
+                if st.st_size > self._offset:
+                    self._take_new(st.st_size)
+            elif st is not None or self._ino is not None:  # rotated, truncated or deleted
+                self._reload(st, old_key)
+
+    def _stat_old(self) -> tuple[int, int, int] | None:
         try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            self._key, self._items = None, []
-            return []
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if key != self._key:
-            self._items = self._read(st.st_size)
-            self._key = key
-        return self._items
+            st = os.stat(self.old_path)
+            return st.st_ino, st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
 
-    def _read(self, size: int) -> list[tuple[float, str, dict]]:
+    def _reload(self, st, old_key: tuple | None) -> None:
+        """Read the tail of complaints.jsonl.1 and complaints.jsonl afresh (MAX_READ in all)."""
+        parts: list[bytes] = []
+        budget = MAX_READ
+        offset = 0
+        ino = None
+        if st is not None:
+            data, offset = self._read(self.path, st.st_size, budget)
+            ino = (st.st_dev, st.st_ino)
+            parts.append(data)
+            budget -= len(data)
+        if budget > 0 and old_key and old_key[1]:
+            data, _end = self._read(self.old_path, old_key[1], budget)
+            parts.insert(0, data)
+        times: dict[str, array] = {}
+        recent: deque[dict] = deque(maxlen=RECENT_KEPT)
+        self._add(times, recent, parts)
+        with self._lock:
+            self._times, self._recent = times, recent
+            self._ino, self._offset, self._old_key = ino, offset, old_key
+
+    def _take_new(self, size: int) -> None:
+        """Read the lines appended since the last call (MAX_STEP at most; the rest next time)."""
+        end = min(size, self._offset + MAX_STEP)
         try:
             with open(self.path, "rb") as f:
-                if size > MAX_READ:
-                    f.seek(size - MAX_READ)
-                    f.readline()  # the first may be cut
-                data = f.read()
+                f.seek(self._offset)
+                data = f.read(end - self._offset)
         except OSError as e:
             log.warning("cannot read %s: %s", self.path, e)
-            return []
-        out = []
-        for line in data.splitlines():
-            try:
-                rec = json.loads(line)
-                if rec.get("is_complaint"):
-                    out.append((float(rec["unix"]), str(rec.get("sender_domain") or ""), rec))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue  # a line another program cut or wrote
+            return
+        self.bytes_read += len(data)
+        whole = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        if not whole:
+            if len(data) >= MAX_STEP:  # one line longer than a step: not ours, skip it
+                self._offset = end
+            return
+        with self._lock:
+            self._add(self._times, self._recent, [data[:whole]])
+            self._offset += whole
+
+    def _read(self, path: Path, size: int, budget: int) -> tuple[bytes, int]:
+        """The whole lines of the last `budget` of the first `size` bytes of `path`, and the
+        offset they end at."""
+        first = max(0, size - budget)
+        try:
+            with open(path, "rb") as f:
+                f.seek(first)
+                data = f.read(size - first)
+        except OSError as e:
+            log.warning("cannot read %s: %s", path, e)
+            return b"", 0
+        self.bytes_read += len(data)
+        if first:  # started inside a line: skip to the next
+            cut = data.find(b"\n") + 1 or len(data)
+            data, first = data[cut:], first + cut
+        whole = data.rfind(b"\n") + 1
+        return data[:whole], first + whole
+
+    def _add(self, times: dict[str, array], recent: deque, chunks: list[bytes]) -> None:
+        """Count the complaint lines of `chunks` into `times` and `recent`; drop old times."""
+        oldest = self.clock() - KEEP
+        for chunk in chunks:
+            for line in chunk.splitlines():
+                try:
+                    rec = json.loads(line)
+                    if not rec.get("is_complaint"):
+                        continue  # lines written before complaints.py kept complaints only
+                    t = float(rec["unix"])
+                    dom = str(rec.get("sender_domain") or "")
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # a line another program cut or wrote
+                recent.append(rec)
+                if t < oldest:
+                    continue
+                ts = times.get(dom)
+                if ts is None:
+                    ts = times[dom] = array("d")
+                if not ts or t >= ts[-1]:
+                    ts.append(t)
+                else:  # several intake processes: a line may come a moment out of order
+                    insort(ts, t)
+        for dom in list(times):
+            ts = times[dom]
+            cut = bisect_left(ts, oldest)
+            if cut:
+                del ts[:cut]
+            if not ts:
+                del times[dom]
+
+    # --- figures (in memory) -----------------------------------------------------------------
+
+    def counts(self, start: float, end: float) -> dict[str, int]:
+        """Complaints per sender domain with `start` <= time <= `end`."""
+        out = {}
+        with self._lock:
+            for dom, ts in self._times.items():
+                n = bisect_right(ts, end) - bisect_left(ts, start)
+                if n:
+                    out[dom] = n
         return out
 
+    def recent(self, n: int) -> list[dict]:
+        """The last `n` complaint records (n <= RECENT_KEPT), newest first."""
+        with self._lock:
+            return list(self._recent)[-n:][::-1] if n > 0 else []
 
-def rates(tally: DeliveredTally | None, complaints: ComplaintLines, threshold: float,
+
+def rates(tally: DeliveredTally | None, complaints: ComplaintCounts, threshold: float,
           now: float | None = None) -> list[dict]:
     """One row per sender domain with mail delivered or complained about in the last week:
     delivered, complaints and rate (percent; None when nothing was delivered) for each window,
-    and `over` when a window's rate is above `threshold` (percent). Worst first."""
+    and `over` when a window's rate is above `threshold` (percent). Worst first. Reads no file:
+    call complaints.refresh() (in a thread) before."""
     now = time.time() if now is None else now
-    items = complaints.items()
     rows: dict[str, dict] = {}
     for name, span in WINDOWS.items():
         delivered = tally.since(now - span) if tally is not None else {}
-        counted: dict[str, int] = {}
-        for t, dom, _rec in items:
-            if now - span <= t <= now + 60:
-                counted[dom] = counted.get(dom, 0) + 1
+        counted = complaints.counts(now - span, now + 60)  # a clock a minute ahead still counts
         for dom in set(delivered) | set(counted):
             row = rows.setdefault(dom, {"domain": dom, "over": False})
             d, c = delivered.get(dom, 0), counted.get(dom, 0)
@@ -190,6 +319,6 @@ def rates(tally: DeliveredTally | None, complaints: ComplaintLines, threshold: f
     return out
 
 
-def recent(complaints: ComplaintLines, n: int = 50) -> list[dict]:
+def recent(complaints: ComplaintCounts, n: int = 50) -> list[dict]:
     """The last `n` complaints, newest first."""
-    return [rec for _t, _d, rec in complaints.items()[-n:]][::-1]
+    return complaints.recent(n)

@@ -51,11 +51,14 @@ from . import recipient_token, webhooks
 from .bounces import _RETURNED_MARKERS, _header, _id_from_headers, _is_autoreply, _text_of
 from .bounces import verp_decode
 from .events import EventLog, iso_time
-from .lists import AppendFile
+from .lists import AppendFile, rotate_if_over
 
 log = logging.getLogger("mailengine.complaints")
 
 COMPLAINTS_JSONL = "complaints.jsonl"
+# Anyone may mail the complaint address, so the file is bounded: past this size it becomes
+# complaints.jsonl.1 (the one before is dropped) and a new one is started.
+MAX_BYTES = 16 << 20
 MAX_SCAN = 256 * 1024  # bytes of a report searched for tokens and quoted headers
 # Feedback types (RFC 5965 and its registry) that are not a recipient's complaint.
 NOT_COMPLAINTS = {"not-spam": "the recipient marked the message as not spam",
@@ -369,8 +372,11 @@ class ComplaintDesk:
 
     For each complaint: the matched recipient is suppressed (suppression.py, source
     "complaint", for the original sender domain or for all per
-    `complaints.suppress_all_senders`), one line goes to `log/complaints.jsonl`, one
-    `"event": "complaint"` line to `log/events.jsonl`, and one line to the log."""
+    `complaints.suppress_all_senders`), one line goes to `log/complaints.jsonl` (rotated to
+    `complaints.jsonl.1` at MAX_BYTES), one `"event": "complaint"` line to `log/events.jsonl`,
+    and one line to the log. A report that is not a complaint only gets a log line saying why:
+    it would otherwise let any mail to the address grow the file (the mail itself is stored as
+    local mail)."""
 
     def __init__(self, cfg, store=None) -> None:
         self.cfg = cfg
@@ -378,6 +384,7 @@ class ComplaintDesk:
         self._secret: bytes | None = None
         self._lock = threading.Lock()  # handle() runs in worker threads
         self.jsonl = AppendFile(cfg.log_dir / COMPLAINTS_JSONL)
+        self.max_bytes = MAX_BYTES
         self.events = EventLog(cfg.log_dir)
 
     def secret(self) -> bytes:
@@ -401,13 +408,12 @@ class ComplaintDesk:
         Blocking (file and store writes): run it in a thread. Raises nothing for bad input."""
         c = parse(data, self.secret())
         now = time.time()
+        if not c.is_complaint:
+            log.info("mail %s from %s to %s is not a complaint: %s", report_id or "-",
+                     mail_from or "<>", ",".join(rcpts), c.why)
+            return c
         line = {"time": iso_time(now), "unix": round(now, 3), "report_id": report_id,
                 "to": ",".join(rcpts), "from": mail_from, **c.to_json(), "suppressed": False}
-        if not c.is_complaint:
-            log.info("mail %s to %s is not a complaint: %s", report_id or "-", ",".join(rcpts),
-                     c.why)
-            self._write(self.jsonl, line)
-            return c
         with self._lock:
             if c.address and (c.matched_by == "token" or self.cfg.complaints.trust_unsigned):
                 line["suppressed"] = self._suppress(c)
@@ -448,6 +454,7 @@ class ComplaintDesk:
             return False
 
     def _write(self, f: AppendFile, obj: dict) -> None:
+        rotate_if_over(f.path, self.max_bytes)
         try:
             f.append_lines([json.dumps(obj, ensure_ascii=False)])
         except OSError as e:

@@ -361,7 +361,7 @@ SETTINGS: list[Setting] = [
             check=_check_webhook_urls),
     Setting("webhooks", "secret", "", "str",
             "Key of the HMAC-SHA256 signature in X-MailEngine-Signature. Empty: unsigned "
-            "(a warning at start).", scope=DELIVERY),
+            "(a warning at start).", scope=DELIVERY, secret=True),
     Setting("webhooks", "events", list(WEBHOOK_TYPES), "list[str]",
             "Event types posted: delivered, deferred, bounced, complained, unsubscribed, "
             "suppressed.", check=_check_webhook_types),

@@ -341,6 +341,7 @@ class ControlServer:
 
     def op_config_set(self, req: dict) -> dict:
         from . import config
+        from .secret_values import shown
         name = str(req.get("name"))
         setting = config.BY_NAME.get(name)
         if setting is None:
@@ -349,9 +350,9 @@ class ControlServer:
             return {"applied": False, "why": "takes effect after restart"}
         self.engine.cfg.set(name, req.get("value"))
         notes = apply_settings(self.engine)
-        log.info("config: %s = %r (set by mailengine config set)", name,
-                 self.engine.cfg.get(name))
-        return {"applied": True, "value": self.engine.cfg.get(name), "notes": notes}
+        value = shown(setting, self.engine.cfg.get(name))  # a secret stays out of the log
+        log.info("config: %s = %r (set by mailengine config set)", name, value)
+        return {"applied": True, "value": value, "notes": notes}
 
 
 OPS = {

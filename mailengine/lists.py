@@ -20,6 +20,7 @@ rename is the safe way.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -94,6 +95,34 @@ class AppendFile:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def rotate_if_over(path: Path | str, max_bytes: int) -> bool:
+    """Rename `path` to `path.1` (replacing the one before) once it holds `max_bytes` or more,
+    so a file written by several processes stays bounded. True when it was rotated.
+
+    The writers' AppendFile (recheck 0) sees the new inode and opens a fresh file at its next
+    line. The rename is done under a lock on the directory, and the size looked at again under
+    it: two processes finding the file full at once rotate it once, not twice (a second rename
+    would replace the full `.1` with the new, nearly empty file)."""
+    path = Path(path)
+    try:
+        if os.stat(path).st_size < max_bytes:
+            return False
+        fd = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.stat(path).st_size < max_bytes:
+            return False  # another process rotated it while we waited
+        os.replace(path, path.with_name(path.name + ".1"))
+        return True
+    except OSError as e:
+        log.warning("cannot rotate %s: %s", path, e)
+        return False
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _one_line(text: str) -> str:

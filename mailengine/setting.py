@@ -35,6 +35,7 @@ class Setting:
     # text is one entry, several are written as a TOML array.
     comma_entries: bool = False
     scope: str = BOTH  # INTAKE | DELIVERY | BOTH: which processes read it (see above)
+    secret: bool = False  # shown masked (secret_values.py; keys like *password* are anyway)
 
     @property
     def name(self) -> str:

@@ -37,6 +37,7 @@ import threading
 import time
 from collections import deque
 
+from .secret_values import mask_text
 from .setting import Setting
 
 log = logging.getLogger("mailengine.shared")
@@ -121,17 +122,6 @@ return #KEYS
 """
 
 
-def _shown(url: str) -> str:
-    """The URL without its password."""
-    from urllib.parse import urlsplit
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return parts._replace(netloc=user + host).geturl()
-
-
 # KEYS[1]: this batch's marker. ARGV: list name, line, list name, line, ... Pushes the batch
 # once, however often it is sent (a reply lost to a timeout), and keeps each list bounded.
 _PUSH_LINES = """
@@ -150,7 +140,7 @@ class _Health:
     """Whether Redis answered lately; says so in the log when that changes."""
 
     def __init__(self, url: str, what: str) -> None:
-        self.url, self.what = _shown(url), what
+        self.url, self.what = mask_text(url), what  # for the log: no password
         self.down_until = 0.0
         self.down = False
         self.probing = False  # down, and one call is trying it again: the others do not

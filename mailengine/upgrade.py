@@ -3,6 +3,8 @@
 - `config show [KEY|SECTION] [--changed]`: the effective values (`postconf`-like); one key also
   shows its meaning, default and whether a change needs a restart. A value given on the command
   line for this run (`--smtp-port 2525`) is shown as in force, marked, with the file's value.
+  Secrets (webhooks.secret, a password in a URL such as shared.redis_url's) show as "********"
+  (secret_values.py), here and in what `set` and `upgrade` print.
 - `config set KEY VALUE`: checked exactly as the engine and the web admin check it
   (config.coerce), written into mailengine.toml with its comments and layout kept (tomlkit); a
   running engine is told through the control socket when the setting allows it.
@@ -27,6 +29,7 @@ import tomlkit
 
 from . import config
 from .config_file import read_doc, set_in_doc, write_atomically
+from .secret_values import mask_text, shown
 from .setting import READ_BY
 
 BACKUP_SUFFIX = ".before-upgrade"
@@ -70,15 +73,15 @@ def override_note(cfg: config.Config, name: str) -> str:
         return ""
     from .overrides import option_name
     return (f"  # {option_name(config.BY_NAME[name].key)} on the command line "
-            f"({config.CONFIG_FILE}: {config.toml_value(cfg.overridden[name])})")
+            f"({config.CONFIG_FILE}: {_shown(name, cfg.overridden[name])})")
 
 
 def show(cfg: config.Config, key: str | None, changed_only: bool = False) -> int:
     if key and key in config.BY_NAME:
         s = config.BY_NAME[key]
-        print(f"{s.name} = {config.toml_value(cfg.values[s.name])}{override_note(cfg, s.name)}")
+        print(f"{s.name} = {_shown(s.name, cfg.values[s.name])}{override_note(cfg, s.name)}")
         print(f"  {s.doc}")
-        print(f"  default: {config.toml_value(s.default)}; "
+        print(f"  default: {_shown(s.name, s.default)}; "
               + ("a change takes effect after restart" if s.restart else
                  "a change applies to a running engine at once (config set)")
               + f"; read by {READ_BY[s.scope]}")
@@ -92,10 +95,16 @@ def show(cfg: config.Config, key: str | None, changed_only: bool = False) -> int
         value = cfg.values[s.name]
         if changed_only and value == config.coerce(s, s.default) and s.name not in cfg.overridden:
             continue
-        print(f"{s.name} = {config.toml_value(value)}{override_note(cfg, s.name)}")
+        print(f"{s.name} = {_shown(s.name, value)}{override_note(cfg, s.name)}")
     for w in cfg.warnings:
         print(f"# warning: {w}", file=sys.stderr)
     return 0
+
+
+def _shown(name: str, value) -> str:
+    """A value as printed: TOML, a secret masked."""
+    setting = config.BY_NAME.get(name)
+    return config.toml_value(shown(setting, value) if setting else value)
 
 
 # ---------------------------------------------------------------- set
@@ -121,10 +130,10 @@ def cmd_set(cfg: config.Config, key: str, text: str, engine_answer=None, ask=Non
         hint = ""
         if setting.kind.startswith("list") and "; write " not in str(e):
             hint = f" (write {list_syntax(setting)})"
-        print(f"Not changed: {e}{hint}", file=sys.stderr)
+        print(f"Not changed: {mask_text(str(e))}{hint}", file=sys.stderr)  # it may quote a URL
         return 2
     write_atomically(path, new_text)
-    print(f"{setting.name} = {config.toml_value(value)}  (written to {path})")
+    print(f"{setting.name} = {_shown(setting.name, value)}  (written to {path})")
     for w in checked.warnings:
         print(f"warning: {w}")
     alive = engine_answer(cfg) if engine_answer else None
@@ -319,12 +328,12 @@ def cmd_upgrade(home: Path, old: Path, dry_run: bool = False, running: bool = Fa
     n = len(rep["carried"])
     print(f"{verb} {n} value{'' if n == 1 else 's'}; {len(rep['same'])} were already the same")
     for name, value in rep["carried"]:
-        print(f"  {name} = {config.toml_value(value)}")
+        print(f"  {name} = {_shown(name, value)}")
     if rep["not_default"]:
         print("values from the old file that differ from this release's defaults "
               "(check they are still what you want):")
         for name, value, default in rep["not_default"]:
-            print(f"  {name} = {config.toml_value(value)}  (default {config.toml_value(default)})")
+            print(f"  {name} = {_shown(name, value)}  (default {_shown(name, default)})")
     if rep["users"]:
         print(f"users: {rep['users']}")
     if rep["unknown"]:

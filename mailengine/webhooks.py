@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 from . import NAME, __version__
 from .events import iso_time
+from .secret_values import mask_text
 
 if TYPE_CHECKING:
     from .config import Config
@@ -337,9 +338,9 @@ class UrlState:
         self.last_ok: float | None = None
 
     def as_dict(self) -> dict:
-        return {"url": self.url, "pending": self.pending, "sent": self.sent,
+        return {"url": mask_text(self.url), "pending": self.pending, "sent": self.sent,
                 "dropped": self.dropped, "failures": self.failures,
-                "last_error": self.last_error, "last_ok": self.last_ok}
+                "last_error": mask_text(self.last_error), "last_ok": self.last_ok}
 
 
 class Webhooks:
@@ -464,11 +465,11 @@ class Webhooks:
                     if url not in self._tasks:
                         self.urls[url] = UrlState(url)
                         self._tasks[url] = loop.create_task(self._serve(url))
-                        log.info("webhooks: posting events to %s", url)
+                        log.info("webhooks: posting events to %s", mask_text(url))
                 for url in [u for u in self._tasks if u not in urls]:
                     self._tasks.pop(url).cancel()
                     self.urls.pop(url, None)
-                    log.info("webhooks: no longer posting to %s", url)
+                    log.info("webhooks: no longer posting to %s", mask_text(url))
                 now = loop.time()
                 try:
                     if urls and now >= next_count:
@@ -541,11 +542,12 @@ class Webhooks:
             if error:
                 state.failures += 1
                 state.last_error = error
-                log.warning("webhooks: %s: %s (failure %d in a row; %d events wait)", url,
+                log.warning("webhooks: %s: %s (failure %d in a row; %d events wait)",
+                            mask_text(url),
                             error, state.failures, state.pending or taken)
                 return False
             if state.failures:
-                log.info("webhooks: %s accepts events again after %d failures", url,
+                log.info("webhooks: %s accepts events again after %d failures", mask_text(url),
                          state.failures)
             state.failures = 0
             state.sent += sending
@@ -553,7 +555,7 @@ class Webhooks:
         try:
             await self._db(self.outbox.ack, url, rows[-1][0])
         except (sqlite3.Error, OSError) as e:  # sent again later: at least once
-            log.error("webhooks: cannot record what %s acknowledged: %s", url, e)
+            log.error("webhooks: cannot record what %s acknowledged: %s", mask_text(url), e)
             return False
         state.pending = max(0, state.pending - taken)
         return True

@@ -67,6 +67,34 @@ def test_show_all_one_key_a_section_and_changed(tmp_path):
     assert code == 2 and "no such setting or section" in out
 
 
+def test_show_and_set_mask_secrets(tmp_path):
+    """The webhook signing secret and passwords in URLs never reach the terminal: `show` (all,
+    a section, one key, --changed) and `set`'s echo give "********", and whether one is set."""
+    home = new_home(tmp_path)
+    code, out = run_cli(home, "config", "show", "webhooks.secret")
+    assert out.splitlines()[0] == 'webhooks.secret = ""'  # not set: shown as not set
+    for key, value in (("webhooks.secret", "whsec-cli-secret-1"),
+                       ("shared.redis_url", "redis://:redis-pw-2@127.0.0.1:6379/0"),
+                       ("webhooks.urls", "https://crm:hook-pw-3@crm.example/hook")):
+        code, out = run_cli(home, "config", "set", key, value)
+        assert code == 0, out
+        assert "********" in out and "secret-1" not in out and "-pw-" not in out, out
+    data = tomllib.loads((home / config.CONFIG_FILE).read_text())  # the file has them
+    assert data["webhooks"]["secret"] == "whsec-cli-secret-1"
+    assert data["shared"]["redis_url"] == "redis://:redis-pw-2@127.0.0.1:6379/0"
+    for args in ((), ("--changed",), ("webhooks",), ("shared",), ("webhooks.secret",),
+                 ("shared.redis_url",), ("webhooks.urls",)):
+        code, out = run_cli(home, "config", "show", *args)
+        assert code == 0
+        assert "secret-1" not in out and "redis-pw-2" not in out and "hook-pw-3" not in out, out
+    code, out = run_cli(home, "config", "show", "--changed")
+    assert 'webhooks.secret = "********"' in out
+    assert 'shared.redis_url = "redis://:********@127.0.0.1:6379/0"' in out
+    assert 'webhooks.urls = ["https://crm:********@crm.example/hook"]' in out
+    code, out = run_cli(home, "config", "set", "webhooks.urls", "ftp://u:bad-pw-4@h.example/x")
+    assert code == 2 and "not an http://" in out and "bad-pw-4" not in out  # the refusal too
+
+
 # ---------------------------------------------------------------- set
 
 def test_set_checks_the_value_and_keeps_the_file_as_it_was(tmp_path):

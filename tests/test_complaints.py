@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mailengine import recipient_token
-from mailengine.complaint_rates import (BUCKET, COUNTS_FILE, ComplaintLines, DeliveredTally,
+from mailengine.complaint_rates import (BUCKET, COUNTS_FILE, ComplaintCounts, DeliveredTally,
                                         rates)
 from mailengine.complaints import ComplaintDesk, is_redacted, parse
 from mailengine.config import Config, ConfigError
@@ -175,11 +175,15 @@ def test_desk_suppresses_records_and_logs(tmp_path, caplog):
     c = desk.handle(["fbl@news.example"], (CORPUS / "arf_redacted.eml").read_bytes(), "", "R2")
     assert c.is_complaint and not c.address
     assert "could not be matched" in caplog.text and "redacted" in caplog.text
-    # not a complaint: a line saying why, no event
+    # not a complaint: a log line saying why, no line in complaints.jsonl (anyone may mail the
+    # address: it must not grow the file), no event
+    size = (tmp_path / "log" / "complaints.jsonl").stat().st_size
     desk.handle(["fbl@news.example"], (CORPUS / "plain_question.eml").read_bytes(), "x@y", "R3")
+    assert "mail R3 from x@y to fbl@news.example is not a complaint" in caplog.text
+    assert (tmp_path / "log" / "complaints.jsonl").stat().st_size == size
     lines = _jsonl(tmp_path / "log" / "complaints.jsonl")
-    assert [x["is_complaint"] for x in lines] == [True, True, False]
-    assert lines[1]["suppressed"] is False and lines[2]["why"]
+    assert [x["is_complaint"] for x in lines] == [True, True]
+    assert lines[1]["suppressed"] is False
     assert len([x for x in _jsonl(tmp_path / "log" / "events.jsonl")
                 if x["event"] == "complaint"]) == 2
     desk.close()
@@ -254,7 +258,9 @@ def test_rates_against_the_threshold(tmp_path):
         for t, d in recs:
             f.write(json.dumps({"unix": t, "sender_domain": d, "is_complaint": True}) + "\n")
         f.write(json.dumps({"unix": now, "is_complaint": False}) + "\ncut li\n")
-    rows = {r["domain"]: r for r in rates(tally, ComplaintLines(log), 0.3, now)}
+    counts = ComplaintCounts(log, clock=Clock(now))
+    counts.refresh()
+    rows = {r["domain"]: r for r in rates(tally, counts, 0.3, now)}
     bad, good, unknown = rows["bad.example"], rows["good.example"], rows[""]
     assert bad["1d"] == {"delivered": 100, "complaints": 1, "rate_percent": 1.0}
     assert bad["7d"] == {"delivered": 1100, "complaints": 4, "rate_percent": round(400 / 1100, 4)}
@@ -360,7 +366,7 @@ def test_complaint_by_smtp_end_to_end(tmp_path):
             # recorded before the 250
             lines = _jsonl(home / "log" / "complaints.jsonl")
             assert [(x["address"], x["matched_by"]) for x in lines] == [
-                ("r1@dest.example", "token"), ("r2@dest.example", "verp"), ("", "")]
+                ("r1@dest.example", "token"), ("r2@dest.example", "verp")]  # not the question
             assert lines[0]["sender_domain"] == "news.example" and lines[0]["suppressed"]
             assert lines[0]["queue_id"]  # our Received: line named the original
             store = SuppressionStore(home, sync=False)

@@ -365,6 +365,48 @@ def test_settings_refuse_bad_values_and_mark_restart_ones(running):
     assert ehlo_size(running.smtp_port) > 0  # still listening where it was
 
 
+def test_settings_page_masks_secrets_and_keeps_them_when_saved(tmp_path):
+    """The settings page, /metrics and the log never show the webhook secret or a password in a
+    URL; saving the form with the masks left as shown keeps the values, a new one replaces."""
+    secret, url = "whsec-web-secret-1", "http://hook:url-pw-2@127.0.0.1:9/x"
+    with engine(make_home(tmp_path), {"webhooks.secret": secret,
+                                      "webhooks.urls": [url]}) as eng:
+        wait_web(eng)
+        path = eng.home / "mailengine.toml"
+        c = Client(eng.web_port)
+        c.login()
+        page = c.get("/gui/admin/settings").text
+        assert secret not in page and "url-pw-2" not in page
+        assert re.search(r'name="webhooks.secret" value="\*{8}"', page)
+        assert "http://hook:********@127.0.0.1:9/x" in page
+        csrf = c.csrf("/gui/admin/settings")
+        r = c.post("/gui/admin/settings/webhooks", form={
+            "csrf": csrf, "webhooks.secret": "********",
+            "webhooks.urls": "http://hook:********@127.0.0.1:9/x", "webhooks.batch_size": "50"})
+        assert r.status == 303
+        page = c.get("/gui/admin/settings").text
+        assert "applied now: webhooks.batch_size" in page and "webhooks.secret" not in \
+            page.split("applied now:")[1].split("<")[0]
+        data = tomllib.loads(path.read_text())
+        assert data["webhooks"]["secret"] == secret and data["webhooks"]["urls"] == [url]
+        assert data["webhooks"]["batch_size"] == 50
+        r = c.post("/gui/admin/settings/webhooks", form={"csrf": csrf,
+                                                         "webhooks.secret": "whsec-new-3"})
+        assert r.status == 303
+        assert tomllib.loads(path.read_text())["webhooks"]["secret"] == "whsec-new-3"
+        page = c.get("/gui/admin/settings").text
+        assert "whsec-new-3" not in page
+        r = c.post("/gui/admin/settings/webhooks", form={"csrf": csrf, "webhooks.secret": ""})
+        assert tomllib.loads(path.read_text())["webhooks"]["secret"] == ""
+        assert 'name="webhooks.secret" value=""' in c.get("/gui/admin/settings").text
+        metrics = c.get("/metrics").text
+        assert "url-pw-2" not in metrics
+        assert 'url="http://hook:********@127.0.0.1:9/x"' in metrics
+    out = eng.output.decode()
+    assert secret not in out and "whsec-new-3" not in out and "url-pw-2" not in out
+    assert "settings changed from the web admin" in out
+
+
 def test_every_setting_is_on_the_settings_page_with_its_doc(running):
     from mailengine.config import SECTION_TITLES, SETTINGS
     c = Client(running.web_port)

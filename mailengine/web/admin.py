@@ -19,6 +19,8 @@ from aiohttp import web
 from ..bounces import BOUNCES_JSONL
 from ..categories import CATEGORIES, categorize, categorize_reply, override_problem
 from ..config import SECTION_TITLES, SETTINGS, AddressSet, coerce, toml_value
+from ..secret_values import is_secret
+from ..secret_values import shown as masked
 from ..users import hash_password
 from . import queue_actions, queue_view, settings_edit, suppressions
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, same
@@ -262,15 +264,16 @@ def _settings_groups(engine, errors: dict[str, str], submitted) -> list[dict]:
                 continue
             running = engine.cfg.values[s.name]
             shown = saved[s.name] if s.restart else running
+            # secrets masked (secret_values.py); a mask sent back unchanged keeps the value
             value = (submitted.get(s.name, "") if s.kind != "bool" else s.name in submitted) \
                 if s.name in errors else (shown if s.kind == "bool"
-                                          else settings_edit.form_text(s, shown))
+                                          else settings_edit.form_text(s, masked(s, shown)))
             items.append({"s": s, "value": value, "error": errors.get(s.name, ""),
                           "pending": s.restart and saved[s.name] != running,
-                          "running": settings_edit.form_text(s, running),
-                          "default": toml_value(s.default),  # as the file writes it
+                          "running": settings_edit.form_text(s, masked(s, running)),
+                          "default": toml_value(masked(s, s.default)),  # as the file writes it
                           "changed": shown != coerce(s, s.default),
-                          "multiline": s.kind.startswith("list")})
+                          "multiline": s.kind.startswith("list"), "secret": is_secret(s)})
         if items:
             groups.append({"section": sec, "title": title, "rows": items})
     return groups

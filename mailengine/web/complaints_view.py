@@ -3,15 +3,17 @@ and /metrics: each sender domain's complaints per delivered recipient over the l
 week, against `complaints.rate_threshold_percent` (0.3 %, the line Gmail and Yahoo draw).
 
 The numbers are complaint_rates.py's: the delivered counts the engine keeps (engine.notices),
-the complaints of log/complaints.jsonl (read again only when it changed).
+the complaints of log/complaints.jsonl held in memory (ComplaintCounts). Each view first takes
+in the lines appended since the last one, in a thread (`refreshed`), then reads memory only.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
 
-from ..complaint_rates import WINDOWS, ComplaintLines, rates, recent
+from ..complaint_rates import WINDOWS, ComplaintCounts, rates, recent
 from .admin import page
 from .api import token
 
@@ -24,9 +26,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/complaints", token(complaints_json))
 
 
-def state(engine, lines: ComplaintLines | None = None) -> dict:
-    """Rates per sender domain, the threshold, the newest complaints."""
-    lines = lines or _lines(engine)
+def state(engine, lines: ComplaintCounts | None = None) -> dict:
+    """Rates per sender domain, the threshold, the newest complaints, from memory (no file is
+    read: `await refreshed(engine)` first for the newest)."""
+    lines = lines or counts(engine)
     threshold = engine.cfg.complaints.rate_threshold_percent
     tally = engine.notices.delivered  # None in test mode: nothing is delivered
     return {"threshold_percent": threshold, "windows": list(WINDOWS),
@@ -35,29 +38,38 @@ def state(engine, lines: ComplaintLines | None = None) -> dict:
             "recent": recent(lines, RECENT), "time": time.time()}
 
 
-_cache: dict[int, ComplaintLines] = {}
+_cache: dict[str, ComplaintCounts] = {}
 
 
-def _lines(engine) -> ComplaintLines:
-    key = id(engine)
+def counts(engine) -> ComplaintCounts:
+    """The complaint counts of the engine's log directory, kept between views (keyed by the
+    directory, not the engine object, whose id a later engine may reuse)."""
+    key = str(engine.cfg.log_dir)
     if key not in _cache:
-        _cache[key] = ComplaintLines(engine.cfg.log_dir)
+        _cache[key] = ComplaintCounts(engine.cfg.log_dir)
     return _cache[key]
+
+
+async def refreshed(engine) -> dict:
+    """state(), after taking in the newest lines in a thread: the first view of a run reads the
+    files' tail (up to 32 MiB), the others what was appended since, off the event loop."""
+    await asyncio.to_thread(counts(engine).refresh)
+    return state(engine)
 
 
 async def complaints_page(request: web.Request) -> web.Response:
     w = request.app["web"]
-    return w.render(request, "complaints.html", title="Complaints", **state(w.engine),
+    return w.render(request, "complaints.html", title="Complaints", **await refreshed(w.engine),
                     jsonl=str(w.cfg.log_dir / "complaints.jsonl"))
 
 
 async def complaints_json(request: web.Request) -> web.Response:
-    return web.json_response(state(request.app["web"].engine))
+    return web.json_response(await refreshed(request.app["web"].engine))
 
 
-def prometheus(engine) -> str:
+async def prometheus(engine) -> str:
     """Gauges per sender domain and window: complaints, delivered, rate (percent)."""
-    s = state(engine)
+    s = await refreshed(engine)
     out = ["# HELP mailengine_complaint_rate_percent Complaints per delivered recipient, percent.",
            "# TYPE mailengine_complaint_rate_percent gauge"]
     counts = ["# HELP mailengine_complaints Complaints received in the window.",

@@ -17,6 +17,7 @@ import tomlkit
 
 from .. import config_file
 from ..config import BY_NAME, CONFIG_FILE, SETTINGS, ConfigError, coerce
+from ..secret_values import mask_text, shown, unmask
 from ..setting import Setting
 
 log = logging.getLogger("mailengine.web")
@@ -101,7 +102,7 @@ def apply(engine, changes: dict[str, Any]) -> None:
         cfg.set(name, value)
     engine.apply_settings()
     log.info("settings changed from the web admin: %s",
-             ", ".join(f"{k} = {v!r}" for k, v in changes.items()))
+             ", ".join(f"{k} = {shown(BY_NAME[k], v)!r}" for k, v in changes.items()))
 
 
 def submit(engine, section: str | None, form) -> tuple[dict[str, str], list[str], list[str]]:
@@ -109,6 +110,7 @@ def submit(engine, section: str | None, form) -> tuple[dict[str, str], list[str]
     name, applied names, restart names). Nothing is saved when any field is wrong."""
     errors: dict[str, str] = {}
     new: dict[str, Any] = {}
+    saved = read_file_values(engine.cfg.home)
     for s in SETTINGS:
         if section is not None and s.section != section:
             continue
@@ -116,13 +118,14 @@ def submit(engine, section: str | None, form) -> tuple[dict[str, str], list[str]
         if not on_form:
             continue  # not on the form: unchanged (an unticked checkbox sends nothing: the
             # form lists its checkboxes in "bools")
+        # the page showed secrets masked: a mask sent back is the value it stood for
+        showed = saved[s.name] if s.restart else engine.cfg.values[s.name]
         try:
-            new[s.name] = coerce(s, parse_field(s, form.get(s.name)))
+            new[s.name] = coerce(s, unmask(s, parse_field(s, form.get(s.name)), showed))
         except ConfigError as e:
-            errors[s.name] = str(e)
+            errors[s.name] = mask_text(str(e))  # a check may quote a URL with its password
     if errors:
         return errors, [], []
-    saved = read_file_values(engine.cfg.home)
     live = {n: v for n, v in new.items() if not BY_NAME[n].restart and v != engine.cfg.values[n]}
     later = {n: v for n, v in new.items() if BY_NAME[n].restart and v != saved[n]}
     to_file = {**live, **later}  # what differs from what the form showed

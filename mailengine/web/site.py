@@ -93,7 +93,7 @@ class WebSite:
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=prometheus(self.engine, self.outcomes)
-                            + complaints_view.prometheus(self.engine),
+                            + await complaints_view.prometheus(self.engine),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 
