@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .deliverer import failed_result
+from .deliverer import FileBody, failed_result
 from .frames import FrameError, FrameReader, encode
 from .smtp.client import Body, DSNRequest, SMTPClientError, TransactionResult, local_reply
 from .smtp_session import ConnectError
@@ -164,7 +164,10 @@ class Deliverers:
                 "log_retention_days": self.retention_days}
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mailengine.deliverer", stdin=asyncio.subprocess.PIPE,
+                # imported by its name, not run as __main__: the pickled FileBody must be
+                # the class the process checks for
+                sys.executable, "-c", "from mailengine.deliverer import main; main()",
+                stdin=asyncio.subprocess.PIPE,
                 pass_fds=[from_engine, to_engine])
         except BaseException:
             for fd in (to_child, from_child):
@@ -281,12 +284,12 @@ class RemoteSession:
         self.capabilities, self.tls_version = answer[2], answer[3]
         self._ready = self._proc is not None  # a "lost" may have come meanwhile
 
-    async def send(self, mail_from: str, rcpts, data: bytes | Body, *,
+    async def send(self, mail_from: str, rcpts, data: bytes | Body | FileBody, *,
                    dsn: DSNRequest | None = None, test_mode: bool = False) -> TransactionResult:
         if not self.is_reusable or self._proc is None:
             raise SMTPClientError("send() on a session that is not ready")
         rcpts = list(rcpts)
-        body = data if isinstance(data, Body) else Body.from_bytes(data)
+        body = Body.from_bytes(data) if isinstance(data, bytes) else data  # Body or FileBody
         self._busy = True
         try:
             answer = await self._proc.call(self._cid, ("send", self._cid, mail_from, rcpts, body,

@@ -64,6 +64,7 @@ from .queue_dirs import DONE, RETRY, WORKING
 from .backlog import due_time
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
+from .deliverer import FileBody
 from .deliverers import Deliverers, RemoteSession
 from .dns import MXResolver, Target
 from .downgrade import seven_bit
@@ -894,7 +895,7 @@ class DeliveryEngine:
                 reused = sess.messages_sent > 0
                 try:
                     sent_body = body
-                    seven = body.eight_bit and not getattr(sess.capabilities, "eightbitmime", True)
+                    seven = self._needs_seven_bit(body, sess)
                     if seven and att.personal is None:
                         # RFC 6152 3: 8-bit MIME parts re-encoded; refused (5.6.3) only when
                         # the message cannot be converted
@@ -1042,14 +1043,35 @@ class DeliveryEngine:
             return RemoteSession(self.deliverers, target.ip, target.port, **kwargs)
         return SMTPSession(target.ip, target.port, **kwargs)
 
-    def _prepare_body(self, msg: Message) -> Body:
+    def _prepare_body(self, msg: Message) -> Body | FileBody:
         """The bytes that go out: a Received: header, then ID.dat as received (no signing)."""
         data = self._data.pop(msg.id, None)
         if data is not None:
             self._cached_bytes -= len(data)
+        elif self.deliverers is not None:  # the delivery process reads it: only its size here
+            path = self.spool.dat_path(msg.id, WORKING)
+            prefix = received_header(msg, self.engine.hostname)
+            return FileBody(path, prefix, len(prefix) + os.stat(path).st_size, None)
         else:
             data = self.spool.read_data(msg.id, WORKING)
-        return Body.from_bytes(received_header(msg, self.engine.hostname) + data)
+        return self._made_body(msg, received_header(msg, self.engine.hostname), data)
+
+    def _made_body(self, msg: Message, prefix: bytes, data: bytes) -> Body | FileBody:
+        """`prefix` + ID.dat (`data`): made here, or by the delivery process from the file (so
+        the pipe carries its name, not its bytes)."""
+        if self.deliverers is not None:
+            return FileBody(self.spool.dat_path(msg.id, WORKING), prefix,
+                            len(prefix) + len(data), not data.isascii())
+        return Body.from_bytes(prefix + data)
+
+    def _needs_seven_bit(self, body: Body | FileBody, sess) -> bool:
+        """The server lacks 8BITMIME and the body needs it (RFC 6152)."""
+        if getattr(sess.capabilities, "eightbitmime", True):
+            return False
+        if body.eight_bit is None:  # a FileBody not looked into: look now (rare: most offer it)
+            with open(body.path, "rb") as f:
+                return not f.read().isascii()
+        return body.eight_bit
 
     async def _body(self, att: Attempt) -> Body:
         """The attempt's Body, made once for all its units. Signing runs in a signing thread,
@@ -1140,7 +1162,7 @@ class DeliveryEngine:
             except OSError as e:
                 log.warning("%s: cannot keep its DKIM signature: %s", msg.id, e)
                 signature = self.signer.sign(data, sender_domain)
-        return (Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data),
+        return (self._made_body(msg, signature + received_header(msg, self.engine.hostname), data),
                 fresh)
 
     async def _seven_bit_body(self, att: Attempt) -> Body | None:

@@ -232,7 +232,7 @@ def test_sigkill_of_a_delivery_process_loses_no_message(tmp_path):
             rcpts = [f"u{n}@k.test" for n in range(40)]
             send_many(eng, rcpts)
             wait(lambda: len(sink.messages) >= 3, what="the first deliveries")
-            kids = subprocess.run(["pgrep", "-P", str(eng.proc.pid), "-f", "mailengine.deliverer"],
+            kids = subprocess.run(["pgrep", "-P", str(eng.proc.pid), "-f", "mailengine.deliverer import"],
                                   capture_output=True, text=True).stdout.split()
             assert len(kids) == 3
             os.kill(int(kids[0]), signal.SIGKILL)
