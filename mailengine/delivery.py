@@ -439,7 +439,7 @@ class DeliveryEngine:
             from .shared import SharedLimits
             self.shared = SharedLimits(cfg.shared.redis_url, cfg.shared.key_prefix)
         # suspensions kept across restarts, shared with other engines, and so are its rates
-        self.shaping_link = ShapingLink(self.shaping, cfg.home, self.shared)
+        self.shaping_link = ShapingLink(self.shaping, cfg.home, self.shared, self.test_mode)
         self.pool = Pool(lim.max_outbound_connections, lim.max_connections_per_host,
                          self._new_session, self.shared)
         self.rate = send_rate_bucket(lim.max_send_rate)

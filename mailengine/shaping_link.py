@@ -23,9 +23,10 @@ SAVE_STEP = 5.0  # s: an override that only lasts longer is saved and posted onc
 
 
 class ShapingLink:
-    def __init__(self, shaping: Shaping, home: Path | str, shared=None) -> None:
+    def __init__(self, shaping: Shaping, home: Path | str, shared=None,
+                 test_mode: bool = False) -> None:
         self.shaping = shaping
-        self.path = Path(home) / shaping_state.STATE_FILE
+        self.path = shaping_state.state_file(home, test_mode)
         self.shared = SharedShaping(shared) if shared is not None else None
         self._outbox: dict[str, dict] = {}  # records not on the board yet (Redis down)
         self._told: dict[str, float] = {}  # dest -> the expiry last saved and posted

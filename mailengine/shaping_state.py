@@ -9,21 +9,35 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
-from .config_file import write_atomically
 from .shaping import Override
 
 log = logging.getLogger("mailengine.shaping")
 
-STATE_FILE = "shaping-state.json"
+
+def state_file(home: Path | str, test_mode: bool = False) -> Path:
+    """A test-mode engine (mailq-test) keeps its own: both may run in one home at once."""
+    return Path(home) / ("shaping-state-test.json" if test_mode else "shaping-state.json")
 
 
 def save(path: Path, overrides: list[Override]) -> None:
     """Raises OSError (the caller logs it: delivery goes on)."""
     doc = {"version": 1, "overrides": [o.to_dict() for o in sorted(overrides,
                                                                   key=lambda o: o.dest)]}
-    write_atomically(path, json.dumps(doc, indent=1) + "\n")
+    # mkstemp's mode (0600): the replies it keeps name our addresses; the engine's user only
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load(path: Path, now: float) -> list[Override]:
