@@ -12,7 +12,7 @@ import time
 import pytest
 
 from mailengine import shared
-from mailengine.shaping import Shaping, parse_rules, shipped_rules
+from mailengine.shaping import Override, Shaping, parse_rules, shipped_rules
 from mailengine.shaping_link import ShapingLink
 from mailengine.shared import SharedLimits
 from mailengine.testing.engine import RunningEngine, wait_until as wait
@@ -39,6 +39,25 @@ def redis_server():
     srv = RedisServer().start()
     yield srv
     srv.stop()
+
+
+# ---------------------------------------------------------------- taken from elsewhere
+
+def test_news_from_elsewhere_never_weakens_a_suspension_and_an_older_lift_spares_new_trouble():
+    clock = Clock()
+    a, b = shaping(clock=clock), shaping(clock=clock)
+    a.react("gmail", [reply("a@gmail.com", SUSPEND)])
+    b.react("gmail", [reply("a@gmail.com", THROTTLE)])
+    suspension, throttle = a.overrides["gmail"], b.overrides["gmail"]
+    assert not a.adopt(throttle, "by another engine") and a.limit("gmail", 20) == 0
+    assert b.adopt(suspension, "by another engine") and b.limit("gmail", 20) == 0
+    clock.t += 10
+    assert a.lifted_elsewhere("gmail", clock.t - 20) is None  # lifted before it began
+    assert a.lifted_elsewhere("gmail", clock.t) is not None and a.limit("gmail", 20) == 20
+    # a throttle to 0.25 recovering every 5 min is over two steps after its time
+    o = Override("x", "throttle", "r", 0, 600, 0.25, 300)
+    assert o.end() == 900 and not o.over(899) and o.over(900)
+    assert not a.adopt(o, "by another engine")  # over already at the clock's 1010: not taken
 
 
 # ---------------------------------------------------------------- kept across a restart
