@@ -29,6 +29,7 @@ class ShapingLink:
         self.path = shaping_state.state_file(home, test_mode)
         self.shared = SharedShaping(shared) if shared is not None else None
         self._outbox: dict[str, dict] = {}  # records not on the board yet (Redis down)
+        self._posting = asyncio.Lock()  # one flush at a time: an older record never lands last
         self._told: dict[str, float] = {}  # dest -> the expiry last saved and posted
         self._save_failed = False
         for o in shaping_state.load(self.path, shaping.clock()):
@@ -74,11 +75,15 @@ class ShapingLink:
 
     async def flush(self) -> None:
         """Post what waits to be posted; what Redis did not take waits for the next poll."""
-        for dest, rec in list(self._outbox.items()):
-            if not await self.shared.post(dest, rec, self.shaping.clock()):
-                return
-            if self._outbox.get(dest) is rec:
-                del self._outbox[dest]
+        async with self._posting:
+            for dest in list(self._outbox):
+                rec = self._outbox.get(dest)  # the newest for dest (a change while posting)
+                if rec is None:
+                    continue
+                if not await self.shared.post(dest, rec, self.shaping.clock()):
+                    return
+                if self._outbox.get(dest) is rec:
+                    del self._outbox[dest]
 
     async def poll(self) -> list[str]:
         """Adopt the suspensions, throttles and lifts other engines posted; the destinations
