@@ -75,6 +75,7 @@ from .bounces import verp_encode
 from .outcome import Kind, RcptOutcome, failure_outcomes, record_attempt
 from .scheduler import Scheduler, Unit, domain_of
 from .shaping import Shaping
+from .shaping_link import ShapingLink
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
 from .suppression import FILE as SUPPRESSION_FILE
@@ -439,6 +440,8 @@ class DeliveryEngine:
         if cfg.shared.redis_url:
             from .shared import SharedLimits
             self.shared = SharedLimits(cfg.shared.redis_url, cfg.shared.key_prefix)
+        # suspensions kept across restarts, shared with other engines, and so are its rates
+        self.shaping_link = ShapingLink(self.shaping, cfg.home, self.shared, self.test_mode)
         self.pool = Pool(lim.max_outbound_connections, lim.max_connections_per_host,
                          self._new_session, self.shared)
         # network.delivery_processes: the sessions run there, every decision stays here
@@ -805,6 +808,9 @@ class DeliveryEngine:
             if self.windows.get(dest).lower_to(limit):
                 log.info("%s: another engine met temporary failures there; concurrency lowered "
                          "to %d here too", dest, limit)
+        for dest in await self.shaping_link.poll():  # suspended, throttled or lifted there
+            self.sched.recheck(dest)
+            self._kick()
 
     async def _deliver(self, u: Unit, att: Attempt) -> list[RcptOutcome]:
         """One unit's outcomes, each with the attempt's duration and, in front of its
@@ -878,8 +884,7 @@ class DeliveryEngine:
             while pending:
                 if not self.pool.idle.get((target.ip, target.port)):  # a new connection, likely
                     self._within_cap(u.dest, (target.ip, target.port))
-                    if (wait := self.shaping.connect_delay(u.dest)) > 0:
-                        await asyncio.sleep(wait)  # the provider's max_connections_per_minute
+                    await self.shaping_link.wait_connection(u.dest)  # max_connections_per_minute
                 try:
                     sess = await self.pool.acquire(target, fresh, self._host_wait)
                 except ConnectError as e:  # verdict.py: the next MX host, this one last
@@ -1005,8 +1010,7 @@ class DeliveryEngine:
             stats.sent.add(time.time(), n)
 
     async def _limit_rate(self, size: int, dest: str) -> None:
-        if (wait := self.shaping.rate_delay(dest)) > 0:  # the provider's message rates
-            await asyncio.sleep(wait)
+        await self.shaping_link.wait_message(dest)  # the provider's message rates
         rate = self.cfg.limits.max_send_rate
         taken = False
         if self.shared is not None and rate > 0:

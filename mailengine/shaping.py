@@ -22,7 +22,8 @@ and carries out its answers.
   the recipient (fails for good). After a throttle's time the limit comes back step by step:
   the factor doubles every `recover` seconds until it is whole again. Every override keeps its
   cause (the reply) and expiry (`active`), can be lifted by hand (`lift`), and every change is
-  logged.
+  logged. Each change is also told to `on_change` (shaping_link.py keeps them in the home and
+  shares them with other engines, whose overrides come back through `adopt`).
 """
 from __future__ import annotations
 
@@ -318,6 +319,25 @@ class Override:
     def over(self, now: float) -> bool:
         return now >= self.until if self.action == "suspend" else self.factor_at(now) >= 1.0
 
+    def end(self) -> float:
+        """The clock time it is over (a throttle: once its last step back up is done)."""
+        if self.action == "suspend" or self.recover <= 0:
+            return self.until
+        return self.until + max(0, math.ceil(math.log2(1 / self.factor)) - 1) * self.recover
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Override":
+        """Raises ValueError (or KeyError, TypeError) for a record that is not one."""
+        o = cls(str(d["dest"]), str(d["action"]), str(d["cause"]), float(d["since"]),
+                float(d["until"]), float(d.get("factor", 1.0)), float(d.get("recover", 0.0)),
+                str(d.get("rule", "")))
+        if o.action not in ("suspend", "throttle") or not 0 < o.factor <= 1 or not o.dest:
+            raise ValueError(f"not a suspension or throttle: {d!r}")
+        return o
+
 
 class Shaping:
     def __init__(self, rules: Rules | None = None, clock: Callable[[], float] = time.time,
@@ -330,6 +350,9 @@ class Shaping:
                                        TokenBucket | None]] = {}
         self._learned: dict[str, tuple[tuple[str, ...], str | None]] = {}  # domain->(mx, prov)
         self._factor_seen: dict[str, float] = {}  # dest -> the factor last logged
+        # told of each change: (dest, the override now or None, "new" | "longer" | "lifted" |
+        # "over"); the I/O (state file, Redis) is the listener's, so this module stays pure
+        self.on_change: Callable[[str, Override | None, str], None] | None = None
         self.use(rules if rules is not None else Rules())
 
     @classmethod
@@ -491,6 +514,10 @@ class Shaping:
             return 0 if now < o.until else lim
         return max(1, int(lim * o.factor_at(now)))
 
+    def factor(self, dest: str) -> float:
+        """The share of its message and connection rates `dest` may use now (a throttle)."""
+        return self._factor(dest)
+
     def _factor(self, dest: str) -> float:
         o = self.overrides.get(dest)
         if o is None or o.action != "throttle":
@@ -523,11 +550,20 @@ class Shaping:
                 wait = max(wait, bucket.wait(1))
         return wait
 
+    def rates(self, dest: str, connections: bool) -> list[tuple[str, float, float, float]]:
+        """`dest`'s message rates (or its connection rate) now, a throttle's factor applied:
+        [(name, rate, per seconds, burst)], for buckets kept elsewhere (shared_shaping.py)."""
+        rule, f = self.rule_for_dest(dest), self._factor(dest)
+        rates = ([("conn/m", rule.max_connections_per_minute, 60.0)] if connections else
+                 [("msg/m", rule.max_messages_per_minute, 60.0),
+                  ("msg/h", rule.max_messages_per_hour, 3600.0)])
+        return [(f"{dest}:{name}", rate * f, per, burst(rate, per))
+                for name, rate, per in rates if rate]
+
     def _bucket(self, rate: int | None, per: float) -> TokenBucket | None:
         if not rate:
             return None
-        # a minute's worth of an hourly rate may go at once; a few seconds' of a per-minute one
-        b = TokenBucket(rate, per, max(1.0, rate / (60 if per > 60 else 20)), clock=self.clock)
+        b = TokenBucket(rate, per, burst(rate, per), clock=self.clock)
         b.full = rate
         return b
 
@@ -588,21 +624,29 @@ class Shaping:
         if r.action == "suspend":
             if o is not None and o.action == "suspend":
                 o.until = max(o.until, until)  # units still running say it again: no new line
+                self._tell(dest, o, "longer")
                 return
-            self.overrides[dest] = Override(dest, "suspend", reply, now, until, rule=r.where)
+            o = self.overrides[dest] = Override(dest, "suspend", reply, now, until, rule=r.where)
             log.warning("%s suspended until %s: %s (%s)", dest, _when(until), reply, r.where)
+            self._tell(dest, o, "new")
             return
         if o is not None and o.action == "suspend" and now < o.until:
             return  # suspended already: the stronger one stands
         factor = r.factor if o is None else min(o.factor_at(now), r.factor)
         if o is not None and now < o.until and o.factor <= factor:
             o.until = max(o.until, until)  # the same trouble again: it lasts longer, quietly
+            self._tell(dest, o, "longer")
             return
-        self.overrides[dest] = Override(dest, "throttle", reply, now, until, factor,
-                                        r.recover or r.duration, r.where)
+        o = self.overrides[dest] = Override(dest, "throttle", reply, now, until, factor,
+                                            r.recover or r.duration, r.where)
         self._factor_seen[dest] = factor
         log.warning("%s throttled to %g of its limits until %s, then back step by step: %s (%s)",
                     dest, factor, _when(until), reply, r.where)
+        self._tell(dest, o, "new")
+
+    def _tell(self, dest: str, o: Override | None, what: str) -> None:
+        if self.on_change is not None:
+            self.on_change(dest, o, what)
 
     def lift(self, dest: str) -> Override | None:
         """Lift a suspension or throttle by hand; the override lifted, or None."""
@@ -610,6 +654,47 @@ class Shaping:
         self._factor_seen.pop(dest, None)
         if o is not None:
             log.warning("%s: %s lifted by hand (it was for: %s)", dest, o.action, o.cause)
+            self._tell(dest, o, "lifted")
+        return o
+
+    def adopt(self, o: Override, source: str) -> bool:
+        """A suspension or throttle from elsewhere (`source`: "another engine", "before the
+        restart"): in force here too, unless it is over or a suspension in force here stands
+        over it (a suspension beats a throttle; of two suspensions the longer holds). Not told
+        to `on_change` (it came from there). True when the destination's limits changed."""
+        now = self.clock()
+        if o.over(now):
+            return False
+        mine = self.overrides.get(o.dest)
+        if mine is not None and mine.over(now):
+            mine = None
+        if mine is not None and mine.action == "suspend":
+            if o.action == "suspend" and o.until > mine.until:
+                mine.until = o.until
+            return False
+        if mine is not None and (mine.action, mine.cause, mine.until, mine.factor) == (
+                o.action, o.cause, o.until, o.factor):
+            return False  # the same one (it came back from Redis)
+        self.overrides[o.dest] = o
+        self._factor_seen[o.dest] = o.factor_at(now)
+        if o.action == "suspend":
+            log.warning("%s suspended until %s (%s): %s", o.dest, _when(o.until), source,
+                        o.cause)
+        else:
+            log.warning("%s throttled to %g of its limits until %s (%s): %s", o.dest,
+                        o.factor_at(now), _when(o.until), source, o.cause)
+        return True
+
+    def lifted_elsewhere(self, dest: str, at: float) -> Override | None:
+        """Another engine lifted `dest`'s override by hand at `at`: so is ours, unless it began
+        after that (new trouble). The override lifted, or None."""
+        o = self.overrides.get(dest)
+        if o is None or o.since > at:
+            return None
+        del self.overrides[dest]
+        self._factor_seen.pop(dest, None)
+        log.warning("%s: %s lifted by hand on another engine (it was for: %s)", dest, o.action,
+                    o.cause)
         return o
 
     def tick(self) -> list[str]:
@@ -626,6 +711,7 @@ class Shaping:
                 log.info("%s: %s over, its limits are whole again (it was for: %s)", dest,
                          "suspension" if o.action == "suspend" else "throttle", o.cause)
                 grew.append(dest)
+                self._tell(dest, None, "over")
             elif o.action == "throttle":
                 f = o.factor_at(now)
                 if f > self._factor_seen.get(dest, f):
@@ -672,6 +758,12 @@ class Shaping:
                         "factor": 0.0 if o.action == "suspend" else o.factor_at(now),
                         "recovering": o.action == "throttle" and now >= o.until})
         return out
+
+
+def burst(rate: float, per: float) -> float:
+    """A rate's burst: a minute's worth of an hourly rate may go at once; a few seconds' of a
+    per-minute one."""
+    return max(1.0, rate / (60 if per > 60 else 20))
 
 
 def _when(t: float) -> str:

@@ -21,7 +21,9 @@ them the same limits: each checks the shared count against its own):
 - **the bounce and undeliverable lists**: every line an engine appends to its four list files
   is also pushed onto a Redis list of the same name (`PREFIX` `list:hard-bounces`, ...), so one
   reader sees every engine's bounces (it takes them with LPOP/LMPOP; each list keeps its newest
-  LIST_MAX lines). The files stay as they are.
+  LIST_MAX lines). The files stay as they are;
+- **traffic shaping**: suspensions, throttles and each provider's rates (shared_shaping.py, over
+  this Redis connection).
 
 When Redis cannot be reached, an engine goes on alone with its own limits (a warning, and a line
 when Redis is back; meanwhile one call at a time tries it again): mail is never held up because
@@ -70,8 +72,9 @@ def _check_url(value: str) -> str | None:
 SHARED_SECTION_TITLE = ("shared", "Several engines, one set of limits (Redis)")
 SHARED_SETTINGS = [
     Setting("shared", "redis_url", "", "str",
-            "Redis that engines share their hourly cap, per-server connection cap and bounce "
-            "lists through, e.g. 'redis://127.0.0.1:6379/0'. Empty: this engine shares nothing.",
+            "Redis that engines share their hourly cap, per-server connection cap, traffic "
+            "shaping and bounce lists through, e.g. 'redis://127.0.0.1:6379/0'. Empty: this "
+            "engine shares nothing.",
             check=_check_url, restart=True),
     Setting("shared", "key_prefix", "mailengine:", "str",
             "Start of every key used in that Redis: engines with the same prefix share.",

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import shutil
 import smtplib
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -19,44 +18,11 @@ from mailengine import control, shared
 from mailengine.cli import format_status
 from mailengine.shared import ListMirror, SharedLimits
 from mailengine.testing.engine import RunningEngine, free_port, wait_until as wait
+from mailengine.testing.redis_server import RedisServer
 from mailengine.testing.sink import SinkScript, ThreadedSink
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"),
                                 reason="redis-server is installed by .ci/run")
-
-
-class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-        r = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        r.close()
-        return self
-
-    def client(self):
-        import redis
-        return redis.Redis(port=self.port, decode_responses=True)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture
