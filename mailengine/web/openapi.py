@@ -131,7 +131,9 @@ def openapi() -> dict:
                         "substitutions": {"type": "object", "additionalProperties": {
                             "type": "object", "additionalProperties": {"type": "string"}}},
                         "defaults": {"type": "object",
-                                     "additionalProperties": {"type": "string"}}}},
+                                     "additionalProperties": {"type": "string"}},
+                        "pool": {"type": "string", "description": "the sending pool "
+                                 "(shaping.toml [pools.NAME]); as an X-MailEngine-Pool field"}}},
                 "Injected": {"type": "object", "properties": {
                     "ids": {"type": "array", "items": {"type": "string"}},
                     "messages": {"type": "array", "items": {"type": "object", "properties": {
