@@ -585,8 +585,8 @@ class DeliveryEngine:
                 self.pool.sweep(now)
                 self.shaping.reload_if_changed()  # HOME/shaping.toml edited
                 if self.sources.reload_if_changed():
-                    self.shaping.set_per_source(len(self.sources.rules.sources))
                     self._spawn(self._check_rdns())
+                self.shaping.set_per_source(len(self.sources.rules.sources))  # none: 1
                 self.sources.save()  # the day's warm-up counts, when they changed
                 next_sweep = now + 1
                 if now >= next_tidy:
@@ -831,15 +831,15 @@ class DeliveryEngine:
         if barred:
             gone = {o.address for o in barred}
             u = replace(u, rcpts=[r for r in u.rcpts if r not in gone])  # a copy for this call
-        src = await self._source(u, att.msg) if self.sources.enabled else None
+        dest = self.shaping.dest(u.domain)  # as it was at the choice (the unit may learn more)
+        src = await self._source(u, att.msg, dest) if self.sources.enabled else None
         outcomes: list[RcptOutcome] = []
         try:
             outcomes, dns_line = await self._deliver_unit(u, att, src)
         finally:
             if src is not None:
                 sent = sum(o.kind is Kind.SENT for o in outcomes)
-                self.sources.done(src, self.shaping.dest(u.domain), len(u.rcpts),
-                                  len(u.rcpts) - sent)
+                self.sources.done(src, dest, len(u.rcpts), len(u.rcpts) - sent)
                 if self._source_freed is not None:  # the units waiting for a place look again
                     self._source_freed.set()
                     self._source_freed = None
@@ -870,11 +870,10 @@ class DeliveryEngine:
                                        f"({e.source}: {e.reason[:200]})", "local"))
         return out
 
-    async def _source(self, u: Unit, msg: Message) -> Source:
+    async def _source(self, u: Unit, msg: Message, dest: str) -> Source:
         """The sending source of this unit (sources.py): its message's pool, weighted, within
         each source's warm-up budget and the provider's max_connections per source (waits for
         a place); raises WarmupHold when no source of the pool may send the provider today."""
-        dest = self.shaping.dest(u.domain)
         pool = self.sources.pool_for(msg.extra.get(POOL_KEY, ""), domain_of(msg.mail_from)
                                      if msg.mail_from else "")
         cap = self.shaping.cap(dest)

@@ -94,6 +94,7 @@ def test_each_source_says_its_own_ehlo_and_the_providers_cap_holds_per_source(tm
     # equal weights: each in turn, unless its place at the cap is taken (then the other)
     assert st.per_ip[A] >= 10 and st.per_ip[B] >= 10
     assert st.refused_connections == 0 and max(st.peak_per_ip.values()) <= 2
+    assert st.peak_total > 2  # the provider as a whole: its cap times the two sources
     assert st.deliveries == 30 and st.duplicates == 0
     # contrast: a cap above what the server lets each IP have; the server refuses connections
     # (so the run above kept within 2 per source while 4 went at once in all)
@@ -168,3 +169,31 @@ def test_a_source_whose_reverse_dns_names_another_host_is_warned_about(tmp_path)
     assert ("sending source two (127.0.0.32): its reverse DNS says mail.elsewhere.test, not "
             "its EHLO name two.sender.test") in out
     assert "sending source one" not in out
+
+
+def test_when_no_source_of_the_pool_has_budget_the_mail_waits_in_retry(tmp_path):
+    import datetime as dt
+    rules = f"""builtin = false
+{PROVIDER}
+[sources.new]
+ip = "{A}"
+helo = "one.sender.test"
+warmup_start = {dt.date.today().isoformat()}
+warmup = [2]
+"""
+    p = Provider("bigmail", ["127.0.2.51"], port=0)
+    with FakeNet([p], {d: "bigmail" for d in DOMAINS}) as net:
+        (tmp_path / "shaping.toml").write_text(rules)
+        with RunningEngine(tmp_path, {
+                **FAST, "basic.dns_servers": [f"{d},mx1.bigmail.fake,MX,{p.ips[0]}:{p.port}"
+                                              for d in DOMAINS]}) as eng:
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                for sender, rcpt, _ in to(5):
+                    s.sendmail(sender, [rcpt], "Subject: x\r\n\r\nhi\r\n")
+            wait(lambda: len(infs(eng, "done")) == 2 and len(infs(eng, "retry")) == 3,
+                 timeout=20, what="two sent, three held")
+            held = infs(eng, "retry")
+        assert net.stats()["bigmail"].per_ip == {A: 2}
+    # not a send try: they wait for the next day's budget (or a rule change), not failing
+    assert all(m.send_tries == 0 and m.retry_time > dt.datetime.now() + dt.timedelta(minutes=5)
+               for m in held)
