@@ -27,7 +27,9 @@ for `TestDNSServer`.
 Every provider counts what it saw (`ProviderStats`): connections, connections refused over the
 cap, rate throttling replies, greylisting replies, unknown users, messages accepted per
 (Message-ID, recipient) so "exactly once" can be checked, bounce notices (null sender), and the
-messages delivered on each connection.
+messages delivered on each connection; and per client IP (a sender's several source
+addresses): the EHLO names said, the most connections at once, the messages accepted, and
+(`keep_messages=True`) each message's bytes as received.
 """
 from __future__ import annotations
 
