@@ -447,6 +447,7 @@ class DeliveryEngine:
         self.sources = Sources.from_home(cfg.home)
         self.shaping.set_per_source(len(self.sources.rules.sources))
         self._source_freed: asyncio.Event | None = None  # set when a unit leaves a source
+        self._rdns: asyncio.Task | None = None  # the sources' reverse DNS check (_rdns_later)
         self.sched = Scheduler(time.time, limit=self._limit, dest_of=self.shaping.dest,
                                max_active=lim.max_outbound_connections)
         self.sched.paused = cfg.queue.pause_sending
@@ -563,7 +564,7 @@ class DeliveryEngine:
         next_tidy = loop.time() + 60
         next_cuts = loop.time()
         polling: asyncio.Task | None = None
-        self._spawn(self._check_rdns())
+        self._rdns_later()
         while not self._stopping:
             if self.shared is not None and loop.time() >= next_cuts and \
                     (polling is None or polling.done()):
@@ -585,7 +586,7 @@ class DeliveryEngine:
                 self.pool.sweep(now)
                 self.shaping.reload_if_changed()  # HOME/shaping.toml edited
                 if self.sources.reload_if_changed():
-                    self._spawn(self._check_rdns())
+                    self._rdns_later()
                 self.shaping.set_per_source(len(self.sources.rules.sources))  # none: 1
                 self.sources.save()  # the day's warm-up counts, when they changed
                 next_sweep = now + 1
@@ -634,6 +635,8 @@ class DeliveryEngine:
                 log.warning("%s: cannot move it back to retry/: %s", mid, e)
         self._in_working.clear()
         await self.pool.close_all()
+        if self._rdns is not None:
+            self._rdns.cancel()
         self.sources.save()
         if self.shared is not None:
             await self.shared.close()
@@ -883,6 +886,14 @@ class DeliveryEngine:
                 self._source_freed = asyncio.Event()
             await self._source_freed.wait()
         return src
+
+    def _rdns_later(self) -> None:
+        """The rDNS check in the background, not among the units: a stop does not wait for
+        its lookups (cancelled), and a newer check replaces an older one."""
+        if self._rdns is not None:
+            self._rdns.cancel()
+        if self.sources.enabled:
+            self._rdns = asyncio.get_running_loop().create_task(self._check_rdns())
 
     async def _check_rdns(self) -> None:
         """Warn when a source's reverse DNS does not name its EHLO name (receivers check)."""

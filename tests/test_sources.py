@@ -198,3 +198,23 @@ def test_the_api_pool_field_goes_in_as_the_header():
     assert pool_header.take(p.data)[1] == "bulk"
     with pytest.raises(InjectError, match="pool"):
         prepare({**doc, "pool": "Not a name"}, "h.test", 100, 10**6)
+
+
+def test_a_providers_message_rate_holds_per_source():
+    from mailengine.shaping import Rule
+    clock = Clock()
+    s = sources(clock=clock)
+    a, b = s.rules.sources["a"], s.rules.sources["b"]
+    rule = Rule(max_messages_per_minute=60)  # 3 at once (a few seconds' worth), then 1 a second
+    assert [s.rate_delay(a, "gmail", rule) for _ in range(4)] == [0, 0, 0, 1.0]
+    assert s.rate_delay(b, "gmail", rule) == 0  # another address: its own count
+    assert s.rate_delay(a, "yahoo", rule) == 0  # another provider
+
+
+def test_the_whole_provider_may_use_its_limits_times_the_sources():
+    from mailengine.shaping import Shaping
+    sh = Shaping(parse_rules(RULES + '[provider.gmail]\nmax_connections = 2\n'
+                             'max_messages_per_minute = 60\n', "f", shipped_rules()))
+    sh.set_per_source(3)
+    assert sh.cap("gmail") == 6 and sh.limit("gmail", 100) == 6
+    assert [sh.rate_delay("gmail") for _ in range(10)].count(0) == 9  # 9 at once: 3 times 3

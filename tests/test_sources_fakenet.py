@@ -20,6 +20,8 @@ from mailengine.testing.fakenet import FakeNet, Provider
 from test_delivery import FAST, infs
 
 DOMAINS = ["d0.fake", "d1.fake", "d2.fake"]
+# the sources' reverse DNS check at start must never ask the system's resolvers: nothing here
+NO_DNS = {"basic.nameservers": ["127.0.0.1:9"]}
 PROVIDER = '[provider.bigmail]\nmx = ["bigmail.fake"]\n'
 A, B = "127.0.0.31", "127.0.0.32"
 SOURCES = f"""
@@ -45,7 +47,8 @@ def run(tmp_path, rules: str, mails, settings=None, provider=None, after=None, a
             (tmp_path / "api-tokens.txt").write_text("tests:t0ken-for-tests\n")
             web = {"network.web_port": free_port(), "network.web_ip": "127.0.0.1"}
         with RunningEngine(tmp_path, {
-                **FAST, "limits.max_connections_per_host": 20, "queue.pause_sending": True,
+                **FAST, **NO_DNS, "limits.max_connections_per_host": 20,
+                "queue.pause_sending": True,
                 "basic.dns_servers": [f"{d},mx1.bigmail.fake,MX,{p.ips[0]}:{p.port}"
                                       for d in DOMAINS], **web, **(settings or {})}) as eng:
             with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
@@ -185,8 +188,8 @@ warmup = [2]
     with FakeNet([p], {d: "bigmail" for d in DOMAINS}) as net:
         (tmp_path / "shaping.toml").write_text(rules)
         with RunningEngine(tmp_path, {
-                **FAST, "basic.dns_servers": [f"{d},mx1.bigmail.fake,MX,{p.ips[0]}:{p.port}"
-                                              for d in DOMAINS]}) as eng:
+                **FAST, **NO_DNS, "basic.dns_servers": [
+                    f"{d},mx1.bigmail.fake,MX,{p.ips[0]}:{p.port}" for d in DOMAINS]}) as eng:
             with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
                 for sender, rcpt, _ in to(5):
                     s.sendmail(sender, [rcpt], "Subject: x\r\n\r\nhi\r\n")
