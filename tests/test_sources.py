@@ -218,3 +218,13 @@ def test_the_whole_provider_may_use_its_limits_times_the_sources():
     sh.set_per_source(3)
     assert sh.cap("gmail") == 6 and sh.limit("gmail", 100) == 6
     assert [sh.rate_delay("gmail") for _ in range(10)].count(0) == 9  # 9 at once: 3 times 3
+
+
+def test_a_drop_in_through_client_enqueue_keeps_the_choice_in_the_inf(tmp_path):
+    from mailengine.client import enqueue
+    from mailengine.envelope import parse_inf
+    mid = enqueue(tmp_path / "mailq", "a@src.test", ["x@d.test"],
+                  ["Subject: s", "X-MailEngine-Pool: bulk"], "hi\n", durable=False)
+    retry = tmp_path / "mailq" / "retry"
+    assert parse_inf((retry / f"{mid}.inf").read_bytes(), mid).extra["pool"] == "bulk"
+    assert b"x-mailengine-pool" not in (retry / f"{mid}.dat").read_bytes().lower()
