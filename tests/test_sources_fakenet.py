@@ -124,7 +124,15 @@ sources = ["two"]
              ("a@src.test", "u2@d2.fake", "X-MailEngine-Pool: second\r\n")]  # header: two
     api = {"from": "a@src.test", "to": ["u3@d0.fake"], "pool": "second",  # API field: two
            "headers": {"Subject": "3", "Message-ID": "<m3@src.test>"}, "body": "hi"}
-    st, _ = run(tmp_path, rules, mails, provider=kept, api=[api])
+    def stats(eng):
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{eng.settings['network.web_port']}/api/v1/stats",
+            headers={"Authorization": "Bearer t0ken-for-tests"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    st, got = run(tmp_path, rules, mails, provider=kept, api=[api], after=stats)
+    assert {u["source"]: u["warmed"] for u in got["sources"]} == {"one": True, "two": True}
     by_subject = {body.split(b"Subject: ")[1][:1].decode(): ip for ip, body in st.messages}
     assert by_subject == {"0": A, "1": B, "2": B, "3": B}
     assert not any(b"x-mailengine-pool" in body.lower() for _, body in st.messages)

@@ -160,7 +160,14 @@ def openapi() -> dict:
                     "shaping": {"type": "array", "items": {"type": "object", "properties": {
                         "dest": {"type": "string"}, "action": {"type": "string"},
                         "cause": {"type": "string"}, "until": {"type": "number"},
-                        "factor": {"type": "number"}}}}}},
+                        "factor": {"type": "number"}}}},
+                    "sources": {"type": "array", "items": {"type": "object", "properties": {
+                        "source": {"type": "string"}, "ip": {"type": "string"},
+                        "helo": {"type": "string"}, "warmup_day": {"type": ["integer", "null"]},
+                        "warmed": {"type": "boolean"},
+                        "limit": {"type": ["integer", "null"]},
+                        "today": {"type": "object", "description": "provider -> "
+                                  "{used, limit}: recipients sent from it today"}}}}}},
                 "Complaints": {"type": "object", "properties": {
                     "threshold_percent": {"type": "number"},
                     "windows": {"type": "array", "items": {"type": "string"}},
