@@ -201,6 +201,7 @@ class Sources:
         self.running: dict[tuple[str, str], int] = {}  # (source, dest) -> units sending
         self._buckets: dict[tuple[str, str], tuple] = {}
         self._warned: set[str] = set()  # unknown pool names already logged
+        self._held: dict[tuple[str, str], float] = {}  # (pool, dest) -> next hold line
         self.day = self._today()
         self.used: dict[str, dict[str, int]] = {}  # source -> dest -> recipients today
         self._dirty = False
@@ -294,8 +295,13 @@ class Sources:
         budget = [s for s in order if self._room(s, dest, n)]
         if not budget:
             names = ", ".join(s.name for s in order)
-            raise WarmupHold(f"the warm-up volume for {dest} of every source of the pool "
-                             f"({names}) is used today", self._hold_until())
+            hold = WarmupHold(f"the warm-up volume for {dest} of every source of the pool "
+                              f"({names}) is used today", self._hold_until())
+            now = self.clock()
+            if self._held.get((pool, dest), 0) <= now:  # said once in a while, not per unit
+                self._held[(pool, dest)] = now + HOLD_RECHECK
+                log.info("%s: its mail waits in retry/ for tomorrow's budget", hold)
+            raise hold
         if budget[0] is not order[0]:  # over its warm-up: warmed sources first
             budget.sort(key=lambda s: s.daily_limit(dest, self.day) is not None)
         for s in budget:
@@ -358,6 +364,7 @@ class Sources:
         today = self._today()
         if today != self.day:  # a new day: every budget is whole again
             self.day, self.used, self._dirty = today, {}, True
+            self._held.clear()
 
     def _count(self, source: str, dest: str, n: int) -> None:
         per = self.used.setdefault(source, {})
