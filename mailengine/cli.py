@@ -595,6 +595,9 @@ def format_status(st: dict) -> str:
     from .shaping import describe
     for i, line in enumerate(describe(st.get("shaping") or [])):
         lines.append(("shaping   " if i == 0 else "          ") + line)
+    from .sources import describe as describe_sources
+    for i, line in enumerate(describe_sources(st.get("sources") or [])):
+        lines.append(("sources   " if i == 0 else "          ") + line)
     sh = st.get("shared")
     if sh:
         lines.append(f"shared    limits and lists through {sh['redis']} (keys {sh['prefix']}*): "
@@ -612,11 +615,13 @@ def cmd_shaping(cfg: config.Config, ns) -> int:
     from .shaping import describe
     p = argparse.ArgumentParser(prog="mailengine shaping", description=(
         "Traffic shaping (HOME/shaping.toml): the suspensions and throttles in force, with "
-        "their cause and expiry; `lift` ends one now."))
+        "their cause and expiry, and each sending source's warm-up use today; `lift` ends a "
+        "suspension or throttle now."))
     p.add_argument("--test", action="store_true", help="the test-mode engine")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sub.add_parser("list", help="what is suspended or throttled, why and until when")
+    sub.add_parser("list", help="what is suspended or throttled, why and until when; the "
+                   "sending sources' warm-up")
     lift = sub.add_parser("lift", help="end a suspension or throttle now")
     lift.add_argument("dest", metavar="PROVIDER_OR_DOMAIN")
     args = p.parse_args(ns.args)
@@ -634,6 +639,9 @@ def cmd_shaping(cfg: config.Config, ns) -> int:
         print(json.dumps(res, indent=1))
     else:
         print("\n".join(describe(res["active"])) or "nothing is suspended or throttled")
+        from .sources import describe as describe_sources
+        for line in describe_sources(res.get("sources") or []):
+            print("source " + line)
     return 0
 
 

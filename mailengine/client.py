@@ -23,6 +23,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from . import pool_header
 from .queue_dirs import RETRY
 from .envelope import InfError, Message, format_inf
 from .events import EventLog
@@ -155,11 +156,12 @@ def _enqueue(mailq: Path, retry: Path, sender: str, to_send: list[str], headers,
              add_missing_headers: bool) -> str:
     host = hostname or socket.gethostname()
     data = build_data(headers, body, add_missing_headers, host)
+    data, pool = pool_header.take(data)  # as intake does: the choice goes in the .inf
     private = tempfile.mkdtemp(prefix=".tmp-", dir=mailq)
     try:
         for _ in range(100):
             msg = Message(id=make_id(host), mail_from=sender, rcpt_to_send=to_send,
-                          priority=priority)
+                          priority=priority, extra={pool_header.INF_KEY: pool} if pool else {})
             msg.add_log("Queued by mailengine.client.enqueue")
             inf = format_inf(msg)  # InfError (a ValueError) for an address it cannot hold
             p_dat = os.path.join(private, msg.id + ".dat")

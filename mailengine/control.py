@@ -286,7 +286,8 @@ class ControlServer:
             conns.update({"outbound": pool.total, "outbound_idle": idle,
                           "outbound_peak": pool.peak,
                           "outbound_max": eng.cfg.limits.max_outbound_connections,
-                          "outbound_hosts": [[f"{ip}:{port}", n] for (ip, port), n in hosts]})
+                          "outbound_hosts": [[f"{k[0]}:{k[1]}" + (f" from {k[2]}" if k[2:] else ""), n]
+                                             for k, n in hosts]})
             dp = d.deliverers.counts() if d.deliverers is not None else None
             conns["delivery_processes"] = dp["running"] if dp else 0  # 0: the engine sends
             if dp:
@@ -299,11 +300,14 @@ class ControlServer:
             out["webhooks"] = hooks
         if d is not None:
             out["shaping"] = d.shaping.active()
+            if d.sources.enabled:  # each sending source's warm-up use today (sources.py)
+                out["sources"] = d.sources.usage()
         return out
 
     def op_shaping_list(self, req: dict) -> dict:
         d = self.engine.delivery
-        return {"active": d.shaping.active(), "providers": sorted(d.shaping.rules.providers)}
+        return {"active": d.shaping.active(), "providers": sorted(d.shaping.rules.providers),
+                "sources": d.sources.usage()}
 
     def op_shaping_lift(self, req: dict) -> dict:
         dest = str(req.get("dest") or "").strip().lower()

@@ -76,6 +76,8 @@ from .outcome import Kind, RcptOutcome, failure_outcomes, record_attempt
 from .scheduler import Scheduler, Unit, domain_of
 from .shaping import Shaping
 from .shaping_link import ShapingLink
+from .sources import Source, Sources, WarmupHold, rdns_problem
+from .pool_header import INF_KEY as POOL_KEY
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
 from .suppression import FILE as SUPPRESSION_FILE
@@ -122,10 +124,13 @@ class Attempt:
     personal: HeaderMaker | None = None  # what makes the fields, for the whole attempt
     data: bytes = b""
     seven_data: asyncio.Future | None = None
+    warmup_hold: float = 0.0  # a unit waits for the warm-up (sources.py) until this clock time
 
 
 class Pool:
-    """Open SMTP connections, kept per (ip, port) for reuse, within the two caps.
+    """Open SMTP connections, kept per (ip, port) for reuse, within the two caps; per
+    (ip, port, source) with sending sources (sources.py), so the per-host cap holds per source
+    address, as the servers count.
 
     Every connection counts from the moment it is being opened until it is closed, idle ones
     included, so the remote side never sees more than the caps allow."""
@@ -284,13 +289,15 @@ class Pool:
         t.add_done_callback(self._closing.discard)
 
     async def acquire(self, target: Target, fresh: bool = False,
-                      host_wait: Callable[[bool], bool] | None = None) -> SMTPSession:
+                      host_wait: Callable[[bool], bool] | None = None,
+                      source: Source | None = None) -> SMTPSession:
         """A connected session to `target`; raises ConnectError when it cannot connect.
         `fresh`: a new connection (the idle ones to that server are closed: one just failed,
         so the server has probably dropped them all). `host_wait(True)` is called when it must
         wait because the server is at `max_per_host` (it answers whether the unit left its place
-        among the running units), and then `host_wait(False)` when that wait ends."""
-        key = (target.ip, target.port)
+        among the running units), and then `host_wait(False)` when that wait ends. `source`:
+        the sending source to connect from (made by `make(target, source)`)."""
+        key = pool_key(target, source)
         if fresh:
             for s in self.idle.pop(key, []):
                 self._forget(key, s)
@@ -337,13 +344,14 @@ class Pool:
                                        []) from None
                 raise
         try:
-            s = self.make(target)
+            s = self.make(target) if source is None else self.make(target, source)
         except BaseException:
             if lease is not None:
                 self.shared.host_release(lease)
             self._count_closed(key)
             raise
         s.lease = lease
+        s.pool_key = key
         try:
             await s.connect()
         except BaseException:
@@ -353,7 +361,7 @@ class Pool:
         return s
 
     def release(self, s: SMTPSession) -> None:
-        key = (s.ip, s.port)
+        key = getattr(s, "pool_key", None) or (s.ip, s.port)
         if s.is_reusable and not self.closed and not self._over_caps(key) and \
                 not getattr(s, "retire", False):
             self.idle.setdefault(key, []).append(s)
@@ -397,6 +405,11 @@ class Pool:
         self._notify()
 
 
+def pool_key(target: Target, source: Source | None = None) -> tuple:
+    """The pool's key of a connection: (ip, port), and the source's name when there is one."""
+    return (target.ip, target.port) if source is None else (target.ip, target.port, source.name)
+
+
 def _local(code: int, enhanced: str, text: str):
     from .smtp.client import local_reply
     return local_reply(code, enhanced, text)
@@ -433,6 +446,11 @@ class DeliveryEngine:
                                min(INITIAL_WINDOW, lim.max_connections_per_host))
         # traffic shaping per provider (shaping.py): a provider's domains share one destination
         self.shaping = Shaping.from_home(cfg.home)
+        # sending sources and their pools (sources.py), from the same file
+        self.sources = Sources.from_home(cfg.home)
+        self.shaping.set_per_source(len(self.sources.rules.sources))
+        self._source_freed: asyncio.Event | None = None  # set when a unit leaves a source
+        self._rdns: asyncio.Task | None = None  # the sources' reverse DNS check (_rdns_later)
         self.sched = Scheduler(time.time, limit=self._limit, dest_of=self.shaping.dest,
                                max_active=lim.max_outbound_connections)
         self.sched.paused = cfg.queue.pause_sending
@@ -471,7 +489,7 @@ class DeliveryEngine:
         self._remove_queued = False
         self._in_working: set[str] = set()  # submitted in working/, not started yet
         self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
-        self._dest_hosts: dict[str, set] = {}  # a capped destination's servers (_within_cap)
+        self._dest_hosts: dict[tuple, set] = {}  # (dest, source) -> its servers (_within_cap)
         self._unknown: set[str] = set()  # domains whose MX rollup is to be learnt (_limit)
         self._probing: set[str] = set()  # ... and being looked up now (_probe)
         self._suppression_seen = False  # HOME/suppression.db exists (_suppressed_since)
@@ -562,6 +580,7 @@ class DeliveryEngine:
         next_tidy = loop.time() + 60
         next_cuts = loop.time()
         polling: asyncio.Task | None = None
+        self._rdns_later()
         while not self._stopping:
             if self.shared is not None and loop.time() >= next_cuts and \
                     (polling is None or polling.done()):
@@ -582,6 +601,10 @@ class DeliveryEngine:
             if now >= next_sweep:
                 self.pool.sweep(now)
                 self.shaping.reload_if_changed()  # HOME/shaping.toml edited
+                if self.sources.reload_if_changed():
+                    self._rdns_later()
+                self.shaping.set_per_source(len(self.sources.rules.sources))  # none: 1
+                self.sources.save()  # the day's warm-up counts, when they changed
                 next_sweep = now + 1
                 if now >= next_tidy:
                     self._tidy()
@@ -630,6 +653,9 @@ class DeliveryEngine:
         await self.pool.close_all()
         if self.deliverers is not None:
             await self.deliverers.stop()
+        if self._rdns is not None:
+            self._rdns.cancel()
+        self.sources.save()
         if self.shared is not None:
             await self.shared.close()
         await self.resolver.aclose()
@@ -693,6 +719,11 @@ class DeliveryEngine:
         except DKIMHold as e:  # not sent, not a try: it waits in retry/ for the key
             att.dkim_hold = e
             att.interrupted += u.rcpts
+        except WarmupHold as e:  # the same: every source's warm-up budget is used today
+            att.warmup_hold = max(att.warmup_hold, e.until)
+            att.interrupted += u.rcpts
+            if logs.tracing():
+                logs.PROGRAM.debug("%s: held: %s", u.msg_id, e)
         except asyncio.CancelledError:
             att.interrupted += [a for a in u.rcpts if a not in {o.address for o in outcomes}]
         except Exception:
@@ -783,7 +814,9 @@ class DeliveryEngine:
         cap = self.shaping.cap(dest)
         if cap is None:
             return
-        hosts = self._dest_hosts.setdefault(dest, set())
+        if len(key) > 2:  # a source's connections (sources.py): its own share of the cap
+            cap //= self.shaping.per_source
+        hosts = self._dest_hosts.setdefault((dest, key[2:]), set())
         hosts.add(key)
         if sum(self.pool.per_host.get(k, 0) for k in hosts) >= cap:
             self.pool.drop_idle(hosts - {key})
@@ -822,7 +855,18 @@ class DeliveryEngine:
         if barred:
             gone = {o.address for o in barred}
             u = replace(u, rcpts=[r for r in u.rcpts if r not in gone])  # a copy for this call
-        outcomes, dns_line = await self._deliver_unit(u, att)
+        dest = self.shaping.dest(u.domain)  # as it was at the choice (the unit may learn more)
+        src = await self._source(u, att.msg, dest) if self.sources.enabled else None
+        outcomes: list[RcptOutcome] = []
+        try:
+            outcomes, dns_line = await self._deliver_unit(u, att, src)
+        finally:
+            if src is not None:
+                sent = sum(o.kind is Kind.SENT for o in outcomes)
+                self.sources.done(src, dest, len(u.rcpts), len(u.rcpts) - sent)
+                if self._source_freed is not None:  # the units waiting for a place look again
+                    self._source_freed.set()
+                    self._source_freed = None
         took = round(time.monotonic() - t0, 3)
         return barred + [replace(o, duration=took,
                         transcript=((f"<-- {dns_line}",) + o.transcript
@@ -850,7 +894,41 @@ class DeliveryEngine:
                                        f"({e.source}: {e.reason[:200]})", "local"))
         return out
 
-    async def _deliver_unit(self, u: Unit, att: Attempt) -> tuple[list[RcptOutcome], str]:
+    async def _source(self, u: Unit, msg: Message, dest: str) -> Source:
+        """The sending source of this unit (sources.py): its message's pool, weighted, within
+        each source's warm-up budget and the provider's max_connections per source (waits for
+        a place); raises WarmupHold when no source of the pool may send the provider today."""
+        pool = self.sources.pool_for(msg.extra.get(POOL_KEY, ""), domain_of(msg.mail_from)
+                                     if msg.mail_from else "")
+        cap = self.shaping.cap(dest)
+        cap = None if cap is None else cap // self.shaping.per_source
+        while (src := self.sources.choose(pool, dest, len(u.rcpts), cap)) is None:
+            if self._source_freed is None:
+                self._source_freed = asyncio.Event()
+            await self._source_freed.wait()
+        return src
+
+    def _rdns_later(self) -> None:
+        """The rDNS check in the background, not among the units: a stop does not wait for
+        its lookups (cancelled), and a newer check replaces an older one."""
+        if self._rdns is not None:
+            self._rdns.cancel()
+        if self.sources.enabled:
+            self._rdns = asyncio.get_running_loop().create_task(self._check_rdns())
+
+    async def _check_rdns(self) -> None:
+        """Warn when a source's reverse DNS does not name its EHLO name (receivers check)."""
+        for src in list(self.sources.rules.sources.values()):
+            try:
+                names, error = await self.resolver.resolve_ptr(src.ip)
+            except Exception as e:  # a warning's lookup never stops delivery
+                names, error = [], str(e)
+            line = rdns_problem(src, names, error)
+            if line:
+                log.warning("%s", line)
+
+    async def _deliver_unit(self, u: Unit, att: Attempt,
+                            src: Source | None = None) -> tuple[list[RcptOutcome], str]:
         msg = att.msg
         mx = await self._resolve(u.domain)
         if mx.ok and (joined := self.shaping.learn(u.domain, [t.host for t in mx.targets])):
@@ -874,6 +952,9 @@ class DeliveryEngine:
         body = att.body if att.body is not None else await self._body(att)
         dsn = self._dsn(msg, u.rcpts)
         await self._limit_rate(body.size, u.dest)
+        rule = self.shaping.rule_for_dest(u.dest) if src is not None else None
+        if src is not None and (wait := self.sources.rate_delay(src, u.dest, rule)) > 0:
+            await asyncio.sleep(wait)  # the provider's message rates, for this source alone
         max_deliveries = self.shaping.rule_for_domain(u.domain).max_deliveries_per_connection
         pending = list(u.rcpts)
         final: dict[str, RcptOutcome] = {}
@@ -882,11 +963,15 @@ class DeliveryEngine:
             fresh = False
             soft: list[str] = []  # refused with a 4xx here: for the next MX host (Postfix)
             while pending:
-                if not self.pool.idle.get((target.ip, target.port)):  # a new connection, likely
-                    self._within_cap(u.dest, (target.ip, target.port))
+                key = pool_key(target, src)
+                if not self.pool.idle.get(key):  # a new connection, likely
+                    self._within_cap(u.dest, key)
                     await self.shaping_link.wait_connection(u.dest)  # max_connections_per_minute
+                    if src is not None and (wait := self.sources.connect_delay(src, u.dest,
+                                                                               rule)) > 0:
+                        await asyncio.sleep(wait)  # ... for this source alone
                 try:
-                    sess = await self.pool.acquire(target, fresh, self._host_wait)
+                    sess = await self.pool.acquire(target, fresh, self._host_wait, src)
                 except ConnectError as e:  # verdict.py: the next MX host, this one last
                     self.host_down[(target.ip, target.port)] = time.monotonic() + HOST_DOWN
                     for a in pending:
@@ -1034,12 +1119,14 @@ class DeliveryEngine:
                         "mail waits in the queue (this is said once an hour)",
                         self.cfg.limits.max_send_rate)
 
-    def _new_session(self, target: Target) -> SMTPSession | RemoteSession:
+    def _new_session(self, target: Target,
+                     source: Source | None = None) -> SMTPSession | RemoteSession:
         lim = self.cfg.limits
-        src = self.cfg.network.smtp_source_ip or None
+        src = source.ip if source is not None else self.cfg.network.smtp_source_ip or None
         if src and (":" in src) != (":" in target.ip):
             src = None  # an IPv4 source address cannot reach an IPv6 server, and back
-        kwargs = dict(helo_name=self.helo, host_name=target.host, source_ip=src,
+        helo = source.helo if source is not None else self.helo
+        kwargs = dict(helo_name=helo, host_name=target.host, source_ip=src,
                       connect_timeout=lim.smtp_connect_timeout,
                       read_timeout=lim.smtp_read_timeout, write_timeout=lim.smtp_write_timeout,
                       body_timeout=lim.smtp_body_timeout)
@@ -1254,6 +1341,10 @@ class DeliveryEngine:
                                else f" at {msg.retry_time:%Y/%m/%d %H:%M:%S}")
         if att.dkim_hold is not None and not res.done:
             self._held_for_dkim(msg, att.dkim_hold, now)
+        if att.warmup_hold and not res.done:  # sources.py: tomorrow's budget, or a new rule
+            later = datetime.fromtimestamp(att.warmup_hold)
+            if msg.retry_time is None or msg.retry_time < later:
+                msg.retry_time = later
         if not res.done:  # `queue list` shows why it waits, after a restart too
             why = {o.address: o for o in att.outcomes}
             when = now.strftime("%Y/%m/%d %H:%M:%S")

@@ -41,12 +41,14 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 
 from mailengine.config import AddressSet, split_host_port
 
 log = logging.getLogger("mailengine.dns")
 
 A, AAAA, MX = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.MX
+PTR = dns.rdatatype.PTR
 NULL_MX = "5.1.10"   # RFC 7505 section 4.2
 NO_ROUTE = "5.4.4"   # an MX host that does not exist or has no address (RFC 3463 X.4.4)
 LOOP = "5.4.6"      # every server is in policy.refused_mail_servers (RFC 3463 X.4.6)
@@ -309,6 +311,16 @@ class MXResolver:
         return [], NOT_FOUND.format(name, "A", "Host found but no data record of requested "
                                     "type"), True
 
+    async def resolve_ptr(self, ip: str) -> tuple[list[str], str]:
+        """The reverse DNS names of an address -> (names, error); for the sending sources'
+        check at start (sources.py)."""
+        try:
+            name = dns.reversename.from_address(ip).to_text(omit_final_dot=True)
+        except (ValueError, dns.exception.SyntaxError) as e:
+            return [], str(e)
+        answer = await self._lookup(name, PTR)
+        return list(answer.values), answer.error or ("" if answer.values else answer.status)
+
     async def preload(self, domains: Iterable[str], concurrency: int = 20) -> dict[str, MXResult]:
         """Resolve `basic.preload_domains` ahead of the first mail, a few at a time."""
         gate = asyncio.Semaphore(concurrency)
@@ -468,8 +480,8 @@ class MXResolver:
             if reply.rrset is None:
                 result = _Answer("nodata", ttl=self._negative_ttl([reply.response]))
             else:
-                values = [(r.preference, _host(r.exchange)) if rdtype == MX else r.address
-                          for r in reply.rrset]
+                values = [(r.preference, _host(r.exchange)) if rdtype == MX else
+                          _host(r.target) if rdtype == PTR else r.address for r in reply.rrset]
                 result = _Answer("ok", values, ttl=reply.chaining_result.minimum_ttl)
         if result.status == "fail":
             self.stats.failures += 1

@@ -16,7 +16,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from . import bounce_suppression, recipient_token
+from . import bounce_suppression, pool_header, recipient_token
 from .complaints import ComplaintDesk, addressed
 from .config import Config
 from .envelope import Message, format_address_list
@@ -86,6 +86,8 @@ class Intake:
         if txn.dropped and not relay and not local:  # every recipient suppressed: no file
             self._dropped(txn, "")
             return Reply(250, "2.0.0", "Ok: not queued, every recipient is suppressed")
+        # the X-MailEngine-Pool header is for us (sources.py): out before anything is stored
+        data, pool = pool_header.take(data)
         now = datetime.datetime.now().replace(microsecond=0)
         received = {"helo": s.helo, "peertcpip": s.peer_ip,
                     "peerhostname": s.peer_hostname or s.peer_ip,
@@ -113,7 +115,8 @@ class Intake:
                               time_created=now, retry_time=now, received=received,
                               dsn_ret=txn.ret, dsn_envid=txn.envid,
                               dsn_rcpt={r: p for r, p in txn.rcpt_params.items() if r in relay},
-                              auth_user=s.auth_user, size=len(data))
+                              auth_user=s.auth_user, size=len(data),
+                              extra={pool_header.INF_KEY: pool} if pool else {})
             relayed.log.append(f"{now:%Y/%m/%d %H:%M:%S}: Received from {s.peer_ip} for "
                                f"{len(relay)} recipients")
             where = self.relay_dir()

@@ -49,6 +49,8 @@ ACTIONS = ("suspend", "throttle", "bounce")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DURATION = 365 * 86400.0  # s: the longest suspension, throttle, max_age or retry interval
+# the sending sources' keys of the same file, read by sources.py (which imports this module)
+SOURCE_KEYS = {"sources", "pools", "sender_pools", "default_pool"}
 
 
 class ShapingError(ValueError):
@@ -252,7 +254,7 @@ def parse_rules(text: str, source: str, base: Rules | None = None) -> Rules:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ShapingError(f"{source}: not valid TOML: {e}") from None
-    _unknown(data, {"builtin", "default", "provider", "domain", "reaction"}, source)
+    _unknown(data, {"builtin", "default", "provider", "domain", "reaction"} | SOURCE_KEYS, source)
     builtin = data.get("builtin", True)
     if not isinstance(builtin, bool):
         raise ShapingError(f"{source} builtin: true or false, not {builtin!r}")
@@ -353,6 +355,7 @@ class Shaping:
         # told of each change: (dest, the override now or None, "new" | "longer" | "lifted" |
         # "over"); the I/O (state file, Redis) is the listener's, so this module stays pure
         self.on_change: Callable[[str, Override | None, str], None] | None = None
+        self.per_source = 1  # sending sources (sources.py): the limits hold for each of them
         self.use(rules if rules is not None else Rules())
 
     @classmethod
@@ -497,14 +500,24 @@ class Shaping:
             self._by_domain[domain] = rule
         return rule
 
+    def set_per_source(self, n: int) -> None:
+        """`n` sending sources (sources.py). Providers count per client IP, so the limits hold
+        per source (sources.py keeps those) and the destination as a whole may use n times
+        them: its connections and message rates here."""
+        n = max(1, n)
+        if n != self.per_source:
+            self.per_source = n
+            self._buckets.clear()
+
     def cap(self, dest: str) -> int | None:
-        """`dest`'s max_connections, or None."""
-        return self._caps.get(dest, self._default_cap)
+        """`dest`'s max_connections (times the sources), or None."""
+        cap = self._caps.get(dest, self._default_cap)
+        return None if cap is None else cap * self.per_source
 
     def limit(self, dest: str, base: int) -> int:
         """`dest`'s concurrency now: its window (`base`) within its max_connections, times a
         throttle's factor; 0 while it is suspended."""
-        cap = self._caps.get(dest, self._default_cap)
+        cap = self.cap(dest)
         lim = base if cap is None else min(base, cap)
         o = self.overrides.get(dest)
         if o is None:
@@ -563,6 +576,7 @@ class Shaping:
     def _bucket(self, rate: int | None, per: float) -> TokenBucket | None:
         if not rate:
             return None
+        rate *= self.per_source
         b = TokenBucket(rate, per, burst(rate, per), clock=self.clock)
         b.full = rate
         return b

@@ -102,7 +102,9 @@ def _rdata_wire(rtype: str, value: Any) -> bytes:
         pref, host = value
         rd = dns.rdata.from_text("IN", "MX", f"{int(pref)} {_fqdn(host)}")
     else:
-        rd = dns.rdata.from_text("IN", rtype, str(value), origin=dns.name.root)
+        # names in the data (PTR, CNAME...) stay absolute: a relative one has no wire form
+        rd = dns.rdata.from_text("IN", rtype, str(value), origin=dns.name.root,
+                                 relativize=False)
     return rd.to_wire()
 
 

@@ -27,7 +27,9 @@ for `TestDNSServer`.
 Every provider counts what it saw (`ProviderStats`): connections, connections refused over the
 cap, rate throttling replies, greylisting replies, unknown users, messages accepted per
 (Message-ID, recipient) so "exactly once" can be checked, bounce notices (null sender), and the
-messages delivered on each connection.
+messages delivered on each connection; and per client IP (a sender's several source
+addresses): the EHLO names said, the most connections at once, the messages accepted, and
+(`keep_messages=True`) each message's bytes as received.
 """
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ class Provider:
     texts: dict[str, str] = field(default_factory=dict)
     mx_domain: str = ""                     # MX host names: mx1.<mx_domain>, ...; default NAME.fake
     port: int = 25
+    keep_messages: bool = False             # tests: keep each message's bytes (stats.messages)
 
     def __post_init__(self) -> None:
         if not self.ips:
@@ -105,6 +108,12 @@ class ProviderStats:
     notices: int = 0                        # of them, with a null sender (bounces, DSNs)
     accepted: Counter = field(default_factory=Counter)   # (message-id, rcpt) -> times
     per_connection: list[int] = field(default_factory=list)  # messages, per closed connection
+    # per client IP (a sender's several source addresses, sources.py)
+    helo: dict[str, set] = field(default_factory=dict)   # client ip -> EHLO/HELO names said
+    peak_per_ip: Counter = field(default_factory=Counter)  # client ip -> most connections
+    per_ip: Counter = field(default_factory=Counter)     # client ip -> messages accepted
+    peak_total: int = 0                     # the most connections at once from all clients
+    messages: list = field(default_factory=list)  # (client ip, bytes) with keep_messages
 
     @property
     def throttling(self) -> int:
@@ -122,7 +131,10 @@ class ProviderStats:
     def copy(self) -> "ProviderStats":
         return ProviderStats(self.connections, self.peak_connections, self.refused_connections,
                              self.throttled, self.greylisted, self.unknown, self.transactions,
-                             self.notices, Counter(self.accepted), list(self.per_connection))
+                             self.notices, Counter(self.accepted), list(self.per_connection),
+                             {ip: set(n) for ip, n in self.helo.items()},
+                             Counter(self.peak_per_ip), Counter(self.per_ip), self.peak_total,
+                             list(self.messages))
 
 
 class _State:
@@ -210,6 +222,8 @@ class _Session(asyncio.Protocol):
         self.state.active[self.ip] += 1
         n = self.state.active[self.ip]
         st.peak_connections = max(st.peak_connections, n)
+        st.peak_per_ip[self.ip] = max(st.peak_per_ip[self.ip], n)
+        st.peak_total = max(st.peak_total, sum(self.state.active.values()))
         if p.max_connections is not None and n > p.max_connections:
             st.refused_connections += 1
             self._say(p.text("connections", ip=self.ip), close=True)
@@ -300,6 +314,7 @@ class _Session(asyncio.Protocol):
         p, st = self.state.provider, self.state.stats
         if verb in ("EHLO", "HELO"):
             self.sender, self.rcpts = None, []
+            st.helo.setdefault(self.ip, set()).add(arg.strip())
             if verb == "HELO":
                 self._say(f"250 {p.mx_hosts[0]}")
             else:
@@ -356,6 +371,9 @@ class _Session(asyncio.Protocol):
         for rcpt in self.rcpts:
             st.accepted[(token, rcpt.lower())] += 1
         st.transactions += 1
+        st.per_ip[self.ip] += 1
+        if self.state.provider.keep_messages:
+            st.messages.append((self.ip, body))
         if self.sender == "":
             st.notices += 1
         self.delivered += 1

@@ -142,7 +142,9 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({**snapshot(w.engine, w.outcomes),
                               "destinations": admin.cached_destinations(w),
                               # traffic shaping's suspensions and throttles (shaping.py)
-                              "shaping": d.shaping.active() if d is not None else []})
+                              "shaping": d.shaping.active() if d is not None else [],
+                              # each sending source's warm-up use today (sources.py)
+                              "sources": d.sources.usage() if d is not None else []})
 
 
 def _int(request, name: str, default: int, top: int) -> int:

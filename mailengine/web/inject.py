@@ -9,7 +9,8 @@ A request is JSON:
      "raw": "Subject: ...\r\n\r\nbody",           # or raw RFC 5322 text instead of both
      "raw_base64": "...",                         # or raw bytes, base64
      "substitutions": {"a@example.com": {"name": "Ann"}},   # optional, per recipient
-     "defaults": {"name": "reader"}}              # optional, for recipients without a value
+     "defaults": {"name": "reader"},              # optional, for recipients without a value
+     "pool": "bulk"}                              # optional: the sending pool (sources.py)
 
 Without substitutions one message is stored for every recipient (one `.dat`, many
 `rcpttosend`). With them each recipient gets its own message in which every `{{key}}` is
@@ -19,6 +20,8 @@ placeholder left without a value is an error (no half-personalised mail goes out
 Headers may be an object or a list of [name, value] pairs (to repeat a name). Missing `From`,
 `Date` and `Message-ID` are added; non-ASCII header values are encoded (RFC 2047); a non-ASCII
 body without a Content-Type gets `text/plain; charset=utf-8` and `8bit`. Line endings become CRLF.
+`pool` goes in front of each message as an `X-MailEngine-Pool:` field, which intake takes out
+again and keeps in the `.inf` (pool_header.py): the API and SMTP clients choose a pool one way.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import re
 from dataclasses import dataclass
 from email.header import Header
 
+from .. import pool_header
 from ..smtp import wire
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]+)\s*\}\}")
@@ -173,7 +177,7 @@ def prepare(doc, hostname: str, max_recipients: int, max_size: int) -> list[Prep
     if not isinstance(doc, dict):
         raise InjectError("the request body must be a JSON object")
     unknown = set(doc) - {"from", "to", "headers", "body", "raw", "raw_base64", "substitutions",
-                          "defaults"}
+                          "defaults", "pool"}
     if unknown:
         raise InjectError(f"unknown fields: {', '.join(sorted(unknown))}")
     if "from" not in doc:
@@ -228,6 +232,13 @@ def prepare(doc, hostname: str, max_recipients: int, max_size: int) -> list[Prep
                         raise InjectError(f"substitutions: a value put a line break in {n}")
                 data = build_from_parts(mail_from, hs, _substitute(body, values, r), hostname)
             out.append(Prepared(mail_from, [r], data))
+    pool = doc.get("pool")
+    if pool is not None:
+        if not isinstance(pool, str) or not pool_header.NAME.match(pool):
+            raise InjectError(f"pool: the name of a sending pool (lower-case letters, digits, "
+                              f"- and _), not {pool!r}")
+        for p in out:  # first: it wins over a field of the raw message (pool_header.take)
+            p.data = f"{pool_header.HEADER}: {pool}\r\n".encode() + p.data
     for p in out:
         if max_size and len(p.data) > max_size:
             raise InjectError(f"the message is {len(p.data)} bytes; at most {max_size} "

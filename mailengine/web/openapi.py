@@ -131,7 +131,9 @@ def openapi() -> dict:
                         "substitutions": {"type": "object", "additionalProperties": {
                             "type": "object", "additionalProperties": {"type": "string"}}},
                         "defaults": {"type": "object",
-                                     "additionalProperties": {"type": "string"}}}},
+                                     "additionalProperties": {"type": "string"}},
+                        "pool": {"type": "string", "description": "the sending pool "
+                                 "(shaping.toml [pools.NAME]); as an X-MailEngine-Pool field"}}},
                 "Injected": {"type": "object", "properties": {
                     "ids": {"type": "array", "items": {"type": "string"}},
                     "messages": {"type": "array", "items": {"type": "object", "properties": {
@@ -158,7 +160,14 @@ def openapi() -> dict:
                     "shaping": {"type": "array", "items": {"type": "object", "properties": {
                         "dest": {"type": "string"}, "action": {"type": "string"},
                         "cause": {"type": "string"}, "until": {"type": "number"},
-                        "factor": {"type": "number"}}}}}},
+                        "factor": {"type": "number"}}}},
+                    "sources": {"type": "array", "items": {"type": "object", "properties": {
+                        "source": {"type": "string"}, "ip": {"type": "string"},
+                        "helo": {"type": "string"}, "warmup_day": {"type": ["integer", "null"]},
+                        "warmed": {"type": "boolean"},
+                        "limit": {"type": ["integer", "null"]},
+                        "today": {"type": "object", "description": "provider -> "
+                                  "{used, limit}: recipients sent from it today"}}}}}},
                 "Complaints": {"type": "object", "properties": {
                     "threshold_percent": {"type": "number"},
                     "windows": {"type": "array", "items": {"type": "string"}},
