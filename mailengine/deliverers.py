@@ -26,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .deliverer import FileBody, failed_result
+from .deliverer import FileBody, failed_result, unpack_result
 from .frames import FrameError, FrameReader, encode
 from .smtp.client import Body, DSNRequest, SMTPClientError, TransactionResult, local_reply
 from .smtp_session import ConnectError
@@ -254,6 +254,7 @@ class RemoteSession:
         self._cid = 0
         self._ready = False
         self._busy = False
+        self._session_transcript: list[str] = []  # sent once per connection (pack_result)
 
     @property
     def is_reusable(self) -> bool:
@@ -305,7 +306,9 @@ class RemoteSession:
             self._ended()
             return failed_result(mail_from, rcpts, test_mode,
                                  "Connection lost: the delivery process ended")
-        result, reusable = answer[2], answer[3]
+        result = unpack_result(answer[2], self._session_transcript)
+        self._session_transcript = result.session_transcript
+        reusable = answer[3]
         if not reusable:
             self._ended()
         return result
