@@ -56,14 +56,17 @@ class FileBody:
     eight_bit: bool | None
 
 
-def failed_result(mail_from: str, rcpts, test_mode: bool, why: str) -> TransactionResult:
-    """A transaction that never ran because its session is gone: every recipient a temporary
-    connection failure, so verdict.py sends them to a new connection or the next MX host."""
-    reply = local_reply(451, "4.4.2", why)
+def failed_result(mail_from: str, rcpts, test_mode: bool, why: str,
+                  stage: str = "connection") -> TransactionResult:
+    """A transaction that never ran: by default because its session is gone (every recipient
+    a temporary connection failure, so verdict.py sends them to a new connection or the next
+    MX host); stage "local": a trouble of ours, not the server's (no window is cut for it)."""
+    reply = local_reply(451, "4.4.2" if stage == "connection" else "4.3.0", why)
     return TransactionResult(mail_from, [RecipientResult(a, reply.code, reply.enhanced,
-                                                         reply.text, "connection")
+                                                         reply.text, stage)
                                          for a in rcpts],
-                             reply, True, test_mode, [f"<-- [local] {reply}"], [])
+                             reply, stage == "connection", test_mode, [f"<-- [local] {reply}"],
+                             [])
 
 
 def pack_result(r: TransactionResult, session: list[str] | None) -> tuple:
@@ -92,6 +95,7 @@ class Deliverer:
         self.write_fd = write_fd
         self.sessions: dict[int, SMTPSession] = {}
         self._told: dict[int, list[str]] = {}  # cid -> the session transcript last sent
+        self._opening: dict[int, asyncio.Task] = {}  # cid -> its connect, until it answers
         self.tasks: set[asyncio.Task] = set()
         self._out: list[bytes] = []
         self._flushing = False
@@ -119,44 +123,61 @@ class Deliverer:
     def handle(self, frame: tuple) -> None:
         op, cid = frame[0], frame[1]
         if op == "open":
-            self._spawn(self._open(cid, frame[2]))
+            self._opening[cid] = self._spawn(self._open(cid, frame[2]))
         elif op == "send":
             self._spawn(self._send(cid, *frame[2:]))
         elif op == "close":
             self._spawn(self._close(cid, frame[2]))
-        elif op == "abort":
+        elif op == "abort":  # whatever it is doing: connecting, idle, in a transaction, closing
             self._told.pop(cid, None)
+            opening = self._opening.pop(cid, None)
+            if opening is not None:
+                opening.cancel()
             s = self.sessions.pop(cid, None)
             if s is not None:
                 s.abort()
         else:
             log.error("unknown request %r from the engine", op)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
+        return t
 
     async def _open(self, cid: int, kwargs: dict) -> None:
-        s = SMTPSession(**kwargs)
-        self.sessions[cid] = s
+        """Always answers (unless aborted: then the engine has stopped waiting)."""
         try:
+            s = SMTPSession(**kwargs)
+            self.sessions[cid] = s
             await s.connect()
         except ConnectError as e:
             self.sessions.pop(cid, None)
             self.answer(("down", cid, e.reply, e.transcript))
             return
-        except Exception as e:  # never a traceback for the engine to miss: a failed connect
-            self.sessions.pop(cid, None)
+        except asyncio.CancelledError:  # aborted while connecting
+            s = self.sessions.pop(cid, None)
+            if s is not None:
+                s.abort()
+            return
+        except Exception as e:  # never silence: the engine's connect waits for an answer
+            s = self.sessions.pop(cid, None)
+            if s is not None:
+                s.abort()
             log.exception("connecting to %s failed unexpectedly", kwargs.get("ip"))
             reply = local_reply(451, "4.3.0", f"Delivery process error: {e}")
             self.answer(("down", cid, reply, [f"<-- [local] {reply}"]))
             return
+        finally:
+            self._opening.pop(cid, None)
         s.on_lost = lambda: self._lost(cid, s)
         self.answer(("up", cid, s.capabilities, s.tls_version))
 
     def _lost(self, cid: int, s: SMTPSession) -> None:
+        """Its server closed it: forgotten here, and the engine is told (once)."""
         if self.sessions.get(cid) is s:
+            del self.sessions[cid]
+            self._told.pop(cid, None)
             self.answer(("lost", cid))
 
     def _body(self, body: Body | FileBody) -> Body:
@@ -185,8 +206,7 @@ class Deliverer:
                 made = self._body(body)
             except OSError as e:  # removed by hand meanwhile: not sent, the engine decides
                 result = failed_result(mail_from, rcpts, test_mode,
-                                       f"Cannot read the message: {e.strerror or e}")
-                result.site_failure = False
+                                       f"Cannot read the message: {e.strerror or e}", "local")
             else:
                 result = await s.send(mail_from, rcpts, made, dsn=dsn, test_mode=test_mode)
         except SMTPClientError as e:
@@ -207,13 +227,17 @@ class Deliverer:
         self.answer(("sent", cid, pack_result(result, session), reusable))
 
     async def _close(self, cid: int, timeout) -> None:
+        """QUIT; the session stays findable meanwhile, so an "abort" can drop it."""
         self._told.pop(cid, None)
-        s = self.sessions.pop(cid, None)
+        s = self.sessions.get(cid)
         if s is not None:
+            s.on_lost = None
             try:
                 await s.close(timeout)
             except Exception:
                 s.abort()
+            if self.sessions.get(cid) is s:
+                del self.sessions[cid]
         self.answer(("closed", cid))
 
 

@@ -9,11 +9,13 @@ every process in one place, and every limit is exact for the engine as a whole w
 shared between processes.
 
 A connection lives in one process for its whole life; a new one goes to the process with the
-fewest connections. A process that dies (even SIGKILL) is started again after RESTART_DELAY; its
-connections end: a connect in progress fails like a refused connection, a transaction waiting
-for its reply ends as a lost connection (temporary, site failure), so verdict.py takes the
-recipients to a new connection or the next MX host. Only that transaction's message may reach its
-recipients twice, as when any connection is lost while waiting for the reply to the data.
+fewest connections. A process that dies (even SIGKILL) is started again after RESTART_DELAY
+(longer after each failed start); its connections end with `ProcessGone`, which is not the
+remote site's doing: delivery.py leaves the recipients not decided yet for an attempt a few
+seconds later, without counting a try, marking a host down or cutting a window. Only a
+transaction that was waiting for its reply may then reach its recipients twice, as when any
+connection is lost while waiting for the reply to the data. A process that stops answering
+(stopped, stuck) past its sessions' own timeouts is killed, and so ends the same way.
 """
 from __future__ import annotations
 
@@ -33,8 +35,15 @@ from .smtp_session import ConnectError
 
 log = logging.getLogger("mailengine.deliverers")
 
-RESTART_DELAY = 1.0  # s before a delivery process that died is started again
-START_TIMEOUT = 20.0  # s a new process has to say it is ready
+RESTART_DELAY = 1.0  # s before a delivery process that died is started again ...
+MAX_RESTART_DELAY = 30.0  # ... doubled after each one that failed to start, up to this
+START_TIMEOUT = 20.0  # s a new process has to say it is ready (else it is killed)
+WAIT_FOR_PROCESS = 10.0  # s a new connection waits for a process when none is running
+HUNG_MARGIN = 30.0  # s beyond a session's own timeouts before its process counts as hung
+
+
+class ProcessGone(Exception):
+    """The delivery process holding a connection ended (or none runs): not the server's fault."""
 
 _cids = itertools.count(1)  # connection ids, unique in the engine's life (not reused after a death)
 
@@ -78,10 +87,13 @@ class _Process:
 
     def answered(self, frame: tuple) -> None:
         kind, cid = frame[0], frame[1]
-        if kind == "lost":  # an idle connection its server closed: not to be reused
+        if kind == "lost":  # a connection its server closed: not to be reused
             s = self.sessions.get(cid)
-            if s is not None and not s._busy:
-                s._ended()
+            if s is not None:
+                if s._busy:
+                    s._lost = True  # its answer may be read in this same batch: send() ends it
+                else:
+                    s._ended()
             return
         if kind == "ready":
             if not self.ready.done():
@@ -90,6 +102,13 @@ class _Process:
         fut = self.calls.pop(cid, None)
         if fut is not None and not fut.done():
             fut.set_result(frame)
+
+    def kill(self) -> None:
+        """Hung or talking nonsense: SIGKILL; its watcher then ends it as any death."""
+        try:
+            self.proc.kill()
+        except ProcessLookupError:
+            pass
 
     def died(self) -> None:
         """Its pipe closed: every call waiting is answered None, every connection ends."""
@@ -119,7 +138,7 @@ class _Answers(asyncio.Protocol):
         except FrameError as e:
             log.error("delivery process %d (pid %d): %s; stopping it", self.process.index,
                       self.process.proc.pid, e)
-            self.process.proc.kill()
+            self.process.kill()
             self.process.died()
             return
         for f in frames:
@@ -140,6 +159,7 @@ class Deliverers:
         self.started = 0  # processes started in all, restarts included (for status)
         self.stopping = False
         self._watch: dict[int, asyncio.Task] = {}
+        self._any_ready = asyncio.Event()  # some process has said it is ready (take() waits)
 
     async def start(self) -> None:
         for i in range(self.count):
@@ -148,18 +168,29 @@ class Deliverers:
             await self._wait_ready(p)
 
     async def _wait_ready(self, p: _Process) -> bool:
+        """True once `p` says it is ready; one that does not within START_TIMEOUT is killed (its
+        watcher starts another)."""
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                return await asyncio.shield(p.ready)
+                ok = await asyncio.shield(p.ready)
         except TimeoutError:
-            log.error("delivery process %d (pid %d) did not start within %g s", p.index,
-                      p.proc.pid, START_TIMEOUT)
+            log.error("delivery process %d (pid %d) did not start within %g s; killing it",
+                      p.index, p.proc.pid, START_TIMEOUT)
+            p.kill()
             return False
+        if ok:
+            self._any_ready.set()
+        return ok
 
     async def _spawn(self, index: int) -> _Process:
         loop = asyncio.get_running_loop()
-        to_child, from_engine = os.pipe()[::-1]  # (write end, read end)
-        from_child, to_engine = os.pipe()
+        from_engine, to_child = os.pipe()
+        try:
+            from_child, to_engine = os.pipe()
+        except OSError:
+            os.close(from_engine)
+            os.close(to_child)
+            raise
         spec = {"read_fd": from_engine, "write_fd": to_engine, "log_dir": str(self.log_dir),
                 "log_retention_days": self.retention_days}
         try:
@@ -167,8 +198,7 @@ class Deliverers:
                 # imported by its name, not run as __main__: the pickled FileBody must be
                 # the class the process checks for
                 sys.executable, "-c", "from mailengine.deliverer import main; main()",
-                stdin=asyncio.subprocess.PIPE,
-                pass_fds=[from_engine, to_engine])
+                stdin=asyncio.subprocess.PIPE, pass_fds=[from_engine, to_engine])
         except BaseException:
             for fd in (to_child, from_child):
                 os.close(fd)
@@ -189,21 +219,48 @@ class Deliverers:
         return p
 
     async def _keep_running(self, p: _Process) -> None:
+        """Start `p`'s successor when it ends; after a start that failed, wait longer."""
         code = await p.proc.wait()
         p.died()  # its pipe may close after the exit is seen
         if self.stopping or self.current.get(p.index) is not p:
             return
+        if not any(q.alive for q in self.current.values()):
+            self._any_ready.clear()
         log.error("delivery process %d (pid %d) exited with %s; its connections are lost, "
                   "starting it again", p.index, p.proc.pid, code)
-        await asyncio.sleep(RESTART_DELAY)
-        if not self.stopping and self.current.get(p.index) is p:
-            await self._wait_ready(await self._spawn(p.index))
+        delay = RESTART_DELAY
+        while not self.stopping and self.current.get(p.index) is p:
+            await asyncio.sleep(delay)
+            if self.stopping:
+                return
+            try:
+                new = await self._spawn(p.index)
+            except Exception as e:  # out of processes or descriptors: try again later
+                log.error("delivery process %d cannot be started: %s", p.index, e)
+            else:
+                await self._wait_ready(new)
+                return  # its own watcher takes over (a new one dying is restarted again)
+            delay = min(MAX_RESTART_DELAY, delay * 2)
 
     def pick(self) -> _Process | None:
         """The live process with the fewest connections (None: all are down for now)."""
         live = [p for p in self.current.values() if p.alive and p.ready.done() and
                 p.ready.result()]
         return min(live, key=lambda p: len(p.sessions)) if live else None
+
+    async def take(self) -> _Process:
+        """pick(), waiting up to WAIT_FOR_PROCESS for one to run again; else ProcessGone."""
+        p = self.pick()
+        if p is not None:
+            return p
+        try:
+            async with asyncio.timeout(WAIT_FOR_PROCESS):
+                while (p := self.pick()) is None:
+                    self._any_ready.clear()
+                    await self._any_ready.wait()
+        except TimeoutError:
+            raise ProcessGone("no delivery process is running") from None
+        return p
 
     def counts(self) -> dict:
         """For status and /metrics."""
@@ -238,7 +295,8 @@ class Deliverers:
 
 class RemoteSession:
     """A connection held by a delivery process, with SMTPSession's interface for delivery.Pool and
-    delivery.py (connect, send, close, abort, is_reusable, capabilities, messages_sent...)."""
+    delivery.py (connect, send, close, abort, is_reusable, capabilities, messages_sent...).
+    connect() and send() raise ProcessGone when the process ends under them."""
 
     def __init__(self, deliverers: Deliverers, ip: str, port: int = 25, **kwargs) -> None:
         self.deliverers = deliverers
@@ -254,36 +312,62 @@ class RemoteSession:
         self._cid = 0
         self._ready = False
         self._busy = False
+        self._lost = False  # the server closed it while a transaction's answer was on its way
         self._session_transcript: list[str] = []  # sent once per connection (pack_result)
 
     @property
     def is_reusable(self) -> bool:
         return self._ready and not self._busy
 
+    def _limit(self, *timeouts: str) -> float:
+        """How long the process may take before it counts as hung: the session's own timeouts
+        for this step (SMTPSession's defaults when not given) and a margin."""
+        default = {"connect_timeout": 240.0, "read_timeout": 240.0, "write_timeout": 240.0,
+                   "body_timeout": 600.0}
+        return sum(self.kwargs.get(t, default[t]) for t in timeouts) + HUNG_MARGIN
+
+    async def _call(self, frame: tuple, limit: float):
+        """The answer to `frame`, or None when the process ended; a process silent past `limit`
+        is killed (then None as well)."""
+        proc = self._proc
+        assert proc is not None
+        fut = proc.call(self._cid, frame)
+        try:
+            async with asyncio.timeout(limit):
+                return await fut
+        except TimeoutError:
+            log.error("delivery process %d (pid %d) did not answer within %g s; killing it",
+                      proc.index, proc.proc.pid, limit)
+            proc.kill()
+            proc.died()
+            return None
+
     async def connect(self) -> None:
         if self._cid:
             raise SMTPClientError("connect() called twice")
-        proc = self.deliverers.pick()
-        if proc is None:
-            reply = local_reply(451, "4.3.0", "No delivery process is running")
-            raise ConnectError(reply, [f"<-- [local] {reply}"])
+        proc = await self.deliverers.take()  # raises ProcessGone
         self._cid = cid = next(_cids)
         self._proc = proc
         proc.sessions[cid] = self
         try:
-            answer = await proc.call(cid, ("open", cid, self.kwargs))
+            # connect, then greeting, EHLO, STARTTLS, EHLO again (and once more without TLS)
+            answer = await self._call(("open", cid, self.kwargs),
+                                      self._limit("connect_timeout", "connect_timeout",
+                                                  *["read_timeout"] * 6))
         except asyncio.CancelledError:
             self.abort()
             raise
         if answer is None:
             self._ended()
-            reply = local_reply(451, "4.3.0", "The delivery process ended while connecting")
-            raise ConnectError(reply, [f"<-- [local] {reply}"])
+            raise ProcessGone("the delivery process ended while connecting")
         if answer[0] == "down":
             self._ended()
             raise ConnectError(answer[2], answer[3])
         self.capabilities, self.tls_version = answer[2], answer[3]
-        self._ready = self._proc is not None  # a "lost" may have come meanwhile
+        if self._proc is None:  # its server closed it at once (a "lost" came with the "up")
+            reply = local_reply(421, "4.4.2", "Connection closed right after the greeting")
+            raise ConnectError(reply, [f"<-- [local] {reply}"])
+        self._ready = True
 
     async def send(self, mail_from: str, rcpts, data: bytes | Body | FileBody, *,
                    dsn: DSNRequest | None = None, test_mode: bool = False) -> TransactionResult:
@@ -293,8 +377,9 @@ class RemoteSession:
         body = Body.from_bytes(data) if isinstance(data, bytes) else data  # Body or FileBody
         self._busy = True
         try:
-            answer = await self._proc.call(self._cid, ("send", self._cid, mail_from, rcpts, body,
-                                                       dsn, test_mode))
+            answer = await self._call(
+                ("send", self._cid, mail_from, rcpts, body, dsn, test_mode),
+                self._limit("write_timeout", "body_timeout", *["read_timeout"] * 4))
         except asyncio.CancelledError:
             self.abort()  # half a conversation cannot be resumed
             raise
@@ -304,12 +389,10 @@ class RemoteSession:
         self.last_used = asyncio.get_running_loop().time()
         if answer is None:
             self._ended()
-            return failed_result(mail_from, rcpts, test_mode,
-                                 "Connection lost: the delivery process ended")
+            raise ProcessGone("the delivery process ended during a transaction")
         result = unpack_result(answer[2], self._session_transcript)
         self._session_transcript = result.session_transcript
-        reusable = answer[3]
-        if not reusable:
+        if not answer[3] or self._lost:
             self._ended()
         return result
 
@@ -323,14 +406,19 @@ class RemoteSession:
             return
         self._ready = False
         try:
-            await proc.call(self._cid, ("close", self._cid, timeout))
+            await self._call(("close", self._cid, timeout), self._limit("read_timeout"))
+        except asyncio.CancelledError:
+            self.abort()  # QUIT took too long: the process drops it now (its place frees)
+            raise
         finally:
             self._ended()
 
     def abort(self) -> None:
         proc = self._proc
         if proc is not None and proc.alive:
-            proc.calls.pop(self._cid, None)
+            fut = proc.calls.pop(self._cid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
             proc.post(("abort", self._cid))
         self._ended()
 

@@ -65,7 +65,7 @@ from .backlog import due_time
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
 from .deliverer import FileBody
-from .deliverers import Deliverers, RemoteSession
+from .deliverers import Deliverers, ProcessGone, RemoteSession
 from .dns import MXResolver, Target
 from .downgrade import seven_bit
 from .envelope import Message, set_last_replies
@@ -102,6 +102,7 @@ INITIAL_WINDOW = 5        # connections a new destination starts with (slow star
 MX_MEMO = 1.0             # s: a destination's MX answer is reused this long without asking
 MAX_PROBES = 100          # MX lookups of new domains at once (shaping: a provider?, _probe)
 DKIM_HOLD_RETRY = 30.0    # s: a message held for a missing DKIM key is looked at again after
+PROCESS_GONE_RETRY = 2.0  # s: recipients left when a delivery process ended are tried after
 # Threads signing DKIM: RSA-2048 costs ~250 us of CPU, which OpenSSL spends without the GIL, so
 # signing off the event loop leaves the loop ~20 us per message (bench figures in docs/DKIM.md).
 SIGN_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -125,6 +126,7 @@ class Attempt:
     data: bytes = b""
     seven_data: asyncio.Future | None = None
     warmup_hold: float = 0.0  # a unit waits for the warm-up (sources.py) until this clock time
+    process_gone: bool = False  # a delivery process ended under a unit: retry in a moment
 
 
 class Pool:
@@ -858,8 +860,17 @@ class DeliveryEngine:
         dest = self.shaping.dest(u.domain)  # as it was at the choice (the unit may learn more)
         src = await self._source(u, att.msg, dest) if self.sources.enabled else None
         outcomes: list[RcptOutcome] = []
+        final: dict[str, RcptOutcome] = {}  # decided so far (kept when a process ends under it)
         try:
-            outcomes, dns_line = await self._deliver_unit(u, att, src)
+            outcomes, dns_line = await self._deliver_unit(u, att, src, final)
+        except ProcessGone as e:
+            # our delivery process ended, not the server's doing (deliverers.py): what was
+            # decided stands, the rest is tried again shortly, no try counted, no window cut
+            outcomes, dns_line = [final[a] for a in u.rcpts if a in final], ""
+            att.interrupted += [a for a in u.rcpts if a not in final]
+            att.process_gone = True
+            log.warning("%s: %s; %d recipients of %s to be tried again", u.msg_id, e,
+                        len(u.rcpts) - len(outcomes), u.dest)
         finally:
             if src is not None:
                 sent = sum(o.kind is Kind.SENT for o in outcomes)
@@ -927,8 +938,10 @@ class DeliveryEngine:
             if line:
                 log.warning("%s", line)
 
-    async def _deliver_unit(self, u: Unit, att: Attempt,
-                            src: Source | None = None) -> tuple[list[RcptOutcome], str]:
+    async def _deliver_unit(self, u: Unit, att: Attempt, src: Source | None,
+                            final: dict[str, RcptOutcome]) -> tuple[list[RcptOutcome], str]:
+        """`final` gets each recipient's outcome as it is decided (the caller keeps it when a
+        delivery process ends under the unit)."""
         msg = att.msg
         mx = await self._resolve(u.domain)
         if mx.ok and (joined := self.shaping.learn(u.domain, [t.host for t in mx.targets])):
@@ -957,7 +970,6 @@ class DeliveryEngine:
             await asyncio.sleep(wait)  # the provider's message rates, for this source alone
         max_deliveries = self.shaping.rule_for_domain(u.domain).max_deliveries_per_connection
         pending = list(u.rcpts)
-        final: dict[str, RcptOutcome] = {}
         last: dict[str, RcptOutcome] = {}
         for target in targets:
             fresh = False
@@ -985,7 +997,7 @@ class DeliveryEngine:
                 reused = sess.messages_sent > 0
                 try:
                     sent_body = body
-                    seven = self._needs_seven_bit(body, sess)
+                    seven = await self._needs_seven_bit(att, body, sess)
                     if seven and att.personal is None:
                         # RFC 6152 3: 8-bit MIME parts re-encoded; refused (5.6.3) only when
                         # the message cannot be converted
@@ -1032,6 +1044,8 @@ class DeliveryEngine:
             sent = body
             if att.personal is not None:  # one recipient: its own copy
                 sent = await self._personal_body(att, todo[0], seven) or body
+            if not sess.is_reusable:  # closed while the copy was made: as a lost connection
+                return todo + [a for _, g in groups for a in g], True, soft
             rest, deferred = await self._transaction(sess, target, msg, sender, todo, sent, dsn,
                                                      final, last)
             soft += deferred
@@ -1155,13 +1169,17 @@ class DeliveryEngine:
                             len(prefix) + len(data), not data.isascii())
         return Body.from_bytes(prefix + data)
 
-    def _needs_seven_bit(self, body: Body | FileBody, sess) -> bool:
+    async def _needs_seven_bit(self, att: Attempt, body: Body | FileBody, sess) -> bool:
         """The server lacks 8BITMIME and the body needs it (RFC 6152)."""
         if getattr(sess.capabilities, "eightbitmime", True):
             return False
-        if body.eight_bit is None:  # a FileBody not looked into: look now (rare: most offer it)
-            with open(body.path, "rb") as f:
-                return not f.read().isascii()
+        if body.eight_bit is None:  # a FileBody not looked into: once, in a thread (rare)
+            def eight_bit() -> bool:
+                with open(body.path, "rb") as f:
+                    return not f.read().isascii()
+            body = replace(body, eight_bit=await asyncio.to_thread(eight_bit))
+            if att.body is not None and att.body.eight_bit is None:
+                att.body = body
         return body.eight_bit
 
     async def _body(self, att: Attempt) -> Body:
@@ -1341,6 +1359,10 @@ class DeliveryEngine:
                                else f" at {msg.retry_time:%Y/%m/%d %H:%M:%S}")
         if att.dkim_hold is not None and not res.done:
             self._held_for_dkim(msg, att.dkim_hold, now)
+        if att.process_gone and not res.done:  # while it is started again (deliverers.py)
+            later = now + timedelta(seconds=PROCESS_GONE_RETRY)
+            if msg.retry_time is None or msg.retry_time < later:
+                msg.retry_time = later
         if att.warmup_hold and not res.done:  # sources.py: tomorrow's budget, or a new rule
             later = datetime.fromtimestamp(att.warmup_hold)
             if msg.retry_time is None or msg.retry_time < later:
