@@ -22,6 +22,7 @@ import pytest
 from mailengine import deliverers
 from mailengine.deliverer import Deliverer, pack_result
 from mailengine.deliverers import Deliverers, ProcessGone, RemoteSession, _Process
+from mailengine.envelope import parse_inf
 from mailengine.frames import FrameError, FrameReader, encode
 from mailengine.smtp.client import Body, RecipientResult, TransactionResult
 from mailengine.smtp_session import ConnectError
@@ -167,6 +168,130 @@ def test_an_idle_connection_the_server_closes_is_not_reused(tmp_path):
     run(main())
 
 
+def test_a_lost_notice_read_with_the_last_answer_ends_the_connection(tmp_path):
+    """The server says 250 and hangs up; the process's "sent" and "lost" reach the engine in one
+    read, before the sending task resumes: the connection must not be offered again."""
+    class Proc:
+        pid = 0
+
+    async def main():
+        d = Deliverers(1, tmp_path, 0)
+        p = _Process(0, Proc())
+        p.ready.set_result(True)
+        d.current[0] = p
+        s = RemoteSession(d, "192.0.2.1", 25)
+        connecting = asyncio.create_task(s.connect())
+        await asyncio.sleep(0)
+        p.answered(("up", s._cid, None, None))
+        await connecting
+        sending = asyncio.create_task(s.send("a@src.test", ["b@dst.test"], BODY))
+        await asyncio.sleep(0)
+        done = TransactionResult("a@src.test", [RecipientResult("b@dst.test", 250, "2.0.0", "ok",
+                                                                "body")],
+                                 None, False, False, [], [])
+        p.answered(("sent", s._cid, pack_result(done, []), True))
+        p.answered(("lost", s._cid))
+        r = await sending
+        assert r.recipients[0].code == 250
+        assert not s.is_reusable and not p.sessions
+
+    run(main())
+
+
+def test_the_process_forgets_a_connection_its_server_closed(tmp_path):
+    async def main():
+        sink = SMTPSink("127.0.0.1", 0)
+        await sink.start()
+        read_fd, write_fd = os.pipe()
+        worker = Deliverer(write_fd)
+        await worker.attach()
+        try:
+            worker.handle(("open", 7, {"ip": "127.0.0.1", "port": sink.port,
+                                       "helo_name": "h.test"}))
+            for _ in range(50):
+                if 7 in worker.sessions and worker.sessions[7].is_reusable:
+                    break
+                await asyncio.sleep(0.05)
+            assert worker.sessions[7].is_reusable
+            await sink.stop()  # hangs up on its idle connections
+            for _ in range(50):
+                if 7 not in worker.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            assert 7 not in worker.sessions
+            await asyncio.sleep(0.1)
+            told = os.read(read_fd, 1 << 16)
+            assert told.count(b"lost") == 1  # told once, though the socket reports its end twice
+        finally:
+            os.close(read_fd)
+
+    run(main())
+
+
+def test_a_quit_that_takes_too_long_leaves_no_connection_open(tmp_path):
+    """The pool gives QUIT 2 s; cancelled, the process must drop the socket at once, else the
+    server sees a connection the engine no longer counts."""
+    async def main():
+        sink = SMTPSink("127.0.0.1", 0, SinkScript(delays={"QUIT": 30}))
+        await sink.start()
+        d = Deliverers(1, tmp_path, 0)
+        await d.start()
+        try:
+            child = d.pids()[0]
+
+            def sockets() -> int:  # the process's TCP sockets (the sink is busy sleeping)
+                fds = Path(f"/proc/{child}/fd")
+                return sum(os.readlink(f).startswith("socket:") for f in fds.iterdir())
+
+            before = sockets()
+            s = RemoteSession(d, "127.0.0.1", sink.port, helo_name="h.test")
+            await s.connect()
+            assert sockets() == before + 1
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await s.close()
+            for _ in range(40):
+                if sockets() == before:
+                    break
+                await asyncio.sleep(0.05)
+            assert sockets() == before
+        finally:
+            await d.stop()
+            await sink.stop()
+
+    run(main())
+
+
+def test_a_process_that_stops_answering_is_killed_and_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(deliverers, "HUNG_MARGIN", 0.5)
+
+    async def main():
+        sink = SMTPSink("127.0.0.1", 0)
+        await sink.start()
+        d = Deliverers(1, tmp_path, 0)
+        await d.start()
+        try:
+            s = RemoteSession(d, "127.0.0.1", sink.port, helo_name="h.test", read_timeout=0.3,
+                              write_timeout=0.3, body_timeout=0.3, connect_timeout=0.3)
+            await s.connect()
+            stuck = d.pids()[0]
+            os.kill(stuck, signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(ProcessGone):
+                await s.send("a@src.test", ["b@dst.test"], BODY)
+            assert time.monotonic() - t0 < 5
+            for _ in range(100):
+                if d.pick() is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert d.pids() and d.pids()[0] != stuck and d.counts()["restarts"] == 1
+        finally:
+            await d.stop()
+            await sink.stop()
+
+    run(main())
+
+
 # --- the engine with delivery processes ----------------------------------------------------------
 
 FAST = {"queue.pause_sending": False, "queue.retry_intervals": [0.02, 0.02],
@@ -222,13 +347,15 @@ def test_connection_caps_hold_for_all_delivery_processes_together(tmp_path):
             s.stop()
 
 
-def test_sigkill_of_a_delivery_process_loses_no_message(tmp_path):
-    """Kill a delivery process while it holds transactions waiting for their reply: it is
-    started again, and every message reaches its recipient (a transaction that was waiting for
-    its 250 may arrive twice, nothing is missing)."""
+@pytest.mark.parametrize("killed", ["one", "all"])
+def test_sigkill_of_delivery_processes_loses_no_message_and_costs_no_try(tmp_path, killed):
+    """Kill one delivery process, or all, while they hold transactions waiting for their reply:
+    they are started again, and every message reaches its recipient (a transaction that was
+    waiting for its 250 may arrive twice, nothing is missing). Not the server's doing: no
+    message has a second try counted for it."""
     sink = ThreadedSink("127.0.0.86", 25, SinkScript(delays={"BODY": 0.3})).start()
     try:
-        with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+        with RunningEngine(tmp_path, {**FAST, "queue.save_done": True, "basic.dns_servers": [
                 "k.test,mx.k.test,MX,127.0.0.86:25"]}) as eng:
             rcpts = [f"u{n}@k.test" for n in range(40)]
             send_many(eng, rcpts)
@@ -236,14 +363,19 @@ def test_sigkill_of_a_delivery_process_loses_no_message(tmp_path):
             kids = subprocess.run(["pgrep", "-P", str(eng.proc.pid), "-f", "mailengine.deliverer import"],
                                   capture_output=True, text=True).stdout.split()
             assert len(kids) == 3
-            os.kill(int(kids[0]), signal.SIGKILL)
+            for pid in kids[:1] if killed == "one" else kids:
+                os.kill(int(pid), signal.SIGKILL)
             wait(lambda: set(r for m in sink.messages for r in m.rcpts) == set(rcpts),
                  timeout=60, what="every recipient delivered")
             wait(lambda: empty_queue(eng), what="an empty queue")
             st = status(eng)
-            assert st["connections"]["delivery_process_restarts"] == 1
+            assert st["connections"]["delivery_process_restarts"] == (1 if killed == "one" else 3)
             assert st["connections"]["delivery_processes"] == 3
+            done = [parse_inf(p.read_bytes(), p.name[:-4])
+                    for p in (eng.mailq / "done").glob("*.inf")]
+        assert len(done) == 40 and {m.send_tries for m in done} == {1}
         out = eng.output.decode()
         assert "exited with" in out and "starting it again" in out
+        assert "to be tried again" in out
     finally:
         sink.stop()
