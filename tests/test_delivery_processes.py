@@ -379,3 +379,27 @@ def test_sigkill_of_delivery_processes_loses_no_message_and_costs_no_try(tmp_pat
         assert "to be tried again" in out
     finally:
         sink.stop()
+
+
+def test_settings_changed_while_running_reach_the_delivery_processes(tmp_path):
+    """The EHLO name and the timeouts travel with each new connection: after `config set`, the
+    next connection any process opens says the new name."""
+    one = ThreadedSink("127.0.0.87", 25).start()
+    two = ThreadedSink("127.0.0.88", 25).start()
+    try:
+        with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+                "one.test,mx.one.test,MX,127.0.0.87:25",
+                "two.test,mx.two.test,MX,127.0.0.88:25"]}) as eng:
+            send_many(eng, ["a@one.test"])
+            wait(lambda: len(one.messages) == 1, what="the first message")
+            out = subprocess.run([sys.executable, "-m", "mailengine.cli", "--home", str(eng.home),
+                                  "config", "set", "network.helo_text", "renamed.test"],
+                                 capture_output=True, text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            send_many(eng, ["b@two.test"])
+            wait(lambda: len(two.messages) == 1, what="the second message")
+        assert [s.helo for s in one.sessions] == ["engine.test"]
+        assert [s.helo for s in two.sessions] == ["renamed.test"]
+    finally:
+        one.stop()
+        two.stop()
