@@ -2,7 +2,7 @@
 
 With `network.delivery_processes` of 2 or more, the SMTP conversations (sockets, TLS, the
 sans-IO client) run in that many processes (deliverer.py); the engine stays the queue manager,
-as Postfix's qmgr is for its `smtp` processes. Its connection pool (delivery.Pool) holds
+as Postfix's qmgr is for its `smtp` processes. Its connection pool (pool.py) holds
 `RemoteSession`s instead of `SMTPSession`s: the same interface, so the pool, the scheduler, the
 windows, the rate and bandwidth buckets and verdict.py count and decide for every connection of
 every process in one place, and every limit is exact for the engine as a whole with nothing
@@ -294,7 +294,7 @@ class Deliverers:
 
 
 class RemoteSession:
-    """A connection held by a delivery process, with SMTPSession's interface for delivery.Pool and
+    """A connection held by a delivery process, with SMTPSession's interface for pool.Pool and
     delivery.py (connect, send, close, abort, is_reusable, capabilities, messages_sent...).
     connect() and send() raise ProcessGone when the process ends under them."""
 

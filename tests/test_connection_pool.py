@@ -1,9 +1,9 @@
-"""delivery.Pool on its own: connection caps and who wakes when a connection frees.
+"""pool.Pool on its own: connection caps and who wakes when a connection frees.
 
 The sessions are stand-ins (no network): what is under test is the pool's bookkeeping."""
 import asyncio
 
-from mailengine.delivery import Pool
+from mailengine.pool import Pool
 from mailengine.dns import Target
 
 

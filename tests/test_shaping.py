@@ -333,7 +333,8 @@ def test_regroup_moves_a_domains_waiting_units_under_its_provider():
 def test_at_its_cap_a_providers_idle_connection_to_another_server_is_closed_first():
     import asyncio
     from types import SimpleNamespace
-    from mailengine.delivery import DeliveryEngine, Pool
+    from mailengine.delivery import DeliveryEngine
+    from mailengine.pool import Pool
     from mailengine.dns import Target
     from test_connection_pool import FakeSession
 
