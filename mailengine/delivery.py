@@ -77,6 +77,7 @@ from .scheduler import Scheduler, Unit, domain_of
 from .shaping import Shaping
 from .shaping_link import ShapingLink
 from .sources import Source, Sources, WarmupHold, rdns_problem
+from .sources_link import SourcesLink
 from .pool_header import INF_KEY as POOL_KEY
 from .smtp.client import Body, DSNRequest
 from .smtp_session import ConnectError, SMTPSession
@@ -172,6 +173,7 @@ class DeliveryEngine:
             self.shared = SharedLimits(cfg.shared.redis_url, cfg.shared.key_prefix)
         # suspensions kept across restarts, shared with other engines, and so are its rates
         self.shaping_link = ShapingLink(self.shaping, cfg.home, self.shared, self.test_mode)
+        self.sources_link = SourcesLink(self.sources, self.shared)  # warm-up counts, shared
         self.pool = Pool(lim.max_outbound_connections, lim.max_connections_per_host,
                          self._new_session, self.shared)
         # network.delivery_processes: the sessions run there, every decision stays here
@@ -556,6 +558,7 @@ class DeliveryEngine:
         for dest in await self.shaping_link.poll():  # suspended, throttled or lifted there
             self.sched.recheck(dest)
             self._kick()
+        await self.sources_link.poll()  # every engine's warm-up counts today
 
     async def _deliver(self, u: Unit, att: Attempt) -> list[RcptOutcome]:
         """One unit's outcomes, each with the attempt's duration and, in front of its
@@ -584,7 +587,7 @@ class DeliveryEngine:
         finally:
             if src is not None:
                 sent = sum(o.kind is Kind.SENT for o in outcomes)
-                self.sources.done(src, dest, len(u.rcpts), len(u.rcpts) - sent)
+                self.sources_link.done(src, dest, len(u.rcpts), len(u.rcpts) - sent)
                 if self._source_freed is not None:  # the units waiting for a place look again
                     self._source_freed.set()
                     self._source_freed = None
@@ -623,7 +626,7 @@ class DeliveryEngine:
                                      if msg.mail_from else "")
         cap = self.shaping.cap(dest)
         cap = None if cap is None else cap // self.shaping.per_source
-        while (src := self.sources.choose(pool, dest, len(u.rcpts), cap)) is None:
+        while (src := await self.sources_link.choose(pool, dest, len(u.rcpts), cap)) is None:
             if self._source_freed is None:
                 self._source_freed = asyncio.Event()
             await self._source_freed.wait()

@@ -22,6 +22,9 @@ it which source a unit goes out from and carries out the answer.
   cap). A unit over a source's budget goes out from another source of its pool that is warmed
   or still has budget, instead of waiting; only when none has, it waits (WarmupHold) until the
   next day or a rules change.
+- **Shared warm-up** (with `shared.redis_url`; sources_link.py does the I/O): `shared` holds
+  today's counts of every engine, kept by the link; choices then decide with them (plus this
+  engine's takes since the link last looked), and `used` stays this engine's own.
 """
 from __future__ import annotations
 
@@ -204,6 +207,8 @@ class Sources:
         self._held: dict[tuple[str, str], float] = {}  # (pool, dest) -> next hold line
         self.day = self._today()
         self.used: dict[str, dict[str, int]] = {}  # source -> dest -> recipients today
+        # every engine's counts today (sources_link.py keeps it); None: this engine's own
+        self.shared: dict[str, dict[str, int]] | None = None
         self._dirty = False
         self._load_counts()
         self.use(rules or SourceRules())
@@ -328,7 +333,7 @@ class Sources:
         limit = s.daily_limit(dest, self.day)
         if limit is None:
             return True
-        used = self.used.get(s.name, {}).get(dest, 0)
+        used = self.used_today(s.name, dest)
         return used + n <= limit or (used == 0 and limit > 0)  # a unit bigger than a day: alone
 
     # -- rates per source --------------------------------------------------------------------
@@ -365,11 +370,37 @@ class Sources:
         if today != self.day:  # a new day: every budget is whole again
             self.day, self.used, self._dirty = today, {}, True
             self._held.clear()
+            if self.shared is not None:
+                self.shared = {}
 
     def _count(self, source: str, dest: str, n: int) -> None:
-        per = self.used.setdefault(source, {})
-        per[dest] = max(0, per.get(dest, 0) + n)
+        for counts in (self.used, self.shared):
+            if counts is not None:
+                per = counts.setdefault(source, {})
+                per[dest] = max(0, per.get(dest, 0) + n)
         self._dirty = True
+
+    def used_today(self, source: str, dest: str) -> int:
+        """Recipients `source` sent `dest` today: every engine's when shared, else ours."""
+        counts = self.used if self.shared is None else self.shared
+        return counts.get(source, {}).get(dest, 0)
+
+    def roll(self) -> dt.date:
+        """Today (a new day starts every budget afresh)."""
+        self._roll()
+        return self.day
+
+    def take_shared(self, counts: dict[str, dict[str, int]], day: dt.date) -> None:
+        """Every engine's counts of `day` (sources_link.py, read from Redis)."""
+        if day == self.roll():
+            self.shared = counts
+
+    def saw_shared(self, source: str, dest: str, total: int, day: dt.date) -> None:
+        """Redis counted `total` for one source and provider when it answered a reservation:
+        the copy is at least that (it may also hold this engine's takes still on their way)."""
+        if self.shared is not None and day == self.roll():
+            per = self.shared.setdefault(source, {})
+            per[dest] = max(per.get(dest, 0), total)
 
     def _load_counts(self) -> None:
         if self.counts_path is None:
@@ -403,12 +434,13 @@ class Sources:
         self._roll()
         out = []
         for s in self.rules.sources.values():
-            dests = set(self.used.get(s.name, {})) | set(s.warmup_provider)
+            counts = self.used if self.shared is None else self.shared
+            dests = set(counts.get(s.name, {})) | set(s.warmup_provider)
             day = None if s.warmup_start is None else (self.day - s.warmup_start).days + 1
             out.append({"source": s.name, "ip": s.ip, "helo": s.helo, "warmup_day": day,
                         "warmed": s.daily_limit("", self.day) is None and not any(
                             s.daily_limit(d, self.day) is not None for d in dests),
-                        "today": {d: {"used": self.used.get(s.name, {}).get(d, 0),
+                        "today": {d: {"used": self.used_today(s.name, d),
                                       "limit": s.daily_limit(d, self.day)}
                                   for d in sorted(dests)},
                         "limit": s.daily_limit("", self.day)})
