@@ -161,3 +161,57 @@ def test_redis_stopped_midway_each_engine_goes_on_its_local_count_and_posts_it_w
     assert b_today == 1  # A's 2 were lost with Redis's data; B's own count is the floor
     down = [r for r in caplog.records if "cannot be reached" in r.getMessage()]
     assert len(down) == 1  # once, not per call
+
+
+@needs_redis
+def test_two_engines_through_the_simulated_internet_send_a_new_source_its_budget_once(
+        tmp_path, redis_server):
+    """Engine A, then engine B, send 10 each to a provider through a pool whose new source
+    may send it 4 today: the provider sees 4 from the new source's address in all, the rest
+    from the warmed one's (without sharing, each engine would send up to 4 from it)."""
+    import datetime as dt
+    import smtplib
+
+    from mailengine import control
+    from mailengine.testing.engine import RunningEngine, wait_until as wait
+    from mailengine.testing.fakenet import FakeNet, Provider
+    from test_delivery import FAST, infs
+    from test_sources_fakenet import DOMAINS, NO_DNS, PROVIDER, A, B, to
+
+    rules = f"""builtin = false
+{PROVIDER}
+[sources.new]
+ip = "{A}"
+helo = "one.sender.test"
+warmup_start = {dt.date.today().isoformat()}
+warmup = [4, 40]
+[sources.old]
+ip = "{B}"
+helo = "two.sender.test"
+[pools.main]
+sources = {{ new = 10, old = 1 }}
+"""
+    p = Provider("bigmail", ["127.0.2.51"], port=0, latency=(0.01, 0.03))
+    seen = []
+    with FakeNet([p], {d: "bigmail" for d in DOMAINS}) as net:
+        settings = {**FAST, **NO_DNS, "limits.max_connections_per_host": 20,
+                    "queue.pause_sending": True, "queue.retry_intervals": [1],
+                    "shared.redis_url": redis_server.url, "shared.key_prefix": "e2e:",
+                    "basic.dns_servers": [f"{d},mx1.bigmail.fake,MX,{p.ips[0]}:{p.port}"
+                                          for d in DOMAINS]}
+        for name in ("a", "b"):
+            home = tmp_path / name
+            home.mkdir()
+            (home / "shaping.toml").write_text(rules)
+            with RunningEngine(home, settings) as eng:
+                with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                    for i, (sender, rcpt, head) in enumerate(to(10)):
+                        s.sendmail(sender, [rcpt], f"Subject: {i}\r\n\r\nhi\r\n")
+                control.request(eng.home / "mailengine.sock", "config.set",
+                                name="queue.pause_sending", value=False)
+                wait(lambda: len(infs(eng, "done")) == 10, timeout=30, what="delivery")
+                listed = control.request(eng.home / "mailengine.sock", "shaping.list")
+                seen.append(next(u for u in listed["sources"] if u["source"] == "new"))
+        st = net.stats()["bigmail"]
+    assert st.per_ip[A] == 4 and st.per_ip[B] == 16 and st.deliveries == 20
+    assert seen[1]["today"] == {"bigmail": {"used": 4, "limit": 4}}  # every engine's use
