@@ -23,7 +23,7 @@ them the same limits: each checks the shared count against its own):
   reader sees every engine's bounces (it takes them with LPOP/LMPOP; each list keeps its newest
   LIST_MAX lines). The files stay as they are;
 - **traffic shaping**: suspensions, throttles and each provider's rates (shared_shaping.py, over
-  this Redis connection).
+  this Redis connection), and the sending sources' warm-up counts (sources_link.py).
 
 When Redis cannot be reached, an engine goes on alone with its own limits (a warning, and a line
 when Redis is back; meanwhile one call at a time tries it again): mail is never held up because

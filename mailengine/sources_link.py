@@ -21,18 +21,16 @@ budget per (source, provider, day): a hash per day, `PREFIX` `warmup:2026-12-05`
 
 Approximate: while Redis is down every engine decides alone, so together they may pass a
 budget; a Redis that lost its data (restarted without persistence) forgets the other engines'
-counts of the day; a give-back whose reply was lost may be posted twice; days are each engine's
+counts of the day; a change whose reply was lost (a timeout) may be counted twice, and a unit
+chosen before midnight gives its unsent budget back to the new day; days are each engine's
 local date (give the engines one time zone).
 """
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 
 from .sources import Source, Sources
-
-log = logging.getLogger("mailengine.sources")
 
 DAY_TTL = 2 * 86400  # s a day's counts stay in Redis after their last change
 
@@ -92,8 +90,12 @@ class SourcesLink:
             if limit is None:
                 return src  # warmed: nothing counted
             field = f"{src.name} {dest}"
-            got = await self.shared._call(self._reserve, keys=[self._key(day)],
-                                          args=[field, n, limit, DAY_TTL])
+            try:
+                got = await self.shared._call(self._reserve, keys=[self._key(day)],
+                                              args=[field, n, limit, DAY_TTL])
+            except asyncio.CancelledError:  # a stop: not sent (Redis may keep it: counted high)
+                self.sources.done(src, dest, n, n)
+                raise
             if got is None:  # Redis down: the local count decided; posted when it is back
                 self._owe(day, field, n)
                 return src
