@@ -28,7 +28,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .deliverer import FileBody, failed_result, unpack_result
+from .deliverer import FileBody, unpack_result
 from .frames import FrameError, FrameReader, encode
 from .smtp.client import Body, DSNRequest, SMTPClientError, TransactionResult, local_reply
 from .smtp_session import ConnectError
