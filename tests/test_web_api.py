@@ -624,7 +624,8 @@ def test_metrics_are_prometheus_text(running):
             assert re.fullmatch(r'[a-z_]+(\{[a-z]+="[a-z]+"\})? -?\d+(\.\d+)?', line), line
     for want in ("mailengine_received_total", "mailengine_sent_total",
                  "mailengine_queue_messages", "mailengine_inbound_connections",
-                 "mailengine_outbound_connections"):
+                 "mailengine_outbound_connections", "mailengine_delivery_processes",
+                 "mailengine_delivery_process_restarts_total"):
         assert want in names
 
 
@@ -869,3 +870,16 @@ def test_a_destination_slowed_by_temporary_failures_is_said_in_plain_words(tmp_p
         assert "cuts" not in why
     finally:
         sink.close()
+
+
+def test_delivery_processes_are_seen_by_the_api_the_admin_and_metrics(tmp_path):
+    """network.delivery_processes: the engine's status counts the processes running the
+    outbound sessions, on every view of it (issue 12)."""
+    with engine(make_home(tmp_path), {"network.delivery_processes": 2}) as eng:
+        wait_web(eng)
+        c = Client(eng.web_port)
+        assert json.loads(c.api("GET", "/api/v1/stats").body)["delivery_processes"] == 2
+        assert "mailengine_delivery_processes 2" in c.get("/metrics").text
+        c.login()
+        page = c.get("/gui/admin").text
+        assert re.search(r'data-k="delivery_processes">2<.*delivery processes', page)

@@ -155,6 +155,8 @@ def openapi() -> dict:
                     "queue_messages": {"type": "integer"},
                     "inbound_connections": {"type": "integer"},
                     "outbound_connections": {"type": "integer"},
+                    "delivery_processes": {"type": "integer", "description": (
+                        "processes running the outbound sessions (0: the engine itself)")},
                     "memory_bytes": {"type": "integer"},
                     "destinations": {"type": "array", "items": {"type": "object"}},
                     "shaping": {"type": "array", "items": {"type": "object", "properties": {
