@@ -403,3 +403,19 @@ def test_settings_changed_while_running_reach_the_delivery_processes(tmp_path):
     finally:
         one.stop()
         two.stop()
+
+
+def test_max_send_rate_holds_for_all_delivery_processes_together(tmp_path):
+    """limits.max_send_rate 360 an hour lets a minute's worth (6) go at once, then one every
+    10 s: with three processes still 6 in the first seconds, not 6 each."""
+    sink = ThreadedSink("127.0.0.89", 25).start()
+    try:
+        with RunningEngine(tmp_path, {**FAST, "limits.max_send_rate": 360, "basic.dns_servers": [
+                "r.test,mx.r.test,MX,127.0.0.89:25"]}) as eng:
+            send_many(eng, [f"u{n}@r.test" for n in range(12)])
+            wait(lambda: len(sink.messages) >= 6, what="the first six")
+            time.sleep(3)
+            assert len(sink.messages) == 6
+            assert status(eng)["connections"]["delivery_processes"] == 3
+    finally:
+        sink.stop()
