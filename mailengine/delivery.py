@@ -850,9 +850,11 @@ class DeliveryEngine:
                      source: Source | None = None) -> SMTPSession | RemoteSession:
         lim = self.cfg.limits
         src = source.ip if source is not None else self.cfg.network.smtp_source_ip or None
-        if src and (":" in src) != (":" in target.ip):
-            src = None  # an IPv4 source address cannot reach an IPv6 server, and back
         helo = source.helo if source is not None else self.helo
+        if src and (":" in src) != (":" in target.ip):
+            # an IPv4 source address cannot reach an IPv6 server, and back: the default
+            # address then, with the default name (the source's would not match its address)
+            src, helo = None, self.helo
         kwargs = dict(helo_name=helo, host_name=target.host, source_ip=src,
                       connect_timeout=lim.smtp_connect_timeout,
                       read_timeout=lim.smtp_read_timeout, write_timeout=lim.smtp_write_timeout,

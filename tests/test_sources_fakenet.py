@@ -208,3 +208,26 @@ warmup = [2]
     # not a send try: they wait for the next day's budget (or a rule change), not failing
     assert all(m.send_tries == 0 and m.retry_time > dt.datetime.now() + dt.timedelta(minutes=5)
                for m in held)
+
+
+def test_a_v4_source_sending_to_an_ipv6_server_uses_the_default_address_and_name(tmp_path):
+    """The source's IPv4 address cannot reach an IPv6 server: the connection goes from the
+    default address, and says the engine's own name, not the source's (its reverse DNS would
+    not match)."""
+    from mailengine.testing.sink import ThreadedSink
+    v6 = ThreadedSink("::1", 0).start()
+    v4 = ThreadedSink("127.0.0.33", 0).start()
+    try:
+        (tmp_path / "shaping.toml").write_text(SOURCES.split("[sources.two]")[0])
+        with RunningEngine(tmp_path, {**FAST, **NO_DNS, "basic.dns_servers": [
+                f"six.test,mx.six.test,MX,[::1]:{v6.port}",
+                f"four.test,mx.four.test,MX,127.0.0.33:{v4.port}"]}) as eng:
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("a@src.test", ["x@six.test"], b"Subject: 6\r\n\r\nhi\r\n")
+                s.sendmail("a@src.test", ["y@four.test"], b"Subject: 4\r\n\r\nhi\r\n")
+            wait(lambda: len(v6.messages) == 1 and len(v4.messages) == 1, what="both")
+        assert [s.helo for s in v6.sessions] == ["engine.test"]
+        assert [(s.helo, s.peer[0]) for s in v4.sessions] == [("one.sender.test", A)]
+    finally:
+        v6.stop()
+        v4.stop()
