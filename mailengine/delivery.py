@@ -592,10 +592,21 @@ class DeliveryEngine:
                     self._source_freed.set()
                     self._source_freed = None
         took = round(time.monotonic() - t0, 3)
-        return barred + [replace(o, duration=took,
-                        transcript=((f"<-- {dns_line}",) + o.transcript
-                                    if dns_line and o.stage != "dns" else o.transcript))
-                for o in outcomes]
+        if not dns_line:
+            return barred + [o.timed(took, o.transcript) for o in outcomes]
+        # a transaction's recipients share its transcript: the DNS line put in front once
+        # for each (per recipient it cost a copy of the whole session each, n^2 for a mailing)
+        head = (f"<-- {dns_line}",)
+        stamped: dict[int, tuple[str, ...]] = {}
+
+        def with_dns(o: RcptOutcome) -> tuple[str, ...]:
+            if o.stage == "dns":
+                return o.transcript
+            t = stamped.get(id(o.transcript))
+            if t is None:
+                t = stamped[id(o.transcript)] = head + o.transcript
+            return t
+        return barred + [o.timed(took, with_dns(o)) for o in outcomes]
 
     def _suppressed_since(self, msg: Message, rcpts: list[str]) -> list[RcptOutcome]:
         """Recipients put on the suppression list since the message was queued (unsubscribed,
