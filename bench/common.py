@@ -416,9 +416,10 @@ def add_load_arguments(ap, cases: str, set_help: str, parse_setting) -> None:
                          "one process is one core")
 
 
-# Settings every benchmarked engine gets unless --set says otherwise: the product's own default
-# for intake processes (0 = one per core). RunningEngine's default of 1 is for tests.
-ENGINE_DEFAULTS = {"network.intake_workers": 0}
+# Settings every benchmarked engine gets unless --set says otherwise: the product's own defaults
+# for intake processes (0 = one per core) and delivery processes (0 = one per four cores, none
+# on up to 7). RunningEngine's defaults of 1 are for tests.
+ENGINE_DEFAULTS = {"network.intake_workers": 0, "network.delivery_processes": 0}
 
 
 def make_workdir(prefix: str, parent: Path | None) -> tuple[Path, str]:

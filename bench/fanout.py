@@ -34,9 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import (Case, add_run_arguments, announce, machine_info,  # noqa: E402
-                    print_table, ratio, run_rounds, run_workdir, tool, wait_for_port,
-                    write_results)
+from common import (ENGINE_DEFAULTS, Case, add_run_arguments, announce,  # noqa: E402
+                    machine_info, print_table, ratio, run_rounds, run_workdir, tool,
+                    wait_for_port, write_results)
 from intake import parse_setting, tree_cpu  # noqa: E402
 from postfix import PostfixInstance  # noqa: E402
 
@@ -128,7 +128,8 @@ def run_engine(args, workdir: Path) -> Case:
     home = Path(tempfile.mkdtemp(prefix="engine-fanout-", dir=workdir))
     rcpts = recipients(args.recipients, doms)
     with Sinks(args.sinks, workdir) as sinks, TestDNSServer(zones) as dns:
-        settings = {"basic.nameservers": [dns.address], "queue.pause_sending": False,
+        settings = {**ENGINE_DEFAULTS, "basic.nameservers": [dns.address],
+                    "queue.pause_sending": False,
                     "queue.save_done": True, "queue.queue_check_interval": 0.2,
                     "logging.stats_interval": 1, "network.smtp_port": 1, **dict(args.set)}
         eng = RunningEngine(home, settings)
