@@ -31,7 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .frames import FrameError, FrameReader, encode
+from .frames import FrameError, FrameReader, FrameWriter
 from .smtp.client import (Body, Reply, SMTPClientError, TransactionResult, RecipientResult,
                           local_reply)
 from .smtp_session import ConnectError, SMTPSession
@@ -97,28 +97,17 @@ class Deliverer:
         self._told: dict[int, list[str]] = {}  # cid -> the session transcript last sent
         self._opening: dict[int, asyncio.Task] = {}  # cid -> its connect, until it answers
         self.tasks: set[asyncio.Task] = set()
-        self._out: list[bytes] = []
-        self._flushing = False
-        self._writer: asyncio.WriteTransport | None = None
+        self._answers = FrameWriter()
         self._bodies: OrderedDict[tuple[str, bytes], Body] = OrderedDict()
         self._body_bytes = 0
 
     async def attach(self) -> None:
         loop = asyncio.get_running_loop()
-        self._writer, _ = await loop.connect_write_pipe(
+        self._answers.transport, _ = await loop.connect_write_pipe(
             asyncio.Protocol, os.fdopen(self.write_fd, "wb", buffering=0))
 
     def answer(self, frame: tuple) -> None:
-        self._out.append(encode(frame))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flushing = False
-        out, self._out = self._out, []
-        if out and self._writer is not None and not self._writer.is_closing():
-            self._writer.write(b"".join(out))
+        self._answers.send(frame)
 
     def handle(self, frame: tuple) -> None:
         op, cid = frame[0], frame[1]

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from .deliverer import FileBody, unpack_result
-from .frames import FrameError, FrameReader, encode
+from .frames import FrameError, FrameReader, FrameWriter
 from .smtp.client import Body, DSNRequest, SMTPClientError, TransactionResult, local_reply
 from .smtp_session import ConnectError
 
@@ -54,20 +54,16 @@ class _Process:
     def __init__(self, index: int, proc: asyncio.subprocess.Process) -> None:
         self.index = index
         self.proc = proc
-        self.writer: asyncio.WriteTransport | None = None
+        self.writer = FrameWriter()  # requests; its transport set once the pipe is connected
         self.calls: dict[int, asyncio.Future] = {}  # cid -> the answer to its one request
         self.sessions: dict[int, "RemoteSession"] = {}  # cid -> its connection (open or opening)
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.alive = True
-        self._out: list[bytes] = []
-        self._flushing = False
 
     def post(self, frame: tuple) -> None:
-        """Send a request; requests made in one turn of the event loop go in one write."""
-        self._out.append(encode(frame))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        """Send a request (those of one turn of the event loop go in one write)."""
+        if self.alive:
+            self.writer.send(frame)
 
     def call(self, cid: int, frame: tuple) -> asyncio.Future:
         """The answer to `frame` (None if the process dies first)."""
@@ -78,12 +74,6 @@ class _Process:
         self.calls[cid] = fut
         self.post(frame)
         return fut
-
-    def _flush(self) -> None:
-        self._flushing = False
-        out, self._out = self._out, []
-        if out and self.alive and self.writer is not None and not self.writer.is_closing():
-            self.writer.write(b"".join(out))
 
     def answered(self, frame: tuple) -> None:
         kind, cid = frame[0], frame[1]
@@ -123,8 +113,7 @@ class _Process:
                 fut.set_result(None)
         for s in list(self.sessions.values()):
             s._ended()
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
 
 
 class _Answers(asyncio.Protocol):
@@ -209,8 +198,8 @@ class Deliverers:
         proc.stdin.write(json.dumps(spec).encode())
         proc.stdin.close()
         p = _Process(index, proc)
-        p.writer, _ = await loop.connect_write_pipe(asyncio.Protocol,
-                                                    os.fdopen(to_child, "wb", buffering=0))
+        p.writer.transport, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(to_child, "wb", buffering=0))
         await loop.connect_read_pipe(lambda: _Answers(p), os.fdopen(from_child, "rb", buffering=0))
         self.current[index] = p
         self.started += 1
@@ -279,8 +268,7 @@ class Deliverers:
             t.cancel()
         procs = list(self.current.values())
         for p in procs:
-            if p.writer is not None:
-                p.writer.close()
+            p.writer.close()
         try:
             async with asyncio.timeout(timeout):
                 for p in procs:

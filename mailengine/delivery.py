@@ -128,6 +128,12 @@ class Attempt:
     process_gone: bool = False  # a delivery process ended under a unit: retry in a moment
 
 
+def _not_before(msg: Message, later: datetime) -> None:
+    """The message's next try no earlier than `later` (a hold: DKIM key, warm-up, process)."""
+    if msg.retry_time is None or msg.retry_time < later:
+        msg.retry_time = later
+
+
 def received_header(msg: Message, hostname: str) -> bytes:
     """The trace header put in front of the message when it goes out (RFC 5321 4.4)."""
     r = msg.received
@@ -876,16 +882,16 @@ class DeliveryEngine:
 
     def _prepare_body(self, msg: Message) -> Body | FileBody:
         """The bytes that go out: a Received: header, then ID.dat as received (no signing)."""
+        prefix = received_header(msg, self.engine.hostname)
         data = self._data.pop(msg.id, None)
         if data is not None:
             self._cached_bytes -= len(data)
         elif self.deliverers is not None:  # the delivery process reads it: only its size here
             path = self.spool.dat_path(msg.id, WORKING)
-            prefix = received_header(msg, self.engine.hostname)
             return FileBody(path, prefix, len(prefix) + os.stat(path).st_size, None)
         else:
             data = self.spool.read_data(msg.id, WORKING)
-        return self._made_body(msg, received_header(msg, self.engine.hostname), data)
+        return self._made_body(msg, prefix, data)
 
     def _made_body(self, msg: Message, prefix: bytes, data: bytes) -> Body | FileBody:
         """`prefix` + ID.dat (`data`): made here, or by the delivery process from the file (so
@@ -1037,9 +1043,7 @@ class DeliveryEngine:
         """A message not sent because its domain's DKIM key is unusable (missing_key = hold):
         it waits in retry/ and is looked at again in DKIM_HOLD_RETRY seconds (the signer
         retries loading the key every 30 s). One line per domain a minute, with a count."""
-        later = now + timedelta(seconds=DKIM_HOLD_RETRY)
-        if msg.retry_time is None or msg.retry_time < later:
-            msg.retry_time = later
+        _not_before(msg, now + timedelta(seconds=DKIM_HOLD_RETRY))
         t = time.monotonic()
         last, count = self._hold_noted.get(hold.domain, (None, 0))
         if last is not None and t - last < 60:
@@ -1086,13 +1090,9 @@ class DeliveryEngine:
         if att.dkim_hold is not None and not res.done:
             self._held_for_dkim(msg, att.dkim_hold, now)
         if att.process_gone and not res.done:  # while it is started again (deliverers.py)
-            later = now + timedelta(seconds=PROCESS_GONE_RETRY)
-            if msg.retry_time is None or msg.retry_time < later:
-                msg.retry_time = later
+            _not_before(msg, now + timedelta(seconds=PROCESS_GONE_RETRY))
         if att.warmup_hold and not res.done:  # sources.py: tomorrow's budget, or a new rule
-            later = datetime.fromtimestamp(att.warmup_hold)
-            if msg.retry_time is None or msg.retry_time < later:
-                msg.retry_time = later
+            _not_before(msg, datetime.fromtimestamp(att.warmup_hold))
         if not res.done:  # `queue list` shows why it waits, after a restart too
             why = {o.address: o for o in att.outcomes}
             when = now.strftime("%Y/%m/%d %H:%M:%S")

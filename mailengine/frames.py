@@ -9,10 +9,11 @@ own records (Body, TransactionResult, Capabilities), which pickle copies fastest
 """
 from __future__ import annotations
 
+import asyncio
 import pickle
 import struct
 
-__all__ = ["encode", "FrameReader", "FrameError", "MAX_FRAME"]
+__all__ = ["encode", "FrameReader", "FrameWriter", "FrameError", "MAX_FRAME"]
 
 HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 30  # a message body travels in one frame; the spool caps sizes far below
@@ -59,3 +60,31 @@ class FrameReader:
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+
+class FrameWriter:
+    """Frames to a pipe's transport, the ones made in one turn of the event loop in one write
+    (a write per frame woke the other end per frame). `transport` is set once the pipe is
+    connected; frames sent while it is None, or closing, are dropped (the other end is gone)."""
+    __slots__ = ("transport", "_out", "_flushing")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
+        self._out: list[bytes] = []
+        self._flushing = False
+
+    def send(self, frame: tuple) -> None:
+        self._out.append(encode(frame))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = False
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
