@@ -8,14 +8,13 @@ and keeps its mode. Checking values is config.py's job (config.coerce); this mod
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import tomlkit
 
 from . import config
+from .atomic_file import write_atomically  # noqa: F401  (config_file.write_atomically)
 
 
 def toml_ready(setting: config.Setting, value: Any) -> Any:
@@ -39,26 +38,6 @@ def set_in_doc(doc: tomlkit.TOMLDocument, setting: config.Setting, value: Any) -
     if old is not None and getattr(old, "trivia", None) is not None and old.trivia.comment:
         item.comment(old.trivia.comment.lstrip("# ").rstrip())  # keep a comment on the line
     table[setting.key] = item
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace a file by rename (a reader sees the old or the new one), keeping its mode."""
-    mode = 0o644
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_doc(home: Path) -> tuple[Path, tomlkit.TOMLDocument]:

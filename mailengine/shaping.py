@@ -527,10 +527,6 @@ class Shaping:
             return 0 if now < o.until else lim
         return max(1, int(lim * o.factor_at(now)))
 
-    def factor(self, dest: str) -> float:
-        """The share of its message and connection rates `dest` may use now (a throttle)."""
-        return self._factor(dest)
-
     def _factor(self, dest: str) -> float:
         o = self.overrides.get(dest)
         if o is None or o.action != "throttle":

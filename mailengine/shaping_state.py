@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
+from .atomic_file import write_atomically
 from .shaping import Override
 
 log = logging.getLogger("mailengine.shaping")
@@ -27,17 +26,8 @@ def save(path: Path, overrides: list[Override]) -> None:
     """Raises OSError (the caller logs it: delivery goes on)."""
     doc = {"version": 1, "overrides": [o.to_dict() for o in sorted(overrides,
                                                                   key=lambda o: o.dest)]}
-    # mkstemp's mode (0600): the replies it keeps name our addresses; the engine's user only
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(doc, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0600: the replies it keeps name our addresses; the engine's user only
+    write_atomically(path, json.dumps(doc, indent=1) + "\n", mode=0o600)
 
 
 def load(path: Path, now: float) -> list[Override]:

@@ -32,7 +32,6 @@ import datetime as dt
 import ipaddress
 import json
 import logging
-import os
 import re
 import time
 import tomllib
@@ -41,7 +40,8 @@ from pathlib import Path
 from typing import Callable
 
 from .file_stamp import file_stamp
-from .shaping import RULES_FILE, ShapingError
+from .atomic_file import write_atomically
+from .shaping import RULES_FILE, ShapingError, burst
 from .throttle import TokenBucket
 
 log = logging.getLogger("mailengine.sources")
@@ -421,10 +421,9 @@ class Sources:
         if not self._dirty or self.counts_path is None:
             return
         self._dirty = False
-        tmp = self.counts_path.with_name(self.counts_path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps({"day": self.day.isoformat(), "used": self.used}))
-            os.replace(tmp, self.counts_path)  # a crash leaves the old counts or the new
+        try:  # a crash leaves the old counts or the new, never none (an IP still warming up)
+            write_atomically(self.counts_path,
+                             json.dumps({"day": self.day.isoformat(), "used": self.used}))
         except OSError as e:
             self._dirty = True
             log.warning("cannot write %s: %s", self.counts_path, e)
@@ -450,8 +449,7 @@ class Sources:
 def _bucket(rate: int | None, per: float, clock) -> TokenBucket | None:
     if not rate:
         return None
-    # as shaping.py's: a minute's worth of an hourly rate at once, a few seconds' of a minute's
-    return TokenBucket(rate, per, max(1.0, rate / (60 if per > 60 else 20)), clock=clock)
+    return TokenBucket(rate, per, burst(rate, per), clock=clock)
 
 
 def describe(usage: list[dict]) -> list[str]:
