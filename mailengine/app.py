@@ -25,6 +25,7 @@ from .eventloop import loop_factory
 from .homelock import HomeLock
 from .inbound import InboundServer
 from .intake import Intake
+from .ledger import Ledger
 from .notices import Notices
 from .policy import Policy
 from .spool import Spool
@@ -90,9 +91,9 @@ class Engine:
         self.users = PasswordFile(cfg.password_file)
         self.policy = Policy(cfg, self.users)
         self.stats = Stats()
-        self.known: set[str] = set()  # ids of queued messages this engine knows (not drop-ins)
-        # queued messages kept on disk only (limits.messages_in_memory), by when they are due
-        self.backlog = Backlog()
+        # every queued message this engine knows: in memory, or on disk only (the backlog,
+        # beyond limits.messages_in_memory); ledger.py
+        self.ledger = Ledger()
         self.stopping = asyncio.Event()
         self.inbound: InboundServer | None = None
         self.workers: WorkerPool | None = None
@@ -151,7 +152,7 @@ class Engine:
     # --- messages in memory (limits.messages_in_memory) -------------------------------------------
 
     def has_room(self) -> bool:
-        return len(self.delivery.messages) < self.cfg.limits.messages_in_memory
+        return self.ledger.in_memory < self.cfg.limits.messages_in_memory
 
     def take(self, msg: Message, where: str, data: bytes | None = None) -> bool:
         """Hand a queued message to delivery, or keep it on disk only (the backlog) when memory
@@ -168,17 +169,14 @@ class Engine:
             except OSError as e:
                 log.warning("%s: cannot move it back to retry/ (%s); kept in memory", msg.id, e)
         if keep_on_disk and where == RETRY:
-            if not self.backlog and not self.stopping.is_set():
+            ledger = self.ledger
+            if not ledger.backlog and not self.stopping.is_set():
                 log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
-                         "on disk in retry/ until it is due and there is room",
-                         len(self.delivery.messages))
-            self.backlog.add(msg.id, due_time(msg))
-            self.known.discard(msg.id)
+                         "on disk in retry/ until it is due and there is room", ledger.in_memory)
+            ledger.keep_on_disk(msg.id, due_time(msg))
             if logs.tracing():
                 logs.PROGRAM.debug("%s waits on disk only (memory full)", msg.id)
             return False
-        self.backlog.discard(msg.id)
-        self.known.add(msg.id)
         self.delivery.submit(msg, where, data)
         return True
 
@@ -196,40 +194,36 @@ class Engine:
     def backlog_messages(self):
         """(id, Message) of each backlog message, read from its files (queue commands); those
         gone or unreadable meanwhile are left out."""
-        for mid in self.backlog:
+        for mid in self.ledger.backlog:
             try:
                 yield mid, self.spool.load(mid, RETRY)
             except (OSError, InfError):
                 continue
 
-    def withdraw_from_backlog(self, mid: str) -> None:
-        """A queue command changes a backlog message: known (so no scan takes it meanwhile)
-        until take() puts it back, or it is deleted."""
-        self.backlog.discard(mid)
-        self.known.add(mid)
+    def withdraw_from_backlog(self, msg: Message) -> None:
+        """A queue command changes a backlog message: in memory, not scheduled (so nothing
+        takes it meanwhile) until take() puts it back, or it is deleted."""
+        self.ledger.admit(msg, RETRY)
 
     async def _load_backlog_batch(self) -> bool:
         """One batch; True when there may be more to do at once."""
-        d = self.delivery
-        if d is None or not self.backlog or self.stopping.is_set():
+        d, ledger = self.delivery, self.ledger
+        backlog = ledger.backlog
+        if d is None or not backlog or self.stopping.is_set():
             return False
         now = time.time()
-        first = self.backlog.next_due()
+        first = backlog.next_due()
         if first is None or first > now:
             return False
-        room = self.cfg.limits.messages_in_memory - len(d.messages)
+        room = self.cfg.limits.messages_in_memory - ledger.in_memory
         if room <= 0:
             # a tenth of memory per walk over it, at least a batch
-            moved = d.evict(max(BACKLOG_BATCH, len(d.messages) // 10), now + EVICT_HORIZON)
-            for mid, due in moved:
-                self.known.discard(mid)
-                self.backlog.add(mid, due)
-            if not moved:
+            room = d.evict(max(BACKLOG_BATCH, ledger.in_memory // 10), now + EVICT_HORIZON)
+            if not room:
                 return False
-            room = len(moved)
-        ids = self.backlog.pop_due(now, min(room, BACKLOG_BATCH))
+        ids = backlog.pop_due(now, min(room, BACKLOG_BATCH))
         for i, mid in enumerate(ids):
-            if mid in self.known:
+            if mid in ledger.entries:
                 continue
             try:
                 msg = self.spool.load(mid, RETRY)
@@ -241,7 +235,7 @@ class Engine:
                 # the file system fails now (out of descriptors, EIO): this one and the rest of
                 # the batch wait in the backlog; the loop logs it and looks again later
                 for rest in ids[i:]:
-                    self.backlog.add(rest, now + BACKLOG_RETRY_SECONDS)
+                    backlog.add(rest, now + BACKLOG_RETRY_SECONDS)
                 raise
             self.take(msg, RETRY)
         return bool(ids)
@@ -267,7 +261,7 @@ class Engine:
         if kind == "L":
             self.stats.received(local=True)
         elif kind in ("R", "W") and msg_id:
-            if msg_id in self.known:  # the drop-in scan saw the files first
+            if msg_id in self.ledger:  # the drop-in scan saw the files first
                 self.stats.received(local=False)
                 return
             where = WORKING if kind == "W" else RETRY
@@ -286,25 +280,25 @@ class Engine:
     async def _read_index(self, lines: list[str]) -> None:
         """The backlog index of the last clean stop, once SMTP answers: in slices, so sessions
         are served meanwhile (a million lines take about a second)."""
-        known = self.known
+        ledger = self.ledger
         for i in range(0, len(lines), INDEX_SLICE):
             # A held message's .inf is read once all the same: a release on the files while the
             # engine was stopped may have rewritten it in place, which the index cannot see.
-            self.backlog.add_many((mid, 0.0 if due == HELD else due) for mid, due in
-                                  Backlog.parse_index(lines[i:i + INDEX_SLICE])
-                                  if mid not in known)
+            ledger.backlog.add_many((mid, 0.0 if due == HELD else due) for mid, due in
+                                    Backlog.parse_index(lines[i:i + INDEX_SLICE])
+                                    if mid not in ledger.entries)
             await asyncio.sleep(0)
         log.info("queue: %d messages waiting in %s (from the index of the last stop)",
-                 len(self.backlog) + len(self.known), self.spool.root / RETRY)
+                 ledger.total, self.spool.root / RETRY)
 
     def save_backlog_index(self) -> None:
         """At a clean stop: when each queued message is due (backlog.py), so that the next
         start reads no .inf before it delivers."""
-        d = self.delivery
-        if d is None:
+        if self.delivery is None:
             return
-        entries = [(mid, self.backlog.due(mid)) for mid in self.backlog]
-        entries += [(mid, due_time(m)) for mid, m in d.messages.items()]
+        backlog = self.ledger.backlog
+        entries = [(mid, backlog.due(mid)) for mid in backlog]
+        entries += [(mid, due_time(e.msg)) for mid, e in self.ledger.entries.items()]
         try:
             n = Backlog.save(self.spool.root, entries)
         except OSError as e:
@@ -343,12 +337,12 @@ class Engine:
         """Scan retry/ for mail dropped in (queue commands: it is part of "all"); the listing
         runs in a thread: retry/ of a long queue holds millions of names."""
         found = await asyncio.get_running_loop().run_in_executor(
-            None, self.spool.scan_dropins, QueuedIds(self.known, self.backlog))
+            None, self.spool.scan_dropins, self.ledger)
         return self._take_dropins(*found)
 
     def scan_dropins(self) -> int:
         """rescan() in the caller's thread (tests, and code outside the event loop)."""
-        return self._take_dropins(*self.spool.scan_dropins(QueuedIds(self.known, self.backlog)))
+        return self._take_dropins(*self.spool.scan_dropins(self.ledger))
 
     async def read_backlog(self, wanted=None) -> dict[str, Message]:
         """The backlog's messages read from their files in a thread (a queue command over a long
@@ -356,14 +350,14 @@ class Engine:
         def read() -> dict[str, Message]:
             return {mid: m for mid, m in self.backlog_messages() if wanted is None or wanted(m)}
         found = await asyncio.get_running_loop().run_in_executor(None, read)
-        return {mid: m for mid, m in found.items() if mid in self.backlog}
+        return {mid: m for mid, m in found.items() if mid in self.ledger.backlog}
 
     def _take_dropins(self, found: list[Message], warnings: list[str]) -> int:
         for w in warnings:
             log.warning("%s", w)
         taken = 0
         for msg in found:
-            if msg.id in self.known or msg.id in self.backlog:
+            if msg.id in self.ledger:
                 continue  # taken meanwhile (the scan ran in a thread)
             log.info("picked up dropped-in message %s for %d recipients", msg.id,
                      len(msg.rcpt_to_send))
@@ -469,7 +463,7 @@ class Engine:
             log.warning("%s", w)
         for msg in report.messages:
             self.take(msg, RETRY)
-        self.backlog.add_many((mid, 0.0) for mid in report.ids)
+        self.ledger.backlog.add_many((mid, 0.0) for mid in report.ids)
         if index is None:
             log.info("queue: %d messages waiting in %s",
                      len(report.messages) + len(report.ids), self.spool.root / RETRY)
@@ -552,16 +546,6 @@ async def after_setting(seconds: Callable[[], float]) -> None:
         step = min(1.0, wanted - waited)
         await asyncio.sleep(step)
         waited += step
-
-
-class QueuedIds:
-    """`id in queued`: in memory or in the backlog (what the drop-in scan must not take)."""
-
-    def __init__(self, known: set[str], backlog: Backlog):
-        self.known, self.backlog = known, backlog
-
-    def __contains__(self, mid: object) -> bool:
-        return mid in self.known or mid in self.backlog
 
 
 def run(cfg: Config, test_mode: bool = False, lock: HomeLock | None = None) -> None:

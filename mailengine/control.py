@@ -258,15 +258,14 @@ class ControlServer:
         out["sent"] = {"total": st.sent.total, "avg_per_hour": st.sent.per_hour(now)}
         out["rates"] = self._rates()
         d = getattr(eng, "delivery", None)
-        q = {"messages": len(eng.known)}
+        ledger = eng.ledger
+        q = {"messages": ledger.total}
         if d is not None:
-            backlog = eng.backlog
-            held = sum(1 for m in d.messages.values() if m.held) + backlog.held()
             # recipients: of the messages in memory (the backlog's are on disk only)
-            q = {"messages": len(d.messages) + len(backlog), "held": held,
-                 "in_memory": len(d.messages), "on_disk_only": len(backlog),
-                 "sending": len(d.attempts),
-                 "recipients": sum(len(m.rcpt_to_send) for m in d.messages.values()),
+            q = {"messages": ledger.total, "held": ledger.held(),
+                 "in_memory": ledger.in_memory, "on_disk_only": len(ledger.backlog),
+                 "sending": ledger.sending,
+                 "recipients": sum(len(m.rcpt_to_send) for m in ledger.messages()),
                  "ready_units": d.sched.ready, "paused": bool(d.sched.paused)}
         loop = asyncio.get_running_loop()
         q["on_disk"] = {k: {"messages": v[0], "bytes": v[1]} for k, v in

@@ -54,13 +54,15 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .queue_dirs import DONE, RETRY, WORKING
+from .attempt import Attempt
 from .backlog import due_time
+from .ledger import Entry
 from .config import AddressSet
 from .dkim import DKIMHold, load_or_sign
 from .deliverer import FileBody
@@ -105,27 +107,6 @@ PROCESS_GONE_RETRY = 2.0  # s: recipients left when a delivery process ended are
 # Threads signing DKIM: RSA-2048 costs ~250 us of CPU, which OpenSSL spends without the GIL, so
 # signing off the event loop leaves the loop ~20 us per message (bench figures in docs/DKIM.md).
 SIGN_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-@dataclass
-class Attempt:
-    """One send attempt of one message: its units' outcomes until the last one ends."""
-    msg: Message
-    outcomes: list[RcptOutcome] = field(default_factory=list)
-    interrupted: list[str] = field(default_factory=list)
-    body: Body | None = None
-    gone: bool = False  # its files vanished (removed by hand): nothing to send, nothing to write
-    preparing: asyncio.Future | None = None  # the body being signed, awaited by every unit
-    fresh_signature: bytes = b""  # DKIM signature made at this attempt (not kept in ID.dkim yet)
-    dkim_hold: DKIMHold | None = None  # its domain's DKIM key is unusable and missing_key = hold
-    seven_bit: asyncio.Future | None = None  # the body for servers without 8BITMIME (or None)
-    # Per-recipient header fields (unsubscribe.py): `body` then only gives the size and 8-bit
-    # flag, each recipient's copy is made from `data` (and `seven_data`, its 7-bit form)
-    personal: HeaderMaker | None = None  # what makes the fields, for the whole attempt
-    data: bytes = b""
-    seven_data: asyncio.Future | None = None
-    warmup_hold: float = 0.0  # a unit waits for the warm-up (sources.py) until this clock time
-    process_gone: bool = False  # a delivery process ended under a unit: retry in a moment
 
 
 def _not_before(msg: Message, later: datetime) -> None:
@@ -195,8 +176,9 @@ class DeliveryEngine:
         self.unsub = HeaderMaker.from_config(cfg)  # List-Unsubscribe per recipient, or None
         self._signing: ThreadPoolExecutor | None = None  # its threads, made at the first use
         self._hold_noted: dict[str, tuple[float, int]] = {}  # domain -> (last line, held since)
-        self.messages: dict[str, Message] = {}  # every message this engine holds, by id
-        self.attempts: dict[str, Attempt] = {}  # messages being delivered (in working/)
+        # the queue in memory and on disk only (ledger.py): shared with app.Engine
+        self.ledger = engine.ledger
+        self.ledger.cache_limit = cfg.limits.max_queue_memory_kb * 1024  # bodies from intake
         self.host_down: dict[tuple[str, int], float] = {}
         self.sent = 0  # recipients delivered (also in engine.stats)
         self._tasks: set[asyncio.Task] = set()
@@ -207,15 +189,11 @@ class DeliveryEngine:
         self._remove_lock = threading.Lock()  # _to_remove is filled by the loop, drained there
         self._to_remove: list[str] = []
         self._remove_queued = False
-        self._in_working: set[str] = set()  # submitted in working/, not started yet
         self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
         self._dest_hosts: dict[tuple, set] = {}  # (dest, source) -> its servers (_within_cap)
         self._unknown: set[str] = set()  # domains whose MX rollup is to be learnt (_limit)
         self._probing: set[str] = set()  # ... and being looked up now (_probe)
         self._suppression_seen = False  # HOME/suppression.db exists (_suppressed_since)
-        self._data: dict[str, bytes] = {}  # ID.dat bytes handed over by intake, until sent
-        self._cached_bytes = 0
-        self._cache_limit = cfg.limits.max_queue_memory_kb * 1024
 
     # -- the interface app.py uses ----------------------------------------------------------------
 
@@ -228,30 +206,33 @@ class DeliveryEngine:
         `data`: the bytes of ID.dat when the caller has them in memory (intake just stored
         them): the first attempt then does not read the file (kept within
         `limits.max_queue_memory_kb`; beyond it, the file is read as usual)."""
-        if self._stopping or msg.id in self.attempts:
-            if self._stopping and where == WORKING:
+        ledger = self.ledger
+        e = ledger.get(msg.id)
+        if e is not None and e.attempt is not None:
+            return  # being sent: its attempt owns it
+        if self._stopping:
+            if where == WORKING:
                 try:  # stored during a stop: a clean stop leaves unfinished mail in retry/
                     self.spool.move(msg.id, WORKING, RETRY)
-                except OSError as e:
-                    log.warning("%s: stays in working/ until the next start: %s", msg.id, e)
+                except OSError as err:
+                    log.warning("%s: stays in working/ until the next start: %s", msg.id, err)
+                    ledger.stuck(msg.id)
+                    return
+            ledger.keep_on_disk(msg.id, due_time(msg))  # in the index the stop writes
             return
-        if where == WORKING:
-            self._in_working.add(msg.id)
-        elif where != RETRY:
+        if where not in (RETRY, WORKING):
             raise ValueError(f"the delivery engine takes messages from retry/ or working/, "
                              f"not {where}/")
-        self.messages[msg.id] = msg
+        e = ledger.admit(msg, where)
         if msg.held:
             return  # kept, known, never sent until released
         if not msg.rcpt_to_send:
-            self._finish_idle(msg)
+            self._finish_idle(e)
             return
-        if data is not None and self._cached_bytes + len(data) <= self._cache_limit:
-            self._drop_data(msg.id)
-            self._data[msg.id] = data
-            self._cached_bytes += len(data)
+        if data is not None:
+            ledger.keep_data(e, data)
         due = msg.retry_time.timestamp() if msg.retry_time is not None else None
-        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
+        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
         self._kick()
 
     def apply(self, cfg) -> None:
@@ -266,7 +247,7 @@ class DeliveryEngine:
         self.resolver.debug = cfg.debug.dns
         if self.resolver.set_bypass(cfg.basic.dns_servers):
             self._mx_memo.clear()  # a destination pinned elsewhere now: ask again at once
-        self._cache_limit = cfg.limits.max_queue_memory_kb * 1024  # bodies kept from intake
+        self.ledger.cache_limit = cfg.limits.max_queue_memory_kb * 1024  # bodies from intake
         if getattr(self.rate, "rate", None) != cfg.limits.max_send_rate:
             self.rate = send_rate_bucket(cfg.limits.max_send_rate)
         if getattr(self.bandwidth, "rate", None) != cfg.limits.max_bandwidth:
@@ -352,7 +333,8 @@ class DeliveryEngine:
         self._stopping = True
         self._kick()
         for u in self.sched.take_ready():
-            att = self.attempts.get(u.msg_id)
+            e = self.ledger.get(u.msg_id)
+            att = e.attempt if e is not None else None
             if att is not None:
                 att.interrupted += u.rcpts
             if self.sched.unit_done(u, ran=False) and att is not None:
@@ -364,12 +346,13 @@ class DeliveryEngine:
                 t.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        for mid in list(self._in_working):  # stored into working/, never started: to retry/
-            try:
-                self.spool.move(mid, WORKING, RETRY)
-            except OSError as e:
-                log.warning("%s: cannot move it back to retry/: %s", mid, e)
-        self._in_working.clear()
+        for e in list(self.ledger.entries.values()):
+            if e.where == WORKING and e.attempt is None:  # stored into working/, never started
+                try:
+                    self.spool.move(e.msg.id, WORKING, RETRY)
+                    self.ledger.moved(e, RETRY)
+                except OSError as err:
+                    log.warning("%s: cannot move it back to retry/: %s", e.msg.id, err)
         await self.pool.close_all()
         if self.deliverers is not None:
             await self.deliverers.stop()
@@ -383,7 +366,7 @@ class DeliveryEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._remover.shutdown)
         if self._signing is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._signing.shutdown)
-        left = len(self.messages)
+        left = self.ledger.in_memory
         if left:
             log.info("delivery stopped: %d messages left in retry/", left)
 
@@ -409,20 +392,21 @@ class DeliveryEngine:
         return t
 
     def _start_unit(self, u: Unit) -> None:
-        att = self.attempts.get(u.msg_id)
+        e = self.ledger.entries[u.msg_id]
+        att = e.attempt
         if att is None:
-            msg = self.messages[u.msg_id]
-            att = self.attempts[u.msg_id] = Attempt(msg)
+            msg = e.msg
+            att = Attempt(msg)
+            self.ledger.claim(e, att)
             try:
-                if msg.id in self._in_working:
-                    self._in_working.discard(msg.id)
-                else:
+                if e.where == RETRY:
                     self.spool.move(msg.id, RETRY, WORKING)
+                    self.ledger.moved(e, WORKING)
             except FileNotFoundError:
                 log.warning("%s: its files left retry/ (removed by hand?); not sending it", msg.id)
                 att.gone = True
-            except OSError as e:
-                log.error("%s: cannot move it to working/: %s; it stays in retry/", msg.id, e)
+            except OSError as err:
+                log.error("%s: cannot move it to working/: %s; it stays in retry/", msg.id, err)
                 att.gone = True
         if logs.tracing():
             logs.PROGRAM.debug("sending %s to %s: %d recipients, priority %d, try %d", u.msg_id,
@@ -464,7 +448,7 @@ class DeliveryEngine:
                     # never silently: the message stays where it is (working/) until the next
                     # start's recovery puts it back in retry/
                     log.exception("%s: recording the send attempt failed", att.msg.id)
-                    self.attempts.pop(att.msg.id, None)
+                    self.ledger.stuck(att.msg.id)
             self._kick()
 
     async def _resolve(self, dest: str):
@@ -883,13 +867,11 @@ class DeliveryEngine:
     def _prepare_body(self, msg: Message) -> Body | FileBody:
         """The bytes that go out: a Received: header, then ID.dat as received (no signing)."""
         prefix = received_header(msg, self.engine.hostname)
-        data = self._data.pop(msg.id, None)
-        if data is not None:
-            self._cached_bytes -= len(data)
-        elif self.deliverers is not None:  # the delivery process reads it: only its size here
-            path = self.spool.dat_path(msg.id, WORKING)
-            return FileBody(path, prefix, len(prefix) + os.stat(path).st_size, None)
-        else:
+        data = self.ledger.take_data(self.ledger.get(msg.id))
+        if data is None:
+            if self.deliverers is not None:  # the delivery process reads it: only its size here
+                path = self.spool.dat_path(msg.id, WORKING)
+                return FileBody(path, prefix, len(prefix) + os.stat(path).st_size, None)
             data = self.spool.read_data(msg.id, WORKING)
         return self._made_body(msg, prefix, data)
 
@@ -925,9 +907,7 @@ class DeliveryEngine:
             return att.body
         if att.preparing is None:
             msg = att.msg
-            data = self._data.pop(msg.id, None)
-            if data is not None:
-                self._cached_bytes -= len(data)
+            data = self.ledger.take_data(self.ledger.get(msg.id))
             att.preparing = asyncio.get_running_loop().run_in_executor(
                 self._signing_pool(), self._signed_body, msg, data)
             # retrieved even when every unit waiting for it was cancelled (a stop)
@@ -942,14 +922,13 @@ class DeliveryEngine:
         field of its own. Then its bytes are kept in the attempt for the copies, and `att.body`
         (never sent as it is) gives the size and the 8-bit flag."""
         msg = att.msg
-        data = self._data.pop(msg.id, None)
-        if data is not None:
-            self._cached_bytes -= len(data)
-        else:
+        e = self.ledger.get(msg.id)
+        data = self.ledger.take_data(e)
+        if data is None:
             data = self.spool.read_data(msg.id, WORKING)
         if has_own_field(data):  # the sender's own unsubscribe: sent as it is, signed once
-            self._data[msg.id] = data
-            self._cached_bytes += len(data)
+            if e is not None:
+                self.ledger.keep_data(e, data)
             return False
         att.personal, att.data = self.unsub, data
         att.body = Body.from_bytes(received_header(msg, self.engine.hostname) + data)
@@ -1065,18 +1044,15 @@ class DeliveryEngine:
 
     # -- the end of an attempt ------------------------------------------------------------------
 
-    def _drop_data(self, msg_id: str) -> None:
-        data = self._data.pop(msg_id, None)
-        if data is not None:
-            self._cached_bytes -= len(data)
-
     async def _finish(self, att: Attempt) -> None:
+        """The attempt's last unit ended: record it; the message is done, or waits again. It
+        stays the attempt's (`sending` in the ledger) until this ends."""
         msg = att.msg
-        self.attempts.pop(msg.id, None)
-        self._drop_data(msg.id)
+        ledger = self.ledger
+        e = ledger.get(msg.id)
+        ledger.take_data(e)
         if att.gone:
-            self.messages.pop(msg.id, None)
-            self.engine.known.discard(msg.id)
+            ledger.finish(msg.id)
             return
         now = datetime.now()
         intervals = self.shaping.retry_plan(  # the rules' retry_intervals and max_age
@@ -1108,22 +1084,25 @@ class DeliveryEngine:
                     self.spool.move(msg.id, WORKING, DONE)
                 else:
                     self._remove(msg.id)
-                self.messages.pop(msg.id, None)
-                self.engine.known.discard(msg.id)
+                ledger.finish(msg.id)
                 return
             if att.fresh_signature:  # recipients left: the next attempt sends it again
                 await self._keep_signature(msg.id, att.fresh_signature)
             await self.spool.update_inf(msg, WORKING)
             self.spool.move(msg.id, WORKING, RETRY)
-        except OSError as e:
+        except OSError as err:
             log.error("%s: cannot record the send attempt: %s; the message stays in working/ "
-                      "until the next start", msg.id, e)
-            self.messages.pop(msg.id, None)
+                      "until the next start", msg.id, err)
+            ledger.stuck(msg.id)
             return
+        if e is None or e.attempt is not att:  # taken out meanwhile (never, by the table)
+            return
+        ledger.moved(e, RETRY)
+        ledger.attempt_over(e)
         if self._stopping:
             return
         due = msg.retry_time.timestamp() if msg.retry_time is not None else None
-        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
+        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
 
     def _remove(self, msg_id: str) -> None:
         """Delete a finished message from working/ in the remover thread, its files becoming
@@ -1150,21 +1129,18 @@ class DeliveryEngine:
             log.error("delivered, but cannot be removed from working/ (%s): %s",
                       ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else ""), e)
 
-    def _finish_idle(self, msg: Message) -> None:
+    def _finish_idle(self, e: Entry) -> None:
         """A message in retry/ with nothing left to send: finish it without an attempt."""
+        msg, where = e.msg, e.where
         msg.status = msg.status or "done"
-        where = WORKING if msg.id in self._in_working else RETRY
-        self._drop_data(msg.id)
-        self._in_working.discard(msg.id)
         try:
             if self.cfg.queue.save_done:
                 self.spool.move(msg.id, where, DONE)
             else:
                 self.spool.remove(msg.id, where)
-        except OSError as e:
-            log.warning("%s: nothing to send, but cannot finish it: %s", msg.id, e)
-        self.messages.pop(msg.id, None)
-        self.engine.known.discard(msg.id)
+        except OSError as err:
+            log.warning("%s: nothing to send, but cannot finish it: %s", msg.id, err)
+        self.ledger.finish(msg.id)
 
     def _note(self, msg: Message, res, att: Attempt) -> None:
         """Log lines (the lists and the event log are written by notices.py): one per delivered
@@ -1198,19 +1174,21 @@ class DeliveryEngine:
         taken: list[Message] = []
         skipped: dict[str, str] = {}
         scheduled = []
+        ledger = self.ledger
         for mid in msg_ids:
-            if mid in self.attempts:
-                skipped[mid] = "being delivered now; try again when this attempt ends"
-            elif mid not in self.messages:
+            e = ledger.get(mid)
+            if e is None:
                 skipped[mid] = "not in the queue"
+            elif e.attempt is not None:
+                skipped[mid] = "being delivered now; try again when this attempt ends"
             elif mid in self.sched:
                 scheduled.append(mid)
             else:
-                taken.append(self.messages[mid])  # held (or stopping): not scheduled
+                taken.append(e.msg)  # held (or stopping): not scheduled
         got = self.sched.withdraw(scheduled)
         for mid in scheduled:
             if mid in got:
-                taken.append(self.messages[mid])
+                taken.append(ledger.entries[mid].msg)
             else:
                 skipped[mid] = "being delivered now; try again when this attempt ends"
         return taken, skipped
@@ -1218,25 +1196,25 @@ class DeliveryEngine:
     def put_back(self, msg: Message) -> None:
         """A message taken by take_for_change, changed or not: schedule it again at its
         `retrytime` (None = now), keep it unscheduled when held, finish it when nothing is left."""
-        self.messages[msg.id] = msg
+        e = self.ledger.admit(msg)
         if msg.held or self._stopping:
             return
         if not msg.rcpt_to_send:
-            self._finish_idle(msg)
+            self._finish_idle(e)
             return
         due = msg.retry_time.timestamp() if msg.retry_time is not None else None
-        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due, data=msg)
+        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
         self._kick()
 
-    def evict(self, limit: int, not_before: float) -> list[tuple[str, float]]:
+    def evict(self, limit: int, not_before: float) -> int:
         """Make room in memory (app.Engine._load_backlog): up to `limit` messages that wait for a
         retry later than `not_before` (held ones first, then the latest due) leave the schedule
-        and memory; their files are in retry/ already. Returns their (id, due) for the backlog."""
+        and memory for the backlog; their files are in retry/ already. Returns how many."""
         held, later = [], []
-        for mid, msg in self.messages.items():
-            if mid in self.attempts or mid in self._in_working:
+        for mid, e in self.ledger.entries.items():
+            if e.attempt is not None or e.where != RETRY:
                 continue
-            if msg.held:
+            if e.msg.held:
                 held.append(mid)
                 continue
             due = self.sched.due(mid)
@@ -1247,34 +1225,28 @@ class DeliveryEngine:
             chosen += [mid for _, mid in heapq.nlargest(limit - len(chosen), later)]
         scheduled = [mid for mid in chosen if mid in self.sched]
         self.sched.withdraw(scheduled)
-        out = []
+        moved = 0
         for mid in chosen:
             if mid in self.sched:
                 continue  # released meanwhile, a unit running: it stays
-            msg = self.messages.pop(mid)
-            self._drop_data(mid)
-            out.append((mid, due_time(msg)))
-        return out
+            self.ledger.keep_on_disk(mid, due_time(self.ledger.entries[mid].msg))
+            moved += 1
+        return moved
 
     def forget_message(self, msg_id: str) -> None:
         """A message taken by take_for_change whose files are gone (deleted)."""
-        self.messages.pop(msg_id, None)
-        self._in_working.discard(msg_id)
-        self._drop_data(msg_id)
-        self.engine.known.discard(msg_id)
+        self.ledger.finish(msg_id)
 
     def files_in(self, msg_id: str) -> str:
         """The directory holding a waiting message's files: "retry", or "working" for relayed
-        mail stored straight there and not started yet."""
-        return WORKING if msg_id in self._in_working or msg_id in self.attempts else RETRY
+        mail stored straight there and not started yet, and mail being sent."""
+        e = self.ledger.get(msg_id)
+        return RETRY if e is None else e.where
 
     def queue_state(self, msg_id: str) -> tuple[str, float | None]:
         """('sending' | 'held' | 'waiting' | '', when due) of a message this engine holds."""
-        if msg_id in self.attempts:
-            return "sending", None
-        msg = self.messages.get(msg_id)
-        if msg is None:
+        e = self.ledger.get(msg_id)
+        if e is None:
             return "", None
-        if msg.held:
-            return "held", None
-        return "waiting", self.sched.due(msg_id)
+        state = e.state
+        return state, self.sched.due(msg_id) if state == "waiting" else None

@@ -112,8 +112,7 @@ class Notices:
         msg.add_log(f"Made by this engine: {what or kind}", now)
         await eng.spool.store(msg, data, RETRY)
         self.generated += 1
-        eng.known.add(msg.id)
-        eng.delivery.submit(msg, RETRY)
+        eng.take(msg, RETRY)  # into memory, or on disk only when memory is full
         log.info("%s: queued %s to %s", msg.id, what or kind, ", ".join(rcpts))
         return msg
 

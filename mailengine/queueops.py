@@ -230,10 +230,11 @@ async def engine_records(engine, tracker: ReplyTracker | None = None) -> list[di
     d = engine.delivery
     backlog = list((await engine.read_backlog()).items())
     if tracker is not None:
-        tracker.prune(set(d.messages) | {mid for mid, _ in backlog})
+        tracker.prune(set(engine.ledger.entries) | {mid for mid, _ in backlog})
     out = []
     files_in = d.files_in
-    for mid, msg in list(d.messages.items()):
+    for msg in engine.ledger.messages():
+        mid = msg.id
         state, due = d.queue_state(mid)
         reps = tracker.replies.get(mid) if tracker is not None else None
         out.append(record(msg, files_in(mid), state or "waiting", due, reps))
@@ -247,7 +248,7 @@ async def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) 
     check_id(msg_id)
     d = engine.delivery
     await engine.rescan()
-    msg = d.messages.get(msg_id)
+    msg = engine.ledger.message(msg_id)
     if msg is None:
         # In the backlog, or not known to the engine (perhaps a broken drop-in): from its files.
         return FileQueue(engine.spool.root).show(msg_id)
@@ -272,12 +273,12 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     if any(is_group(t) for t in targets):
         on_disk = await engine.read_backlog(lambda m: any(matches(m, t) for t in targets))
     for t in targets:
-        if not is_group(t) and t in engine.backlog and t not in on_disk:
+        if not is_group(t) and t in engine.ledger.backlog and t not in on_disk:
             try:
                 on_disk[t] = engine.spool.load(t, RETRY)
             except (OSError, InfError):
                 pass
-        found = [mid for mid, m in list(d.messages.items()) if matches(m, t)]
+        found = [m.id for m in engine.ledger.messages() if matches(m, t)]
         found += [mid for mid, m in on_disk.items() if matches(m, t)]
         if not found and not is_group(t):
             if action == "delete" and _remove_unknown(engine.spool, t):
@@ -289,7 +290,7 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     # Backlog messages are on disk only: nothing delivers them, so they are taken as they are.
     for mid in ids:
         if mid in on_disk:
-            engine.withdraw_from_backlog(mid)
+            engine.withdraw_from_backlog(on_disk[mid])
     taken, skipped = d.take_for_change([mid for mid in ids if mid not in on_disk])
     taken += [on_disk[mid] for mid in ids if mid in on_disk]
     res["skipped"].update(skipped)

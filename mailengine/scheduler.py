@@ -68,7 +68,6 @@ class _Entry:
     due: float
     units_left: int = 0  # > 0 while the message is being delivered
     active: bool = False
-    data: object = None  # the caller's record (the Message)
 
 
 @dataclass
@@ -101,7 +100,7 @@ class Scheduler:
     # -- what the engine knows ---------------------------------------------------------------------
 
     def add(self, msg_id: str, rcpts: Iterable[str], priority: int = 0,
-            due: float | None = None, data: object = None) -> None:
+            due: float | None = None) -> None:
         """Remember a message, due at `due` (clock time; None or the past = now). A message
         already known is rescheduled, unless it is being delivered (then ValueError)."""
         e = self._msgs.get(msg_id)
@@ -113,7 +112,7 @@ class Scheduler:
         now = self.clock()
         due = now if due is None else due
         self._seq += 1
-        self._msgs[msg_id] = _Entry(rcpts, priority, due, data=data)
+        self._msgs[msg_id] = _Entry(rcpts, priority, due)
         heapq.heappush(self._timers, (due, self._seq, msg_id))
 
     def __contains__(self, msg_id: str) -> bool:
@@ -121,9 +120,6 @@ class Scheduler:
 
     def __len__(self) -> int:
         return len(self._msgs)
-
-    def data(self, msg_id: str) -> object:
-        return self._msgs[msg_id].data
 
     @property
     def waiting(self) -> int:

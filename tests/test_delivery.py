@@ -651,6 +651,7 @@ class _Engine:
 
     def __init__(self, home: Path, settings: dict) -> None:
         from mailengine.config import from_dict
+        from mailengine.ledger import Ledger
         from mailengine.spool import Spool
         from mailengine.stats import Stats
         data: dict = {}
@@ -666,7 +667,7 @@ class _Engine:
         self.stats = Stats()
         self.test_mode = False
         self.hostname = "engine.test"
-        self.known: set[str] = set()
+        self.ledger = Ledger()
 
 
 def test_submitted_in_working_is_sent_without_a_move_and_stop_puts_the_rest_in_retry(tmp_path):
@@ -684,7 +685,7 @@ def test_submitted_in_working_is_sent_without_a_move_and_stop_puts_the_rest_in_r
             d.submit(msg, "working", data=b"Subject: w\r\n\r\nfrom memory\r\n")
             await sink.wait_messages(1, 10)
             assert sink.messages[0].data.endswith(b"\r\nfrom memory\r\n")  # not re-read
-            assert d._cached_bytes == 0 and not d._data
+            assert d.ledger.cached_bytes == 0
             for _ in range(100):
                 if not list((tmp_path / "mailq" / "working").iterdir()):
                     break

@@ -33,14 +33,14 @@ def test_mail_stored_into_working_then_put_in_the_backlog_is_taken_in_again(tmp_
         await eng.spool.store(second, b"Subject: 2\r\n\r\nx\r\n", "working")
         eng.stored(first, False, "working", b"x")
         eng.stored(second, False, "working", b"x")  # memory is full by now: the backlog
-        assert second.id in eng.backlog and second.id not in eng.known
+        assert second.id in eng.ledger.backlog and second.id not in eng.ledger.entries
         assert (tmp_path / "mailq" / "retry" / f"{second.id}.inf").exists()  # waits in retry/
         assert not (tmp_path / "mailq" / "working" / f"{second.id}.inf").exists()
         assert eng.scan_dropins() == 0  # the drop-in scan leaves backlog mail alone
         assert not await eng._load_backlog_batch()  # due, but no room and nothing to evict
-        eng.delivery.messages.pop(first.id)  # room again: the backlog loads it
+        eng.ledger.finish(first.id)  # room again: the backlog loads it
         assert await eng._load_backlog_batch()
-        assert second.id in eng.delivery.messages and not eng.backlog
+        assert second.id in eng.ledger.entries and not eng.ledger.backlog
         eng.spool.close()
     asyncio.run(main())
 
@@ -53,7 +53,7 @@ def test_a_worker_message_that_cannot_be_read_in_working_waits_in_retry(tmp_path
         inf = tmp_path / "mailq" / "working" / f"{m.id}.inf"
         inf.write_bytes(b"this is not an inf file\n")  # as if damaged between store and notice
         eng.worker_stored(f"W {m.id}")
-        assert m.id not in eng.delivery.messages
+        assert m.id not in eng.ledger.entries
         assert (tmp_path / "mailq" / "retry" / f"{m.id}.inf").exists()  # scanned, reported there
         assert not inf.exists()
         eng.spool.close()
@@ -103,8 +103,8 @@ def test_backlog_mail_that_cannot_be_read_for_now_stays_in_the_backlog(tmp_path,
         for m in msgs:
             await eng.spool.store(m, b"Subject: x\r\n\r\nx\r\n", "retry")
             eng.take(m, "retry")  # one in memory, two in the backlog
-        assert len(eng.backlog) == 2
-        eng.delivery.messages.pop(msgs[0].id)  # room
+        assert len(eng.ledger.backlog) == 2
+        eng.ledger.finish(msgs[0].id)  # room
         real_load = eng.spool.load
 
         def no_fds(*a, **kw):
@@ -116,11 +116,11 @@ def test_backlog_mail_that_cannot_be_read_for_now_stays_in_the_backlog(tmp_path,
             pass
         else:
             raise AssertionError("the loop must see the error (it logs it)")
-        assert len(eng.backlog) == 2  # kept, looked at again later, not dropped
-        failed = next(m.id for m in msgs[1:] if eng.backlog.due(m.id) > time.time())
+        assert len(eng.ledger.backlog) == 2  # kept, looked at again later, not dropped
+        failed = next(m.id for m in msgs[1:] if eng.ledger.backlog.due(m.id) > time.time())
         monkeypatch.setattr(eng.spool, "load", real_load)
         assert await eng._load_backlog_batch()  # the other one, still due, is loaded
-        assert failed in eng.backlog and failed not in eng.delivery.messages
+        assert failed in eng.ledger.backlog and failed not in eng.ledger.entries
         eng.spool.close()
     asyncio.run(main())
 
@@ -135,7 +135,7 @@ def test_mail_taken_during_a_stop_waits_in_the_backlog_and_the_index(tmp_path):
         m = _msg("b@dest.test")
         await eng.spool.store(m, b"Subject: x\r\n\r\nx\r\n", "retry")
         eng.stopping.set()
-        assert not eng.take(m, "retry") and m.id in eng.backlog and m.id not in eng.known
+        assert not eng.take(m, "retry") and m.id in eng.ledger.backlog and m.id not in eng.ledger.entries
         assert not await eng._load_backlog_batch()  # the loader stands still
         eng.save_backlog_index()
         assert m.id in dict(Backlog.parse_index(Backlog.take_index(tmp_path / "mailq")))
@@ -149,6 +149,6 @@ def test_a_held_message_in_the_index_is_read_again_at_start(tmp_path):
     async def main():
         eng = _engine(tmp_path)
         await eng._read_index(["held P1T1C1@a", "1700000000.0 P2T2C2@a"])
-        assert eng.backlog.due("P1T1C1@a") == 0.0 and eng.backlog.due("P2T2C2@a") == 1.7e9
+        assert eng.ledger.backlog.due("P1T1C1@a") == 0.0 and eng.ledger.backlog.due("P2T2C2@a") == 1.7e9
         eng.spool.close()
     asyncio.run(main())

@@ -170,9 +170,9 @@ def destinations(engine, limit: int = 20, counter=None) -> list[dict]:
     """The busiest destinations and their state, from the delivery engine's scheduler; the
     last reply from the delivery log lines (metrics.OutcomeCounter). Per-domain message counts
     need a walk over the queue, done only while it is small (the Queue page always does it)."""
-    delivery = engine.delivery
+    delivery, ledger = engine.delivery, engine.ledger
     # the messages in memory only: the backlog's would be read from disk every poll
-    msgs = list(delivery.messages.values()) if len(delivery.messages) <= STATUS_SCAN_LIMIT else []
+    msgs = list(ledger.messages()) if ledger.in_memory <= STATUS_SCAN_LIMIT else []
     rows = {r.domain: r for r in queue_view.by_domain(engine, msgs)}
     out = []
     active = delivery.sched.destinations()

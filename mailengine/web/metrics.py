@@ -100,11 +100,11 @@ def snapshot(engine, counter: OutcomeCounter | None = None, cheap: bool = False)
     shared = delivery.shared
     if shared is not None:
         snap["shared_up"] = int(not shared.health.down)
-    msgs = delivery.messages
-    snap["queue_messages"] = len(msgs) + len(engine.backlog)  # recipients: in memory
+    ledger = engine.ledger
+    snap["queue_messages"] = ledger.total  # recipients: in memory
     snap["queue_recipients"] = None if cheap else sum(
-        len(m.rcpt_to_send) for m in list(msgs.values()))
-    snap["queue_sending"] = len(delivery.attempts)
+        len(m.rcpt_to_send) for m in ledger.messages())
+    snap["queue_sending"] = ledger.sending
     return snap
 
 

@@ -1,7 +1,7 @@
 """What the web admin and the API show of the queue: messages, destinations, one message.
 
-The running engine's delivery part holds every queued message in memory
-(`engine.delivery.messages`), so listing the queue costs no directory scan. Without a delivery
+The running engine holds every queued message in memory or in its backlog
+(`engine.ledger`), so listing the queue costs no directory scan. Without a delivery
 engine (not built, or stopped), retry/ is read from disk, at most SCAN_LIMIT `.inf` files.
 Actions (delete, hold, release, retry now) go through mailengine.queueops when it is there.
 """
@@ -32,8 +32,8 @@ async def off_loop(fn, *args):
 async def messages(engine) -> list[Message]:
     """Every queued message: a copy of the delivery engine's table and the backlog's messages
     (read from disk, at most SCAN_LIMIT), or read from retry/."""
-    in_memory = list(engine.delivery.messages.values())
-    if not len(engine.backlog):
+    in_memory = list(engine.ledger.messages())
+    if not len(engine.ledger.backlog):
         return in_memory
     return in_memory + await off_loop(backlog_messages, engine)
 
@@ -41,12 +41,12 @@ async def messages(engine) -> list[Message]:
 def queued_total(engine, msgs: list[Message]) -> int:
     """How many messages are queued: all of them, though `msgs` holds at most SCAN_LIMIT of the
     backlog's (its .inf files are read to show them)."""
-    return len(engine.delivery.messages) + len(engine.backlog)
+    return engine.ledger.total
 
 
 def partial(engine) -> bool:
     """True when the backlog holds more than the pages read of it (SCAN_LIMIT)."""
-    return len(engine.backlog) > SCAN_LIMIT
+    return len(engine.ledger.backlog) > SCAN_LIMIT
 
 
 def backlog_messages(engine) -> list[Message]:
@@ -54,7 +54,8 @@ def backlog_messages(engine) -> list[Message]:
 
 
 def state_of(engine, msg: Message, now: dt.datetime | None = None) -> str:
-    if msg.id in engine.delivery.attempts:
+    e = engine.ledger.get(msg.id)
+    if e is not None and e.attempt is not None:
         return "sending"
     if msg.held:
         return "held"
@@ -113,7 +114,7 @@ def find(engine, msg_id: str) -> tuple[Message | None, str | None]:
     """(message, directory) of a queued message, looked up in memory first, then on disk."""
     if not is_message_id(msg_id):
         return None, None
-    msg = engine.delivery.messages.get(msg_id)
+    msg = engine.ledger.message(msg_id)
     for where in WHERE:
         if os.path.exists(engine.spool.inf_path(msg_id, where)):
             if msg is None:
