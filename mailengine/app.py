@@ -396,15 +396,13 @@ class Engine:
 
     def queue_lines(self) -> list[str]:
         """`debug.queue_size` / `debug.queue_memory`: what the queue holds now."""
-        d = self.delivery
+        ledger = self.ledger
         out = []
-        held = getattr(d, "messages", {}) if d is not None else {}
-        active = getattr(d, "attempts", {}) if d is not None else {}
         if self.cfg.debug.queue_size:
-            out.append(f"queue: {len(held)} messages queued, {len(active)} being delivered")
+            out.append(f"queue: {ledger.total} messages queued, {ledger.sending} being delivered")
         if self.cfg.debug.queue_memory:
-            bodies = sum(a.body.size for a in active.values()
-                         if getattr(a, "body", None) is not None)
+            bodies = sum(e.attempt.body.size for e in list(ledger.entries.values())
+                         if e.attempt is not None and e.attempt.body is not None)
             try:
                 with open("/proc/self/statm") as f:
                     rss = int(f.read().split()[1]) * resource.getpagesize()

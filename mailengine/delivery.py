@@ -26,37 +26,20 @@ The flow of one send attempt of one message:
    everything done -> `done/` (`save_done`) or deleted; recipients left -> `ID.inf` rewritten
    and the message back in `retry/`, its timer set to the new `retrytime`.
 
-The body goes out as `ID.dat` with a `Received:` trace header in front, built from the `.inf`'s
-received keys (`ID.dat` itself is never changed). With DKIM signing on (`dkim.signing_table`,
-app.make_dkim_signer), the `DKIM-Signature:` field(s) go in front of that: `ID.dat` is signed
-once per message, in a signing thread at its first attempt; when recipients are left for a later
-attempt, the signature is kept in `ID.dkim` beside it (moved and deleted with the message by the
-spool) and sent again (dkim.load_or_sign). Mail done at its first attempt writes no file: on
-ext4 creating and deleting it cost more CPU than the signature. Our Received field is added after
-signing and is not signed (trace fields never are). A domain whose
-key is unusable under `dkim.missing_key = "hold"` leaves the message in retry/, looked at again
-every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode (`mailengine test`)
-says RSET and QUIT where DATA would go. A server without 8BITMIME gets 8-bit MIME mail re-encoded
-in 7 bits (downgrade.py), made once per attempt and signed anew, as it is sent.
-
-Mail of the sender domains in `unsubscribe.sender_domains` gets List-Unsubscribe fields naming each
-recipient (unsubscribe.py), unless it has such a field of its own: it goes one recipient per
-transaction (as with VERP), each copy being the fields, then ID.dat, signed as one in a signing
-thread at each attempt (a signature per recipient: nothing is kept in ID.dkim).
+What goes out (Received:, DKIM signatures, List-Unsubscribe copies per recipient, 7-bit
+re-encoding) is bodies.py's; the queue's record of each message is the ledger's (ledger.py).
+A domain whose DKIM key is unusable under `dkim.missing_key = "hold"` leaves the message in
+retry/, looked at again every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode
+(`mailengine test`) says RSET and QUIT where DATA would go.
 """
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import heapq
 import logging
-import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .queue_dirs import DONE, RETRY, WORKING
@@ -64,12 +47,12 @@ from .attempt import Attempt
 from .backlog import due_time
 from .ledger import Entry
 from .config import AddressSet
-from .dkim import DKIMHold, load_or_sign
-from .deliverer import FileBody
+from .dkim import DKIMHold
 from .deliverers import Deliverers, ProcessGone, RemoteSession
 from .dns import MXResolver, Target
 from .pool import Pool, pool_key
-from .downgrade import seven_bit
+from .remover import Remover
+from .bodies import Bodies
 from .envelope import Message, set_last_replies
 from .dsn import GENERATED_KEY
 from .loops import Listeners
@@ -87,7 +70,7 @@ from .suppression import FILE as SUPPRESSION_FILE
 from . import logs
 from .shared import CUT_POLL
 from .throttle import HourlyNotice, Windows, bandwidth_bucket, send_rate_bucket
-from .unsubscribe import SIGNED_FIELDS, HeaderMaker, has_own_field
+from .unsubscribe import HeaderMaker
 from . import verdict
 from .verdict import Action, Fate, Signal, Step
 
@@ -104,31 +87,12 @@ MX_MEMO = 1.0             # s: a destination's MX answer is reused this long wit
 MAX_PROBES = 100          # MX lookups of new domains at once (shaping: a provider?, _probe)
 DKIM_HOLD_RETRY = 30.0    # s: a message held for a missing DKIM key is looked at again after
 PROCESS_GONE_RETRY = 2.0  # s: recipients left when a delivery process ended are tried after
-# Threads signing DKIM: RSA-2048 costs ~250 us of CPU, which OpenSSL spends without the GIL, so
-# signing off the event loop leaves the loop ~20 us per message (bench figures in docs/DKIM.md).
-SIGN_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def _not_before(msg: Message, later: datetime) -> None:
     """The message's next try no earlier than `later` (a hold: DKIM key, warm-up, process)."""
     if msg.retry_time is None or msg.retry_time < later:
         msg.retry_time = later
-
-
-def received_header(msg: Message, hostname: str) -> bytes:
-    """The trace header put in front of the message when it goes out (RFC 5321 4.4)."""
-    r = msg.received
-    when = email.utils.format_datetime(msg.time_created.astimezone())
-    by = r.get("localhostname") or hostname
-    if r.get("peertcpip"):
-        peer = r.get("peerhostname") or r["peertcpip"]
-        head = f"Received: from {r.get('helo') or peer} ({peer} [{r['peertcpip']}])\r\n"
-        if r.get("tls"):  # as Postfix says it
-            head += f"\t(using {r['tls']})\r\n"
-        # RFC 3848 (ESMTP, ESMTPS, ESMTPA, ESMTPSA), recorded by intake; SMTP for older .infs
-        head += f"\tby {by} (MailEngine) with {r.get('protocol') or 'SMTP'} id {msg.id};"
-        return f"{head}\r\n\t{when}\r\n".encode("utf-8", "replace")
-    return f"Received: by {by} (MailEngine) id {msg.id};\r\n\t{when}\r\n".encode("utf-8", "replace")
 
 
 class DeliveryEngine:
@@ -172,9 +136,8 @@ class DeliveryEngine:
         self.rate_notice = HourlyNotice()
         self.debug_out = cfg.debug.smtp_out
         self.debug_loop = cfg.debug.send_loop
-        self.signer = getattr(engine, "dkim", None)  # dkim.DKIMSigner, or None: no signing
-        self.unsub = HeaderMaker.from_config(cfg)  # List-Unsubscribe per recipient, or None
-        self._signing: ThreadPoolExecutor | None = None  # its threads, made at the first use
+        # what goes out: Received:, DKIM, List-Unsubscribe per recipient, 7-bit (bodies.py)
+        self.bodies = Bodies(engine, HeaderMaker.from_config(cfg), self.deliverers is not None)
         self._hold_noted: dict[str, tuple[float, int]] = {}  # domain -> (last line, held since)
         # the queue in memory and on disk only (ledger.py): shared with app.Engine
         self.ledger = engine.ledger
@@ -185,10 +148,7 @@ class DeliveryEngine:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._running = False
-        self._remover: ThreadPoolExecutor | None = None
-        self._remove_lock = threading.Lock()  # _to_remove is filled by the loop, drained there
-        self._to_remove: list[str] = []
-        self._remove_queued = False
+        self.remover = Remover(self.spool)  # finished mail out of working/, in a thread
         self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
         self._dest_hosts: dict[tuple, set] = {}  # (dest, source) -> its servers (_within_cap)
         self._unknown: set[str] = set()  # domains whose MX rollup is to be learnt (_limit)
@@ -253,7 +213,7 @@ class DeliveryEngine:
         if getattr(self.bandwidth, "rate", None) != cfg.limits.max_bandwidth:
             self.bandwidth = bandwidth_bucket(cfg.limits.max_bandwidth)
         self.helo = cfg.network.helo_text or self.engine.hostname
-        self.unsub = HeaderMaker.from_config(cfg)
+        self.bodies.unsub = HeaderMaker.from_config(cfg)
         lim = cfg.limits  # the connection caps: lowered, connections beyond them are not reused
         self.sched.max_active = lim.max_outbound_connections
         self.windows.set_maximum(lim.max_connections_per_host)
@@ -362,10 +322,8 @@ class DeliveryEngine:
         if self.shared is not None:
             await self.shared.close()
         await self.resolver.aclose()
-        if self._remover is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._remover.shutdown)
-        if self._signing is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._signing.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self.remover.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self.bodies.shutdown)
         left = self.ledger.in_memory
         if left:
             log.info("delivery stopped: %d messages left in retry/", left)
@@ -676,7 +634,7 @@ class DeliveryEngine:
         now = time.monotonic()
         up = [t for t in targets if self.host_down.get((t.ip, t.port), 0) < now]
         targets = up + [t for t in targets if t not in up]  # recently dead hosts last
-        body = att.body if att.body is not None else await self._body(att)
+        body = att.body if att.body is not None else await self.bodies.for_attempt(att)
         dsn = self._dsn(msg, u.rcpts)
         await self._limit_rate(body.size, u.dest)
         rule = self.shaping.rule_for_dest(u.dest) if src is not None else None
@@ -711,11 +669,11 @@ class DeliveryEngine:
                 reused = sess.messages_sent > 0
                 try:
                     sent_body = body
-                    seven = await self._needs_seven_bit(att, body, sess)
+                    seven = await self.bodies.needs_seven_bit(att, body, sess)
                     if seven and att.personal is None:
                         # RFC 6152 3: 8-bit MIME parts re-encoded; refused (5.6.3) only when
                         # the message cannot be converted
-                        sent_body = await self._seven_bit_body(att) or body
+                        sent_body = await self.bodies.seven_bit(att) or body
                     rest, site, deferred = await self._transactions(
                         sess, target, att, pending, sent_body, seven, dsn, final, last)
                 finally:
@@ -757,7 +715,7 @@ class DeliveryEngine:
             sender, todo = groups.pop(0)
             sent = body
             if att.personal is not None:  # one recipient: its own copy
-                sent = await self._personal_body(att, todo[0], seven) or body
+                sent = await self.bodies.personal(att, todo[0], seven) or body
             if not sess.is_reusable:  # closed while the copy was made: as a lost connection
                 return todo + [a for _, g in groups for a in g], True, soft
             rest, deferred = await self._transaction(sess, target, msg, sender, todo, sent, dsn,
@@ -864,160 +822,6 @@ class DeliveryEngine:
             return RemoteSession(self.deliverers, target.ip, target.port, **kwargs)
         return SMTPSession(target.ip, target.port, **kwargs)
 
-    def _prepare_body(self, msg: Message) -> Body | FileBody:
-        """The bytes that go out: a Received: header, then ID.dat as received (no signing)."""
-        prefix = received_header(msg, self.engine.hostname)
-        data = self.ledger.take_data(self.ledger.get(msg.id))
-        if data is None:
-            if self.deliverers is not None:  # the delivery process reads it: only its size here
-                path = self.spool.dat_path(msg.id, WORKING)
-                return FileBody(path, prefix, len(prefix) + os.stat(path).st_size, None)
-            data = self.spool.read_data(msg.id, WORKING)
-        return self._made_body(msg, prefix, data)
-
-    def _made_body(self, msg: Message, prefix: bytes, data: bytes) -> Body | FileBody:
-        """`prefix` + ID.dat (`data`): made here, or by the delivery process from the file (so
-        the pipe carries its name, not its bytes)."""
-        if self.deliverers is not None:
-            return FileBody(self.spool.dat_path(msg.id, WORKING), prefix,
-                            len(prefix) + len(data), not data.isascii())
-        return Body.from_bytes(prefix + data)
-
-    async def _needs_seven_bit(self, att: Attempt, body: Body | FileBody, sess) -> bool:
-        """The server lacks 8BITMIME and the body needs it (RFC 6152)."""
-        if getattr(sess.capabilities, "eightbitmime", True):
-            return False
-        if body.eight_bit is None:  # a FileBody not looked into: once, in a thread (rare)
-            def eight_bit() -> bool:
-                with open(body.path, "rb") as f:
-                    return not f.read().isascii()
-            body = replace(body, eight_bit=await asyncio.to_thread(eight_bit))
-            if att.body is not None and att.body.eight_bit is None:
-                att.body = body
-        return body.eight_bit
-
-    async def _body(self, att: Attempt) -> Body:
-        """The attempt's Body, made once for all its units. Signing runs in a signing thread,
-        so units of other domains starting meanwhile wait for the same one (signed once)."""
-        if (self.unsub is not None and att.preparing is None
-                and self.unsub.applies(att.msg.mail_from) and self._personal(att)):
-            return att.body
-        if self.signer is None:
-            att.body = self._prepare_body(att.msg)
-            return att.body
-        if att.preparing is None:
-            msg = att.msg
-            data = self.ledger.take_data(self.ledger.get(msg.id))
-            att.preparing = asyncio.get_running_loop().run_in_executor(
-                self._signing_pool(), self._signed_body, msg, data)
-            # retrieved even when every unit waiting for it was cancelled (a stop)
-            att.preparing.add_done_callback(lambda f: f.cancelled() or f.exception())
-        # DKIMHold is raised to each unit
-        body, att.fresh_signature = await asyncio.shield(att.preparing)
-        att.body = body
-        return body
-
-    def _personal(self, att: Attempt) -> bool:
-        """Whether the message gets per-recipient fields: yes unless it has a List-Unsubscribe
-        field of its own. Then its bytes are kept in the attempt for the copies, and `att.body`
-        (never sent as it is) gives the size and the 8-bit flag."""
-        msg = att.msg
-        e = self.ledger.get(msg.id)
-        data = self.ledger.take_data(e)
-        if data is None:
-            data = self.spool.read_data(msg.id, WORKING)
-        if has_own_field(data):  # the sender's own unsubscribe: sent as it is, signed once
-            if e is not None:
-                self.ledger.keep_data(e, data)
-            return False
-        att.personal, att.data = self.unsub, data
-        att.body = Body.from_bytes(received_header(msg, self.engine.hostname) + data)
-        return True
-
-    def _signing_pool(self) -> ThreadPoolExecutor:
-        if self._signing is None:
-            self._signing = ThreadPoolExecutor(SIGN_THREADS, "dkim-sign")
-        return self._signing
-
-    async def _personal_body(self, att: Attempt, rcpt: str, seven: bool) -> Body | None:
-        """One recipient's copy: its List-Unsubscribe fields, then ID.dat (re-encoded in 7 bits
-        for a server without 8BITMIME: None when it cannot be), DKIM-signed as one, in a
-        signing thread. A DKIMHold is raised at the first copy, before anything of its unit
-        is sent (a key, once loaded, stays usable)."""
-        loop = asyncio.get_running_loop()
-        data = att.data
-        if seven:
-            if att.seven_data is None:
-                att.seven_data = loop.run_in_executor(self._signing_pool(), seven_bit, data)
-                att.seven_data.add_done_callback(lambda f: f.cancelled() or f.exception())
-            data = await asyncio.shield(att.seven_data)
-            if data is None:
-                return None
-        return await loop.run_in_executor(self._signing_pool(), self._make_personal, att,
-                                          rcpt, data)
-
-    def _make_personal(self, att: Attempt, rcpt: str, data: bytes) -> Body:
-        msg = att.msg
-        copy = att.personal.fields(rcpt, msg.mail_from) + data
-        signature = b""
-        if self.signer is not None:
-            signature = self.signer.sign(copy, msg.mail_from.rpartition("@")[2] or None,
-                                         SIGNED_FIELDS)
-        return Body.from_bytes(signature + received_header(msg, self.engine.hostname) + copy)
-
-    def _signed_body(self, msg: Message, data: bytes | None) -> tuple[Body, bytes]:
-        """In a signing thread: DKIM-Signature field(s), then our Received field, then ID.dat;
-        and the signature when made now (b"" when kept from an earlier attempt). Raises
-        DKIMHold."""
-        if data is None:
-            data = self.spool.read_data(msg.id, WORKING)
-        sender_domain = msg.mail_from.rpartition("@")[2] or None
-        dat = Path(self.spool.dat_path(msg.id, WORKING))
-        if not os.path.exists(dat.with_suffix(".dkim")):
-            signature = fresh = self.signer.sign(data, sender_domain)
-        else:  # kept by an earlier attempt: sent again (signed anew near its x= or if rotated)
-            fresh = b""
-            try:
-                signature = load_or_sign(self.signer, dat, data, sender_domain)
-            except OSError as e:
-                log.warning("%s: cannot keep its DKIM signature: %s", msg.id, e)
-                signature = self.signer.sign(data, sender_domain)
-        return (self._made_body(msg, signature + received_header(msg, self.engine.hostname), data),
-                fresh)
-
-    async def _seven_bit_body(self, att: Attempt) -> Body | None:
-        """The attempt's body re-encoded in 7 bits for servers without 8BITMIME (downgrade.py),
-        made once per attempt in a thread and DKIM-signed as sent; None when it cannot be."""
-        if att.seven_bit is None:
-            att.seven_bit = asyncio.get_running_loop().run_in_executor(
-                self._signing, self._downgraded_body, att.msg)
-            att.seven_bit.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return await asyncio.shield(att.seven_bit)
-
-    def _downgraded_body(self, msg: Message) -> Body | None:
-        data = seven_bit(self.spool.read_data(msg.id, WORKING))
-        if data is None:
-            return None
-        signature = b""
-        if self.signer is not None:  # the 8-bit original's signature would not verify
-            signature = self.signer.sign(data, msg.mail_from.rpartition("@")[2] or None)
-        return Body.from_bytes(signature + received_header(msg, self.engine.hostname) + data)
-
-    async def _keep_signature(self, msg_id: str, signature: bytes) -> None:
-        """Write ID.dkim beside ID.dat in working/ (the move to retry/ takes it along), in a
-        signing thread: the next attempt sends the same signature."""
-        path = Path(self.spool.dat_path(msg_id, WORKING)).with_suffix(".dkim")
-
-        def write() -> None:
-            tmp = path.with_suffix(".dkim.tmp")
-            tmp.write_bytes(signature)
-            os.replace(tmp, path)  # no fsync: a lost file only means signing again
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._signing, write)
-        except OSError as e:
-            log.warning("%s: cannot keep its DKIM signature for the next attempt: %s (it is "
-                        "signed again then)", msg_id, e)
-
     def _held_for_dkim(self, msg: Message, hold: DKIMHold, now: datetime) -> None:
         """A message not sent because its domain's DKIM key is unusable (missing_key = hold):
         it waits in retry/ and is looked at again in DKIM_HOLD_RETRY seconds (the signer
@@ -1083,11 +887,11 @@ class DeliveryEngine:
                     await self.spool.update_inf(msg, WORKING)
                     self.spool.move(msg.id, WORKING, DONE)
                 else:
-                    self._remove(msg.id)
+                    self.remover.remove(msg.id)
                 ledger.finish(msg.id)
                 return
             if att.fresh_signature:  # recipients left: the next attempt sends it again
-                await self._keep_signature(msg.id, att.fresh_signature)
+                await self.bodies.keep_signature(msg.id, att.fresh_signature)
             await self.spool.update_inf(msg, WORKING)
             self.spool.move(msg.id, WORKING, RETRY)
         except OSError as err:
@@ -1103,31 +907,6 @@ class DeliveryEngine:
             return
         due = msg.retry_time.timestamp() if msg.retry_time is not None else None
         self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
-
-    def _remove(self, msg_id: str) -> None:
-        """Delete a finished message from working/ in the remover thread, its files becoming
-        spare files (spare.py): the file system work and the directory sync that makes the
-        removals safe to reuse are done there, many messages at a time, while the event loop
-        goes on. A crash before it runs leaves the message to be delivered again (a duplicate,
-        never a loss)."""
-        with self._remove_lock:
-            self._to_remove.append(msg_id)
-            if self._remove_queued:
-                return
-            self._remove_queued = True
-        if self._remover is None:
-            self._remover = ThreadPoolExecutor(1, "delivery-remove")
-        self._remover.submit(self._remove_batch)
-
-    def _remove_batch(self) -> None:
-        with self._remove_lock:
-            ids, self._to_remove = self._to_remove, []
-            self._remove_queued = False
-        try:
-            self.spool.recycle(ids, WORKING)
-        except OSError as e:
-            log.error("delivered, but cannot be removed from working/ (%s): %s",
-                      ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else ""), e)
 
     def _finish_idle(self, e: Entry) -> None:
         """A message in retry/ with nothing left to send: finish it without an attempt."""
