@@ -22,15 +22,14 @@ The flow of one send attempt of one message:
    a 421 or a lost connection moves on to the next MX host; so do the recipients a server
    refuses with a 4xx at MAIL, RCPT, DATA or the end of data (as Postfix does: they are kept for
    a retry only when every MX host refused them).
-4. When the message's last unit ends, the attempt is recorded in the message (outcome.py);
-   everything done -> `done/` (`save_done`) or deleted; recipients left -> `ID.inf` rewritten
-   and the message back in `retry/`, its timer set to the new `retrytime`.
+4. When the message's last unit ends, attempt_end.py records the attempt in the message
+   (outcome.py), writes its log lines and notices, and moves its files: everything done ->
+   `done/` (`save_done`) or deleted; recipients left -> `ID.inf` rewritten and the message back
+   in `retry/`, its timer set to the new `retrytime`.
 
 What goes out (Received:, DKIM signatures, List-Unsubscribe copies per recipient, 7-bit
 re-encoding) is bodies.py's; the queue's record of each message is the ledger's (ledger.py).
-A domain whose DKIM key is unusable under `dkim.missing_key = "hold"` leaves the message in
-retry/, looked at again every DKIM_HOLD_RETRY seconds, without counting a send attempt. Test mode
-(`mailengine test`) says RSET and QUIT where DATA would go.
+Test mode (`mailengine test`) says RSET and QUIT where DATA would go.
 """
 from __future__ import annotations
 
@@ -39,25 +38,23 @@ import heapq
 import logging
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from .queue_dirs import DONE, RETRY, WORKING
+from .queue_dirs import RETRY, WORKING
 from .attempt import Attempt
 from .backlog import due_time
-from .ledger import Entry
 from .config import AddressSet
 from .dkim import DKIMHold
 from .deliverers import Deliverers, ProcessGone, RemoteSession
 from .dns import MXResolver, Target
 from .pool import Pool, pool_key
-from .remover import Remover
+from .attempt_end import AttemptEnd
 from .bodies import Bodies
-from .envelope import Message, set_last_replies
+from .envelope import Message
 from .dsn import GENERATED_KEY
 from .loops import Listeners
 from .bounces import verp_encode
-from .outcome import Kind, RcptOutcome, failure_outcomes, record_attempt
+from .outcome import Kind, RcptOutcome, failure_outcomes
 from .scheduler import Scheduler, Unit, domain_of
 from .shaping import Shaping
 from .shaping_link import ShapingLink
@@ -85,14 +82,6 @@ MAX_SLEEP = 1.0           # s: the send loop looks at its timers at least this o
 INITIAL_WINDOW = 5        # connections a new destination starts with (slow start)
 MX_MEMO = 1.0             # s: a destination's MX answer is reused this long without asking
 MAX_PROBES = 100          # MX lookups of new domains at once (shaping: a provider?, _probe)
-DKIM_HOLD_RETRY = 30.0    # s: a message held for a missing DKIM key is looked at again after
-PROCESS_GONE_RETRY = 2.0  # s: recipients left when a delivery process ended are tried after
-
-
-def _not_before(msg: Message, later: datetime) -> None:
-    """The message's next try no earlier than `later` (a hold: DKIM key, warm-up, process)."""
-    if msg.retry_time is None or msg.retry_time < later:
-        msg.retry_time = later
 
 
 class DeliveryEngine:
@@ -138,7 +127,6 @@ class DeliveryEngine:
         self.debug_loop = cfg.debug.send_loop
         # what goes out: Received:, DKIM, List-Unsubscribe per recipient, 7-bit (bodies.py)
         self.bodies = Bodies(engine, HeaderMaker.from_config(cfg), self.deliverers is not None)
-        self._hold_noted: dict[str, tuple[float, int]] = {}  # domain -> (last line, held since)
         # the queue in memory and on disk only (ledger.py): shared with app.Engine
         self.ledger = engine.ledger
         self.ledger.cache_limit = cfg.limits.max_queue_memory_kb * 1024  # bodies from intake
@@ -148,7 +136,8 @@ class DeliveryEngine:
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self._running = False
-        self.remover = Remover(self.spool)  # finished mail out of working/, in a thread
+        # what an attempt's outcomes do to the message: records, notices, files (attempt_end.py)
+        self.ends = AttemptEnd(engine, self.ledger, self.shaping, self.bodies)
         self._mx_memo: dict[str, tuple] = {}  # dest -> (MXResult, until)
         self._dest_hosts: dict[tuple, set] = {}  # (dest, source) -> its servers (_within_cap)
         self._unknown: set[str] = set()  # domains whose MX rollup is to be learnt (_limit)
@@ -187,7 +176,7 @@ class DeliveryEngine:
         if msg.held:
             return  # kept, known, never sent until released
         if not msg.rcpt_to_send:
-            self._finish_idle(e)
+            self.ends.finish_idle(e)
             return
         if data is not None:
             ledger.keep_data(e, data)
@@ -322,7 +311,7 @@ class DeliveryEngine:
         if self.shared is not None:
             await self.shared.close()
         await self.resolver.aclose()
-        await asyncio.get_running_loop().run_in_executor(None, self.remover.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self.ends.shutdown)
         await asyncio.get_running_loop().run_in_executor(None, self.bodies.shutdown)
         left = self.ledger.in_memory
         if left:
@@ -822,21 +811,6 @@ class DeliveryEngine:
             return RemoteSession(self.deliverers, target.ip, target.port, **kwargs)
         return SMTPSession(target.ip, target.port, **kwargs)
 
-    def _held_for_dkim(self, msg: Message, hold: DKIMHold, now: datetime) -> None:
-        """A message not sent because its domain's DKIM key is unusable (missing_key = hold):
-        it waits in retry/ and is looked at again in DKIM_HOLD_RETRY seconds (the signer
-        retries loading the key every 30 s). One line per domain a minute, with a count."""
-        _not_before(msg, now + timedelta(seconds=DKIM_HOLD_RETRY))
-        t = time.monotonic()
-        last, count = self._hold_noted.get(hold.domain, (None, 0))
-        if last is not None and t - last < 60:
-            self._hold_noted[hold.domain] = (last, count + 1)
-            return
-        since = f" ({count} more messages held since the last line)" if count else ""
-        log.warning("%s: held in retry/, not sent: %s (dkim.missing_key = hold); looked at "
-                    "again in %d s%s", msg.id, hold, DKIM_HOLD_RETRY, since)
-        self._hold_noted[hold.domain] = (t, 0)
-
     @staticmethod
     def _dsn(msg: Message, rcpts: list[str]) -> DSNRequest | None:
         if not (msg.dsn_ret or msg.dsn_envid or msg.dsn_rcpt):
@@ -846,102 +820,12 @@ class DeliveryEngine:
         return DSNRequest(ret=msg.dsn_ret or None, envid=msg.dsn_envid or None,
                           notify=notify or None, orcpt=orcpt or None)
 
-    # -- the end of an attempt ------------------------------------------------------------------
-
     async def _finish(self, att: Attempt) -> None:
-        """The attempt's last unit ended: record it; the message is done, or waits again. It
-        stays the attempt's (`sending` in the ledger) until this ends."""
-        msg = att.msg
-        ledger = self.ledger
-        e = ledger.get(msg.id)
-        ledger.take_data(e)
-        if att.gone:
-            ledger.finish(msg.id)
-            return
-        now = datetime.now()
-        intervals = self.shaping.retry_plan(  # the rules' retry_intervals and max_age
-            map(domain_of, msg.rcpt_to_send), self.cfg.queue.retry_intervals)
-        res = record_attempt(msg, att.outcomes, intervals, now, att.interrupted)
-        if logs.tracing():
-            logs.PROGRAM.debug("%s attempt over: %d sent, %d failed, %d to retry%s", msg.id,
-                               len(res.sent), len(res.failed) + len(res.gave_up),
-                               len(res.deferred), "" if res.done or msg.retry_time is None
-                               else f" at {msg.retry_time:%Y/%m/%d %H:%M:%S}")
-        if att.dkim_hold is not None and not res.done:
-            self._held_for_dkim(msg, att.dkim_hold, now)
-        if att.process_gone and not res.done:  # while it is started again (deliverers.py)
-            _not_before(msg, now + timedelta(seconds=PROCESS_GONE_RETRY))
-        if att.warmup_hold and not res.done:  # sources.py: tomorrow's budget, or a new rule
-            _not_before(msg, datetime.fromtimestamp(att.warmup_hold))
-        if not res.done:  # `queue list` shows why it waits, after a restart too
-            why = {o.address: o for o in att.outcomes}
-            when = now.strftime("%Y/%m/%d %H:%M:%S")
-            set_last_replies(msg, {a: (when, why[a].reply) for a in res.deferred if a in why})
-        self._note(msg, res, att)
-        notices = getattr(self.engine, "notices", None)
-        if notices is not None:  # lists, event log, DSNs, delivery reports (notices.py)
-            await notices.after_attempt(msg, res, att.outcomes, WORKING)
-        try:
-            if res.done:
-                if self.cfg.queue.save_done:
-                    await self.spool.update_inf(msg, WORKING)
-                    self.spool.move(msg.id, WORKING, DONE)
-                else:
-                    self.remover.remove(msg.id)
-                ledger.finish(msg.id)
-                return
-            if att.fresh_signature:  # recipients left: the next attempt sends it again
-                await self.bodies.keep_signature(msg.id, att.fresh_signature)
-            await self.spool.update_inf(msg, WORKING)
-            self.spool.move(msg.id, WORKING, RETRY)
-        except OSError as err:
-            log.error("%s: cannot record the send attempt: %s; the message stays in working/ "
-                      "until the next start", msg.id, err)
-            ledger.stuck(msg.id)
-            return
-        if e is None or e.attempt is not att:  # taken out meanwhile (never, by the table)
-            return
-        ledger.moved(e, RETRY)
-        ledger.attempt_over(e)
-        if self._stopping:
-            return
-        due = msg.retry_time.timestamp() if msg.retry_time is not None else None
-        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
-
-    def _finish_idle(self, e: Entry) -> None:
-        """A message in retry/ with nothing left to send: finish it without an attempt."""
-        msg, where = e.msg, e.where
-        msg.status = msg.status or "done"
-        try:
-            if self.cfg.queue.save_done:
-                self.spool.move(msg.id, where, DONE)
-            else:
-                self.spool.remove(msg.id, where)
-        except OSError as err:
-            log.warning("%s: nothing to send, but cannot finish it: %s", msg.id, err)
-        self.ledger.finish(msg.id)
-
-    def _note(self, msg: Message, res, att: Attempt) -> None:
-        """Log lines (the lists and the event log are written by notices.py): one per delivered
-        recipient, as Postfix's `status=sent`, and one per failed or deferred one."""
-        text = msg.log[-1].split(": ", 1)[-1] if msg.log else ""
-        if res.sent:
-            status = "tested" if self.test_mode else "sent"  # test mode: RSET, not DATA
-            log.info("%s", "\n".join(
-                f"{msg.id}: to=<{o.address}>, relay={o.host or '-'}[{o.ip or '-'}]:{o.port}, "
-                f"delay={o.duration:.2f}, status={status} ({o.reply})"
-                for o in att.outcomes if o.kind is Kind.SENT),
-                extra={logs.EACH_LINE: True, logs.FILE_ONLY: True})
-        if res.failed or res.gave_up or res.deferred:
-            why = {o.address: o for o in att.outcomes}
-            for a in res.failed + res.gave_up + res.deferred:
-                o = why.get(a)
-                if o is not None:
-                    log.info("%s: %s %s: %s", msg.id, a,
-                             "deferred" if a in res.deferred else "failed", o.reply)
-            log.info("%s: %s", msg.id, text)
-        elif self.debug_loop:
-            log.info("%s: %s", msg.id, text)
+        """The attempt's last unit ended: record it (attempt_end.py); schedule what is left."""
+        if await self.ends.record(att) and not self._stopping:
+            msg = att.msg
+            due = msg.retry_time.timestamp() if msg.retry_time is not None else None
+            self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
 
     # -- queue control (`mailengine queue`, through control.py and queueops.py) -----------------
     # Kept apart from delivery itself. queueops.py takes messages out of the schedule, changes
@@ -979,7 +863,7 @@ class DeliveryEngine:
         if msg.held or self._stopping:
             return
         if not msg.rcpt_to_send:
-            self._finish_idle(e)
+            self.ends.finish_idle(e)
             return
         due = msg.retry_time.timestamp() if msg.retry_time is not None else None
         self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
