@@ -34,7 +34,7 @@ from .stats import Stats
 from .users import PasswordFile
 from .web.server import WebServer
 from .webhooks import Webhooks
-from .workers import WorkerPool
+from .workers import WorkerPool, read_envelope
 
 log = logging.getLogger("mailengine")
 
@@ -255,9 +255,11 @@ class Engine:
         return {"open": 0, "sessions_total": 0, "refused_busy": 0, "processes": 0}
 
     def worker_stored(self, line: str) -> None:
-        """A notification line from an intake worker: 'W <id>' (in working/), 'R <id>' (in
-        retry/) or 'L' (local mail only)."""
-        kind, _, msg_id = line.partition(" ")
+        """A notification line from an intake worker: 'W <id> <envelope>' (in working/),
+        'R <id> <envelope>' (in retry/) or 'L' (local mail only); workers.envelope_line. Without
+        a readable envelope the `.inf` is read."""
+        kind, _, rest = line.partition(" ")
+        msg_id, _, payload = rest.partition(" ")
         if kind == "L":
             self.stats.received(local=True)
         elif kind in ("R", "W") and msg_id:
@@ -265,6 +267,10 @@ class Engine:
                 self.stats.received(local=False)
                 return
             where = WORKING if kind == "W" else RETRY
+            msg = read_envelope(payload) if payload else None
+            if msg is not None and msg.id == msg_id:
+                self.stored(msg, False, where)
+                return
             try:
                 msg = self.spool.load(msg_id, where)
             except (OSError, InfError) as e:

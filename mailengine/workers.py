@@ -5,8 +5,11 @@ itself: it delivers. Each binds the same SMTP port with SO_REUSEPORT (the kernel
 connections over them), runs the same sans-IO server, policy and `Intake`, and stores into the
 same spool. The spool is the
 interface (DESIGN.md): a worker tells the engine what it stored with one line per message on a
-pipe, `W <id>` (relayed, in mailq/working: the engine is sending), `R <id>` (relayed, in
-mailq/retry: sending is paused) or `L` (local only), so the engine can schedule it and count it.
+pipe, `W <id> <envelope>` (relayed, in mailq/working: the engine is sending), `R <id>
+<envelope>` (relayed, in mailq/retry: sending is paused) or `L` (local only), so the engine can
+schedule it and count it. The envelope is the stored message's `Message`, pickled, in base64:
+the engine need not read back the `.inf` the worker just wrote (35 us of its event loop per
+message, against 8 to unpickle; workers.envelope_line).
 A line lost to a crash costs nothing: the message is on disk and the next start's recovery, or
 the drop-in scan, finds it. `C open total refused` reports its SMTP sessions (once a second, when
 they change) for the engine's status, admin page and metrics. `max_inbound_connections` counts
@@ -22,10 +25,12 @@ and exits (SIGTERM, as at the engine's stop, closes idle sessions at once).
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 from pathlib import Path
@@ -41,6 +46,21 @@ log = logging.getLogger("mailengine.workers")
 
 RESTART_DELAY = 1.0  # s before a worker that died is started again
 RETIRE_SIGNAL = signal.SIGUSR1  # "stop accepting, finish your sessions, exit" (SIGTERM: stop now)
+
+
+def envelope_line(msg, where: str) -> str:
+    """A worker's line for a relayed message it stored in `where` (the engine: read_envelope)."""
+    kind = "W" if where == WORKING else "R"
+    return f"{kind} {msg.id} {base64.b64encode(pickle.dumps(msg, 5)).decode()}\n"
+
+
+def read_envelope(payload: str):
+    """The Message of an envelope line; None when it cannot be read (then the engine reads
+    the `.inf`). The pipe is the engine's own, from its own child: the pickle is trusted."""
+    try:
+        return pickle.loads(base64.b64decode(payload))
+    except Exception:
+        return None
 
 
 def worker_values(values: dict) -> dict:
@@ -291,9 +311,8 @@ async def worker_main(spec: dict) -> None:
                   hostname=hostname)
 
     def stored(relayed, local: bool, where: str = RETRY, data: bytes = b"") -> None:
-        kind = "W" if where == WORKING else "R"
         try:
-            notify.write(f"{kind} {relayed.id}\n" if relayed is not None else "L\n")
+            notify.write(envelope_line(relayed, where) if relayed is not None else "L\n")
         except OSError:
             pass  # the engine is gone; the message is on disk all the same
 

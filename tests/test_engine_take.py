@@ -152,3 +152,26 @@ def test_a_held_message_in_the_index_is_read_again_at_start(tmp_path):
         assert eng.ledger.backlog.due("P1T1C1@a") == 0.0 and eng.ledger.backlog.due("P2T2C2@a") == 1.7e9
         eng.spool.close()
     asyncio.run(main())
+
+
+def test_a_worker_line_carries_the_envelope_so_the_inf_is_not_read_back(tmp_path):
+    from mailengine.workers import envelope_line
+
+    async def main():
+        eng = _engine(tmp_path, {"messages_in_memory": 10})
+        m = _msg("c@dest.test")
+        await eng.spool.store(m, b"Subject: 1\r\n\r\nx\r\n", "working")
+        inf = tmp_path / "mailq" / "working" / f"{m.id}.inf"
+        inf.rename(inf.with_suffix(".aside"))  # only the line can say what the message is
+        eng.worker_stored(envelope_line(m, "working").rstrip("\n"))
+        inf.with_suffix(".aside").rename(inf)
+        e = eng.ledger.get(m.id)
+        assert e is not None and e.where == "working"
+        assert e.msg.rcpt_to_send == ["c@dest.test"] and e.msg.size == m.size
+        # a garbled envelope: the .inf is read as before
+        m2 = _msg("d@dest.test")
+        await eng.spool.store(m2, b"Subject: 2\r\n\r\ny\r\n", "working")
+        eng.worker_stored(f"W {m2.id} not-base64!")
+        assert eng.ledger.get(m2.id).msg.rcpt_to_send == ["d@dest.test"]
+        eng.spool.close()
+    asyncio.run(main())
