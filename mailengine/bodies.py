@@ -47,10 +47,23 @@ log = logging.getLogger("mailengine.delivery")
 SIGN_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
+# (time_created, its RFC 5322 text): a mailing's messages share a second. One tuple, read and
+# replaced whole, as signing threads make Received fields too.
+_last_date: tuple = (None, "")
+
+
+def _date_text(created) -> str:
+    global _last_date
+    last = _last_date
+    if last[0] != created:
+        last = _last_date = (created, email.utils.format_datetime(created.astimezone()))
+    return last[1]
+
+
 def received_header(msg: Message, hostname: str) -> bytes:
     """The trace header put in front of the message when it goes out (RFC 5321 4.4)."""
     r = msg.received
-    when = email.utils.format_datetime(msg.time_created.astimezone())
+    when = _date_text(msg.time_created)
     by = r.get("localhostname") or hostname
     if r.get("peertcpip"):
         peer = r.get("peerhostname") or r["peertcpip"]
@@ -85,7 +98,8 @@ class Bodies:
         if data is None:
             if self.file_bodies:  # the delivery process reads it: only its size here
                 path = self.spool.dat_path(msg.id, WORKING)
-                return FileBody(path, prefix, len(prefix) + os.stat(path).st_size, None)
+                size = msg.size or os.stat(path).st_size  # the spool set it (ID.dat's size)
+                return FileBody(path, prefix, len(prefix) + size, None)
             data = self.spool.read_data(msg.id, WORKING)
         return self._made(msg, prefix, data)
 
