@@ -987,6 +987,9 @@ def test_sending_sources_are_on_the_status_page_and_in_metrics(tmp_path):
                      re.M)
     assert 'mailengine_source_warmup_sent{source="old"' not in metrics  # warmed: not counted
     assert metrics.count("# TYPE mailengine_source_info ") == 1
+    readme = (DOCS.parent / "README.md").read_text()  # each series is in README's metrics list
+    names = re.findall(r"^# TYPE (mailengine_source_\w+) gauge$", metrics, re.M)
+    assert len(names) == 8 and all(f"`{n}{{" in readme for n in names), names
 
 
 def test_metrics_label_values_are_escaped_and_no_sources_means_no_series(running):
