@@ -58,7 +58,7 @@ from .outcome import Kind, RcptOutcome, failure_outcomes
 from .scheduler import Scheduler, Unit, domain_of
 from .shaping import Shaping
 from .shaping_link import ShapingLink
-from .sources import Source, Sources, WarmupHold, rdns_problem
+from .sources import Source, Sources, WarmupHold
 from .sources_link import SourcesLink
 from .pool_header import INF_KEY as POOL_KEY
 from .smtp.client import Body, DSNRequest
@@ -595,7 +595,7 @@ class DeliveryEngine:
                 names, error = await self.resolver.resolve_ptr(src.ip)
             except Exception as e:  # a warning's lookup never stops delivery
                 names, error = [], str(e)
-            line = rdns_problem(src, names, error)
+            line = self.sources.note_rdns(src, names, error)  # kept for the web admin
             if line:
                 log.warning("%s", line)
 

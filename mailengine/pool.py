@@ -259,6 +259,15 @@ class Pool:
             raise
         return s
 
+    def per_source(self) -> dict[str, int]:
+        """Connections counted now (opening, busy, idle, closing) per sending source's name
+        (sources.py); connections without a source are not in it. One pass over the servers."""
+        out: dict[str, int] = {}
+        for key, n in self.per_host.items():
+            if len(key) == 3:
+                out[key[2]] = out.get(key[2], 0) + n
+        return out
+
     def release(self, s: SMTPSession) -> None:
         key = getattr(s, "pool_key", None) or (s.ip, s.port)
         if s.is_reusable and not self.closed and not self._over_caps(key) and \

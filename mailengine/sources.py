@@ -210,6 +210,9 @@ class Sources:
         # every engine's counts today (sources_link.py keeps it); None: this engine's own
         self.shared: dict[str, dict[str, int]] | None = None
         self._dirty = False
+        # source -> its reverse DNS problem (rdns_problem), None when it names the EHLO name;
+        # absent: not checked yet (delivery checks at start and when the file changes)
+        self.rdns: dict[str, str | None] = {}
         self._load_counts()
         self.use(rules or SourceRules())
 
@@ -220,6 +223,9 @@ class Sources:
         return s
 
     def use(self, rules: SourceRules) -> None:
+        before = getattr(self, "rules", SourceRules()).sources
+        self.rdns = {n: p for n, p in self.rdns.items()  # a source changed: not checked yet
+                     if n in rules.sources and before.get(n) == rules.sources[n]}
         self.rules = rules
         self._current = {}
         self._buckets.clear()
@@ -256,6 +262,18 @@ class Sources:
                 f"{len(rules.pools)} pools")
         log.info("%s", line)
         return line
+
+    def note_rdns(self, source: Source, names: list[str], error: str = "") -> str | None:
+        """rdns_problem(), kept for the web admin and /metrics (`rdns`)."""
+        line = rdns_problem(source, names, error)
+        if self.rules.sources.get(source.name) == source:
+            self.rdns[source.name] = line
+        return line
+
+    def pools_of(self, name: str) -> list[tuple[str, int]]:
+        """(pool, weight) of each pool the source is in, in the file's order."""
+        return [(p.name, w) for p in self.rules.pools.values() for n, w in p.weights
+                if n == name]
 
     # -- which pool, which source ----------------------------------------------------------------
 

@@ -277,3 +277,30 @@ def test_a_place_freed_by_a_quit_is_not_still_counted_as_closing():
         return served
 
     assert asyncio.run(main())
+
+
+def test_connections_are_counted_per_sending_source():
+    """Pool.per_source: what /metrics and the web admin show per source (sources.py), idle
+    connections included, none for connections without a source."""
+    from mailengine.sources import Source
+
+    class SourcedSession(FakeSession):
+        def __init__(self, target: Target, source=None):
+            super().__init__(target)
+
+    async def main():
+        pool = Pool(10, 5, SourcedSession)
+        one, two = Source("one", "127.0.0.31", "one.test"), Source("two", "127.0.0.32", "two.test")
+        mx1, mx2 = Target("mx1.test", "127.0.0.9"), Target("mx2.test", "127.0.0.10")
+        a = await pool.acquire(mx1, source=one)
+        await pool.acquire(mx2, source=one)
+        await pool.acquire(mx1, source=two)
+        await pool.acquire(mx1)  # no source (network.smtp_source_ip)
+        pool.release(a)  # idle: still open, still counted
+        counts = pool.per_source()
+        await pool.close_all()  # closes the idle ones
+        return counts, pool.per_source()
+
+    counts, after = asyncio.run(main())
+    assert counts == {"one": 2, "two": 1}
+    assert after == {"one": 1, "two": 1}  # the idle one closed; the busy ones stay counted

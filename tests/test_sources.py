@@ -231,3 +231,26 @@ def test_a_drop_in_through_client_enqueue_keeps_the_choice_in_the_inf(tmp_path):
     retry = tmp_path / "mailq" / "retry"
     assert parse_inf((retry / f"{mid}.inf").read_bytes(), mid).extra["pool"] == "bulk"
     assert b"x-mailengine-pool" not in (retry / f"{mid}.dat").read_bytes().lower()
+
+
+def test_the_rdns_check_is_kept_for_the_web_admin_until_the_source_changes():
+    s = sources()
+    a, b = s.rules.sources["a"], s.rules.sources["b"]
+    assert s.rdns == {}  # not checked yet
+    assert s.note_rdns(a, ["A.example.com."]) is None
+    line = s.note_rdns(b, ["mail.elsewhere.test"])
+    assert line == rdns_problem(b, ["mail.elsewhere.test"])
+    assert s.rdns == {"a": None, "b": line}
+    # the file read again: b's EHLO name changed (to be checked again), a is the same
+    s.use(parse_sources(tomllib.loads(RULES.replace('"b.example.com"', '"b2.example.com"')),
+                        "shaping.toml"))
+    assert s.rdns == {"a": None}
+    s.note_rdns(b, ["b.example.com"])  # a check of the old b ended after the change: not kept
+    assert "b" not in s.rdns
+
+
+def test_each_sources_pools_and_weights():
+    s = sources()
+    assert s.pools_of("a") == [("main", 3), ("fresh", 1)]
+    assert s.pools_of("new") == [("fresh", 5), ("only-new", 1)]
+    assert s.pools_of("b") == [("main", 1)]

@@ -883,3 +883,121 @@ def test_delivery_processes_are_seen_by_the_api_the_admin_and_metrics(tmp_path):
         c.login()
         page = c.get("/gui/admin").text
         assert re.search(r'data-k="delivery_processes">2<.*delivery processes', page)
+
+
+# --- sending sources (sources.py) on the Status page, status.json and /metrics --------------------
+
+SOURCE_A, SOURCE_B = "127.0.0.41", "127.0.0.42"
+
+
+def sources_rules() -> str:
+    import datetime as dt
+    return f"""default_pool = "main"
+[sources.new]
+ip = "{SOURCE_A}"
+helo = "new.sender.test"
+warmup_start = {dt.date.today().isoformat()}
+warmup = [50, 100]
+[sources.old]
+ip = "{SOURCE_B}"
+helo = "old.sender.test"
+[pools.main]
+sources = {{ new = 3, old = 1 }}
+[pools.bulk]
+sources = ["old"]
+"""
+
+
+def sources_zones() -> dict:
+    """The sources' reverse DNS: new's names its EHLO name, old's another host."""
+    return {".".join(reversed(SOURCE_A.split("."))) + ".in-addr.arpa": {"PTR": ["new.sender.test"]},
+            ".".join(reversed(SOURCE_B.split("."))) + ".in-addr.arpa": {
+                "PTR": ["mail.elsewhere.test"]}}
+
+
+def test_sending_sources_are_on_the_status_page_and_in_metrics(tmp_path):
+    """Each source's address, EHLO name, pools, reverse DNS and today's warm-up count after a
+    message went out from it: on the Status page, in status.json and in /metrics."""
+    from mailengine.testing.dnsserver import TestDNSServer
+    with TestDNSServer(sources_zones()) as dns, ThreadedSink("127.0.0.1", 0) as sink:
+        home = make_home(tmp_path)
+        (home / "shaping.toml").write_text(sources_rules())
+        settings = {"queue.pause_sending": False, "network.helo_text": "engine.test",
+                    "basic.nameservers": [dns.address],
+                    "basic.dns_servers": [f"sink.test,mx.sink.test,MX,127.0.0.1:{sink.port}"]}
+        with engine(home, settings) as eng:
+            wait_web(eng)
+            c = Client(eng.web_port)
+            c.login()
+            before = c.get("/gui/admin").text
+            with smtplib.SMTP("127.0.0.1", eng.smtp_port, timeout=10) as s:
+                s.sendmail("a@src.test", ["x@sink.test", "y@sink.test", "z@sink.test"],
+                           b"Subject: s\r\n\r\nbody\r\n")
+            sink.wait_messages(1, timeout=20)
+            deadline = time.monotonic() + 15
+            while True:  # the count is taken before sending; the rDNS check runs at start
+                rows = json.loads(c.get("/gui/admin/status.json").text)["sources"]
+                if all(r["rdns_checked"] for r in rows) and rows[0]["today"]:
+                    break
+                assert time.monotonic() < deadline, rows
+                time.sleep(0.2)
+            page = c.get("/gui/admin").text
+            metrics = c.get("/metrics").text
+    # one unit of 3 recipients, the first pick of main (new ×3, old ×1): from new
+    assert [(s.peer[0], s.helo) for s in sink.sessions] == [(SOURCE_A, "new.sender.test")]
+    assert 'id="sources"' in before and "none yet" in before  # nothing sent yet today
+    new, old = rows
+    assert (new["source"], new["ip"], new["helo"]) == ("new", SOURCE_A, "new.sender.test")
+    assert new["today"] == [{"provider": "sink.test", "sent": 3, "limit": 50,
+                             "text": "sink.test 3 / 50"}]
+    assert new["pools_text"] == "main ×3 (default)" and new["warmup_text"] == \
+        "day 1: 50 a provider today"
+    assert new["rdns_problem"] is None and new["rdns_text"] == "names its EHLO name"
+    assert old["pools_text"] == "main ×1 (default), bulk ×1" and old["warmed"]
+    assert old["rdns_problem"].startswith(f"sending source old ({SOURCE_B}): its reverse DNS "
+                                          f"says mail.elsewhere.test, not its EHLO name "
+                                          f"old.sender.test")
+    # the page: the same row, server-rendered
+    table = page[page.index('id="sources"'):page.index("</table>", page.index('id="sources"'))]
+    row = table[table.index('data-source="new"'):table.index('data-source="old"')]
+    for cell in ("<td>new</td>", f"<td>{SOURCE_A}</td>", "<td>new.sender.test</td>",
+                 "<td>main ×3 (default)</td>", "names its EHLO name",
+                 "day 1: 50 a provider today", '<td class="today">sink.test 3 / 50</td>'):
+        assert cell in row, (cell, row)
+    assert 'class="bad">sending source old' in table and "warmed up" in table
+    # /metrics: every line parses; the series an operator graphs and alerts on
+    for line in metrics.splitlines():
+        assert line.startswith("#") or re.fullmatch(
+            r'[a-z_]+(\{[a-z]+="(\\.|[^"\\])*"(,[a-z]+="(\\.|[^"\\])*")*\})? -?\d+(\.\d+)?',
+            line), line
+    for want in (f'mailengine_source_info{{source="new",ip="{SOURCE_A}",helo="new.sender.test"}} 1',
+                 f'mailengine_source_info{{source="old",ip="{SOURCE_B}",helo="old.sender.test"}} 1',
+                 'mailengine_source_pool_weight{source="new",pool="main"} 3',
+                 'mailengine_source_pool_weight{source="old",pool="bulk"} 1',
+                 'mailengine_source_warmup_sent{source="new",provider="sink.test"} 3',
+                 'mailengine_source_warmup_limit{source="new",provider="sink.test"} 50',
+                 'mailengine_source_warmup_default_limit{source="new"} 50',
+                 'mailengine_source_warmup_day{source="new"} 1',
+                 'mailengine_source_rdns_ok{source="new"} 1',
+                 'mailengine_source_rdns_ok{source="old"} 0',
+                 "# TYPE mailengine_source_warmup_sent gauge",
+                 "# TYPE mailengine_source_outbound_connections gauge"):
+        assert want in metrics, want
+    assert re.search(r'^mailengine_source_outbound_connections\{source="new"\} [01]$', metrics,
+                     re.M)
+    assert 'mailengine_source_warmup_sent{source="old"' not in metrics  # warmed: not counted
+    assert metrics.count("# TYPE mailengine_source_info ") == 1
+    readme = (DOCS.parent / "README.md").read_text()  # each series is in README's metrics list
+    names = re.findall(r"^# TYPE (mailengine_source_\w+) gauge$", metrics, re.M)
+    assert len(names) == 8 and all(f"`{n}{{" in readme for n in names), names
+
+
+def test_metrics_label_values_are_escaped_and_no_sources_means_no_series(running):
+    from mailengine.web.metrics import _labels
+    assert _labels(source="a", provider='we"ird\\x\ny') == \
+        '{source="a",provider="we\\"ird\\\\x\\ny"}'
+    c = Client(running.web_port)
+    assert "mailengine_source_" not in c.get("/metrics").text
+    c.login()
+    assert 'id="sources"' not in c.get("/gui/admin").text
+    assert json.loads(c.get("/gui/admin/status.json").text)["sources"] == []

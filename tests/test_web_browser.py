@@ -4,7 +4,9 @@ One engine delivers to an SMTP sink (sink.test) and cannot reach another destina
 (down.test: nothing listens there), so the pages have mail moving, mail waiting for a retry,
 and a queue to browse. The test logs in, watches the live charts fill, changes a setting and
 sees the SMTP listener take it at once, browses the queue by domain and by message, deletes a
-message, and views the bounce lists. With MAILENGINE_SCREENSHOTS=DIR it saves the pages there
+message, and views the bounce lists. A second engine sends from two sending sources
+(shaping.toml): the Status page's table of sources follows a source's warm-up count live and
+shows its reverse DNS problem. With MAILENGINE_SCREENSHOTS=DIR it saves the pages there
 (docs/screenshots/ holds the ones made so).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from mailengine.testing.dnsserver import TestDNSServer
 from mailengine.testing.engine import RunningEngine, free_port
 from mailengine.testing.sink import ThreadedSink
 
@@ -209,3 +212,75 @@ def test_admin_in_a_browser(tmp_path, browser):
             page.wait_for_url(base + "/gui/login")
             page.goto(base + "/gui/admin/queue")
             assert page.url.startswith(base + "/gui/login")
+
+
+def test_sending_sources_in_a_browser(tmp_path, browser):
+    """The Status page's table of sending sources (shaping.toml [sources.NAME]) fills its warm-up
+    count live as mail goes out from a source, and shows a reverse DNS problem in red."""
+    import datetime as dt
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "password.txt").write_text("admin:opensesame\n")
+    (home / "shaping.toml").write_text(f"""default_pool = "main"
+[sources.fresh]
+ip = "127.0.0.43"
+helo = "fresh.sender.test"
+warmup_start = {(dt.date.today() - dt.timedelta(days=1)).isoformat()}
+warmup = [10, 40, 100]
+[sources.warm]
+ip = "127.0.0.44"
+helo = "warm.sender.test"
+[pools.main]
+sources = {{ fresh = 2, warm = 1 }}
+""")
+    web_port = free_port()
+    zones = {"43.0.0.127.in-addr.arpa": {"PTR": ["mail.elsewhere.test"]},  # not its EHLO name
+             "44.0.0.127.in-addr.arpa": {"PTR": ["warm.sender.test"]}}
+    with TestDNSServer(zones) as dns, ThreadedSink("127.0.0.1", 0) as sink:
+        settings = {
+            "network.web_port": web_port, "network.web_ip": "127.0.0.1",
+            "queue.pause_sending": False, "network.helo_text": "engine.test",
+            "basic.nameservers": [dns.address],
+            "basic.dns_servers": [f"sink.test,mx.sink.test,MX,127.0.0.1:{sink.port}"]}
+        with RunningEngine(home, settings) as eng:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            base = f"http://127.0.0.1:{web_port}"
+            for _ in range(100):
+                try:
+                    page.goto(base + "/gui/login")
+                    break
+                except sync_api.Error:  # the web server is not up yet
+                    time.sleep(0.1)
+            page.fill("input[name=user]", "admin")
+            page.fill("input[name=password]", "opensesame")
+            page.click("button[type=submit]")
+            page.wait_for_url(base + "/gui/admin")
+            fresh = "#sources tr[data-source=fresh]"
+            assert page.inner_text(fresh + " td.today") == "none yet"
+            cells = page.locator(fresh + " td").all_inner_texts()
+            assert cells[:4] == ["fresh", "127.0.0.43", "fresh.sender.test",
+                                 "main ×2 (default)"], cells
+            assert cells[6] == "day 2: 40 a provider today"
+
+            # mail goes out from "fresh" (the first pick of main): the table follows, no reload
+            send(eng.smtp_port, ["a@sink.test", "b@sink.test"], "warm-up")
+            sink.wait_messages(1, timeout=20)
+            page.locator(fresh + " td.today", has_text="sink.test 2 / 40").wait_for(
+                timeout=15000)
+            assert page.inner_text(fresh + " td.today") == "sink.test 2 / 40"
+            assert [s.peer[0] for s in sink.sessions] == ["127.0.0.43"]
+            page.wait_for_selector("#sources td.bad >> text=mail.elsewhere.test", timeout=15000)
+            problem = page.inner_text(fresh + " td.bad")
+            assert problem.startswith("sending source fresh (127.0.0.43): its reverse DNS says "
+                                      "mail.elsewhere.test, not its EHLO name "
+                                      "fresh.sender.test"), problem
+            assert page.evaluate(f"getComputedStyle(document.querySelector('{fresh} td.bad'))"
+                                 ".color") == "rgb(179, 38, 30)"  # --bad
+            warm = page.locator("#sources tr[data-source=warm] td").all_inner_texts()
+            assert warm[3] == "main ×1 (default)" and warm[6] == "warmed up", warm
+            assert warm[4] == "names its EHLO name" and warm[7] == "none yet", warm
+            card = page.locator("section:has(#sources)")  # the Status page's sources card
+            card.screenshot(path=str(tmp_path / "sources.png"))
+            if SHOTS:
+                Path(SHOTS).mkdir(parents=True, exist_ok=True)
+                card.screenshot(path=str(Path(SHOTS) / "sources.png"))

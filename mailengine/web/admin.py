@@ -22,7 +22,7 @@ from ..config import SECTION_TITLES, SETTINGS, AddressSet, coerce, toml_value
 from ..secret_values import is_secret
 from ..secret_values import shown as masked
 from ..users import hash_password
-from . import queue_actions, queue_view, settings_edit, suppressions
+from . import queue_actions, queue_view, settings_edit, sources_view, suppressions
 from .auth import LOGIN_COOKIE, SESSION_COOKIE, same
 from .metrics import snapshot
 
@@ -234,7 +234,8 @@ async def status(request: web.Request) -> web.Response:
     w = _web(request)
     return w.render(request, "status.html", snap=snapshot(w.engine, w.outcomes),
                     dests=cached_destinations(w), title="Status",
-                    categories=_category_rows(w.outcomes))
+                    categories=_category_rows(w.outcomes),
+                    sources=sources_view.rows(w.engine))  # sending sources, from memory
 
 
 def _category_rows(counter) -> list[dict]:
@@ -249,7 +250,8 @@ async def status_json(request: web.Request) -> web.Response:
     w = _web(request)
     return web.json_response({"now": snapshot(w.engine, w.outcomes),
                               "history": w.history.as_json(),
-                              "destinations": cached_destinations(w)})
+                              "destinations": cached_destinations(w),
+                              "sources": sources_view.rows(w.engine)})
 
 
 # --- settings -------------------------------------------------------------------------------------

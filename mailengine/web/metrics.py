@@ -14,6 +14,7 @@ import time
 from collections import deque
 
 from ..categories import categorize_reply
+from . import sources_view
 
 SAMPLE_SECONDS = 2.0
 HISTORY_SAMPLES = 900
@@ -145,6 +146,58 @@ class History:
                 "samples": [list(s) for s in self.samples]}
 
 
+def _esc(value) -> str:
+    """A label value as the exposition format writes it (backslash, quote, newline escaped)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**labels) -> str:
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items()) + "}"
+
+
+def _family(out: list[str], name: str, kind: str, help_: str, lines: list[str]) -> None:
+    """A metric with labels: its HELP and TYPE once, then its lines (nothing when none)."""
+    if lines:
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *lines]
+
+
+def _sources(out: list[str], engine) -> None:
+    """The sending sources (sources.py; web/sources_view.py): what each is, its pools, its
+    reverse DNS, its connections and today's warm-up per provider."""
+    rows = sources_view.rows(engine)
+    if not rows:
+        return
+    today = [(r["source"], t) for r in rows for t in r["today"]]
+    for name, help_, lines in (
+            ("info", "A sending source of shaping.toml: its local address and EHLO name "
+             "(always 1).",
+             [(dict(source=r["source"], ip=r["ip"], helo=r["helo"]), 1) for r in rows]),
+            ("pool_weight", "A source's weight in a sending pool ([pools.NAME]).",
+             [(dict(source=r["source"], pool=p["pool"]), p["weight"])
+              for r in rows for p in r["pools"]]),
+            ("outbound_connections", "Open outbound SMTP connections from a source (idle ones "
+             "included).", [(dict(source=r["source"]), r["connections"]) for r in rows]),
+            ("rdns_ok", "1 when a source's reverse DNS names its EHLO name, 0 when not (absent "
+             "until checked).", [(dict(source=r["source"]), int(r["rdns_problem"] is None))
+                                 for r in rows if r["rdns_checked"]]),
+            ("warmup_day", "The day of its warm-up a source is on (absent when warmed or "
+             "without a warm-up).", [(dict(source=r["source"]), r["warmup_day"]) for r in rows
+                                     if r["warmup_day"] is not None and not r["warmed"]]),
+            ("warmup_sent", "Recipients a source sent a provider today against its warm-up "
+             "(every engine's with shared.redis_url); 0 again at midnight.",
+             [(dict(source=src, provider=t["provider"]), t["sent"]) for src, t in today]),
+            ("warmup_limit", "Recipients a source may send a provider today (its warm-up "
+             "volume; absent: no cap).",
+             [(dict(source=src, provider=t["provider"]), t["limit"]) for src, t in today
+              if t["limit"] is not None]),
+            ("warmup_default_limit", "Recipients a source may send today to each provider "
+             "without a ramp of its own (absent: no cap).",
+             [(dict(source=r["source"]), r["limit"]) for r in rows if r["limit"] is not None])):
+        name = "mailengine_source_" + name
+        _family(out, name, "gauge", help_,
+                [f"{name}{_labels(**labels)} {value}" for labels, value in lines])
+
+
 def _line(out: list[str], name: str, kind: str, help_: str, value, labels: str = "") -> None:
     if value is None:
         return
@@ -215,8 +268,7 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
         if urls:
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
         for u in urls:
-            label = u["url"].replace("\\", "\\\\").replace('"', '\\"')
-            out.append(f'{name}{{url="{label}"}} {u[key]}')
+            out.append(f'{name}{_labels(url=u["url"])} {u[key]}')
     active = engine.delivery.shaping.active()
     if active:  # traffic shaping (shaping.py): one line per suspension or throttle in force
         out.append("# HELP mailengine_shaping_factor Share of its limits a destination may use "
@@ -225,4 +277,5 @@ def prometheus(engine, counter: OutcomeCounter | None = None) -> str:
         for a in active:
             out.append(f'mailengine_shaping_factor{{dest="{a["dest"]}",action="{a["action"]}"}} '
                        f'{a["factor"]:g}')
+    _sources(out, engine)
     return "\n".join(out) + "\n"

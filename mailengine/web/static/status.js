@@ -122,11 +122,26 @@
     });
   }
 
+  function sources(list) {  // the sending sources' table, when the page has one
+    var body = document.querySelector("#sources tbody");
+    if (!body || !list) return;
+    body.textContent = "";
+    list.forEach(function (s) {
+      var tr = body.insertRow();
+      tr.setAttribute("data-source", s.source);
+      var today = s.today.map(function (t) { return t.text; }).join(", ") || "none yet";
+      [s.source, s.ip, s.helo, s.pools_text, s.rdns_text, s.connections, s.warmup_text, today]
+        .forEach(function (v, i) { var c = tr.insertCell(); c.textContent = String(v);
+                                   if (i === 4) c.className = s.rdns_problem ? "bad" : "log";
+                                   if (i === 7) c.className = "today"; });
+    });
+  }
+
   function refresh() {
     fetch("/gui/admin/status.json", {credentials: "same-origin"})
       .then(function (r) { if (r.status === 401) { location.href = "/gui/login"; } return r.json(); })
       .then(function (data) {
-        tiles(data.now); dests(data.destinations);
+        tiles(data.now); dests(data.destinations); sources(data.sources);
         var cs = document.querySelectorAll("canvas[data-series]");
         for (var i = 0; i < cs.length; i++) draw(cs[i], data);
         document.body.setAttribute("data-refreshed", String(Date.now()));
