@@ -94,6 +94,7 @@ class Engine:
         # every queued message this engine knows: in memory, or on disk only (the backlog,
         # beyond limits.messages_in_memory); ledger.py
         self.ledger = Ledger()
+        self.queue_commands = asyncio.Lock()  # one queue command at a time (queueops.py)
         self.stopping = asyncio.Event()
         self.inbound: InboundServer | None = None
         self.workers: WorkerPool | None = None
@@ -201,9 +202,10 @@ class Engine:
                 continue
 
     def withdraw_from_backlog(self, msg: Message) -> None:
-        """A queue command changes a backlog message: in memory, not scheduled (so nothing
-        takes it meanwhile) until take() puts it back, or it is deleted."""
-        self.ledger.admit(msg, RETRY)
+        """A queue command changes a backlog message: in memory, taken out (so nothing takes,
+        sends or evicts it meanwhile) until take() puts it back, or it is deleted."""
+        ledger = self.ledger
+        ledger.take_out(ledger.admit(msg, RETRY))
 
     async def _load_backlog_batch(self) -> bool:
         """One batch; True when there may be more to do at once."""

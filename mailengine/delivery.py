@@ -844,6 +844,8 @@ class DeliveryEngine:
                 skipped[mid] = "not in the queue"
             elif e.attempt is not None:
                 skipped[mid] = "being delivered now; try again when this attempt ends"
+            elif e.changing:
+                skipped[mid] = "being changed by another queue command"
             elif mid in self.sched:
                 scheduled.append(mid)
             else:
@@ -854,6 +856,8 @@ class DeliveryEngine:
                 taken.append(ledger.entries[mid].msg)
             else:
                 skipped[mid] = "being delivered now; try again when this attempt ends"
+        for msg in taken:
+            ledger.take_out(ledger.entries[msg.id])
         return taken, skipped
 
     def put_back(self, msg: Message) -> None:
@@ -875,7 +879,7 @@ class DeliveryEngine:
         and memory for the backlog; their files are in retry/ already. Returns how many."""
         held, later = [], []
         for mid, e in self.ledger.entries.items():
-            if e.attempt is not None or e.where != RETRY:
+            if e.attempt is not None or e.changing or e.where != RETRY:
                 continue
             if e.msg.held:
                 held.append(mid)

@@ -16,12 +16,13 @@ of these moves (the `TRANSITIONS` table; each method checks its own):
 
 | method         | from                         | to                                | called by            |
 |----------------|------------------------------|-----------------------------------|----------------------|
-| `admit`        | unknown, on disk, in memory  | in memory, waiting or held        | Engine.take (intake, the worker pipe, drop-ins, notices, the backlog loader, queue commands), queue commands putting a message back |
-| `keep_on_disk` | unknown, in memory (waiting) | on disk                           | Engine.take (memory full, a stop), delivery.evict |
+| `admit`        | unknown, on disk, in memory (not sending) | in memory, waiting or held | Engine.take (intake, the worker pipe, drop-ins, notices, the backlog loader, queue commands), queue commands putting a message back |
+| `keep_on_disk` | unknown, in memory (not sending) | on disk                       | Engine.take (memory full, a stop), delivery.evict (waiting or held only) |
+| `take_out`     | in memory, waiting or held   | in memory, changing               | queue commands (out of the schedule, being changed) |
 | `claim`        | in memory, waiting           | in memory, sending                | delivery: an attempt's first unit starts |
 | `moved`        | in memory                    | (the same; its files elsewhere)   | delivery: retry/ -> working/ and back |
 | `attempt_over` | in memory, sending           | in memory, waiting                | delivery: the attempt recorded, recipients left |
-| `finish`       | in memory                    | unknown                           | delivery (done, removed, gone), queue commands (deleted) |
+| `finish`       | in memory, on disk           | unknown                           | delivery (done, removed, gone), queue commands (deleted) |
 | `stuck`        | in memory                    | known, not in memory              | delivery: an attempt that could not be recorded stays in working/ until the next start |
 
 "Held" is the message's own flag (`msg.held`, kept in `ID.inf`): a held message is in memory
@@ -40,10 +41,12 @@ if TYPE_CHECKING:
     from .envelope import Message
 
 # a message's state in memory -> the ledger's methods that may take it from there
-WAITING, HELD, SENDING = "waiting", "held", "sending"
+WAITING, HELD, CHANGING, SENDING = "waiting", "held", "changing", "sending"
 TRANSITIONS: dict[str, frozenset[str]] = {
-    WAITING: frozenset({"admit", "keep_on_disk", "claim", "moved", "finish", "stuck"}),
-    HELD: frozenset({"admit", "keep_on_disk", "moved", "finish", "stuck"}),
+    WAITING: frozenset({"admit", "keep_on_disk", "take_out", "claim", "moved", "finish",
+                        "stuck"}),
+    HELD: frozenset({"admit", "keep_on_disk", "take_out", "moved", "finish", "stuck"}),
+    CHANGING: frozenset({"admit", "keep_on_disk", "moved", "finish", "stuck"}),
     SENDING: frozenset({"moved", "attempt_over", "finish", "stuck"}),
 }
 
@@ -59,11 +62,14 @@ class Entry:
     where: str = RETRY  # the directory holding ID.dat and ID.inf: RETRY or WORKING
     attempt: Attempt | None = None  # the send attempt running now (delivery.py)
     data: bytes | None = None  # ID.dat's bytes from intake, kept until the first attempt
+    changing: bool = False  # taken out by a queue command, until it puts the message back
 
     @property
     def state(self) -> str:
         if self.attempt is not None:
             return SENDING
+        if self.changing:
+            return CHANGING
         return HELD if self.msg.held else WAITING
 
 
@@ -119,6 +125,7 @@ class Ledger:
         else:
             self._check(e, "admit")
             e.msg = msg
+            e.changing = False
             if where is not None:
                 e.where = where
         if e.where not in (RETRY, WORKING):
@@ -134,6 +141,13 @@ class Ledger:
             self._drop(msg_id)
         self._stuck.discard(msg_id)
         self.backlog.add(msg_id, due)
+
+    def take_out(self, e: Entry) -> None:
+        """A queue command takes the message out of the schedule to change it: nothing sends,
+        evicts or takes it again until the command puts it back (admit, keep_on_disk) or
+        deletes it (finish)."""
+        self._check(e, "take_out")
+        e.changing = True
 
     def claim(self, e: Entry, attempt: Attempt) -> None:
         """A send attempt starts (its first unit): the entry is the attempt's until it ends."""
@@ -158,6 +172,7 @@ class Ledger:
         if e is not None:
             self._check(e, "finish")
             self._drop(msg_id)
+        self.backlog.discard(msg_id)
 
     def stuck(self, msg_id: str) -> None:
         """Its files stay where they are (working/) until the next start's recovery: known, so

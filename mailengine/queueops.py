@@ -261,7 +261,13 @@ async def engine_show(engine, msg_id: str, tracker: ReplyTracker | None = None) 
 
 
 async def engine_apply(engine, action: str, targets: list[str]) -> dict:
-    """delete / hold / release / retry / flush on a running engine (control.py calls it)."""
+    """delete / hold / release / retry / flush on a running engine (control.py and the web
+    admin call it): one command at a time, so two never take and change the same message."""
+    async with engine.queue_commands:
+        return await _engine_apply(engine, action, targets)
+
+
+async def _engine_apply(engine, action: str, targets: list[str]) -> dict:
     d = engine.delivery
     res = new_result("engine", action)
     targets = [parse_target(t) for t in targets if str(t).strip()]
@@ -295,43 +301,61 @@ async def engine_apply(engine, action: str, targets: list[str]) -> dict:
     taken += [on_disk[mid] for mid in ids if mid in on_disk]
     res["skipped"].update(skipped)
     now = datetime.now().replace(microsecond=0)
-    spool = engine.spool
-    files_in = d.files_in
-    for msg in taken:
-        t = ids[msg.id]
-        where = files_in(msg.id)
-        try:
-            if action == "delete":
-                if t.startswith("@") and any(domain_of(a) != t[1:] for a in msg.rcpt_to_send):
-                    gone = drop_domain(msg, t[1:], now)
-                    await spool.update_inf(msg, where)
-                    res["trimmed"][msg.id] = len(gone)
-                else:
-                    spool.remove(msg.id, where)
-                    d.forget_message(msg.id)
-                    logging.getLogger("mailengine").info(
-                        "%s: deleted from the queue by the administrator", msg.id)
-                    res["done"].append(msg.id)
-                    continue
-            elif change(msg, action, now):
-                await spool.update_inf(msg, where)
-                res["done"].append(msg.id)
-            else:
-                res["unchanged"].append(msg.id)
-        except (OSError, InfError) as e:
-            res["skipped"][msg.id] = f"cannot write its .inf: {e}"
-            # memory must say what the disk says: read it back as it is
-            try:
-                msg = spool.load(msg.id, where)
-            except (OSError, InfError):
-                d.forget_message(msg.id)
-                continue
-        if msg.id in on_disk:
-            engine.take(msg, RETRY)  # into memory when there is room, else the backlog
-        else:
-            d.put_back(msg)
+    left = {msg.id: msg for msg in taken}  # taken out and not yet put back or deleted
+    try:
+        for msg in taken:
+            back = await _change_one(engine, action, ids[msg.id], msg, now, res)
+            left.pop(msg.id)
+            if back is not None:
+                _put_back(engine, msg.id in on_disk, back)
+    finally:
+        for msg in left.values():  # an unexpected error: back as they are, never left out
+            _put_back(engine, msg.id in on_disk, msg)
     res["paused"] = d.sched.paused
     return res
+
+
+async def _change_one(engine, action: str, t: str, msg: Message, now: datetime,
+                      res: dict) -> Message | None:
+    """Carry out `action` (chosen by target `t`) on one taken message. Returns the message to
+    put back (changed, or as its files say when they could not be written), None when it is
+    gone."""
+    d, spool = engine.delivery, engine.spool
+    where = d.files_in(msg.id)
+    try:
+        if action == "delete":
+            if t.startswith("@") and any(domain_of(a) != t[1:] for a in msg.rcpt_to_send):
+                gone = drop_domain(msg, t[1:], now)
+                await spool.update_inf(msg, where)
+                res["trimmed"][msg.id] = len(gone)
+            else:
+                spool.remove(msg.id, where)
+                d.forget_message(msg.id)
+                logging.getLogger("mailengine").info(
+                    "%s: deleted from the queue by the administrator", msg.id)
+                res["done"].append(msg.id)
+                return None
+        elif change(msg, action, now):
+            await spool.update_inf(msg, where)
+            res["done"].append(msg.id)
+        else:
+            res["unchanged"].append(msg.id)
+    except (OSError, InfError) as e:
+        res["skipped"][msg.id] = f"cannot write its .inf: {e}"
+        # memory must say what the disk says: read it back as it is
+        try:
+            return spool.load(msg.id, where)
+        except (OSError, InfError):
+            d.forget_message(msg.id)
+            return None
+    return msg
+
+
+def _put_back(engine, from_backlog: bool, msg: Message) -> None:
+    if from_backlog:
+        engine.take(msg, RETRY)  # into memory when there is room, else the backlog
+    else:
+        engine.delivery.put_back(msg)
 
 
 def _read_inf(spool: Spool, msg_id: str, where: str) -> str:

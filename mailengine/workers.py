@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -46,12 +47,31 @@ log = logging.getLogger("mailengine.workers")
 
 RESTART_DELAY = 1.0  # s before a worker that died is started again
 RETIRE_SIGNAL = signal.SIGUSR1  # "stop accepting, finish your sessions, exit" (SIGTERM: stop now)
+ENVELOPE_MAX = 16 * 1024  # bytes of an envelope sent on a line; larger ones: the .inf is read
+LINE_LIMIT = 1 << 20  # bytes of a notification line the engine reads
+PIPE_SIZE = 1 << 20  # the notification pipe's buffer (fs.pipe-max-size allows 1 MiB by default)
+
+
+def notification_pipe() -> tuple[int, int]:
+    """(read, write) ends of a worker's notification pipe, with room for ~1,000 envelope lines
+    while the engine's event loop is busy (a full pipe would stall the worker's intake)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # Linux
+    except (AttributeError, OSError):
+        pass  # the system's default (64 KiB)
+    return read_fd, write_fd
 
 
 def envelope_line(msg, where: str) -> str:
-    """A worker's line for a relayed message it stored in `where` (the engine: read_envelope)."""
+    """A worker's line for a relayed message it stored in `where` (the engine: read_envelope).
+    A large envelope (a thousand recipients with long ORCPTs) goes without: the engine reads
+    the `.inf` of that one."""
     kind = "W" if where == WORKING else "R"
-    return f"{kind} {msg.id} {base64.b64encode(pickle.dumps(msg, 5)).decode()}\n"
+    payload = base64.b64encode(pickle.dumps(msg, 5))
+    if len(payload) > ENVELOPE_MAX:
+        return f"{kind} {msg.id}\n"
+    return f"{kind} {msg.id} {payload.decode()}\n"
 
 
 def read_envelope(payload: str):
@@ -181,7 +201,7 @@ class WorkerPool:
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         loop = asyncio.get_running_loop()
-        read_fd, write_fd = os.pipe()
+        read_fd, write_fd = notification_pipe()
         values = copy.deepcopy(self.cfg.values)
         slots = self.session_slots
         slot = slots.take() if slots is not None else None
@@ -214,7 +234,7 @@ class WorkerPool:
         self._up[proc.pid] = loop.create_future()
         proc.stdin.write(settings.encode())
         proc.stdin.close()
-        reader = asyncio.StreamReader(limit=1 << 20)
+        reader = asyncio.StreamReader(limit=LINE_LIMIT)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                      os.fdopen(read_fd, "rb", buffering=0))
         self._readers.append(asyncio.create_task(self._read_lines(reader, proc.pid)))
@@ -222,7 +242,17 @@ class WorkerPool:
         return proc
 
     async def _read_lines(self, reader: asyncio.StreamReader, pid: int) -> None:
-        while line := await reader.readline():
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # longer than the reader's limit: dropped, the next one read
+                log.error("intake worker %d: a notification line over %d bytes was dropped "
+                          "(its message is on disk: the drop-in scan, or for working/ the next "
+                          "start, takes it)",
+                          pid, LINE_LIMIT)
+                continue
+            if not line:
+                break
             text = line.decode().rstrip("\n")
             if text == "U":  # listening
                 fut = self._up.get(pid)

@@ -4,6 +4,8 @@ import datetime
 import os
 import time
 
+import pytest
+
 from mailengine.app import Engine
 from mailengine.config import from_dict
 from mailengine.envelope import Message
@@ -173,5 +175,103 @@ def test_a_worker_line_carries_the_envelope_so_the_inf_is_not_read_back(tmp_path
         await eng.spool.store(m2, b"Subject: 2\r\n\r\ny\r\n", "working")
         eng.worker_stored(f"W {m2.id} not-base64!")
         assert eng.ledger.get(m2.id).msg.rcpt_to_send == ["d@dest.test"]
+        eng.spool.close()
+    asyncio.run(main())
+
+
+def test_a_huge_envelope_is_not_sent_on_the_line_the_inf_is_read_instead(tmp_path):
+    from mailengine.workers import ENVELOPE_MAX, envelope_line
+
+    async def main():
+        eng = _engine(tmp_path, {"messages_in_memory": 10})
+        m = _msg("r0@dest.test")
+        m.rcpt_to_send = [f"r{i}@dest.test" for i in range(1000)]
+        m.dsn_rcpt = {a: {"orcpt": "rfc822;" + "o" * 1800 + a} for a in m.rcpt_to_send}
+        await eng.spool.store(m, b"Subject: 1\r\n\r\nx\r\n", "working")
+        line = envelope_line(m, "working")
+        assert line == f"W {m.id}\n" and len(line) < ENVELOPE_MAX
+        eng.worker_stored(line.rstrip("\n"))
+        assert len(eng.ledger.get(m.id).msg.rcpt_to_send) == 1000
+        eng.spool.close()
+    asyncio.run(main())
+
+
+def test_the_notification_pipe_has_room_for_a_thousand_envelopes():
+    import fcntl
+    import os
+
+    from mailengine.workers import PIPE_SIZE, notification_pipe
+    r, w = notification_pipe()
+    try:
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) >= PIPE_SIZE
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_an_overlong_notification_line_is_dropped_and_the_next_ones_are_read():
+    from mailengine.workers import LINE_LIMIT, WorkerPool
+
+    async def main():
+        got: list[str] = []
+        pool = WorkerPool.__new__(WorkerPool)  # only what _read_lines uses
+        pool.on_line, pool._up, pool._conns = got.append, {}, {}
+        pool._slot_of, pool._ended_totals, pool.session_slots = {}, [0, 0], None
+        reader = asyncio.StreamReader(limit=LINE_LIMIT)
+        reader.feed_data(b"R " + b"x" * (LINE_LIMIT + 10) + b"\nR after\n")
+        reader.feed_eof()
+        await pool._read_lines(reader, 1)
+        assert got == ["R after"]
+    asyncio.run(main())
+
+
+def test_queue_commands_run_one_at_a_time_and_never_share_a_message(tmp_path):
+    from mailengine import queueops
+
+    async def main():
+        eng = _engine(tmp_path, {"messages_in_memory": 10})
+        m = _msg("e@dest.test")
+        await eng.spool.store(m, b"Subject: 1\r\n\r\nx\r\n", "retry")
+        eng.take(m, "retry")
+        write = eng.spool.update_inf
+
+        async def slow_write(msg, where):  # a slow disk: the first command holds m a while
+            await asyncio.sleep(0.2)
+            await write(msg, where)
+        eng.spool.update_inf = slow_write
+        hold, release = await asyncio.gather(queueops.engine_apply(eng, "hold", [m.id]),
+                                             queueops.engine_apply(eng, "release", [m.id]))
+        assert hold["done"] == [m.id] and release["done"] == [m.id]  # one after the other
+        assert not hold["skipped"] and not release["skipped"]
+        e = eng.ledger.get(m.id)
+        assert e.state == "waiting" and m.id in eng.delivery.sched  # the last word: release
+        eng.spool.close()
+    asyncio.run(main())
+
+
+def test_a_message_taken_out_by_a_queue_command_is_not_taken_sent_or_evicted(tmp_path):
+    from mailengine.ledger import LedgerError
+
+    async def main():
+        eng = _engine(tmp_path, {"messages_in_memory": 10})
+        d, ledger = eng.delivery, eng.ledger
+        m = _msg("f@dest.test")
+        m.held = True
+        await eng.spool.store(m, b"Subject: 1\r\n\r\nx\r\n", "retry")
+        eng.take(m, "retry")
+        taken, _ = d.take_for_change([m.id])
+        again, skipped = d.take_for_change([m.id])  # a second command meanwhile
+        assert taken == [m] and not again and "another queue command" in skipped[m.id]
+        assert d.evict(10, 0.0) == 0 and m.id in ledger.entries  # held, but being changed
+        with pytest.raises(LedgerError):
+            ledger.claim(ledger.get(m.id), object())
+        m.held = False
+        d.put_back(m)
+        assert ledger.get(m.id).state == "waiting" and m.id in d.sched
+        # a backlog message deleted by a command is gone from the backlog too
+        ledger.keep_on_disk("gone@x", 5.0)
+        eng.withdraw_from_backlog(Message(id="gone@x", mail_from="", rcpt_to_send=["a@b"]))
+        d.forget_message("gone@x")
+        assert "gone@x" not in ledger and ledger.total == 1
         eng.spool.close()
     asyncio.run(main())

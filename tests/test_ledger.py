@@ -9,7 +9,8 @@ import pytest
 
 from mailengine.attempt import Attempt
 from mailengine.envelope import Message
-from mailengine.ledger import HELD, SENDING, TRANSITIONS, WAITING, Ledger, LedgerError
+from mailengine.ledger import (CHANGING, HELD, SENDING, TRANSITIONS, WAITING, Ledger,
+                               LedgerError)
 from mailengine.queue_dirs import RETRY, WORKING
 
 
@@ -103,13 +104,13 @@ def test_random_moves_keep_the_ledger_and_a_plain_model_agreed(seed):
     and a refused move changes nothing."""
     rnd = random.Random(seed)
     led = Ledger(cache_limit=50)
-    model: dict[str, str] = {}  # id -> "memory" | "sending" | "disk" | "stuck"
+    model: dict[str, str] = {}  # id -> "memory" | "changing" | "sending" | "disk" | "stuck"
     ids = [f"m{i}" for i in range(8)]
     for _ in range(400):
         mid = rnd.choice(ids)
         where = model.get(mid)
         move = rnd.choice(["admit", "keep_on_disk", "claim", "attempt_over", "finish", "stuck",
-                           "data"])
+                           "data", "take_out"])
         e = led.get(mid)
         try:
             if move == "admit":
@@ -124,13 +125,17 @@ def test_random_moves_keep_the_ledger_and_a_plain_model_agreed(seed):
                 led.claim(e, Attempt(e.msg))
                 assert where == "memory"
                 model[mid] = "sending"
+            elif move == "take_out" and e is not None:
+                led.take_out(e)
+                assert where == "memory"
+                model[mid] = "changing"
             elif move == "attempt_over" and e is not None:
                 led.attempt_over(e)
                 assert where == "sending"
                 model[mid] = "memory"
             elif move == "finish":
                 led.finish(mid)
-                if where in ("memory", "sending"):
+                if where in ("memory", "changing", "sending", "disk"):
                     del model[mid]
             elif move == "stuck":
                 led.stuck(mid)
@@ -141,10 +146,11 @@ def test_random_moves_keep_the_ledger_and_a_plain_model_agreed(seed):
             pass  # refused: the model did not change either
         for i in ids:
             place = model.get(i)
-            assert (i in led.entries) == (place in ("memory", "sending"))
+            assert (i in led.entries) == (place in ("memory", "changing", "sending"))
             assert (i in led.backlog) == (place == "disk")
             assert (i in led) == (place is not None)
-            if place in ("memory", "sending"):
-                assert led.entries[i].state == (SENDING if place == "sending" else WAITING)
+            if place in ("memory", "changing", "sending"):
+                assert led.entries[i].state == {"sending": SENDING, "changing": CHANGING,
+                                                "memory": WAITING}[place]
         assert led.sending == sum(1 for p in model.values() if p == "sending")
         assert led.cached_bytes == sum(len(x.data or b"") for x in led.entries.values()) <= 50
