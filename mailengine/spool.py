@@ -25,6 +25,7 @@ from .group_commit import GroupCommit, Job, unlink_quiet
 from .message_ids import default_host, new_id, safe_host
 from . import recovery
 from .recovery import RecoveryReport
+from .recycler import Recycler, RecyclerGone
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
 
@@ -70,6 +71,7 @@ class Spool:
         # moves cost no extra system call otherwise; recover() deletes orphans.
         self.side_files: tuple[str, ...] = ()
         self.spare = SparePool(str(self.root / SPARE_DIR), max_files=SPARE_FILES)
+        self._recycler: Recycler | None = None  # start_recycler
 
     # ---- paths and basics
 
@@ -253,20 +255,33 @@ class Spool:
 
     def recycle(self, msg_ids: list[str], where: str) -> None:
         """Remove delivered messages, their files becoming spare files (spare.py): usable by a
-        store only after one fsync of `where` for the whole lot has made the removals durable."""
+        store only after one fsync of `where` for the whole lot has made the removals durable.
+        Done by the recycler process when one runs (start_recycler)."""
+        d = self._dir[where]
+        files: list[tuple[str, str | None]] = []
         for msg_id in msg_ids:
-            self._recycle(self.inf_path(msg_id, where), "inf")
-            self._recycle(self.dat_path(msg_id, where), "dat")
-            for suffix in self.side_files:
-                unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
-        self.spare.commit([self._dir[where]])
+            files += ((f"{d}/{msg_id}.inf", "inf"), (f"{d}/{msg_id}.dat", "dat"))
+            files += ((f"{d}/{msg_id}{suffix}", None) for suffix in self.side_files)
+        recycler = self._recycler
+        if recycler is not None:
+            try:
+                return recycler.recycle(files, [d])
+            except RecyclerGone:
+                self._recycler = None  # logged there; from now on here, this batch too
+        self.spare.recycle(files, [d])
 
-    def _recycle(self, path: str, kind: str) -> None:
-        try:
-            if not self.spare.give(path, kind):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
+    def start_recycler(self) -> None:
+        """Remove delivered mail in a process of its own from now on (recycler.py: the engine
+        with delivery processes). Call it from the thread that lives as long as the engine."""
+        if self._recycler is None:
+            r = Recycler(self.spare.path, self.spare.max_files)
+            r.start()
+            self._recycler = r
+
+    def stop_recycler(self) -> None:
+        r, self._recycler = self._recycler, None
+        if r is not None:
+            r.stop()
 
     # ---- reading
 
@@ -361,5 +376,6 @@ class Spool:
         return self._commit.flushes
 
     def close(self) -> None:
-        """Finish pending flushes and stop the flusher thread."""
+        """Finish pending flushes and stop the flusher thread (and the recycler process)."""
+        self.stop_recycler()
         self._commit.close()
