@@ -44,6 +44,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _read_file(path: str) -> bytes:
+    """A whole small file: open() builds a buffered file object and asks for its size and
+    whether it is a terminal first, twice the system calls of this (the engine reads an .inf
+    per message it takes from retry/)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 # ---------------------------------------------------------------- the spool
 
 class Spool:
@@ -291,9 +305,7 @@ class Spool:
 
     def load(self, msg_id: str, where: str) -> Message:
         """Read and parse `ID.inf`; `size` from `ID.dat`. InfError when broken or no `.dat`."""
-        with open(self.inf_path(msg_id, where), "rb") as f:
-            raw = f.read()
-        msg = parse_inf(raw, msg_id)
+        msg = parse_inf(_read_file(self.inf_path(msg_id, where)), msg_id)
         try:
             msg.size = os.stat(self.dat_path(msg_id, where)).st_size
         except FileNotFoundError:
