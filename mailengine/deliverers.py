@@ -302,6 +302,8 @@ class RemoteSession:
         self._busy = False
         self._lost = False  # the server closed it while a transaction's answer was on its way
         self._session_transcript: list[str] = []  # sent once per connection (pack_result)
+        # a transaction's: made once, not for each message sent
+        self._send_limit = self._limit("write_timeout", "body_timeout", *["read_timeout"] * 4)
 
     @property
     def is_reusable(self) -> bool:
@@ -367,7 +369,7 @@ class RemoteSession:
         try:
             answer = await self._call(
                 ("send", self._cid, mail_from, rcpts, body, dsn, test_mode),
-                self._limit("write_timeout", "body_timeout", *["read_timeout"] * 4))
+                self._send_limit)
         except asyncio.CancelledError:
             self.abort()  # half a conversation cannot be resumed
             raise
