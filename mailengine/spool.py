@@ -25,7 +25,7 @@ from .group_commit import GroupCommit, Job, unlink_quiet
 from .message_ids import default_host, new_id, safe_host
 from . import recovery
 from .recovery import RecoveryReport
-from .recycler import Recycler, RecyclerGone
+from .recycler import Recycler
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
 
@@ -269,28 +269,32 @@ class Spool:
 
     def recycle(self, msg_ids: list[str], where: str) -> None:
         """Remove delivered messages, their files becoming spare files (spare.py): usable by a
-        store only after one fsync of `where` for the whole lot has made the removals durable.
-        Done by the recycler process when one runs (start_recycler)."""
-        d = self._dir[where]
-        files: list[tuple[str, str | None]] = []
-        for msg_id in msg_ids:
-            files += ((f"{d}/{msg_id}.inf", "inf"), (f"{d}/{msg_id}.dat", "dat"))
-            files += ((f"{d}/{msg_id}{suffix}", None) for suffix in self.side_files)
-        recycler = self._recycler
-        if recycler is not None:
-            try:
-                return recycler.recycle(files, [d])
-            except RecyclerGone:
-                self._recycler = None  # logged there; from now on here, this batch too
-        self.spare.recycle(files, [d])
+        store only after one fsync of `where` for the whole lot has made the removals durable."""
+        self.spare.recycle([f for m in msg_ids for f in self._recycled_files(m, where)],
+                           [self._dir[where]])
 
-    def start_recycler(self) -> None:
-        """Remove delivered mail in a process of its own from now on (recycler.py: the engine
-        with delivery processes). Call it from the thread that lives as long as the engine."""
+    def _recycled_files(self, msg_id: str, where: str) -> list[tuple[str, str | None]]:
+        d = self._dir[where]
+        return [(f"{d}/{msg_id}.inf", "inf"), (f"{d}/{msg_id}.dat", "dat"),
+                *((f"{d}/{msg_id}{suffix}", None) for suffix in self.side_files)]
+
+    def recycle_soon(self, msg_id: str, where: str) -> bool:
+        """recycle() a delivered message in the recycler process (recycler.py), without waiting:
+        False when none runs (the caller recycles it itself)."""
+        r = self._recycler
+        return r is not None and r.post(self._recycled_files(msg_id, where), [self._dir[where]])
+
+    async def start_recycler(self) -> None:
+        """Start the recycler process for recycle_soon (the engine with delivery processes)."""
         if self._recycler is None:
-            r = Recycler(self.spare.path, self.spare.max_files)
-            r.start()
+            r = Recycler(self.spare)
+            await r.start()
             self._recycler = r
+
+    async def recycled(self) -> None:
+        """Wait until the messages handed to recycle_soon are removed."""
+        if self._recycler is not None:
+            await self._recycler.drain()
 
     def stop_recycler(self) -> None:
         r, self._recycler = self._recycler, None
