@@ -120,9 +120,18 @@ class Recycler:
         finally:
             self._idle.set()
 
-    async def drain(self) -> None:
-        """Wait until everything handed over is removed (or given up with an error)."""
-        await self._idle.wait()
+    async def drain(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Wait until everything handed over is removed (or given up with an error); False
+        when the process did not get there within `timeout` s (stuck: what it has not done
+        stays in working/ for the next start)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            log.error("recycler process: %d delivered messages not removed within %g s; they "
+                      "are delivered again after the next start", len(self._waiting), timeout)
+            return False
+        return True
 
     def stop(self) -> None:
         """Close its pipe: it finishes what it has and exits (call drain() first)."""

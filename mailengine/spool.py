@@ -292,7 +292,8 @@ class Spool:
             self._recycler = r
 
     async def recycled(self) -> None:
-        """Wait until the messages handed to recycle_soon are removed."""
+        """Wait until the messages handed to recycle_soon are removed (at most
+        recycler.STOP_TIMEOUT s)."""
         if self._recycler is not None:
             await self._recycler.drain()
 

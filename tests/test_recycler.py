@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 
 from mailengine.envelope import Message
 from mailengine.spool import Spool
@@ -98,3 +99,22 @@ def test_stop_ends_the_process_and_close_stops_it_too(sp):
     proc = asyncio.run(go())
     sp.close()
     assert proc.returncode == 0
+
+
+def test_a_stuck_process_does_not_hold_the_engine_stopping(sp, caplog):
+    async def go():
+        await sp.start_recycler()
+        m = await stored(sp)
+        proc = sp._recycler._proc
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            sp.recycle_soon(m.id, "working")
+            with caplog.at_level(logging.ERROR, "mailengine.recycler"):
+                assert not await sp._recycler.drain(timeout=0.3)
+            assert "1 delivered messages not removed within 0.3 s" in caplog.text
+            assert (sp.root / "working" / f"{m.id}.inf").exists()  # delivered again later
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        await sp.recycled()
+        sp.stop_recycler()
+    asyncio.run(go())
