@@ -40,6 +40,7 @@ MAX_RESTART_DELAY = 30.0  # ... doubled after each one that failed to start, up 
 START_TIMEOUT = 20.0  # s a new process has to say it is ready (else it is killed)
 WAIT_FOR_PROCESS = 10.0  # s a new connection waits for a process when none is running
 HUNG_MARGIN = 30.0  # s beyond a session's own timeouts before its process counts as hung
+WATCH_EVERY = 1.0  # s between looks at a process's unanswered calls (a hung one is killed)
 
 
 class ProcessGone(Exception):
@@ -56,6 +57,11 @@ class _Process:
         self.proc = proc
         self.writer = FrameWriter()  # requests; its transport set once the pipe is connected
         self.calls: dict[int, asyncio.Future] = {}  # cid -> the answer to its one request
+        # cid -> (its call's future, the loop time past which the process counts as hung, the
+        # limit): one timer per process looks at them (_watch), not one per call (a timer made
+        # and cancelled for every transaction was 2 % of the engine's time)
+        self.deadlines: dict[int, tuple[asyncio.Future, float, float]] = {}
+        self._watching: asyncio.TimerHandle | None = None
         self.sessions: dict[int, "RemoteSession"] = {}  # cid -> its connection (open or opening)
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.alive = True
@@ -65,15 +71,40 @@ class _Process:
         if self.alive:
             self.writer.send(frame)
 
-    def call(self, cid: int, frame: tuple) -> asyncio.Future:
-        """The answer to `frame` (None if the process dies first)."""
-        fut = asyncio.get_running_loop().create_future()
+    def call(self, cid: int, frame: tuple, limit: float) -> asyncio.Future:
+        """The answer to `frame` (None if the process dies first); a process that has not
+        answered within `limit` s is killed (then None as well)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         if not self.alive:
             fut.set_result(None)
             return fut
         self.calls[cid] = fut
+        self.deadlines[cid] = (fut, loop.time() + limit, limit)
+        if self._watching is None:
+            self._watching = loop.call_later(WATCH_EVERY, self._watch)
         self.post(frame)
         return fut
+
+    def _watch(self) -> None:
+        """Kill the process when a call still waiting is past its limit (it is stopped or
+        stuck: the sessions' own timeouts would have answered long before)."""
+        self._watching = None
+        if not self.alive:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for cid, (fut, deadline, limit) in list(self.deadlines.items()):
+            if fut.done():  # answered or given up (cancelled, aborted)
+                del self.deadlines[cid]
+            elif deadline <= now:
+                log.error("delivery process %d (pid %d) did not answer within %g s; killing it",
+                          self.index, self.proc.pid, limit)
+                self.kill()
+                self.died()
+                return
+        if self.deadlines:
+            self._watching = loop.call_later(WATCH_EVERY, self._watch)
 
     def answered(self, frame: tuple) -> None:
         kind, cid = frame[0], frame[1]
@@ -90,6 +121,7 @@ class _Process:
                 self.ready.set_result(True)
             return
         fut = self.calls.pop(cid, None)
+        self.deadlines.pop(cid, None)
         if fut is not None and not fut.done():
             fut.set_result(frame)
 
@@ -108,6 +140,10 @@ class _Process:
         if not self.ready.done():
             self.ready.set_result(False)
         calls, self.calls = self.calls, {}
+        self.deadlines.clear()
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
         for fut in calls.values():
             if not fut.done():
                 fut.set_result(None)
@@ -302,6 +338,8 @@ class RemoteSession:
         self._busy = False
         self._lost = False  # the server closed it while a transaction's answer was on its way
         self._session_transcript: list[str] = []  # sent once per connection (pack_result)
+        # a transaction's: made once, not for each message sent
+        self._send_limit = self._limit("write_timeout", "body_timeout", *["read_timeout"] * 4)
 
     @property
     def is_reusable(self) -> bool:
@@ -316,19 +354,10 @@ class RemoteSession:
 
     async def _call(self, frame: tuple, limit: float):
         """The answer to `frame`, or None when the process ended; a process silent past `limit`
-        is killed (then None as well)."""
+        is killed (then None as well: _Process._watch)."""
         proc = self._proc
         assert proc is not None
-        fut = proc.call(self._cid, frame)
-        try:
-            async with asyncio.timeout(limit):
-                return await fut
-        except TimeoutError:
-            log.error("delivery process %d (pid %d) did not answer within %g s; killing it",
-                      proc.index, proc.proc.pid, limit)
-            proc.kill()
-            proc.died()
-            return None
+        return await proc.call(self._cid, frame, limit)
 
     async def connect(self) -> None:
         if self._cid:
@@ -367,7 +396,7 @@ class RemoteSession:
         try:
             answer = await self._call(
                 ("send", self._cid, mail_from, rcpts, body, dsn, test_mode),
-                self._limit("write_timeout", "body_timeout", *["read_timeout"] * 4))
+                self._send_limit)
         except asyncio.CancelledError:
             self.abort()  # half a conversation cannot be resumed
             raise

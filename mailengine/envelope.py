@@ -11,6 +11,7 @@ Intake writes one `.inf` per message at thousands of messages a second, so both 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import quote, unquote
@@ -259,8 +260,9 @@ def format_inf(msg: Message) -> bytes:
 
 # ---------------------------------------------------------------- parse
 
-def _valid_key(k: str) -> bool:
-    return bool(k) and k.isascii() and all(c.isalnum() or c in "_-." for c in k)
+# letters, digits, "_-." (ASCII): a regular expression, as a loop over the characters was a tenth
+# of reading an .inf, which the engine does for every message it takes from retry/
+_valid_key = re.compile(r"[A-Za-z0-9_.-]+").fullmatch
 
 
 def _parse_int(key: str, v: str) -> int:

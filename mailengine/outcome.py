@@ -143,6 +143,9 @@ def _merge(existing: list[str], new: list[str]) -> list[str]:
     return out
 
 
+_UNKNOWN = object()  # record_attempt: the retry time not looked up yet
+
+
 def record_attempt(msg: Message, outcomes: list[RcptOutcome], intervals: list[float],
                    now: datetime | None = None, interrupted: list[str] = ()) -> AttemptResult:
     """Write the end of one send attempt into `msg` (SPEC 4). `outcomes` cover the recipients
@@ -160,7 +163,9 @@ def record_attempt(msg: Message, outcomes: list[RcptOutcome], intervals: list[fl
         return res
     msg.send_tries += 1
     tries = msg.send_tries
-    retry_at = next_retry(tries, intervals, precise)  # not rounded: short intervals stay exact
+    # not rounded: short intervals stay exact; only looked up for a soft failure (most
+    # attempts have none, and this is done for each of them)
+    retry_at = _UNKNOWN
     still: list[str] = []
     for a in msg.rcpt_to_send:
         o = by_addr.get(a)
@@ -170,11 +175,14 @@ def record_attempt(msg: Message, outcomes: list[RcptOutcome], intervals: list[fl
             res.sent.append(a)
         elif o.kind is Kind.HARD:
             res.failed.append(a)
-        elif retry_at is None:
-            res.gave_up.append(a)
         else:
-            res.deferred.append(a)
-            still.append(a)
+            if retry_at is _UNKNOWN:
+                retry_at = next_retry(tries, intervals, precise)
+            if retry_at is None:
+                res.gave_up.append(a)
+            else:
+                res.deferred.append(a)
+                still.append(a)
     msg.rcpt_sent = _merge(msg.rcpt_sent, res.sent)
     msg.rcpt_failed = _merge(msg.rcpt_failed, res.failed + res.gave_up)
     # rcpttransient: the recipients failing softly and still waiting for a retry (this attempt's,

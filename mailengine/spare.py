@@ -165,6 +165,18 @@ class SparePool:
             self.given += 1
             return True
 
+    def recycle(self, files: list[tuple[str, str | None]], left: list[str]) -> None:
+        """Remove finished files, in order: each (path, kind) given to the pool as a spare of
+        `kind`, unlinked when the pool takes no more or `kind` is None; then commit() with the
+        directories they `left`. Files already gone are skipped."""
+        for path, kind in files:
+            try:
+                if kind is None or not self.give(path, kind):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.commit(left)
+
     def commit(self, left: list[str]) -> None:
         """Make the files given so far takeable: fsync the directories they `left` and `.new/`
         (so their removal from the queue is on disk), then move them into `spare/`."""

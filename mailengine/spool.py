@@ -25,6 +25,7 @@ from .group_commit import GroupCommit, Job, unlink_quiet
 from .message_ids import default_host, new_id, safe_host
 from . import recovery
 from .recovery import RecoveryReport
+from .recycler import Recycler
 from .spare import NEW as SPARE_NEW
 from .spare import SparePool
 
@@ -41,6 +42,20 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _read_file(path: str) -> bytes:
+    """A whole small file: open() builds a buffered file object and asks for its size and
+    whether it is a terminal first, twice the system calls of this (the engine reads an .inf
+    per message it takes from retry/)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- the spool
@@ -70,6 +85,7 @@ class Spool:
         # moves cost no extra system call otherwise; recover() deletes orphans.
         self.side_files: tuple[str, ...] = ()
         self.spare = SparePool(str(self.root / SPARE_DIR), max_files=SPARE_FILES)
+        self._recycler: Recycler | None = None  # start_recycler
 
     # ---- paths and basics
 
@@ -254,19 +270,37 @@ class Spool:
     def recycle(self, msg_ids: list[str], where: str) -> None:
         """Remove delivered messages, their files becoming spare files (spare.py): usable by a
         store only after one fsync of `where` for the whole lot has made the removals durable."""
-        for msg_id in msg_ids:
-            self._recycle(self.inf_path(msg_id, where), "inf")
-            self._recycle(self.dat_path(msg_id, where), "dat")
-            for suffix in self.side_files:
-                unlink_quiet(f"{self._dir[where]}/{msg_id}{suffix}")
-        self.spare.commit([self._dir[where]])
+        self.spare.recycle([f for m in msg_ids for f in self._recycled_files(m, where)],
+                           [self._dir[where]])
 
-    def _recycle(self, path: str, kind: str) -> None:
-        try:
-            if not self.spare.give(path, kind):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
+    def _recycled_files(self, msg_id: str, where: str) -> list[tuple[str, str | None]]:
+        d = self._dir[where]
+        return [(f"{d}/{msg_id}.inf", "inf"), (f"{d}/{msg_id}.dat", "dat"),
+                *((f"{d}/{msg_id}{suffix}", None) for suffix in self.side_files)]
+
+    def recycle_soon(self, msg_id: str, where: str) -> bool:
+        """recycle() a delivered message in the recycler process (recycler.py), without waiting:
+        False when none runs (the caller recycles it itself)."""
+        r = self._recycler
+        return r is not None and r.post(self._recycled_files(msg_id, where), [self._dir[where]])
+
+    async def start_recycler(self) -> None:
+        """Start the recycler process for recycle_soon (the engine with delivery processes)."""
+        if self._recycler is None:
+            r = Recycler(self.spare)
+            await r.start()
+            self._recycler = r
+
+    async def recycled(self) -> None:
+        """Wait until the messages handed to recycle_soon are removed (at most
+        recycler.STOP_TIMEOUT s)."""
+        if self._recycler is not None:
+            await self._recycler.drain()
+
+    def stop_recycler(self) -> None:
+        r, self._recycler = self._recycler, None
+        if r is not None:
+            r.stop()
 
     # ---- reading
 
@@ -276,9 +310,7 @@ class Spool:
 
     def load(self, msg_id: str, where: str) -> Message:
         """Read and parse `ID.inf`; `size` from `ID.dat`. InfError when broken or no `.dat`."""
-        with open(self.inf_path(msg_id, where), "rb") as f:
-            raw = f.read()
-        msg = parse_inf(raw, msg_id)
+        msg = parse_inf(_read_file(self.inf_path(msg_id, where)), msg_id)
         try:
             msg.size = os.stat(self.dat_path(msg_id, where)).st_size
         except FileNotFoundError:
@@ -361,5 +393,6 @@ class Spool:
         return self._commit.flushes
 
     def close(self) -> None:
-        """Finish pending flushes and stop the flusher thread."""
+        """Finish pending flushes and stop the flusher thread (and the recycler process)."""
+        self.stop_recycler()
         self._commit.close()

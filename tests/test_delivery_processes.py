@@ -292,6 +292,52 @@ def test_a_process_that_stops_answering_is_killed_and_replaced(tmp_path, monkeyp
     run(main())
 
 
+class _FakeProc:
+    pid = 4242
+    killed = False
+
+    def kill(self):
+        self.killed = True
+
+
+def test_one_timer_per_process_watches_its_calls_and_kills_it_when_one_is_late(monkeypatch):
+    """deliverers._Process: no timer per call; a call past its limit gets the process killed
+    and every call answered None."""
+    monkeypatch.setattr(deliverers, "WATCH_EVERY", 0.05)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        made = []
+        real = loop.call_later
+        monkeypatch.setattr(loop, "call_later", lambda *a: made.append(a) or real(*a))
+        p = _Process(0, _FakeProc())
+        slow = [p.call(cid, ("send", cid), 60.0) for cid in range(1, 20)]
+        late = p.call(20, ("send", 20), 0.1)
+        assert len(made) == 1  # one watch for all twenty
+        await asyncio.wait_for(late, 2)
+        assert late.result() is None and p.proc.killed and not p.alive
+        assert all(f.done() and f.result() is None for f in slow)
+
+    run(main())
+
+
+def test_answered_or_given_up_calls_never_get_the_process_killed(monkeypatch):
+    monkeypatch.setattr(deliverers, "WATCH_EVERY", 0.05)
+
+    async def main():
+        p = _Process(0, _FakeProc())
+        answered = p.call(1, ("send", 1), 0.1)
+        given_up = p.call(2, ("send", 2), 0.1)
+        p.answered(("sent", 1, None, True))
+        p.calls.pop(2).set_result(None)  # as RemoteSession.abort does
+        await asyncio.sleep(0.4)
+        assert answered.result() == ("sent", 1, None, True) and given_up.result() is None
+        assert not p.proc.killed and p.alive
+        assert not p.deadlines and p._watching is None  # nothing to watch: no timer
+
+    run(main())
+
+
 # --- the engine with delivery processes ----------------------------------------------------------
 
 FAST = {"queue.pause_sending": False, "queue.retry_intervals": [0.02, 0.02],

@@ -174,3 +174,20 @@ def test_event_log_end_to_end(tmp_path):
     assert [x["enhanced"] for x in lines if x["rcpt"] == "bad@ev.test"] == ["5.1.1"]
     assert (tmp_path / "hard-undeliverable.txt").read_text() == "bad@ev.test\n"
     assert not (tmp_path / "soft-undeliverable.txt").exists()
+
+
+def test_iso_time_makes_each_second_once_and_reads_the_same(monkeypatch):
+    """events.iso_time keeps the current second's text (an attempt's lines need the time)."""
+    from mailengine.events import iso_time
+    base = 1_772_532_751.0  # 2026-03-03
+    calls = []
+    strftime = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda *a: calls.append(a) or strftime(*a))
+    got = [iso_time(base + k / 8) for k in range(24)]  # three seconds
+    assert len(calls) == 6  # date and time, offset: once a second
+    for k, text in enumerate(got):
+        t = base + k / 8
+        lt = time.localtime(t)
+        assert text == strftime("%Y-%m-%dT%H:%M:%S", lt) + f".{int(t % 1 * 1000):03d}" + \
+            strftime("%z", lt)
+    assert iso_time(base - 1.5)[:19] == strftime("%Y-%m-%dT%H:%M:%S", time.localtime(base - 1.5))

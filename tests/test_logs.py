@@ -188,3 +188,34 @@ def test_file_only_lines_go_to_the_daily_file_and_to_the_console_only_without_on
         h.close()
     root.handlers[:], root.propagate = saved[0], saved[1]
     root.setLevel(saved[2])
+
+
+def test_the_day_is_checked_by_its_bounds_and_each_second_has_its_own_time(tmp_path,
+                                                                          monkeypatch):
+    """The handler and the formatter keep the day's bounds and the current second's text
+    (logs.py: strftime per record was a tenth of logging it); midnight and a new second still
+    show at once, going back in time too."""
+    lt = time.localtime()
+    midnight = time.mktime((lt.tm_year, lt.tm_mon, lt.tm_mday, 0, 0, 0, 0, 0, -1))
+    h = logs.DailyFileHandler(tmp_path, retention_days=10)
+    h.setFormatter(logs.Formatter(logs.FORMAT, logs.DATEFMT))
+    for text, when in (("before", midnight - 0.5), ("after", midnight), ("later", midnight + 1.5),
+                       ("late again", midnight - 0.25)):
+        h.emit(record(text, when))
+    h.close()
+    day = {t: time.strftime("%Y-%m-%d", time.localtime(t)) for t in (midnight - 1, midnight)}
+    stamp = {t: time.strftime(logs.DATEFMT, time.localtime(t))
+             for t in (midnight - 1, midnight, midnight + 1)}
+    assert (tmp_path / f"mailengine-{day[midnight - 1]}.log").read_text() == \
+        f"{stamp[midnight - 1]} before\n{stamp[midnight - 1]} late again\n"
+    assert (tmp_path / f"mailengine-{day[midnight]}.log").read_text() == \
+        f"{stamp[midnight]} after\n{stamp[midnight + 1]} later\n"
+    h = logs.DailyFileHandler(tmp_path, retention_days=10)
+    h.setFormatter(logs.Formatter(logs.FORMAT, logs.DATEFMT))
+    calls = []
+    strftime = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda *a: calls.append(a) or strftime(*a))
+    for n in range(100):  # one second: its day (and pruning) once, its time once
+        h.emit(record(f"line {n}", midnight + 7.25 + n / 1000))
+    h.close()
+    assert len(calls) <= 3

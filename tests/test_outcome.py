@@ -127,3 +127,21 @@ def test_priority_caps_at_99():
     msg = Message(id="m@h", mail_from="a@b", rcpt_to_send=["t@y"], time_created=NOW, priority=99)
     record_attempt(msg, [soft("t@y")], [1], NOW)
     assert msg.priority == 99
+
+
+def test_the_retry_plan_is_looked_up_only_for_a_soft_failure(monkeypatch):
+    """record_attempt asks next_retry only when a recipient failed softly (once per attempt)."""
+    import mailengine.outcome as outcome_mod
+    calls = []
+    real = outcome_mod.next_retry
+    monkeypatch.setattr(outcome_mod, "next_retry", lambda *a: calls.append(a) or real(*a))
+    now = datetime(2026, 3, 3, 10, 0, 0)
+    m = Message(id="x", mail_from="a@b.test", rcpt_to_send=["s@d.test", "h@d.test"])
+    res = outcome_mod.record_attempt(m, [RcptOutcome("s@d.test", Kind.SENT, 250),
+                                         RcptOutcome("h@d.test", Kind.HARD, 550)], [5], now)
+    assert calls == [] and res.done and res.failed == ["h@d.test"]
+    m = Message(id="y", mail_from="a@b.test", rcpt_to_send=["p@d.test", "q@d.test"])
+    res = outcome_mod.record_attempt(m, [RcptOutcome("p@d.test", Kind.SOFT, 451),
+                                         RcptOutcome("q@d.test", Kind.SOFT, 452)], [5], now)
+    assert len(calls) == 1 and res.deferred == ["p@d.test", "q@d.test"]
+    assert res.retry_at == now + timedelta(minutes=5) == m.retry_time

@@ -492,3 +492,12 @@ def test_a_store_whose_hand_over_to_the_flusher_fails_is_answered_and_leaves_not
     asyncio.run(main())
     sp.close()
     assert not list((tmp_path / "mailq" / "retry").iterdir())
+
+
+def test_load_reads_an_inf_of_any_length(sp):
+    """Spool.load reads with os.read (spool._read_file), in pieces when it is long."""
+    m = Message(id="", mail_from="a@example.com", rcpt_to_send=["b@example.net"],
+                extra={"note": "x" * 200_000})
+    asyncio.run(sp.store(m, b"Subject: x\r\n\r\nhi\r\n", "retry"))
+    got = sp.load(m.id, "retry")
+    assert got.extra["note"] == "x" * 200_000 and got.rcpt_to_send == ["b@example.net"]
