@@ -212,6 +212,7 @@ class DeliveryEngine:
         """network.delivery_processes: start them (before run(); app.py does it before SMTP)."""
         if self.deliverers is not None and not self.deliverers.current:
             await self.deliverers.start()
+            await self.spool.start_recycler()  # delivered mail's files removed there
             log.info("delivering through %d delivery processes", self.deliverers.count)
 
     def set_paused(self, paused: bool) -> None:
@@ -311,6 +312,7 @@ class DeliveryEngine:
         if self.shared is not None:
             await self.shared.close()
         await self.resolver.aclose()
+        await self.spool.recycled()  # what the recycler process was handed (remover.py)
         await asyncio.get_running_loop().run_in_executor(None, self.ends.shutdown)
         await asyncio.get_running_loop().run_in_executor(None, self.bodies.shutdown)
         left = self.ledger.in_memory

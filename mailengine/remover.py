@@ -1,5 +1,6 @@
 """Finished messages deleted from working/ in one thread, many at a time (delivery.py hands
-them over as each attempt ends).
+them over as each attempt ends); with delivery processes, in the recycler process instead
+(recycler.py: no thread hand-offs in the engine).
 
 Their files become spare files (spare.py): the file system work and the directory sync that
 makes the removals safe to reuse are done in the thread, a batch at a time, while the event loop
@@ -26,6 +27,8 @@ class Remover:
         self._queued = False  # a batch is waiting to run: the next ids join it
 
     def remove(self, msg_id: str) -> None:
+        if self.spool.recycle_soon(msg_id, WORKING):  # the recycler process does it all
+            return
         with self._lock:
             self._ids.append(msg_id)
             if self._queued:

@@ -465,3 +465,23 @@ def test_max_send_rate_holds_for_all_delivery_processes_together(tmp_path):
             assert status(eng)["connections"]["delivery_processes"] == 3
     finally:
         sink.stop()
+
+
+def test_with_delivery_processes_a_recycler_process_removes_delivered_mail(tmp_path):
+    """The engine hands delivered mail to its recycler process (recycler.py), which turns the
+    files into spare files; a clean stop waits for it, so nothing is left in working/."""
+    sink = ThreadedSink("127.0.0.87", 25).start()
+    try:
+        with RunningEngine(tmp_path, {**FAST, "basic.dns_servers": [
+                "rc.test,mx.rc.test,MX,127.0.0.87:25"]}) as eng:
+            recyclers = subprocess.run(
+                ["pgrep", "-P", str(eng.proc.pid), "-f", "mailengine.recycler import"],
+                capture_output=True, text=True).stdout.split()
+            assert len(recyclers) == 1
+            send_many(eng, [f"r{n}@rc.test" for n in range(10)])
+            wait(lambda: len(sink.messages) == 10, what="10 deliveries")
+            wait(lambda: empty_queue(eng), what="working/ emptied by the recycler")
+            spare = [p for p in (eng.mailq / "spare").iterdir() if not p.name.startswith(".")]
+            assert spare  # the files kept for reuse, as the remover thread kept them
+    finally:
+        sink.stop()
