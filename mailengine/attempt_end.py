@@ -69,8 +69,9 @@ class AttemptEnd:
             ledger.finish(msg.id)
             return False
         now = datetime.now()
-        intervals = self.shaping.retry_plan(  # the rules' retry_intervals and max_age
-            map(domain_of, msg.rcpt_to_send), cfg.queue.retry_intervals)
+        def intervals() -> list[float]:  # the rules' retry_intervals and max_age
+            return self.shaping.retry_plan(map(domain_of, msg.rcpt_to_send),
+                                           cfg.queue.retry_intervals)
         res = record_attempt(msg, att.outcomes, intervals, now, att.interrupted)
         if logs.tracing():
             logs.PROGRAM.debug("%s attempt over: %d sent, %d failed, %d to retry%s", msg.id,

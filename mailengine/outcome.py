@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Callable
 
 from .envelope import Message
 
@@ -146,11 +147,13 @@ def _merge(existing: list[str], new: list[str]) -> list[str]:
 _UNKNOWN = object()  # record_attempt: the retry time not looked up yet
 
 
-def record_attempt(msg: Message, outcomes: list[RcptOutcome], intervals: list[float],
+def record_attempt(msg: Message, outcomes: list[RcptOutcome],
+                   intervals: list[float] | Callable[[], list[float]],
                    now: datetime | None = None, interrupted: list[str] = ()) -> AttemptResult:
     """Write the end of one send attempt into `msg` (SPEC 4). `outcomes` cover the recipients
     tried; `interrupted` ones (a shutdown cut the attempt short) stay to send, without counting
-    against them. Recipients of `rcpttosend` in neither list are left to send as well."""
+    against them. Recipients of `rcpttosend` in neither list are left to send as well.
+    `intervals`: the retry plan (minutes), or what makes it, called only for a soft failure."""
     precise = now or datetime.now()
     now = precise.replace(microsecond=0)  # what the .inf shows
     res = AttemptResult()
@@ -177,6 +180,8 @@ def record_attempt(msg: Message, outcomes: list[RcptOutcome], intervals: list[fl
             res.failed.append(a)
         else:
             if retry_at is _UNKNOWN:
+                if callable(intervals):  # a plan made only when needed (attempt_end.py)
+                    intervals = intervals()
                 retry_at = next_retry(tries, intervals, precise)
             if retry_at is None:
                 res.gave_up.append(a)

@@ -145,3 +145,26 @@ def test_the_retry_plan_is_looked_up_only_for_a_soft_failure(monkeypatch):
                                          RcptOutcome("q@d.test", Kind.SOFT, 452)], [5], now)
     assert len(calls) == 1 and res.deferred == ["p@d.test", "q@d.test"]
     assert res.retry_at == now + timedelta(minutes=5) == m.retry_time
+
+
+def test_the_retry_plan_is_made_only_for_a_soft_failure():
+    from datetime import datetime
+
+    from mailengine.envelope import Message
+    from mailengine.outcome import Kind, RcptOutcome, record_attempt
+    asked: list[int] = []
+
+    def plan() -> list[float]:
+        asked.append(1)
+        return [10.0]
+    now = datetime(2026, 12, 5, 10, 0, 0)
+    m = Message(id="P", mail_from="a@b.test", rcpt_to_send=["x@d.test", "y@d.test"])
+    res = record_attempt(m, [RcptOutcome("x@d.test", Kind.SENT, 250, "2.0.0", "ok", "data"),
+                             RcptOutcome("y@d.test", Kind.HARD, 550, "5.1.1", "no", "rcpt")],
+                         plan, now)
+    assert not asked and res.done  # sent and failed for good: no retry to plan
+    m = Message(id="Q", mail_from="a@b.test", rcpt_to_send=["y@d.test"])
+    res = record_attempt(m, [RcptOutcome("y@d.test", Kind.SOFT, 451, "4.3.0", "later",
+                                         "rcpt")], plan, now)
+    assert asked == [1] and res.deferred == ["y@d.test"]
+    assert m.retry_time == datetime(2026, 12, 5, 10, 10, 0)
