@@ -254,3 +254,22 @@ def test_codec_is_fast_enough_for_intake():
     for _ in range(n):
         parse_inf(format_inf(m), "P1T2C3@h")
     assert time.process_time() - t0 < 0.5  # < 250 µs per message even on a slow machine
+
+
+def test_times_read_again_are_the_same_and_bad_ones_still_refused():
+    from mailengine import envelope
+    envelope._TIMES.clear()
+    a = envelope._parse_time("timecreated", "2026/12/05 10:00:00")
+    assert envelope._parse_time("timecreated", "2026/12/05 10:00:00") is a  # remembered
+    assert envelope._parse_retry("retrytime", "20261205100000") == a
+    for bad in ("2026/13/05 10:00:00", "2026/12/05 10:00:0x"):
+        with pytest.raises(envelope.InfError):
+            envelope._parse_time("timecreated", bad)
+    assert "2026/13/05 10:00:00" not in envelope._TIMES
+    envelope._TIMES_MAX, saved = 2, envelope._TIMES_MAX
+    try:
+        for s in range(5):
+            envelope._parse_time("timecreated", f"2026/12/05 10:00:0{s}")
+        assert len(envelope._TIMES) <= 2  # bounded
+    finally:
+        envelope._TIMES_MAX = saved
