@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 from .queue_dirs import RETRY, WORKING
 from .attempt import Attempt
 from .backlog import due_time
+from .ledger import Entry
 from .config import AddressSet
 from .dkim import DKIMHold
 from .deliverers import Deliverers, ProcessGone, RemoteSession
@@ -131,6 +132,7 @@ class DeliveryEngine:
         self.ledger = engine.ledger
         self.ledger.cache_limit = cfg.limits.max_queue_memory_kb * 1024  # bodies from intake
         self.host_down: dict[tuple[str, int], float] = {}
+        self._evictable = True  # memory may hold held or later-due mail (evict)
         self.sent = 0  # recipients delivered (also in engine.stats)
         self._tasks: set[asyncio.Task] = set()
         self._wake: asyncio.Event | None = None
@@ -173,14 +175,23 @@ class DeliveryEngine:
             raise ValueError(f"the delivery engine takes messages from retry/ or working/, "
                              f"not {where}/")
         e = ledger.admit(msg, where)
+        if data is not None and not msg.held and msg.rcpt_to_send:
+            ledger.keep_data(e, data)
+        self._schedule(e)
+
+    def _schedule(self, e: Entry) -> None:
+        """A message in memory waits for its `retrytime` (None = now); a held one is kept,
+        known, never sent until released; one with nothing left to send is finished."""
+        msg = e.msg
         if msg.held:
-            return  # kept, known, never sent until released
+            self._evictable = True
+            return
         if not msg.rcpt_to_send:
             self.ends.finish_idle(e)
             return
-        if data is not None:
-            ledger.keep_data(e, data)
         due = msg.retry_time.timestamp() if msg.retry_time is not None else None
+        if due is not None and due > time.time():
+            self._evictable = True
         self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
         self._kick()
 
@@ -825,9 +836,7 @@ class DeliveryEngine:
     async def _finish(self, att: Attempt) -> None:
         """The attempt's last unit ended: record it (attempt_end.py); schedule what is left."""
         if await self.ends.record(att) and not self._stopping:
-            msg = att.msg
-            due = msg.retry_time.timestamp() if msg.retry_time is not None else None
-            self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
+            self._schedule(self.ledger.entries[att.msg.id])
 
     # -- queue control (`mailengine queue`, through control.py and queueops.py) -----------------
     # Kept apart from delivery itself. queueops.py takes messages out of the schedule, changes
@@ -866,19 +875,17 @@ class DeliveryEngine:
         """A message taken by take_for_change, changed or not: schedule it again at its
         `retrytime` (None = now), keep it unscheduled when held, finish it when nothing is left."""
         e = self.ledger.admit(msg)
-        if msg.held or self._stopping:
-            return
-        if not msg.rcpt_to_send:
-            self.ends.finish_idle(e)
-            return
-        due = msg.retry_time.timestamp() if msg.retry_time is not None else None
-        self.sched.add(msg.id, msg.rcpt_to_send, msg.priority, due)
-        self._kick()
+        if not self._stopping:
+            self._schedule(e)
 
     def evict(self, limit: int, not_before: float) -> int:
         """Make room in memory (app.Engine._load_backlog): up to `limit` messages that wait for a
         retry later than `not_before` (held ones first, then the latest due) leave the schedule
-        and memory for the backlog; their files are in retry/ already. Returns how many."""
+        and memory for the backlog; their files are in retry/ already. Returns how many. No walk
+        over memory while nothing held or due later came into it since the last fruitless one
+        (a queue of mail all due now: it would find nothing, twice a second)."""
+        if not self._evictable:
+            return 0
         held, later = [], []
         for mid, e in self.ledger.entries.items():
             if e.attempt is not None or e.changing or e.where != RETRY:
@@ -889,6 +896,9 @@ class DeliveryEngine:
             due = self.sched.due(mid)
             if due is not None and due > not_before:
                 later.append((due, mid))
+        if not held and not later:
+            self._evictable = False
+            return 0
         chosen = held[:limit]
         if len(chosen) < limit:
             chosen += [mid for _, mid in heapq.nlargest(limit - len(chosen), later)]

@@ -275,3 +275,25 @@ def test_a_message_taken_out_by_a_queue_command_is_not_taken_sent_or_evicted(tmp
         assert "gone@x" not in ledger and ledger.total == 1
         eng.spool.close()
     asyncio.run(main())
+
+
+def test_eviction_walks_memory_only_when_held_or_later_mail_came_in(tmp_path):
+    async def main():
+        eng = _engine(tmp_path, {"messages_in_memory": 100})
+        d = eng.delivery
+        for i in range(5):
+            m = _msg(f"n{i}@dest.test")  # all due now
+            await eng.spool.store(m, b"Subject: x\r\n\r\nx\r\n", "retry")
+            eng.take(m, "retry")
+        walked: list[str] = []
+        due = d.sched.due
+        d.sched.due = lambda mid: (walked.append(mid), due(mid))[1]
+        assert d.evict(10, time.time() + 60) == 0 and len(walked) == 5  # a fruitless walk
+        assert d.evict(10, time.time() + 60) == 0 and len(walked) == 5  # not again
+        later = _msg("later@dest.test")
+        later.retry_time = later.retry_time + datetime.timedelta(hours=1)  # deferred mail
+        await eng.spool.store(later, b"Subject: x\r\n\r\nx\r\n", "retry")
+        eng.take(later, "retry")
+        assert d.evict(10, time.time() + 60) == 1 and later.id in eng.ledger.backlog
+        eng.spool.close()
+    asyncio.run(main())
