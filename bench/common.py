@@ -417,8 +417,8 @@ def add_load_arguments(ap, cases: str, set_help: str, parse_setting) -> None:
 
 
 # Settings every benchmarked engine gets unless --set says otherwise: the product's own defaults
-# for intake processes (0 = one per core) and delivery processes (0 = one per four cores, none
-# on up to 7). RunningEngine's defaults of 1 are for tests.
+# for intake processes (0 = one per core) and delivery processes (0 = one per four cores, at
+# least 2). RunningEngine's defaults of 1 are for tests.
 ENGINE_DEFAULTS = {"network.intake_workers": 0, "network.delivery_processes": 0}
 
 

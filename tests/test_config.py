@@ -1,10 +1,11 @@
 """Settings: every SPEC 3 key with its default, a commented default file, clear validation errors."""
+import os
 import tomllib
 
 import pytest
 
 from mailengine import config
-from mailengine.config import AddressSet, ConfigError
+from mailengine.config import AddressSet, ConfigError, from_dict
 
 SPEC_DEFAULTS = {
     "basic.nameservers": [], "basic.dns_servers": [], "basic.preload_domains": [],
@@ -132,3 +133,11 @@ def test_address_sets_ranges_cidr_ipv6_and_everyone():
 def test_relay_ips_zero_written_as_number(tmp_path):
     (tmp_path / "mailengine.toml").write_text("[policy]\nrelay_ips = 0\n")
     assert config.load(tmp_path).policy.relay_ips == ["0"]
+
+
+@pytest.mark.parametrize("cores,processes", [(1, 1), (2, 2), (7, 2), (8, 2), (16, 4), (64, 16)])
+def test_delivery_processes_by_default_one_per_four_cores_at_least_two(tmp_path, monkeypatch,
+                                                                       cores, processes):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert from_dict(tmp_path, {}).delivery_process_count == processes
+    assert from_dict(tmp_path, {"network": {"delivery_processes": 1}}).delivery_process_count == 1
