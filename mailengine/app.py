@@ -160,21 +160,24 @@ class Engine:
         holds `messages_in_memory` already: it is loaded when it is due and there is room."""
         # Stopping: delivery takes nothing more; the message waits in the backlog, so the index
         # written at the stop has it.
-        keep_on_disk = self.stopping.is_set() or not self.has_room()
-        if keep_on_disk and where == WORKING:
-            # Stored into working/ while there was room (relay_dir), full since: backlog mail
-            # waits in retry/ (nothing looks in working/ before the next start).
+        stopping = self.stopping.is_set()
+        keep_on_disk = stopping or not self.has_room()
+        if keep_on_disk and where == WORKING and stopping:
+            # a clean stop leaves waiting mail in retry/, where the index it writes says
             try:
                 self.spool.move(msg.id, WORKING, RETRY)
                 where = RETRY
             except OSError as e:
                 log.warning("%s: cannot move it back to retry/ (%s); kept in memory", msg.id, e)
-        if keep_on_disk and where == RETRY:
+        if keep_on_disk and (where == RETRY or not stopping):
+            # Relayed mail stored into working/ (relay_dir, intake processes) while memory is
+            # full stays there: a rename out and one back in for each message of a queue larger
+            # than memory cost the event loop ~100 us a message (ledger.disk_where).
             ledger = self.ledger
-            if not ledger.backlog and not self.stopping.is_set():
+            if not ledger.backlog and not stopping:
                 log.info("%d messages in memory (limits.messages_in_memory): further mail waits "
-                         "on disk in retry/ until it is due and there is room", ledger.in_memory)
-            ledger.keep_on_disk(msg.id, due_time(msg))
+                         "on disk until it is due and there is room", ledger.in_memory)
+            ledger.keep_on_disk(msg.id, due_time(msg), where)
             if logs.tracing():
                 logs.PROGRAM.debug("%s waits on disk only (memory full)", msg.id)
             return False
@@ -195,9 +198,10 @@ class Engine:
     def backlog_messages(self):
         """(id, Message) of each backlog message, read from its files (queue commands); those
         gone or unreadable meanwhile are left out."""
-        for mid in self.ledger.backlog:
+        ledger = self.ledger
+        for mid in ledger.backlog:
             try:
-                yield mid, self.spool.load(mid, RETRY)
+                yield mid, self.spool.load(mid, ledger.disk_where(mid))
             except (OSError, InfError):
                 continue
 
@@ -205,7 +209,7 @@ class Engine:
         """A queue command changes a backlog message: in memory, taken out (so nothing takes,
         sends or evicts it meanwhile) until take() puts it back, or it is deleted."""
         ledger = self.ledger
-        ledger.take_out(ledger.admit(msg, RETRY))
+        ledger.take_out(ledger.admit(msg, ledger.disk_where(msg.id)))
 
     async def _load_backlog_batch(self) -> bool:
         """One batch; True when there may be more to do at once."""
@@ -227,11 +231,19 @@ class Engine:
         for i, mid in enumerate(ids):
             if mid in ledger.entries:
                 continue
+            where = ledger.disk_where(mid)
             try:
-                msg = self.spool.load(mid, RETRY)
+                msg = self.spool.load(mid, where)
             except FileNotFoundError:
+                ledger.finish(mid)
                 continue  # removed by hand (or by a queue command) meanwhile
             except InfError:
+                ledger.finish(mid)
+                if where == WORKING:  # nothing looks in working/ before the next start
+                    try:
+                        self.spool.move(mid, WORKING, RETRY)
+                    except OSError:
+                        pass
                 continue  # broken: the drop-in scan reports it and leaves it in place
             except OSError:
                 # the file system fails now (out of descriptors, EIO): this one and the rest of
@@ -239,7 +251,7 @@ class Engine:
                 for rest in ids[i:]:
                     backlog.add(rest, now + BACKLOG_RETRY_SECONDS)
                 raise
-            self.take(msg, RETRY)
+            self.take(msg, where)
         return bool(ids)
 
     def relay_dir(self) -> str:

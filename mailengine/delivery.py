@@ -281,6 +281,17 @@ class DeliveryEngine:
                 except TimeoutError:
                     pass
 
+    def _back_to_retry(self, ids: list[str]) -> list[str]:
+        """In a thread at a stop: working/ -> retry/ for `ids`; those moved."""
+        moved = []
+        for mid in ids:
+            try:
+                self.spool.move(mid, WORKING, RETRY)
+                moved.append(mid)
+            except OSError as err:
+                log.warning("%s: cannot move it back to retry/: %s", mid, err)
+        return moved
+
     def _tidy(self) -> None:
         """Forget what no longer matters (memory stays bounded with many destinations)."""
         now = time.monotonic()
@@ -314,6 +325,11 @@ class DeliveryEngine:
                     self.ledger.moved(e, RETRY)
                 except OSError as err:
                     log.warning("%s: cannot move it back to retry/: %s", e.msg.id, err)
+        # ... and those kept on disk only there (memory was full): in a thread, they may be many
+        moved = await asyncio.get_running_loop().run_in_executor(
+            None, self._back_to_retry, self.ledger.on_disk_in_working())
+        for mid in moved:
+            self.ledger.moved_on_disk(mid, RETRY)
         await self.pool.close_all()
         if self.deliverers is not None:
             await self.deliverers.stop()

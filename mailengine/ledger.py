@@ -5,7 +5,9 @@ A queued message is, as the engine sees it, in one of three places:
 - **in memory**: an `Entry`: its envelope (the Message read from `ID.inf`), the directory its
   files are in, its attempt while one runs, and the bytes of `ID.dat` intake handed over;
   at most `limits.messages_in_memory` of them (app.Engine.take decides);
-- **on disk only**: the backlog (backlog.py), its id and when it is due;
+- **on disk only**: the backlog (backlog.py), its id and when it is due; its files in retry/,
+  or in working/ for relayed mail stored there while memory was full (`disk_where`: no
+  rename out and back in for each message of a queue larger than memory);
 - **unknown**: files in retry/ no scan has taken yet (drop-ins), broken ones left alone, and
   every message done or deleted.
 
@@ -17,7 +19,8 @@ of these moves (the `TRANSITIONS` table; each method checks its own):
 | method         | from                         | to                                | called by            |
 |----------------|------------------------------|-----------------------------------|----------------------|
 | `admit`        | unknown, on disk, in memory (not sending) | in memory, waiting or held | Engine.take (intake, the worker pipe, drop-ins, notices, the backlog loader, queue commands), queue commands putting a message back |
-| `keep_on_disk` | unknown, in memory (not sending) | on disk                       | Engine.take (memory full, a stop), delivery.evict (waiting or held only) |
+| `keep_on_disk` | unknown, in memory (not sending) | on disk (retry/ or working/)  | Engine.take (memory full, a stop), delivery.evict (waiting or held only) |
+| `moved_on_disk`| on disk                      | (the same; its files elsewhere)   | delivery.stop: working/ -> retry/ |
 | `take_out`     | in memory, waiting or held   | in memory, changing               | queue commands (out of the schedule, being changed) |
 | `claim`        | in memory, waiting           | in memory, sending                | delivery: an attempt's first unit starts |
 | `moved`        | in memory                    | (the same; its files elsewhere)   | delivery: retry/ -> working/ and back |
@@ -81,6 +84,7 @@ class Ledger:
         self.cache_limit = cache_limit  # bytes of ID.dat kept from intake (max_queue_memory_kb)
         self.cached_bytes = 0
         self._stuck: set[str] = set()  # left in working/ until the next start: never taken again
+        self._disk_working: set[str] = set()  # on disk only with their files in working/
 
     # -- what is known --------------------------------------------------------------------------
 
@@ -109,6 +113,14 @@ class Ledger:
         """Every message this engine knows: in memory and on disk only."""
         return len(self.entries) + len(self.backlog)
 
+    def disk_where(self, msg_id: str) -> str:
+        """The directory of a backlog message's files."""
+        return WORKING if msg_id in self._disk_working else RETRY
+
+    def on_disk_in_working(self) -> list[str]:
+        """Backlog messages whose files are in working/ (a stop moves them to retry/)."""
+        return list(self._disk_working)
+
     def held(self) -> int:
         return sum(1 for e in self.entries.values() if e.msg.held) + self.backlog.held()
 
@@ -121,6 +133,7 @@ class Ledger:
         if e is None:
             self.backlog.discard(msg.id)
             self._stuck.discard(msg.id)
+            self._disk_working.discard(msg.id)
             e = self.entries[msg.id] = Entry(msg, where or RETRY)
         else:
             self._check(e, "admit")
@@ -133,14 +146,25 @@ class Ledger:
                               f"not {e.where}/")
         return e
 
-    def keep_on_disk(self, msg_id: str, due: float) -> None:
-        """On disk only from now on (its files in retry/), loaded again when `due` comes."""
+    def keep_on_disk(self, msg_id: str, due: float, where: str = RETRY) -> None:
+        """On disk only from now on, its files in `where`, loaded again when `due` comes."""
         e = self.entries.get(msg_id)
         if e is not None:
             self._check(e, "keep_on_disk")
             self._drop(msg_id)
         self._stuck.discard(msg_id)
+        if where == WORKING:
+            self._disk_working.add(msg_id)
+        else:
+            self._disk_working.discard(msg_id)
         self.backlog.add(msg_id, due)
+
+    def moved_on_disk(self, msg_id: str, where: str) -> None:
+        """A backlog message's files are in `where` now (the caller moved them)."""
+        if where == WORKING:
+            self._disk_working.add(msg_id)
+        else:
+            self._disk_working.discard(msg_id)
 
     def take_out(self, e: Entry) -> None:
         """A queue command takes the message out of the schedule to change it: nothing sends,
@@ -173,6 +197,7 @@ class Ledger:
             self._check(e, "finish")
             self._drop(msg_id)
         self.backlog.discard(msg_id)
+        self._disk_working.discard(msg_id)
 
     def stuck(self, msg_id: str) -> None:
         """Its files stay where they are (working/) until the next start's recovery: known, so
@@ -182,6 +207,7 @@ class Ledger:
             self._check(e, "stuck")
             self._drop(msg_id)
         self.backlog.discard(msg_id)
+        self._disk_working.discard(msg_id)
         self._stuck.add(msg_id)
 
     # -- ID.dat's bytes from intake (limits.max_queue_memory_kb) --------------------------------

@@ -240,7 +240,8 @@ async def engine_records(engine, tracker: ReplyTracker | None = None) -> list[di
         out.append(record(msg, files_in(mid), state or "waiting", due, reps))
     for mid, msg in backlog:
         reps = tracker.replies.get(mid) if tracker is not None else None
-        out.append(record(msg, RETRY, "held" if msg.held else "waiting", None, reps))
+        out.append(record(msg, engine.ledger.disk_where(mid), "held" if msg.held else "waiting",
+                          None, reps))
     return out
 
 
@@ -281,7 +282,7 @@ async def _engine_apply(engine, action: str, targets: list[str]) -> dict:
     for t in targets:
         if not is_group(t) and t in engine.ledger.backlog and t not in on_disk:
             try:
-                on_disk[t] = engine.spool.load(t, RETRY)
+                on_disk[t] = engine.spool.load(t, engine.ledger.disk_where(t))
             except (OSError, InfError):
                 pass
         found = [m.id for m in engine.ledger.messages() if matches(m, t)]
@@ -352,8 +353,8 @@ async def _change_one(engine, action: str, t: str, msg: Message, now: datetime,
 
 
 def _put_back(engine, from_backlog: bool, msg: Message) -> None:
-    if from_backlog:
-        engine.take(msg, RETRY)  # into memory when there is room, else the backlog
+    if from_backlog:  # into memory when there is room, else the backlog
+        engine.take(msg, engine.delivery.files_in(msg.id))
     else:
         engine.delivery.put_back(msg)
 

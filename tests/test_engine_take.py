@@ -36,13 +36,15 @@ def test_mail_stored_into_working_then_put_in_the_backlog_is_taken_in_again(tmp_
         eng.stored(first, False, "working", b"x")
         eng.stored(second, False, "working", b"x")  # memory is full by now: the backlog
         assert second.id in eng.ledger.backlog and second.id not in eng.ledger.entries
-        assert (tmp_path / "mailq" / "retry" / f"{second.id}.inf").exists()  # waits in retry/
-        assert not (tmp_path / "mailq" / "working" / f"{second.id}.inf").exists()
+        # it waits where intake put it: no rename out of working/ and back in
+        assert (tmp_path / "mailq" / "working" / f"{second.id}.inf").exists()
+        assert eng.ledger.disk_where(second.id) == "working"
         assert eng.scan_dropins() == 0  # the drop-in scan leaves backlog mail alone
         assert not await eng._load_backlog_batch()  # due, but no room and nothing to evict
-        eng.ledger.finish(first.id)  # room again: the backlog loads it
+        eng.ledger.finish(first.id)  # room again: the backlog loads it, from working/
         assert await eng._load_backlog_batch()
         assert second.id in eng.ledger.entries and not eng.ledger.backlog
+        assert eng.ledger.get(second.id).where == "working"  # its first unit moves nothing
         eng.spool.close()
     asyncio.run(main())
 
@@ -295,5 +297,26 @@ def test_eviction_walks_memory_only_when_held_or_later_mail_came_in(tmp_path):
         await eng.spool.store(later, b"Subject: x\r\n\r\nx\r\n", "retry")
         eng.take(later, "retry")
         assert d.evict(10, time.time() + 60) == 1 and later.id in eng.ledger.backlog
+        eng.spool.close()
+    asyncio.run(main())
+
+
+def test_a_stop_moves_backlog_mail_kept_in_working_to_retry_for_the_index(tmp_path):
+    from mailengine.backlog import Backlog
+
+    async def main():
+        eng = _engine(tmp_path)  # room for one message
+        msgs = [_msg(f"s{i}@dest.test") for i in range(3)]
+        for m in msgs:
+            await eng.spool.store(m, b"Subject: 1\r\n\r\nx\r\n", "working")
+            eng.stored(m, False, "working", b"x")
+        assert len(eng.ledger.backlog) == 2 and eng.ledger.on_disk_in_working()
+        await eng.delivery.stop()
+        assert not list((tmp_path / "mailq" / "working").glob("*.inf"))  # all in retry/
+        assert len(list((tmp_path / "mailq" / "retry").glob("*.inf"))) == 3
+        assert not eng.ledger.on_disk_in_working()
+        eng.save_backlog_index()
+        assert {m.id for m in msgs} == set(dict(Backlog.parse_index(
+            Backlog.take_index(tmp_path / "mailq"))))
         eng.spool.close()
     asyncio.run(main())

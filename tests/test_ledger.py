@@ -154,3 +154,19 @@ def test_random_moves_keep_the_ledger_and_a_plain_model_agreed(seed):
                                                 "memory": WAITING}[place]
         assert led.sending == sum(1 for p in model.values() if p == "sending")
         assert led.cached_bytes == sum(len(x.data or b"") for x in led.entries.values()) <= 50
+
+
+def test_mail_on_disk_only_remembers_whether_its_files_are_in_working():
+    led = Ledger()
+    led.keep_on_disk("w", 1.0, WORKING)  # relayed while memory was full: left in working/
+    led.keep_on_disk("r", 1.0)
+    assert led.disk_where("w") == WORKING and led.disk_where("r") == RETRY
+    assert led.on_disk_in_working() == ["w"]
+    led.moved_on_disk("w", RETRY)  # a stop moved it
+    assert led.disk_where("w") == RETRY and not led.on_disk_in_working()
+    led.keep_on_disk("w", 1.0, WORKING)
+    e = led.admit(msg("w"), WORKING)  # loaded: in memory, files where they were
+    assert e.where == WORKING and not led.on_disk_in_working()
+    led.keep_on_disk("x", 1.0, WORKING)
+    led.finish("x")  # deleted from disk: forgotten everywhere
+    assert "x" not in led and not led.on_disk_in_working()
