@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .deliverer import FileBody
+from .last_one import LastOne
 from .dkim import load_or_sign
 from .downgrade import seven_bit
 from .queue_dirs import WORKING
@@ -47,17 +48,9 @@ log = logging.getLogger("mailengine.delivery")
 SIGN_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
-# (time_created, its RFC 5322 text): a mailing's messages share a second. One tuple, read and
-# replaced whole, as signing threads make Received fields too.
-_last_date: tuple = (None, "")
-
-
-def _date_text(created) -> str:
-    global _last_date
-    last = _last_date
-    if last[0] != created:
-        last = _last_date = (created, email.utils.format_datetime(created.astimezone()))
-    return last[1]
+# time_created -> its RFC 5322 text: a mailing's messages share a second (signing threads make
+# Received fields too: last_one.py is safe for them)
+_date_text = LastOne(lambda created: email.utils.format_datetime(created.astimezone()))
 
 
 def received_header(msg: Message, hostname: str) -> bytes:

@@ -42,6 +42,7 @@ from typing import Iterable
 
 from .categories import EXPIRED, categorize
 from .envelope import Message
+from .last_one import LastOne
 from .lists import AppendFile
 from .outcome import AttemptResult, Kind, RcptOutcome, bounce_class
 
@@ -54,23 +55,21 @@ EVENTS_JSONL = "events.jsonl"
 TEST_EVENTS_JSONL = "events-test.jsonl"  # test mode's attempts, kept apart
 
 
-# The second's text and its offset, made once a second (an attempt's lines need the time:
-# two strftime calls were a fifth of making them). (second, "...T10:12:31", "+0000"), replaced
-# as one object.
-_second: tuple[int, str, str] = (-1, "", "")
+def _second_text(whole: int) -> tuple[str, str]:
+    lt = time.localtime(whole)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", lt), time.strftime("%z", lt)
+
+
+# The second's text and its offset, made once a second (an attempt's lines need the time: two
+# strftime calls were a fifth of making them).
+_second = LastOne(_second_text)
 
 
 def iso_time(t: float | None = None) -> str:
     """Local time with milliseconds and offset: 2026-03-03T10:12:31.402+0000."""
-    global _second
     t = time.time() if t is None else t
-    whole = int(t // 1)
-    second = _second
-    if second[0] != whole:
-        lt = time.localtime(t)
-        second = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", lt),
-                            time.strftime("%z", lt))
-    return f"{second[1]}.{int(t % 1 * 1000):03d}{second[2]}"
+    text, offset = _second(int(t // 1))
+    return f"{text}.{int(t % 1 * 1000):03d}{offset}"
 
 
 def attempt_events(msg: Message, outcomes: Iterable[RcptOutcome], res: AttemptResult | None,

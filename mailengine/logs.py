@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .last_one import LastOne
+
 PROGRAM = logging.getLogger("mailengine.program")  # debug.program: PROGRAM.debug(...) lines
 FORMAT = "%(asctime)s %(message)s"
 DATEFMT = "%Y/%m/%d %H:%M:%S"
@@ -34,17 +36,15 @@ def _not_file_only(record: logging.LogRecord) -> bool:
 
 class Formatter(logging.Formatter):
     # The time field is made once a second, not for every record (a record per delivery
-    # attempt: strftime was a tenth of logging it). (second, text, format), replaced as one.
-    _stamp: tuple[int, str, str] = (-1, "", "")
+    # attempt: strftime was a tenth of logging it).
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._stamp = LastOne(lambda key: time.strftime(key[1], self.converter(key[0])))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is None or "%f" in datefmt:  # sub-second: as logging makes it
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        stamp = self._stamp
-        if stamp[0] != second or stamp[2] != datefmt:
-            stamp = self._stamp = (second, super().formatTime(record, datefmt), datefmt)
-        return stamp[1]
+        return self._stamp((int(record.created), datefmt))
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
