@@ -45,13 +45,16 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _read_file(path: str) -> bytes:
-    """A whole small file: open() builds a buffered file object and asks for its size and
-    whether it is a terminal first, twice the system calls of this (the engine reads an .inf
-    per message it takes from retry/)."""
+    """A whole file: open() builds a buffered file object and asks for its size and whether it
+    is a terminal first, twice the system calls of this (the engine reads an .inf per message
+    it takes from retry/, and an ID.dat per message it sends itself)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
+        first = os.read(fd, 1 << 16)
+        if len(first) < 1 << 16:  # most messages: one read
+            return first
+        chunks = [first]
+        while chunk := os.read(fd, max(1 << 16, os.fstat(fd).st_size)):
             chunks.append(chunk)
     finally:
         os.close(fd)
@@ -305,8 +308,7 @@ class Spool:
     # ---- reading
 
     def read_data(self, msg_id: str, where: str) -> bytes:
-        with open(self.dat_path(msg_id, where), "rb") as f:
-            return f.read()
+        return _read_file(self.dat_path(msg_id, where))
 
     def load(self, msg_id: str, where: str) -> Message:
         """Read and parse `ID.inf`; `size` from `ID.dat`. InfError when broken or no `.dat`."""

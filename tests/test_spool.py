@@ -501,3 +501,11 @@ def test_load_reads_an_inf_of_any_length(sp):
     asyncio.run(sp.store(m, b"Subject: x\r\n\r\nhi\r\n", "retry"))
     got = sp.load(m.id, "retry")
     assert got.extra["note"] == "x" * 200_000 and got.rcpt_to_send == ["b@example.net"]
+
+
+@pytest.mark.parametrize("size", [0, 10, 65535, 65536, 65537, 3_000_000])
+def test_files_are_read_whole_whatever_their_size(tmp_path, size):
+    from mailengine.spool import _read_file
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    assert _read_file(str(tmp_path / "f")) == data
